@@ -1,0 +1,71 @@
+"""Builds the aiohttp application: shared state, routes, start-up and shutdown.
+
+Start-up (``cleanup_ctx``, in order): the one upstream connection pool, then the supervisor.
+Shutdown runs them backwards: vLLM is stopped (and its whole tree gone) before the pool closes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+
+import aiohttp
+from aiohttp import web
+
+from aic_vllm_proxy import control
+from aic_vllm_proxy.config import Settings
+from aic_vllm_proxy.errors import error_middleware
+from aic_vllm_proxy.keys import HOOKS, PLUGINS, SETTINGS, SUPERVISOR, UPSTREAM
+from aic_vllm_proxy.plugins import HookRunner, load_plugins
+from aic_vllm_proxy.proxy import UPSTREAM_TIMEOUT, Passthrough
+from aic_vllm_proxy.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+#: vLLM (uvicorn) closes idle keep-alive connections after 5 s; drop ours before that.
+UPSTREAM_KEEPALIVE = 4.0
+
+
+def create_upstream_session() -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=0,  # no cap: hundreds of concurrent streams must not queue in the proxy
+        keepalive_timeout=UPSTREAM_KEEPALIVE,
+        ttl_dns_cache=None,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=UPSTREAM_TIMEOUT,
+        auto_decompress=False,  # bytes pass through as vLLM sent them
+        cookie_jar=aiohttp.DummyCookieJar(),  # never share cookies between users
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+    )
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    session = create_upstream_session()
+    app[UPSTREAM] = session
+    yield
+    await session.close()
+
+
+def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]] = ()) -> web.Application:
+    """The daemon's application. Plugins are loaded here, explicitly, not at import time."""
+    pm, infos = load_plugins(settings, extra_plugins)
+    app = web.Application(middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app[HOOKS] = HookRunner(pm, settings)
+    app[PLUGINS] = infos
+    passthrough = Passthrough(settings.request_wait_timeout)
+
+    async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+        supervisor = Supervisor(settings, lambda: app[UPSTREAM], app[HOOKS])
+        app[SUPERVISOR] = supervisor
+        passthrough.bind(supervisor, app[UPSTREAM])
+        yield
+        await supervisor.shutdown()
+
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(supervisor_ctx)
+    app.add_routes(control.routes)
+    app.router.add_route("*", "/{path:.*}", passthrough)
+    return app

@@ -1,0 +1,149 @@
+"""Settings: command-line options > ``AIC_VLLM_PROXY_<NAME>`` environment variables > TOML file > defaults.
+
+The TOML file (``--config``) has a ``[proxy]`` table with the same names as the options
+(underscores), and a ``[plugins.<name>]`` table per plugin for that plugin's own settings::
+
+    [proxy]
+    port = 8224
+    vllm_command = "vllm serve"
+    ready_timeout = 1800
+
+    [plugins.warmup]
+    prompt = "Hello"
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "AIC_VLLM_PROXY_"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which setting and why."""
+
+
+class Settings(BaseModel):
+    """Everything the daemon is configured with. Field names are the option names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(default="0.0.0.0", description="Address the proxy listens on.")
+    port: int = Field(default=8224, ge=0, le=65535, description="Port the proxy listens on.")
+    vllm_command: str = Field(
+        default="vllm serve",
+        description="How to run vLLM; split like a shell would but never run through one.",
+    )
+    vllm_host: str = Field(default="127.0.0.1", description="Loopback address vLLM listens on.")
+    vllm_port: int = Field(default=8225, ge=1, le=65535, description="Port vLLM listens on.")
+    log_dir: Path = Field(default=Path("logs/vllm"), description="One log file per vLLM launch.")
+    ready_timeout: float = Field(
+        default=1800.0, gt=0, description="Seconds a launch may take to become ready."
+    )
+    stop_timeout: float = Field(
+        default=15.0, ge=0, description="Seconds between SIGTERM and SIGKILL of vLLM's group."
+    )
+    request_wait_timeout: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds a proxied request waits for a switch in progress before a 503.",
+    )
+    health_interval: float = Field(
+        default=5.0, ge=0, description="Seconds between health checks of a ready vLLM (0: off)."
+    )
+    probe_interval: float = Field(
+        default=0.05, gt=0, description="Seconds between readiness probes while vLLM starts."
+    )
+    log_level: str = Field(default="info", description="debug, info, warning or error.")
+    access_log: bool = Field(default=False, description="Log every request (costs a little).")
+    plugins_enable: tuple[str, ...] = Field(
+        default=(), description="Only these plugins (entry-point names); empty: all installed."
+    )
+    plugins_disable: tuple[str, ...] = Field(default=(), description="Plugins not to load.")
+    hook_timeout: float = Field(default=60.0, gt=0, description="Seconds one hook call may take.")
+    plugin_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    config_file: Path | None = None
+
+    @field_validator("vllm_command")
+    @classmethod
+    def _command_splits(cls, value: str) -> str:
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split vllm_command {value!r}: {exc}") from exc
+        if not words:
+            raise ValueError("vllm_command is empty; the default is 'vllm serve'")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"debug", "info", "warning", "error"}:
+            raise ValueError("log_level must be debug, info, warning or error")
+        return value
+
+    @property
+    def vllm_argv(self) -> list[str]:
+        return shlex.split(self.vllm_command)
+
+    @property
+    def vllm_base(self) -> str:
+        host = f"[{self.vllm_host}]" if ":" in self.vllm_host else self.vllm_host
+        return f"http://{host}:{self.vllm_port}"
+
+    def plugin_config(self, name: str) -> dict[str, Any]:
+        """A plugin's own settings: its ``[plugins.<name>]`` table plus
+        ``AIC_VLLM_PROXY_PLUGIN_<NAME>_<KEY>`` environment variables (strings)."""
+        merged = dict(self.plugin_settings.get(name, {}))
+        prefix = f"{ENV_PREFIX}PLUGIN_{name.upper().replace('-', '_')}_"
+        for key, value in os.environ.items():
+            if key.startswith(prefix):
+                merged[key[len(prefix) :].lower()] = value
+        return merged
+
+
+def simulator_command() -> str:
+    """The ``--vllm-command`` that runs the bundled simulator with this Python."""
+    return f"{shlex.quote(sys.executable)} -m aic_vllm_proxy.simulator serve"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Settings from a TOML file, as keyword arguments for :class:`Settings`."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    proxy = data.get("proxy", {})
+    if not isinstance(proxy, dict):
+        raise ConfigError(f"{path}: [proxy] must be a table")
+    values: dict[str, Any] = {k.replace("-", "_"): v for k, v in proxy.items()}
+    plugins = data.get("plugins", {})
+    if not isinstance(plugins, dict):
+        raise ConfigError(f"{path}: [plugins] must be a table of tables")
+    values["plugin_settings"] = {name: dict(table) for name, table in plugins.items()}
+    values["config_file"] = path
+    return values
+
+
+def build_settings(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
+    """Merge the file's values with the options given (``None`` means "not given")."""
+    values: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+    try:
+        return Settings(**values)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc

@@ -1,0 +1,144 @@
+"""The proxy's own HTTP routes. Everything else goes to vLLM (``proxy.py``).
+
+None of these paths is used by vLLM (whose routes include /health, /metrics, /version, /ping,
+/load, /tokenize, /detokenize, /v1/..., /pooling, /score, /rerank, /invocations), so the proxy
+never shadows vLLM. The proxy's own liveness check is ``GET /proxy/health``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from aic_vllm_proxy import __version__
+from aic_vllm_proxy.errors import BadRequest, ProxyError
+from aic_vllm_proxy.keys import PLUGINS, SUPERVISOR
+from aic_vllm_proxy.logs import follow, iter_file, parse_lines_param, tail_lines_async
+from aic_vllm_proxy.models import PluginList, SwitchRequest, to_json
+from aic_vllm_proxy.spec import ModelSpec, SpecError
+
+routes = web.RouteTableDef()
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
+
+
+@routes.get("/proxy/health")
+async def proxy_health(request: web.Request) -> web.Response:
+    """The proxy process is up (says nothing about vLLM: see /status)."""
+    return _json({"status": "ok", "version": __version__})
+
+
+@routes.get("/status")
+async def status(request: web.Request) -> web.Response:
+    return _json(to_json(request.app[SUPERVISOR].status()))
+
+
+async def _switch_request(request: web.Request) -> SwitchRequest:
+    try:
+        raw = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(
+            f'the body is not valid JSON ({exc}); send {{"model_spec": "MODEL [ARGS]"}}'
+        ) from None
+    if not isinstance(raw, dict):
+        raise BadRequest('the body must be a JSON object: {"model_spec": "MODEL [ARGS]"}')
+    try:
+        return SwitchRequest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ProxyError(
+            f'invalid switch request ({problems}); send {{"model_spec": "MODEL [ARGS]"}}',
+            status=422,
+            type="invalid_request_error",
+        ) from None
+
+
+@routes.post("/switch")
+async def switch(request: web.Request) -> web.Response:
+    """Load a model (stopping the current one); 200 when ready, 202 with ``"wait": false``."""
+    body = await _switch_request(request)
+    try:
+        spec = ModelSpec.parse(body.model_spec)
+    except SpecError as exc:
+        raise BadRequest(str(exc), param="model_spec") from None
+    supervisor = request.app[SUPERVISOR]
+    if not body.wait:
+        supervisor.switch_in_background(spec, force=body.force)
+        return _json(to_json(supervisor.status()), status=202)
+    # Shielded: a client that hangs up does not abandon a half-done switch.
+    result = await asyncio.shield(supervisor.switch(spec, force=body.force))
+    return _json(to_json(result))
+
+
+@routes.post("/stop")
+async def stop(request: web.Request) -> web.Response:
+    supervisor = request.app[SUPERVISOR]
+    return _json(to_json(await asyncio.shield(supervisor.stop())))
+
+
+def _log_path(request: web.Request) -> Path:
+    """The current launch's log file, or a 404 that says there is none yet."""
+    path = request.app[SUPERVISOR].current_log()
+    if path is None or not path.exists():
+        raise ProxyError(
+            "No vLLM log yet: no model has been started. Load one with POST /switch.",
+            status=404,
+            type="not_found_error",
+        )
+    return path
+
+
+@routes.get("/logs/current")
+async def logs_current(request: web.Request) -> web.StreamResponse:
+    """The whole current log, streamed from the file (never read into memory whole)."""
+    path = _log_path(request)
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    async for chunk in iter_file(path):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+@routes.get("/logs/tail")
+async def logs_tail(request: web.Request) -> web.Response:
+    """Exactly the last ``lines`` lines (default 200), read from the end of the file."""
+    try:
+        lines = parse_lines_param(request.query.get("lines"))
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="lines") from None
+    path = _log_path(request)
+    text = "\n".join(await tail_lines_async(path, lines))
+    return web.Response(text=text + "\n" if text else "", content_type="text/plain")
+
+
+@routes.get("/logs/stream")
+async def logs_stream(request: web.Request) -> web.StreamResponse:
+    """Follow the current log live (``tail -n LINES -f``); ends when the process ends."""
+    try:
+        lines = parse_lines_param(request.query.get("lines"), default=50)
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="lines") from None
+    supervisor = request.app[SUPERVISOR]
+    path = _log_path(request)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    async for chunk in follow(path, lines, lambda: supervisor.log_is_live(path)):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+@routes.get("/plugins")
+async def plugins(request: web.Request) -> web.Response:
+    return _json(to_json(PluginList(plugins=request.app[PLUGINS])))

@@ -1,0 +1,117 @@
+"""Errors the proxy reports, always as an OpenAI-style JSON body with a message that says
+what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from aic_vllm_proxy.models import ErrorBody, ErrorDetail, ProcessState
+
+
+class ProxyError(Exception):
+    """An error with an HTTP status and an OpenAI error ``type``; raise it from any handler."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.headers = headers or {}
+        self.extra = extra
+
+    def detail(self) -> ErrorDetail:
+        return ErrorDetail(message=self.message, type=self.type, code=self.status, **self.extra)
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.detail(), headers=self.headers)
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Conflict(ProxyError):
+    status = 409
+    type = "conflict_error"
+
+
+class ModelUnavailable(ProxyError):
+    """No model can serve the request (none loaded, failed, or a switch took too long)."""
+
+    status = 503
+    type = "model_unavailable"
+
+
+class UpstreamError(ProxyError):
+    """vLLM could not be reached or broke off."""
+
+    status = 502
+    type = "upstream_error"
+
+
+class SwitchFailed(ProxyError):
+    """vLLM failed to start; carries the exit code and the last lines of its log."""
+
+    status = 500
+    type = "switch_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        log_tail: list[str] | None = None,
+        status: int | None = None,
+        state: ProcessState | None = ProcessState.FAILED,
+    ) -> None:
+        super().__init__(message, status=status, exit_code=exit_code, log_tail=log_tail, state=state)
+        self.exit_code = exit_code
+        self.log_tail = log_tail or []
+
+
+def error_response(
+    status: int, detail: ErrorDetail, *, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = ErrorBody(error=detail).model_dump(mode="json", exclude_none=True)
+    return web.Response(
+        status=status,
+        text=json.dumps(body),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def simple_error(status: int, message: str, type: str, **extra: Any) -> web.Response:
+    return error_response(status, ErrorDetail(message=message, type=type, code=status, **extra))
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Turn :class:`ProxyError` and aiohttp's own HTTP errors into OpenAI-style bodies."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ProxyError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        kind = "invalid_request_error" if exc.status < 500 else "internal_error"
+        return simple_error(exc.status, exc.text or exc.reason, kind)

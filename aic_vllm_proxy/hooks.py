@@ -1,0 +1,123 @@
+"""Lifecycle hooks: the one place where every hook is declared, with what it means.
+
+A plugin is a module (or any object) with functions marked ``@hookimpl`` whose names are the
+hooks below. Each receives one argument, ``ctx`` (a :class:`HookContext`). A hook may be a
+plain function or an ``async def``: async hooks are awaited on the event loop, plain ones run
+in a worker thread so that they never block proxied traffic. Every call is bounded by the
+proxy's ``--hook-timeout``. Plugins are installed as entry points in the group
+``aic_vllm_proxy.hooks`` and loaded when the daemon starts (see ``plugins.py``)::
+
+    # pyproject.toml of a site package
+    [project.entry-points."aic_vllm_proxy.hooks"]
+    site-policy = "site_policy.hooks"
+
+    # site_policy/hooks.py
+    from aic_vllm_proxy.hooks import Veto, hookimpl
+
+    @hookimpl
+    def pre_switch(ctx):
+        if not ctx.new_spec.startswith("meta-llama/"):
+            raise Veto("only meta-llama models are allowed on this node")
+
+What a hook's outcome means:
+
+=============  ===============================  ==========================================
+hook           raises :class:`Veto`             raises anything else / times out
+=============  ===============================  ==========================================
+pre_switch     switch refused (409), the        switch refused (500), the running model
+               running model keeps running      keeps running
+post_switch    reported in /status and the      same: the new model stays up
+               switch response
+pre_stop       reported, the stop goes on       same
+post_stop      reported, the switch goes on     same
+on_failure     reported                         same
+=============  ===============================  ==========================================
+
+Return values are ignored, except that a returned string is shown as the hook's message in
+``/status`` and the switch response (e.g. "warm-up took 0.42 s").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from aic_vllm_proxy.config import Settings
+
+PROJECT = "aic_vllm_proxy"
+ENTRY_POINT_GROUP = "aic_vllm_proxy.hooks"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class Veto(Exception):
+    """Raised by a ``pre_switch`` hook to refuse a switch; the message is shown to the caller."""
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """What a hook is told about the event. Treat it as read-only."""
+
+    #: The hook being called: "pre_switch", "post_switch", "pre_stop", "post_stop", "on_failure".
+    event: str
+    #: The spec loaded before this event (None when nothing was loaded).
+    old_spec: str | None
+    #: The spec being loaded (pre/post_switch, on_failure) or None (stops).
+    new_spec: str | None
+    #: The proxy's settings.
+    settings: Settings
+    #: Where vLLM listens, e.g. "http://127.0.0.1:8225".
+    vllm_base: str
+    #: The current launch's log file, if any.
+    log_path: str | None
+    #: The proxy's shared aiohttp session (use it for calls to vLLM or webhooks).
+    session: aiohttp.ClientSession
+    #: The vLLM main process id this event is about (pre/post_stop, on_failure), if any.
+    pid: int | None = None
+    #: The served model name clients use, for post_switch.
+    model: str | None = None
+    #: on_failure: what went wrong, the exit code and the last lines of the log.
+    error: str | None = None
+    exit_code: int | None = None
+    log_tail: list[str] = field(default_factory=list)
+    #: This plugin's own settings: ``[plugins.<name>]`` in the config file plus
+    #: ``AIC_VLLM_PROXY_PLUGIN_<NAME>_<KEY>`` environment variables.
+    plugin_config: dict[str, Any] = field(default_factory=dict)
+
+
+class HookSpecs:
+    """The hook specifications. Implement any subset; names and the ``ctx`` argument must match."""
+
+    @hookspec
+    def pre_switch(self, ctx: HookContext) -> Any:
+        """Before a switch stops anything. Raise :class:`Veto` to refuse the switch: the caller of
+        ``/switch`` gets a 409 with the reason and the running model keeps running. Typical
+        uses: site allow-lists, checking that the GPUs have room for the new model."""
+
+    @hookspec
+    def post_switch(self, ctx: HookContext) -> Any:
+        """After the new model answered ``/health`` and ``/v1/models`` (the state is ready).
+        Typical uses: warm-up requests, notifications. A failure is reported, never fatal."""
+
+    @hookspec
+    def pre_stop(self, ctx: HookContext) -> Any:
+        """Before SIGTERM is sent to a running vLLM (for a switch, ``/stop`` or shutdown)."""
+
+    @hookspec
+    def post_stop(self, ctx: HookContext) -> Any:
+        """After vLLM's whole process group is gone. Typical use: wait until the GPU memory it
+        held is released before the next model starts (bounded by the hook timeout)."""
+
+    @hookspec
+    def on_failure(self, ctx: HookContext) -> Any:
+        """vLLM failed to start, timed out, or died after it was ready. ``ctx.error``,
+        ``ctx.exit_code`` and ``ctx.log_tail`` say what happened. Typical use: alerting."""
+
+
+HOOK_NAMES = ("pre_switch", "post_switch", "pre_stop", "post_stop", "on_failure")

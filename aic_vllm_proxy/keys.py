@@ -1,0 +1,17 @@
+"""Typed keys for what the application shares between its parts (``app[KEY]``)."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from aic_vllm_proxy.config import Settings
+from aic_vllm_proxy.models import PluginInfo
+from aic_vllm_proxy.plugins import HookRunner
+from aic_vllm_proxy.supervisor import Supervisor
+
+SETTINGS = web.AppKey("settings", Settings)
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+HOOKS = web.AppKey("hooks", HookRunner)
+PLUGINS = web.AppKey("plugins", list[PluginInfo])

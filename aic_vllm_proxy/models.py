@@ -1,0 +1,139 @@
+"""Request and response bodies of the proxy's own API, shared by the server and the client.
+
+Everything here is plain pydantic so that the client can validate what the server sends
+without importing any server code.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ProcessState(str, Enum):
+    """Where the one managed vLLM process is in its life (see ``state.TRANSITIONS``)."""
+
+    STOPPED = "stopped"  #: no vLLM process
+    STARTING = "starting"  #: launched, weights loading, not answering yet
+    READY = "ready"  #: `/health` and `/v1/models` answered: requests are forwarded
+    STOPPING = "stopping"  #: being stopped (SIGTERM sent, waiting for the process tree)
+    FAILED = "failed"  #: failed to start, or died after it was ready
+
+
+class SwitchRequest(BaseModel):
+    """Body of ``POST /switch``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_spec: str = Field(
+        description="The model and its vLLM arguments, as on the `vllm serve` command line: "
+        "'MODEL --arg value ...'. Whitespace (newlines included) separates words; quote as in a shell."
+    )
+    wait: bool = Field(
+        default=True,
+        description="True: answer once the model is ready (200). False: answer at once (202) and "
+        "let the switch go on in the background; poll GET /status.",
+    )
+    force: bool = Field(
+        default=False,
+        description="Restart even when the same spec is already loaded, and skip the drain of "
+        "in-flight requests.",
+    )
+
+    @field_validator("model_spec")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model_spec is empty: give the model, e.g. 'meta-llama/Llama-2-7b-hf'")
+        return value
+
+
+class HookReport(BaseModel):
+    """What one hook call did, when it failed or said something worth showing."""
+
+    hook: str
+    plugin: str
+    ok: bool
+    message: str = ""
+    seconds: float = 0.0
+
+
+class Status(BaseModel):
+    """Body of ``GET /status`` (the seed's fields first)."""
+
+    running: bool = Field(description="True only while a vLLM process is alive.")
+    pid: int | None = None
+    model_spec: str | None = None
+    vllm_base: str
+    log_path: str | None = None
+    state: ProcessState = ProcessState.STOPPED
+    model: str | None = Field(default=None, description="The model name requests should use.")
+    started_at: datetime | None = None
+    ready_at: datetime | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    switching: bool = Field(default=False, description="A switch is queued or in progress.")
+    target_model_spec: str | None = Field(
+        default=None, description="The spec a queued or running switch is loading."
+    )
+    in_flight: int = Field(default=0, description="Proxied requests being served right now.")
+    hook_reports: list[HookReport] = Field(default_factory=list)
+    restarts: int = 0
+    version: str = ""
+
+
+class SwitchResult(BaseModel):
+    """Body of a successful ``POST /switch`` (200, or 202 when it goes on in the background)."""
+
+    changed: bool = Field(description="False when the same spec was already loaded (no restart).")
+    load_seconds: float | None = Field(
+        default=None, description="From launch to ready, for a switch that started vLLM."
+    )
+    total_seconds: float = 0.0
+    drained: int = 0
+    cut: int = 0
+    message: str = ""
+    status: Status
+    hook_reports: list[HookReport] = Field(default_factory=list)
+
+
+class ErrorDetail(BaseModel):
+    """The ``error`` object of an OpenAI-style error body, with the proxy's extra fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    message: str
+    type: str
+    code: int | str | None = None
+    param: str | None = None
+    exit_code: int | None = None
+    log_tail: list[str] | None = None
+    state: ProcessState | None = None
+
+
+class ErrorBody(BaseModel):
+    """``{"error": {"message": ..., "type": ..., "code": ...}}`` as OpenAI and vLLM send it."""
+
+    error: ErrorDetail
+
+
+class PluginInfo(BaseModel):
+    """One loaded plugin, as listed by ``GET /plugins``."""
+
+    name: str
+    version: str | None = None
+    hooks: list[str] = Field(default_factory=list)
+    enabled: bool = True
+    source: str = ""
+
+
+class PluginList(BaseModel):
+    plugins: list[PluginInfo]
+
+
+def to_json(model: BaseModel) -> dict[str, Any]:
+    """A JSON-ready dict (datetimes as ISO strings, enums as values)."""
+    return model.model_dump(mode="json")

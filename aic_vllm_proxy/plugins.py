@@ -1,0 +1,171 @@
+"""Loading plugins and calling their hooks.
+
+Loading is explicit: :func:`load_plugins` is called when the daemon starts, never at import
+time. Calls go through :class:`HookRunner`, which awaits async hooks, runs plain ones in a
+thread (so they cannot block the event loop), bounds each call with a timeout and turns the
+outcome into :class:`~aic_vllm_proxy.models.HookReport` entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from aic_vllm_proxy.config import Settings
+from aic_vllm_proxy.hooks import (
+    ENTRY_POINT_GROUP,
+    HOOK_NAMES,
+    PROJECT,
+    HookContext,
+    HookSpecs,
+    Veto,
+)
+from aic_vllm_proxy.models import HookReport, PluginInfo
+
+log = logging.getLogger(__name__)
+
+
+class PluginLoadError(RuntimeError):
+    pass
+
+
+def _hooks_of(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    return sorted(caller.name for caller in pm.get_hookcallers(plugin) or [] if caller.name in HOOK_NAMES)
+
+
+def load_plugins(
+    settings: Settings, extra: Iterable[tuple[str, object]] = ()
+) -> tuple[pluggy.PluginManager, list[PluginInfo]]:
+    """Register the installed entry-point plugins (filtered by the enable/disable settings)
+    and ``extra`` (name, plugin) pairs; return the manager and what was found."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(HookSpecs)
+    infos: list[PluginInfo] = []
+    enable, disable = set(settings.plugins_enable), set(settings.plugins_disable)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        version = ep.dist.version if ep.dist is not None else None
+        wanted = (not enable or ep.name in enable) and ep.name not in disable
+        if not wanted:
+            infos.append(PluginInfo(name=ep.name, version=version, enabled=False, source=ep.value))
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:
+            raise PluginLoadError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
+        infos.append(PluginInfo(name=ep.name, version=version, hooks=_hooks_of(pm, plugin), source=ep.value))
+    for name, plugin in extra:
+        pm.register(plugin, name=name)
+        infos.append(PluginInfo(name=name, hooks=_hooks_of(pm, plugin), source=repr(plugin)))
+    missing = enable - {info.name for info in infos}
+    if missing:
+        raise PluginLoadError(
+            f"plugins to enable are not installed: {', '.join(sorted(missing))} "
+            f"(installed: {', '.join(i.name for i in infos) or 'none'})"
+        )
+    return pm, infos
+
+
+def import_plugin(spec: str) -> tuple[str, object]:
+    """``module`` or ``module:attribute`` → (name, plugin), for ``--plugin`` on the command line."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        plugin: object = importlib.import_module(module_name)
+        if attr:
+            plugin = getattr(plugin, attr)
+    except (ImportError, AttributeError) as exc:
+        raise PluginLoadError(f"cannot import plugin {spec!r}: {exc}") from exc
+    return spec, plugin
+
+
+class HookRunner:
+    """Calls one hook on every plugin that implements it, in pluggy's order."""
+
+    def __init__(self, pm: pluggy.PluginManager, settings: Settings) -> None:
+        self.pm = pm
+        self.settings = settings
+
+    async def call(self, ctx: HookContext) -> list[HookReport]:
+        """Run ``ctx.event`` on each plugin. A :class:`Veto` or failure of ``pre_switch`` is
+        raised (after reporting); every other outcome becomes a report."""
+        caller = getattr(self.pm.hook, ctx.event)
+        reports: list[HookReport] = []
+        # pluggy calls the last registered first (tryfirst/trylast respected).
+        for impl in reversed(caller.get_hookimpls()):
+            own = replace(ctx, plugin_config=self.settings.plugin_config(impl.plugin_name))
+            report = await self._call_one(impl.plugin_name, impl.function, own)
+            reports.append(report)
+        return reports
+
+    async def _call_one(self, plugin: str, function: Any, ctx: HookContext) -> HookReport:
+        started = time.monotonic()
+        timeout = self.settings.hook_timeout
+        try:
+            if inspect.iscoroutinefunction(function):
+                result = await asyncio.wait_for(function(ctx=ctx), timeout)
+            else:
+                result = await asyncio.wait_for(asyncio.to_thread(function, ctx=ctx), timeout)
+                if inspect.isawaitable(result):
+                    result = await asyncio.wait_for(result, timeout)
+        except Veto as exc:
+            report = HookReport(
+                hook=ctx.event,
+                plugin=plugin,
+                ok=False,
+                message=str(exc),
+                seconds=time.monotonic() - started,
+            )
+            if ctx.event == "pre_switch":
+                raise HookVeto(report) from exc
+            log.warning("%s hook of %s: %s", ctx.event, plugin, exc)
+            return report
+        except Exception as exc:
+            message = (
+                f"timed out after {timeout:g} s"
+                if isinstance(exc, asyncio.TimeoutError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            report = HookReport(
+                hook=ctx.event,
+                plugin=plugin,
+                ok=False,
+                message=message,
+                seconds=time.monotonic() - started,
+            )
+            log.error("%s hook of %s failed: %s", ctx.event, plugin, message)
+            if ctx.event == "pre_switch":
+                raise HookFailed(report) from exc
+            return report
+        message = result if isinstance(result, str) else ""
+        return HookReport(
+            hook=ctx.event,
+            plugin=plugin,
+            ok=True,
+            message=message,
+            seconds=time.monotonic() - started,
+        )
+
+
+class HookVeto(Exception):
+    """A pre_switch hook refused the switch."""
+
+    def __init__(self, report: HookReport) -> None:
+        super().__init__(report.message)
+        self.report = report
+
+
+class HookFailed(Exception):
+    """A pre_switch hook crashed or timed out (the switch does not go on)."""
+
+    def __init__(self, report: HookReport) -> None:
+        super().__init__(report.message)
+        self.report = report

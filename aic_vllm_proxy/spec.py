@@ -1,0 +1,81 @@
+"""Model specs: ``"MODEL --arg value ..."`` as given to ``/switch``, parsed like a shell would.
+
+A spec is never run through a shell: it is split with :mod:`shlex` and handed to
+``vllm serve`` as an argument list, so shell metacharacters are just characters.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+#: Flags the proxy sets itself: vLLM must listen where the proxy forwards to.
+PROXY_OWNED_FLAGS = ("--host", "--port", "--uds")
+
+
+class SpecError(ValueError):
+    """The spec cannot be used; the message says why and what to write instead."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec. ``raw`` keeps the text the user sent, for ``/status``."""
+
+    raw: str
+    model: str
+    args: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        try:
+            words = shlex.split(text, comments=False, posix=True)
+        except ValueError as exc:  # unbalanced quotes
+            raise SpecError(f"model_spec cannot be split into words ({exc}); check its quotes") from exc
+        if not words:
+            raise SpecError("model_spec is empty: give the model, e.g. 'meta-llama/Llama-2-7b-hf'")
+        model, *args = words
+        if model.startswith("-"):
+            raise SpecError(
+                f"model_spec must start with the model name or path, not the flag {model!r}: "
+                "write 'MODEL --flag value ...'"
+            )
+        for word in args:
+            flag = word.split("=", 1)[0]
+            if flag in PROXY_OWNED_FLAGS:
+                raise SpecError(
+                    f"model_spec sets {flag}, which the proxy owns (it tells vLLM where to listen); "
+                    "remove it: configure --vllm-host/--vllm-port on the proxy instead"
+                )
+        return cls(raw=text, model=model, args=tuple(args))
+
+    def flag_value(self, flag: str) -> str | None:
+        """The value given for ``flag`` (``--flag v`` or ``--flag=v``), the last one wins."""
+        value: str | None = None
+        for i, word in enumerate(self.args):
+            if word == flag and i + 1 < len(self.args):
+                value = self.args[i + 1]
+            elif word.startswith(flag + "="):
+                value = word.split("=", 1)[1]
+        return value
+
+    def has_flag(self, flag: str) -> bool:
+        return any(word == flag or word.startswith(flag + "=") for word in self.args)
+
+    @property
+    def served_name(self) -> str:
+        """The name clients put in ``"model"``: the first ``--served-model-name`` or the model."""
+        for i, word in enumerate(self.args):
+            if word == "--served-model-name" and i + 1 < len(self.args):
+                return self.args[i + 1]
+            if word.startswith("--served-model-name="):
+                return word.split("=", 1)[1]
+        return self.model
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """What makes two specs the same launch (formatting and quoting do not matter)."""
+        return (self.model, *self.args)
+
+    def argv(self, command: list[str], host: str, port: int) -> list[str]:
+        """The full command line: ``vllm serve MODEL ARGS --host H --port P``."""
+        return [*command, self.model, *self.args, "--host", host, "--port", str(port)]

@@ -1,0 +1,575 @@
+"""The supervisor: the one vLLM process, how it is started, watched, switched and stopped.
+
+- A launch runs ``vllm serve MODEL ARGS --host H --port P`` in a session (process group) of its
+  own, output to its own log file, plus a watchdog that kills the group if the proxy dies.
+- Switches and stops are serialised by one lock; the process state lives in
+  :class:`~aic_vllm_proxy.state.ProcessStateMachine` and changes nowhere else.
+- Stopping is SIGTERM to the group, up to ``stop_timeout`` seconds, then SIGKILL of the group,
+  and it is over only when no process of the group is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import aiohttp
+from yarl import URL
+
+from aic_vllm_proxy import __version__, prober
+from aic_vllm_proxy.config import Settings
+from aic_vllm_proxy.errors import ModelUnavailable, ProxyError, SwitchFailed
+from aic_vllm_proxy.hooks import HookContext
+from aic_vllm_proxy.logs import name_with_pid, open_launch_log, tail_lines_async
+from aic_vllm_proxy.models import HookReport, ProcessState, Status, SwitchResult
+from aic_vllm_proxy.plugins import HookFailed, HookRunner, HookVeto
+from aic_vllm_proxy.procgroup import group_alive, signal_group
+from aic_vllm_proxy.spec import ModelSpec
+from aic_vllm_proxy.state import ProcessStateMachine, Snapshot
+
+log = logging.getLogger(__name__)
+S = ProcessState
+LOG_TAIL_LINES = 40
+GROUP_POLL = 0.05
+
+
+@dataclass(eq=False)
+class Launch:
+    """One run of vLLM: its process (the group leader), log, watchdog and exit."""
+
+    spec: ModelSpec
+    process: asyncio.subprocess.Process
+    log_path: Path
+    guard_fd: int | None
+    guard: asyncio.subprocess.Process | None
+    upstream_headers: dict[str, str]
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    exit_code: int | None = None
+
+    @property
+    def pgid(self) -> int:
+        return self.process.pid
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach the file as they are written
+    if env.get("VLLM_PORT") == str(settings.vllm_port):
+        # VLLM_PORT is vLLM's internal port, not its HTTP port: the same value breaks start-up.
+        log.warning("VLLM_PORT equals --vllm-port (%s); not passing it to vLLM", settings.vllm_port)
+        del env["VLLM_PORT"]
+    return env
+
+
+def _api_key(spec: ModelSpec) -> str | None:
+    return spec.flag_value("--api-key") or os.environ.get("VLLM_API_KEY") or None
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "an unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
+
+
+def _last_error_line(lines: list[str]) -> str:
+    """The most telling line of a failed start: the last error-looking line, else the last line."""
+    for line in reversed(lines):
+        low = line.lower()
+        if "error" in low or "exception" in low or "invalid" in low or "unrecognized" in low:
+            return line.strip()
+    return lines[-1].strip() if lines else ""
+
+
+class Supervisor:
+    """Owns the vLLM process. All public coroutines are safe to call concurrently."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session: Callable[[], aiohttp.ClientSession],
+        hooks: HookRunner,
+    ) -> None:
+        self.settings = settings
+        self.machine = ProcessStateMachine()
+        self.base = URL(settings.vllm_base)
+        self.hooks = hooks
+        self._session = session
+        self._lock = asyncio.Lock()  # one switch or stop at a time
+        self._launch: Launch | None = None
+        self._pending: list[ModelSpec] = []  # switches queued or running
+        self._tasks: set[asyncio.Task[object]] = set()  # background switches, health checks
+        self._watchers: set[asyncio.Task[object]] = set()  # exit watchers: run until the exit
+        self._upstreams: set[Callable[[], None]] = set()
+        self.hook_reports: list[HookReport] = []
+        self.in_flight = 0
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def switching(self) -> bool:
+        return bool(self._pending)
+
+    @property
+    def launch(self) -> Launch | None:
+        return self._launch
+
+    def status(self) -> Status:
+        snap = self.machine.snapshot
+        launch = self._launch
+        running = launch is not None and not launch.exited.is_set()
+        return Status(
+            running=running,
+            pid=launch.process.pid if running and launch else None,
+            model_spec=snap.model_spec,
+            vllm_base=str(self.base),
+            log_path=snap.log_path,
+            state=snap.state,
+            model=snap.model,
+            started_at=snap.started_at,
+            ready_at=snap.ready_at,
+            exit_code=snap.exit_code,
+            error=snap.error,
+            switching=self.switching,
+            target_model_spec=self._pending[0].raw if self._pending else None,
+            in_flight=self.in_flight,
+            hook_reports=self.hook_reports,
+            version=__version__,
+        )
+
+    def current_log(self) -> Path | None:
+        path = self.machine.snapshot.log_path
+        return Path(path) if path else None
+
+    def log_is_live(self, path: Path) -> bool:
+        """True while the process writing ``path`` may still write to it."""
+        launch = self._launch
+        return launch is not None and launch.log_path == path and not launch.exited.is_set()
+
+    # --------------------------------------------------------- proxied traffic
+
+    def upstream_headers(self) -> dict[str, str]:
+        launch = self._launch
+        return launch.upstream_headers if launch else {}
+
+    def track_upstream(self, close: Callable[[], None]) -> Callable[[], None]:
+        """Register a way to cut one in-flight upstream request; returns the unregister call."""
+        self._upstreams.add(close)
+        return lambda: self._upstreams.discard(close)
+
+    def _cut_upstreams(self) -> int:
+        closers, self._upstreams = self._upstreams, set()
+        for close in closers:
+            close()
+        return len(closers)
+
+    async def wait_for_model(self, timeout: float) -> Snapshot:
+        """Wait (bounded) until a model is ready; raise :class:`ModelUnavailable` otherwise."""
+        snap = self.machine.snapshot
+        if snap.state is S.READY:
+            return snap
+
+        def settled(s: Snapshot) -> bool:
+            return s.state is S.READY or (not self.switching and s.state in (S.STOPPED, S.FAILED))
+
+        if not settled(snap):
+            try:
+                snap = await self.machine.wait_for(settled, timeout)
+            except asyncio.TimeoutError:
+                target = self._pending[0].model if self._pending else "the model"
+                raise ModelUnavailable(
+                    f"Timed out after {timeout:g} s waiting for {target} to finish loading. "
+                    "Retry later, or check GET /status and GET /logs/tail.",
+                    headers={"Retry-After": "10"},
+                    state=self.machine.state,
+                ) from None
+        if snap.state is S.READY:
+            return snap
+        if snap.state is S.FAILED:
+            raise ModelUnavailable(
+                f"No model is available: {snap.error or 'vLLM failed'}. "
+                "Load a model with POST /switch (see GET /logs/tail for vLLM's output).",
+                state=snap.state,
+            )
+        raise ModelUnavailable(
+            'No model is loaded. Load one with POST /switch {"model_spec": "MODEL [ARGS]"} '
+            "(or proxy.switch(...) from the Python client).",
+            state=snap.state,
+        )
+
+    # ------------------------------------------------------------------ switch
+
+    async def switch(self, spec: ModelSpec, *, force: bool = False) -> SwitchResult:
+        """Stop whatever runs, start ``spec`` and wait until it is ready. Serialised."""
+        started = time.monotonic()
+        self._pending.append(spec)
+        await self.machine.poke()
+        try:
+            async with self._lock:
+                # The spec being loaded comes first in the list for /status.
+                self._pending.remove(spec)
+                self._pending.insert(0, spec)
+                result = await self._switch_locked(spec, force=force)
+        finally:
+            self._pending.remove(spec)
+            await self.machine.poke()
+        result.total_seconds = round(time.monotonic() - started, 3)
+        result.status = self.status()
+        return result
+
+    def switch_in_background(self, spec: ModelSpec, *, force: bool = False) -> None:
+        """Start a switch and return; its outcome shows in ``/status``."""
+        self._pending.append(spec)  # visible at once in /status
+
+        async def run() -> None:
+            self._pending.remove(spec)
+            try:
+                await self.switch(spec, force=force)
+            except ProxyError as exc:
+                log.warning("background switch to %s failed: %s", spec.model, exc.message)
+
+        self._spawn(run())
+
+    def _spawn(self, coro: Awaitable[object], into: set[asyncio.Task[object]] | None = None) -> None:
+        tasks = self._tasks if into is None else into
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _context(self, event: str, **fields: object) -> HookContext:
+        snap = self.machine.snapshot
+        values: dict[str, object] = {
+            "old_spec": snap.model_spec,
+            "new_spec": None,
+            "log_path": snap.log_path,
+            "model": snap.model,
+        }
+        values.update(fields)
+        return HookContext(
+            event=event,
+            settings=self.settings,
+            vllm_base=str(self.base),
+            session=self._session(),
+            **values,  # type: ignore[arg-type]
+        )
+
+    async def _switch_locked(self, spec: ModelSpec, *, force: bool) -> SwitchResult:
+        launch = self._launch
+        if (
+            not force
+            and self.machine.state is S.READY
+            and launch is not None
+            and launch.spec.key == spec.key
+            and not launch.exited.is_set()
+        ):
+            return SwitchResult(
+                changed=False,
+                message=f"{spec.model} is already loaded with these arguments; nothing restarted",
+                status=self.status(),
+            )
+        current = self.machine.snapshot.model_spec if launch else None
+        try:
+            reports = await self.hooks.call(self._context("pre_switch", old_spec=current, new_spec=spec.raw))
+        except HookVeto as veto:
+            raise ProxyError(
+                f"Switch to {spec.model} refused by plugin {veto.report.plugin}: "
+                f"{veto.report.message}. "
+                + (f"{current!r} is still loaded." if current else "Nothing was loaded."),
+                status=409,
+                type="switch_vetoed",
+            ) from None
+        except HookFailed as failed:
+            raise ProxyError(
+                f"Switch to {spec.model} not done: the pre_switch hook of plugin "
+                f"{failed.report.plugin} failed ({failed.report.message}). Nothing was changed.",
+                status=500,
+                type="hook_failed",
+            ) from None
+        if self._launch is not None or self.machine.state is S.FAILED:
+            reports += await self._stop_locked()
+        launch = await self._start(spec)
+        try:
+            ready = await asyncio.wait_for(
+                prober.wait_until_ready(
+                    self._session(),
+                    self.base,
+                    launch.exited,
+                    interval=self.settings.probe_interval,
+                    headers=launch.upstream_headers,
+                ),
+                self.settings.ready_timeout,
+            )
+        except prober.ProcessExited:
+            raise await self._start_failed(launch, reports, timed_out=False) from None
+        except asyncio.TimeoutError:
+            raise await self._start_failed(launch, reports, timed_out=True) from None
+        except asyncio.CancelledError:
+            await self._terminate(launch, grace=min(self.settings.stop_timeout, 5.0))
+            raise
+        load_seconds = time.monotonic() - (self.machine.snapshot.launched_monotonic or 0.0)
+        model = ready.models[0] if ready.models else spec.served_name
+        await self.machine.transition(S.READY, model=model)
+        log.info("%s is ready after %.1f s (pid %d)", spec.model, load_seconds, launch.process.pid)
+        reports += await self.hooks.call(
+            self._context("post_switch", old_spec=current, new_spec=spec.raw, pid=launch.pgid)
+        )
+        self.hook_reports = [r for r in reports if not r.ok or r.message]
+        return SwitchResult(
+            changed=True,
+            load_seconds=round(load_seconds, 3),
+            message=f"{spec.model} is ready",
+            status=self.status(),
+            hook_reports=reports,
+        )
+
+    async def _start_failed(
+        self, launch: Launch, reports: list[HookReport], *, timed_out: bool
+    ) -> SwitchFailed:
+        spec = launch.spec
+        await self._terminate(launch, grace=self.settings.stop_timeout)
+        tail = await self._log_tail(launch.log_path)
+        if timed_out:
+            message = (
+                f"{spec.model} was not ready after {self.settings.ready_timeout:g} s "
+                "(--ready-timeout), so vLLM was stopped. Raise the timeout if the model needs "
+                "longer to load; the log tail shows how far it got."
+            )
+            status = 504
+        else:
+            reason = _last_error_line(tail)
+            message = (
+                f"vLLM exited with {_describe_exit(launch.exit_code)} while starting {spec.model}"
+                + (f": {reason}" if reason else "")
+                + ". Check the model name and arguments; the log tail has the details."
+            )
+            status = 500
+        await self.machine.transition(S.FAILED, exit_code=launch.exit_code, error=message, pid=None)
+        if self._launch is launch:
+            self._launch = None
+        reports += await self.hooks.call(
+            self._context(
+                "on_failure",
+                new_spec=spec.raw,
+                pid=launch.pgid,
+                error=message,
+                exit_code=launch.exit_code,
+                log_tail=tail,
+            )
+        )
+        self.hook_reports = [r for r in reports if not r.ok or r.message]
+        return SwitchFailed(message, exit_code=launch.exit_code, log_tail=tail, status=status)
+
+    async def _log_tail(self, path: Path) -> list[str]:
+        try:
+            return await tail_lines_async(path, LOG_TAIL_LINES)
+        except OSError:
+            return []
+
+    async def _start(self, spec: ModelSpec) -> Launch:
+        """Launch vLLM for ``spec`` (state STARTING); raise :class:`SwitchFailed` if it cannot run."""
+        argv = spec.argv(self.settings.vllm_argv, self.settings.vllm_host, self.settings.vllm_port)
+        path, handle = await asyncio.to_thread(open_launch_log, self.settings.log_dir, argv)
+        await self.machine.transition(
+            S.STARTING, model_spec=spec.raw, model=spec.served_name, log_path=str(path)
+        )
+        try:
+            process = await self._spawn_vllm(argv, handle)
+        except OSError as exc:
+            message = (
+                f"cannot run {argv[0]!r}: {exc.strerror or exc}. Install vLLM in this environment "
+                "or point --vllm-command (AIC_VLLM_PROXY_VLLM_COMMAND) at it."
+            )
+            await asyncio.to_thread(handle.write, f"# {message}\n".encode())
+            await self.machine.transition(S.FAILED, error=message)
+            raise SwitchFailed(message, log_tail=[message], status=500) from exc
+        finally:
+            await asyncio.to_thread(handle.close)
+        path = await asyncio.to_thread(name_with_pid, path, process.pid)
+        guard_fd, guard = await self._spawn_guard(process.pid)
+        key = _api_key(spec)
+        launch = Launch(
+            spec=spec,
+            process=process,
+            log_path=path,
+            guard_fd=guard_fd,
+            guard=guard,
+            upstream_headers={"Authorization": f"Bearer {key}"} if key else {},
+        )
+        self._launch = launch
+        await self.machine.update(pid=process.pid, log_path=str(path))
+        self._spawn(self._watch_exit(launch), into=self._watchers)
+        if self.settings.health_interval > 0:
+            self._spawn(self._watch_health(launch))
+        log.info("started vLLM pid %d: %s (log %s)", process.pid, spec.raw, path)
+        return launch
+
+    async def _spawn_vllm(self, argv: list[str], handle: BinaryIO) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=handle,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the whole tree can be signalled
+            env=_child_env(self.settings),
+        )
+
+    async def _spawn_guard(self, pgid: int) -> tuple[int | None, asyncio.subprocess.Process | None]:
+        """Start the watchdog that kills the group if this process dies (see watchdog.py)."""
+        read_fd, write_fd = os.pipe()
+        try:
+            guard = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "aic_vllm_proxy.watchdog",
+                str(pgid),
+                str(min(self.settings.stop_timeout, 5.0)),
+                stdin=read_fd,
+                stdout=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:  # pragma: no cover - python itself missing
+            log.error("cannot start the watchdog: %s", exc)
+            os.close(write_fd)
+            return None, None
+        finally:
+            os.close(read_fd)
+        return write_fd, guard
+
+    async def _watch_exit(self, launch: Launch) -> None:
+        """Record the exit; if nobody asked for it, the model has died: say so and clean up."""
+        code = await launch.process.wait()
+        launch.exit_code = code
+        launch.exited.set()
+        if self._launch is not launch:
+            return
+        message = (
+            f"vLLM ({launch.spec.model}, pid {launch.pgid}) exited with {_describe_exit(code)} "
+            "after it was ready; its engine may have died. Load a model again with POST /switch."
+        )
+        snap = await self.machine.transition_if(
+            frozenset({S.READY}), S.FAILED, exit_code=code, error=message, pid=None
+        )
+        if snap is None:
+            if self.machine.state is S.FAILED:  # already marked by the health check
+                await self.machine.update(exit_code=code, pid=None)
+            else:
+                return  # a switch or stop is handling it
+        log.error("%s", message)
+        self._cut_upstreams()
+        await self._terminate(launch, grace=self.settings.stop_timeout)
+        if self._launch is launch:
+            self._launch = None
+        tail = await self._log_tail(launch.log_path)
+        self.hook_reports = await self.hooks.call(
+            self._context(
+                "on_failure",
+                new_spec=launch.spec.raw,
+                pid=launch.pgid,
+                error=message,
+                exit_code=code,
+                log_tail=tail,
+            )
+        )
+
+    async def _watch_health(self, launch: Launch) -> None:
+        """While ready, check ``/health``: two 503s in a row mean the engine is dead."""
+        bad = 0
+        while not launch.exited.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(launch.exited.wait(), self.settings.health_interval)
+            if launch.exited.is_set() or self._launch is not launch:
+                return
+            if self.machine.state is not S.READY:
+                continue
+            ok = await prober.healthy(self._session(), self.base, launch.upstream_headers)
+            bad = bad + 1 if ok is False else 0
+            if bad >= 2:
+                message = (
+                    f"vLLM ({launch.spec.model}) answers 503 on /health: its engine has died. "
+                    "Load a model again with POST /switch."
+                )
+                await self.machine.transition_if(frozenset({S.READY}), S.FAILED, error=message)
+                log.error("%s", message)
+                return
+
+    # -------------------------------------------------------------------- stop
+
+    async def stop(self) -> Status:
+        """Stop vLLM and its whole process tree (no-op when nothing runs)."""
+        async with self._lock:
+            await self._stop_locked()
+        return self.status()
+
+    async def _stop_locked(self) -> list[HookReport]:
+        launch = self._launch
+        if launch is None:
+            if self.machine.state is S.FAILED:
+                await self.machine.transition(S.STOPPED)
+            return []
+        state = self.machine.state
+        if state is not S.STOPPING:
+            await self.machine.transition(S.STOPPING)
+        reports: list[HookReport] = []
+        if not launch.exited.is_set():
+            reports += await self.hooks.call(self._context("pre_stop", pid=launch.pgid))
+        cut = self._cut_upstreams()
+        if cut:
+            log.info("closed %d in-flight upstream request(s) of the stopping model", cut)
+        await self._terminate(launch, grace=self.settings.stop_timeout)
+        if self._launch is launch:
+            self._launch = None
+        await self.machine.transition(S.STOPPED, exit_code=launch.exit_code)
+        reports += await self.hooks.call(self._context("post_stop", pid=launch.pgid))
+        return reports
+
+    async def _terminate(self, launch: Launch, *, grace: float) -> None:
+        """SIGTERM the group, wait up to ``grace`` s, SIGKILL what is left, wait until it is gone."""
+        pgid = launch.pgid
+        deadline = time.monotonic() + grace
+        if await asyncio.to_thread(group_alive, pgid):
+            signal_group(pgid, signal.SIGTERM)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(launch.exited.wait(), max(grace, 0.0))
+            while time.monotonic() < deadline and await asyncio.to_thread(group_alive, pgid):
+                await asyncio.sleep(GROUP_POLL)
+            if await asyncio.to_thread(group_alive, pgid):
+                log.warning("vLLM group %d still alive %.0f s after SIGTERM: sending SIGKILL", pgid, grace)
+                signal_group(pgid, signal.SIGKILL)
+            gone_by = time.monotonic() + 10.0
+            while await asyncio.to_thread(group_alive, pgid) and time.monotonic() < gone_by:
+                await asyncio.sleep(GROUP_POLL)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(launch.exited.wait(), 10.0)
+        await self._release_guard(launch)
+
+    async def _release_guard(self, launch: Launch) -> None:
+        if launch.guard_fd is not None:
+            os.close(launch.guard_fd)
+            launch.guard_fd = None
+        if launch.guard is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(launch.guard.wait(), 5.0)
+            launch.guard = None
+
+    async def shutdown(self) -> None:
+        """On proxy exit: cancel background work, then stop vLLM and wait for its tree to go."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.stop()
+        for task in list(self._watchers):
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
