@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -185,7 +184,7 @@ def _serve(options: dict[str, Any]) -> None:
 @click.version_option(__version__, prog_name="aic-vllm-proxy")
 @serve_options
 @click.pass_context
-def cli(ctx: click.Context, **options: Any) -> None:
+def cli(ctx: click.Context, /, **options: Any) -> None:
     """Run vLLM on this node behind an OpenAI-compatible proxy that can switch models.
 
     With no command, runs the daemon (the same as `serve`). The other commands talk to a
@@ -210,4 +209,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

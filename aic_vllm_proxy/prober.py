@@ -8,6 +8,7 @@ answered a model list. Probing stops at once when the process exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -81,10 +82,8 @@ async def wait_until_ready(
                 return result
         if exited.is_set():
             raise ProcessExited()
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(exited.wait(), interval)
-        except asyncio.TimeoutError:
-            pass
 
 
 async def healthy(session: aiohttp.ClientSession, base: URL, headers: dict[str, str]) -> bool | None:

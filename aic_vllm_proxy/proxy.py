@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -184,10 +185,8 @@ class Passthrough:
         log.warning("%s %s: %s", request.method, request.path, message)
         if upstream.content_type == "text/event-stream":
             event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
-            try:
+            with contextlib.suppress(ConnectionError, RuntimeError):
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
-            except (ConnectionError, RuntimeError):
-                pass
         transport = request.transport
         if transport is not None:
             transport.close()  # flushes what was written, then closes: no terminating chunk

@@ -1,0 +1,169 @@
+"""Shared fixtures: the proxy (in this process on a real socket, or as a real subprocess) in
+front of the bundled vLLM simulator, always run as a real subprocess.
+
+- ``make_proxy(**settings)`` -> :class:`ProxyHandle`: the aiohttp app served on a free loopback
+  port inside the test's event loop, with ``handler_cancellation`` as in production.
+- ``spawn_proxy(*args, env=...)`` -> :class:`ProxyProcess`: ``python -m aic_vllm_proxy serve``
+  as a child process (for signal tests).
+- ``SIM``: the ``--vllm-command`` that runs the simulator with this interpreter.
+
+Every vLLM process group a test created is killed at teardown, so nothing leaks between tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from helpers import SIM, free_port, kill_group_now, wait_until
+
+from aic_vllm_proxy.app import create_app
+from aic_vllm_proxy.config import Settings
+from aic_vllm_proxy.keys import SUPERVISOR
+from aic_vllm_proxy.procgroup import group_alive
+from aic_vllm_proxy.supervisor import Supervisor
+
+
+@pytest.fixture
+def vllm_groups() -> Iterator[set[int]]:
+    """Process groups of vLLM launches; every one still alive at teardown is killed (and the
+    test fails, since the proxy should have cleaned it up — unless it was marked expected)."""
+    groups: set[int] = set()
+    yield groups
+    for pgid in groups:
+        if group_alive(pgid):
+            kill_group_now(pgid)
+
+
+def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "vllm_command": SIM,
+        "vllm_port": free_port(),
+        "log_dir": tmp_path / "logs",
+        "ready_timeout": 30.0,
+        "stop_timeout": 5.0,
+        "request_wait_timeout": 30.0,
+        "health_interval": 1.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class ProxyHandle:
+    url: str
+    app: web.Application
+    settings: Settings
+    session: aiohttp.ClientSession
+    groups: set[int] = field(default_factory=set)
+
+    @property
+    def supervisor(self) -> Supervisor:
+        return self.app[SUPERVISOR]
+
+    async def switch(self, spec: str, **extra: Any) -> tuple[int, dict[str, Any]]:
+        async with self.session.post(f"{self.url}/switch", json={"model_spec": spec, **extra}) as resp:
+            body = await resp.json()
+            launch = self.supervisor.launch
+            if launch is not None:
+                self.groups.add(launch.pgid)
+            return resp.status, body
+
+    async def status(self) -> dict[str, Any]:
+        async with self.session.get(f"{self.url}/status") as resp:
+            assert resp.status == 200
+            body: dict[str, Any] = await resp.json()
+            if body.get("pid"):
+                self.groups.add(int(body["pid"]))
+            return body
+
+
+@pytest.fixture
+async def make_proxy(tmp_path: Path, vllm_groups: set[int]) -> AsyncIterator[Callable[..., Any]]:
+    """Start the proxy app on a real socket in this event loop; stopped (with vLLM) at teardown."""
+    runners: list[web.AppRunner] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def start(*, extra_plugins: Any = (), **overrides: Any) -> ProxyHandle:
+        settings = settings_for(tmp_path, **overrides)
+        app = create_app(settings, extra_plugins=extra_plugins)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        runners.append(runner)
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+        sessions.append(session)
+        return ProxyHandle(f"http://127.0.0.1:{settings.port}", app, settings, session, vllm_groups)
+
+    yield start
+    for session in sessions:
+        await session.close()
+    for runner in runners:
+        await runner.cleanup()
+
+
+@dataclass
+class ProxyProcess:
+    url: str
+    process: subprocess.Popen[bytes]
+    vllm_port: int
+    output: Path
+
+    def read_output(self) -> str:
+        return self.output.read_text(errors="replace")
+
+
+@pytest.fixture
+def spawn_proxy(tmp_path: Path, vllm_groups: set[int]) -> Iterator[Callable[..., ProxyProcess]]:
+    """Run ``python -m aic_vllm_proxy serve --simulator`` as a real child process."""
+    started: list[ProxyProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ProxyProcess:
+        port, vllm_port = free_port(), free_port()
+        output = tmp_path / f"proxy-{port}.out"
+        command = [
+            sys.executable, "-m", "aic_vllm_proxy", "serve",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--vllm-port", str(vllm_port), "--log-dir", str(tmp_path / "logs"),
+            "--vllm-command", SIM, "--stop-timeout", "5", *args,
+        ]  # fmt: skip
+        with open(output, "wb") as out:
+            process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        handle = ProxyProcess(f"http://127.0.0.1:{port}", process, vllm_port, output)
+        started.append(handle)
+
+        def up() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                return True
+            return False
+
+        if not wait_until(up, 20):
+            process.kill()
+            raise RuntimeError(f"proxy did not start:\n{handle.read_output()}")
+        return handle
+
+    yield start
+    for handle in started:
+        if handle.process.poll() is None:
+            handle.process.send_signal(signal.SIGTERM)
+            try:
+                handle.process.wait(15)
+            except subprocess.TimeoutExpired:
+                handle.process.kill()
+                handle.process.wait()
