@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from aic_vllm_proxy import control
+from aic_vllm_proxy.auth import auth_middleware, keyring_from
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.errors import error_middleware
 from aic_vllm_proxy.keys import HOOKS, PLUGINS, SETTINGS, SUPERVISOR, UPSTREAM
@@ -51,11 +52,18 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]] = ()) -> web.Application:
     """The daemon's application. Plugins are loaded here, explicitly, not at import time."""
     pm, infos = load_plugins(settings, extra_plugins)
-    app = web.Application(middlewares=[error_middleware])
+    keys = keyring_from(settings)
+    middlewares = [error_middleware] + ([auth_middleware(keys)] if keys.enabled else [])
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_size)
     app[SETTINGS] = settings
     app[HOOKS] = HookRunner(pm, settings)
     app[PLUGINS] = infos
-    passthrough = Passthrough(settings.request_wait_timeout)
+    passthrough = Passthrough(
+        settings.request_wait_timeout,
+        strip_authorization=keys.enabled,
+        max_body_size=settings.max_body_size,
+        client_timeout=settings.client_timeout,
+    )
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         supervisor = Supervisor(settings, lambda: app[UPSTREAM], app[HOOKS])

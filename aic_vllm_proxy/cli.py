@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -82,6 +83,47 @@ SERVE_OPTIONS: list[Callable[[F], F]] = [
     _opt("enable-plugin", help="Only load these plugins (comma-separated entry-point names)."),
     _opt("disable-plugin", help="Do not load these plugins (comma-separated)."),
     click.option(
+        "--admin-key",
+        "admin_key",
+        multiple=True,
+        help=f"A key that may do everything (repeatable; env {ENV_PREFIX}ADMIN_KEY, comma-separated).",
+    ),
+    click.option(
+        "--api-key",
+        "api_key",
+        multiple=True,
+        help=f"A key for the API and /status only (repeatable; env {ENV_PREFIX}API_KEY, comma-separated).",
+    ),
+    _opt(
+        "keys-file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="File of 'admin KEY' / 'user KEY' lines.",
+    ),
+    _opt(
+        "model-policy",
+        type=click.Choice(["open", "catalog"]),
+        help="open: any spec; catalog: only the config's [models.*] entries.  [default: open]",
+    ),
+    _opt(
+        "allow-flag", help="vLLM flags to take off the deny-list (comma-separated), e.g. --trust-remote-code."
+    ),
+    _opt(
+        "drain-timeout",
+        type=float,
+        help="Seconds in-flight requests may take to finish before a stop.  [default: 30]",
+    ),
+    _opt("max-waiting", type=int, help="Requests that may wait for a model at once.  [default: 1000]"),
+    _opt("vllm-shutdown-timeout", type=float, help="Pass --shutdown-timeout N to vLLM (vLLM >= 0.18)."),
+    _opt(
+        "restart", type=click.Choice(["off", "on-failure"]), help="Restart a model that died.  [default: off]"
+    ),
+    _opt("max-restarts", type=int, help="Restarts in a row before giving up.  [default: 3]"),
+    _opt("restart-backoff", type=float, help="Seconds before the first restart (doubles).  [default: 5]"),
+    _opt("max-body-size", type=int, help="Largest request body in bytes.  [default: 104857600]"),
+    _opt(
+        "client-timeout", type=float, help="Seconds a client may pause while sending a body.  [default: 60]"
+    ),
+    click.option(
         "--plugin",
         "plugin_modules",
         multiple=True,
@@ -112,7 +154,17 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
         options["vllm_command"] = simulator_command()
     options["plugins_enable"] = _names(options.pop("enable_plugin", None))
     options["plugins_disable"] = _names(options.pop("disable_plugin", None))
+    options["allowed_flags"] = _names(options.pop("allow_flag", None))
+    options["admin_keys"] = _keys(options.pop("admin_key", ()), "ADMIN_KEY")
+    options["api_keys"] = _keys(options.pop("api_key", ()), "API_KEY")
     return build_settings(config, options)
+
+
+def _keys(given: tuple[str, ...], env_name: str) -> tuple[str, ...] | None:
+    """Keys from the command line, else from the comma-separated environment variable."""
+    if given:
+        return tuple(given)
+    return _names(os.environ.get(ENV_PREFIX + env_name))
 
 
 def _is_loopback(host: str) -> bool:
@@ -142,7 +194,9 @@ def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> N
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     app = create_app(settings, extra_plugins=extra_plugins)
-    if not _is_loopback(settings.host):
+    if not (settings.admin_keys or settings.api_keys or settings.keys_file) and not _is_loopback(
+        settings.host
+    ):
         log.warning(
             "listening on %s without authentication: anyone who can reach port %d can switch "
             "models; bind to 127.0.0.1 or restrict access to the node",
@@ -165,7 +219,7 @@ def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> N
         port=settings.port,
         handler_cancellation=True,  # a client that leaves cancels its upstream request
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        shutdown_timeout=2.0,
+        shutdown_timeout=settings.drain_timeout,  # in-flight requests may finish on SIGTERM
         print=None,
         loop=loop,
     )

@@ -10,6 +10,10 @@ The TOML file (``--config``) has a ``[proxy]`` table with the same names as the 
 
     [plugins.warmup]
     prompt = "Hello"
+
+    [models.llama-8b]              # the catalogue (see catalog.py)
+    model = "meta-llama/Llama-3.1-8B-Instruct"
+    args = "--max-model-len 8192"
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from aic_vllm_proxy.catalog import DEFAULT_DENIED_FLAGS, CatalogEntry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,6 +80,40 @@ class Settings(BaseModel):
     hook_timeout: float = Field(default=60.0, gt=0, description="Seconds one hook call may take.")
     plugin_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
     config_file: Path | None = None
+    # --- access control (auth.py)
+    admin_keys: tuple[str, ...] = Field(default=(), description="Keys that may do everything.")
+    api_keys: tuple[str, ...] = Field(default=(), description="Keys for the API and /status only.")
+    keys_file: Path | None = Field(default=None, description="File of 'admin KEY' / 'user KEY' lines.")
+    # --- what may be loaded (catalog.py)
+    model_policy: Literal["open", "catalog"] = Field(
+        default="open", description="open: any spec; catalog: only [models.*] entries."
+    )
+    denied_flags: tuple[str, ...] = Field(
+        default=DEFAULT_DENIED_FLAGS, description="vLLM flags refused in free-form specs."
+    )
+    allowed_flags: tuple[str, ...] = Field(default=(), description="Flags taken off the deny-list.")
+    models: dict[str, CatalogEntry] = Field(default_factory=dict, description="The catalogue.")
+    # --- graceful switching and limits
+    drain_timeout: float = Field(
+        default=30.0, ge=0, description="Seconds in-flight requests may take to finish before a stop."
+    )
+    max_waiting: int = Field(
+        default=1000, ge=0, description="Requests that may wait for a model at once; more get 503."
+    )
+    vllm_shutdown_timeout: float | None = Field(
+        default=None, ge=0, description="Pass --shutdown-timeout N to vLLM (vLLM >= 0.18 drains itself)."
+    )
+    restart: Literal["off", "on-failure"] = Field(
+        default="off", description="Restart a model that died after it was ready."
+    )
+    max_restarts: int = Field(default=3, ge=0, description="Restarts in a row before giving up.")
+    restart_backoff: float = Field(default=5.0, ge=0, description="Seconds before the first restart.")
+    max_body_size: int = Field(
+        default=100 * 1024 * 1024, gt=0, description="Largest request body in bytes (413 beyond)."
+    )
+    client_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds a client may pause while sending a request body."
+    )
 
     @field_validator("vllm_command")
     @classmethod
@@ -93,6 +133,10 @@ class Settings(BaseModel):
         if value not in {"debug", "info", "warning", "error"}:
             raise ValueError("log_level must be debug, info, warning or error")
         return value
+
+    @property
+    def effective_denied_flags(self) -> tuple[str, ...]:
+        return tuple(flag for flag in self.denied_flags if flag not in self.allowed_flags)
 
     @property
     def vllm_argv(self) -> list[str]:
@@ -135,6 +179,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(plugins, dict):
         raise ConfigError(f"{path}: [plugins] must be a table of tables")
     values["plugin_settings"] = {name: dict(table) for name, table in plugins.items()}
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"{path}: [models] must be a table of tables ([models.<name>])")
+    values["models"] = models
     values["config_file"] = path
     return values
 

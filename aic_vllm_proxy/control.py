@@ -15,11 +15,12 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from aic_vllm_proxy import __version__
+from aic_vllm_proxy.catalog import CatalogInfo, PolicyError, resolve
 from aic_vllm_proxy.errors import BadRequest, ProxyError
-from aic_vllm_proxy.keys import PLUGINS, SUPERVISOR
+from aic_vllm_proxy.keys import PLUGINS, SETTINGS, SUPERVISOR
 from aic_vllm_proxy.logs import follow, iter_file, parse_lines_param, tail_lines_async
 from aic_vllm_proxy.models import PluginList, SwitchRequest, to_json
-from aic_vllm_proxy.spec import ModelSpec, SpecError
+from aic_vllm_proxy.spec import SpecError
 
 routes = web.RouteTableDef()
 
@@ -65,10 +66,18 @@ async def _switch_request(request: web.Request) -> SwitchRequest:
 async def switch(request: web.Request) -> web.Response:
     """Load a model (stopping the current one); 200 when ready, 202 with ``"wait": false``."""
     body = await _switch_request(request)
+    settings = request.app[SETTINGS]
     try:
-        spec = ModelSpec.parse(body.model_spec)
+        spec, _ = resolve(
+            body.model_spec,
+            settings.models,
+            policy=settings.model_policy,
+            denied_flags=settings.effective_denied_flags,
+        )
     except SpecError as exc:
         raise BadRequest(str(exc), param="model_spec") from None
+    except PolicyError as exc:
+        raise ProxyError(str(exc), status=403, type="permission_error", param="model_spec") from None
     supervisor = request.app[SUPERVISOR]
     if not body.wait:
         supervisor.switch_in_background(spec, force=body.force)
@@ -80,8 +89,28 @@ async def switch(request: web.Request) -> web.Response:
 
 @routes.post("/stop")
 async def stop(request: web.Request) -> web.Response:
+    """Stop vLLM (after draining in-flight requests; ``{"force": true}`` or ``?force=1`` cuts them)."""
+    force = request.query.get("force", "").lower() in ("1", "true", "yes")
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest('the body must be empty or JSON like {"force": true}') from None
+        force = force or (isinstance(body, dict) and bool(body.get("force")))
     supervisor = request.app[SUPERVISOR]
-    return _json(to_json(await asyncio.shield(supervisor.stop())))
+    return _json(to_json(await asyncio.shield(supervisor.stop(drain=not force))))
+
+
+@routes.get("/models/catalog")
+async def catalog(request: web.Request) -> web.Response:
+    """What may be loaded: the policy, the denied flags and the catalogue entries."""
+    settings = request.app[SETTINGS]
+    info = CatalogInfo(
+        policy=settings.model_policy,
+        denied_flags=list(settings.effective_denied_flags),
+        models=settings.models,
+    )
+    return _json(info.model_dump(mode="json"))
 
 
 def _log_path(request: web.Request) -> Path:

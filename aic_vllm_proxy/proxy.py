@@ -17,13 +17,14 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from aic_vllm_proxy.errors import BadRequest, UpstreamError
+from aic_vllm_proxy.errors import BadRequest, ProxyError, UpstreamError
 from aic_vllm_proxy.models import ProcessState
 from aic_vllm_proxy.supervisor import Supervisor
 
@@ -63,8 +64,12 @@ def _filtered(
     return CIMultiDict((k, v) for k, v in source.items() if k.lower() not in drop)
 
 
-def upstream_request_headers(request: web.Request, supplied: dict[str, str]) -> CIMultiDict[str]:
+def upstream_request_headers(
+    request: web.Request, supplied: dict[str, str], strip_authorization: bool = False
+) -> CIMultiDict[str]:
     headers = _filtered(request.headers)
+    if strip_authorization:
+        headers.popall("Authorization", None)
     if supplied:  # vLLM runs with its own --api-key: the proxy supplies it
         headers.update(supplied)
     return headers
@@ -76,8 +81,18 @@ class Passthrough:
     supervisor: Supervisor
     session: aiohttp.ClientSession
 
-    def __init__(self, wait_timeout: float) -> None:
+    def __init__(
+        self,
+        wait_timeout: float,
+        *,
+        strip_authorization: bool = False,
+        max_body_size: int = 100 * 1024 * 1024,
+        client_timeout: float = 60.0,
+    ) -> None:
         self.wait_timeout = wait_timeout
+        self.strip_authorization = strip_authorization  # the proxy's own key stays here
+        self.max_body_size = max_body_size
+        self.client_timeout = client_timeout
 
     def bind(self, supervisor: Supervisor, session: aiohttp.ClientSession) -> None:
         """Attach the supervisor and pool, which exist only once the application has started."""
@@ -86,31 +101,78 @@ class Passthrough:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         sup = self.supervisor
-        if sup.machine.state is not ProcessState.READY:
-            await sup.wait_for_model(self.wait_timeout)
         raw_path = request.raw_path
         if not raw_path.startswith("/"):
             raise BadRequest(f"cannot forward request target {raw_path!r}: expected a path")
-        url = URL(str(sup.base) + raw_path, encoded=True)
-        headers = upstream_request_headers(request, sup.upstream_headers())
-        body: bytes | aiohttp.StreamReader | None = None
-        if request.body_exists:
-            length = request.content_length
-            if length is not None and length <= RETRYABLE_BODY:
-                body = await request.read()
-            else:
-                body = request.content
-        upstream = await self._send(request.method, url, headers, body)
-        return await self._relay(request, upstream)
+        length = request.content_length
+        if length is not None and length > self.max_body_size:
+            raise ProxyError(
+                f"the request body has {length} bytes; this proxy accepts at most "
+                f"{self.max_body_size} (--max-body-size)",
+                status=413,
+                type="invalid_request_error",
+            )
+        if sup.machine.state is not ProcessState.READY or not sup.admitting:
+            await sup.wait_for_model(self.wait_timeout)
+        sup.request_started()
+        try:
+            url = URL(str(sup.base) + raw_path, encoded=True)
+            headers = upstream_request_headers(request, sup.upstream_headers(), self.strip_authorization)
+            body: bytes | AsyncIterator[bytes] | None = None
+            if request.body_exists:
+                if length is not None and length <= RETRYABLE_BODY:
+                    body = await self._read_small(request, length)
+                else:
+                    body = self._stream_body(request)
+            upstream = await self._send(request.method, url, headers, body)
+            return await self._relay(request, upstream)
+        finally:
+            sup.request_finished()
+
+    async def _read_small(self, request: web.Request, length: int) -> bytes:
+        """A small body, whole (so it can be re-sent on a stale connection)."""
+        if request.content.total_bytes >= length:
+            return await request.read()  # already received: no timer needed
+        try:
+            return await asyncio.wait_for(request.read(), self.client_timeout)
+        except asyncio.TimeoutError:
+            raise self._slow_client() from None
+
+    async def _stream_body(self, request: web.Request) -> AsyncIterator[bytes]:
+        """A large or chunked body, passed upstream as it arrives, within the size limit."""
+        content = request.content
+        seen = 0
+        while True:
+            try:
+                chunk = await asyncio.wait_for(content.readany(), self.client_timeout)
+            except asyncio.TimeoutError:
+                raise self._slow_client() from None
+            if not chunk:
+                return
+            seen += len(chunk)
+            if seen > self.max_body_size:
+                raise ProxyError(
+                    f"the request body is larger than {self.max_body_size} bytes (--max-body-size)",
+                    status=413,
+                    type="invalid_request_error",
+                )
+            yield chunk
+
+    def _slow_client(self) -> ProxyError:
+        return ProxyError(
+            f"the request body stopped arriving for {self.client_timeout:g} s (--client-timeout)",
+            status=408,
+            type="invalid_request_error",
+        )
 
     async def _send(
         self,
         method: str,
         url: URL,
         headers: CIMultiDict[str],
-        body: bytes | aiohttp.StreamReader | None,
+        body: bytes | AsyncIterator[bytes] | None,
     ) -> aiohttp.ClientResponse:
-        attempts = 2 if not isinstance(body, aiohttp.StreamReader) else 1
+        attempts = 1 if body is not None and not isinstance(body, bytes) else 2
         for attempt in range(attempts):
             try:
                 return await self.session.request(
@@ -146,7 +208,6 @@ class Passthrough:
         if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
             response.content_length = upstream.content_length
         unregister = sup.track_upstream(upstream.close)
-        sup.in_flight += 1
         clean = False
         try:
             await response.prepare(request)
@@ -163,7 +224,6 @@ class Passthrough:
             return response
         finally:
             unregister()
-            sup.in_flight -= 1
             if clean:
                 upstream.release()
             else:

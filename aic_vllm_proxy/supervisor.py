@@ -42,6 +42,15 @@ LOG_TAIL_LINES = 40
 GROUP_POLL = 0.05
 
 
+@dataclass
+class StopOutcome:
+    """What stopping a model did: hook reports, requests drained and cut at the deadline."""
+
+    reports: list[HookReport] = field(default_factory=list)
+    drained: int = 0
+    cut: int = 0
+
+
 @dataclass(eq=False)
 class Launch:
     """One run of vLLM: its process (the group leader), log, watchdog and exit."""
@@ -115,7 +124,12 @@ class Supervisor:
         self._watchers: set[asyncio.Task[object]] = set()  # exit watchers: run until the exit
         self._upstreams: set[Callable[[], None]] = set()
         self.hook_reports: list[HookReport] = []
-        self.in_flight = 0
+        self.in_flight = 0  # proxied requests admitted and not finished
+        self.waiting = 0  # proxied requests waiting for a model
+        self.admitting = False  # True while ready and not draining for a stop
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.restarts = 0  # automatic restarts in a row (restart policy)
 
     # ------------------------------------------------------------------ status
 
@@ -147,6 +161,7 @@ class Supervisor:
             target_model_spec=self._pending[0].raw if self._pending else None,
             in_flight=self.in_flight,
             hook_reports=self.hook_reports,
+            restarts=self.restarts,
             version=__version__,
         )
 
@@ -170,6 +185,15 @@ class Supervisor:
         self._upstreams.add(close)
         return lambda: self._upstreams.discard(close)
 
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
     def _cut_upstreams(self) -> int:
         closers, self._upstreams = self._upstreams, set()
         for close in closers:
@@ -179,13 +203,23 @@ class Supervisor:
     async def wait_for_model(self, timeout: float) -> Snapshot:
         """Wait (bounded) until a model is ready; raise :class:`ModelUnavailable` otherwise."""
         snap = self.machine.snapshot
-        if snap.state is S.READY:
+        if snap.state is S.READY and self.admitting:
             return snap
 
         def settled(s: Snapshot) -> bool:
-            return s.state is S.READY or (not self.switching and s.state in (S.STOPPED, S.FAILED))
+            return (s.state is S.READY and self.admitting) or (
+                not self.switching and s.state in (S.STOPPED, S.FAILED)
+            )
 
         if not settled(snap):
+            if self.waiting >= self.settings.max_waiting:
+                raise ModelUnavailable(
+                    f"Too many requests are already waiting for a model ({self.waiting}; the limit "
+                    "is --max-waiting). Retry in a little while.",
+                    headers={"Retry-After": "5"},
+                    state=snap.state,
+                )
+            self.waiting += 1
             try:
                 snap = await self.machine.wait_for(settled, timeout)
             except asyncio.TimeoutError:
@@ -196,6 +230,8 @@ class Supervisor:
                     headers={"Retry-After": "10"},
                     state=self.machine.state,
                 ) from None
+            finally:
+                self.waiting -= 1
         if snap.state is S.READY:
             return snap
         if snap.state is S.FAILED:
@@ -203,6 +239,7 @@ class Supervisor:
                 f"No model is available: {snap.error or 'vLLM failed'}. "
                 "Load a model with POST /switch (see GET /logs/tail for vLLM's output).",
                 state=snap.state,
+                headers={"Retry-After": "30"},
             )
         raise ModelUnavailable(
             'No model is loaded. Load one with POST /switch {"model_spec": "MODEL [ARGS]"} '
@@ -212,9 +249,14 @@ class Supervisor:
 
     # ------------------------------------------------------------------ switch
 
-    async def switch(self, spec: ModelSpec, *, force: bool = False) -> SwitchResult:
-        """Stop whatever runs, start ``spec`` and wait until it is ready. Serialised."""
+    async def switch(self, spec: ModelSpec, *, force: bool = False, restart: bool = False) -> SwitchResult:
+        """Stop whatever runs, start ``spec`` and wait until it is ready. Serialised.
+
+        ``force`` restarts even the same spec and skips the drain; ``restart`` marks an automatic
+        restart by the restart policy (which does not reset the restart count)."""
         started = time.monotonic()
+        if not restart:
+            self.restarts = 0
         self._pending.append(spec)
         await self.machine.poke()
         try:
@@ -298,8 +340,11 @@ class Supervisor:
                 status=500,
                 type="hook_failed",
             ) from None
+        drained = cut = 0
         if self._launch is not None or self.machine.state is S.FAILED:
-            reports += await self._stop_locked()
+            stopped = await self._stop_locked(drain=not force)
+            reports += stopped.reports
+            drained, cut = stopped.drained, stopped.cut
         launch = await self._start(spec)
         try:
             ready = await asyncio.wait_for(
@@ -322,6 +367,8 @@ class Supervisor:
         load_seconds = time.monotonic() - (self.machine.snapshot.launched_monotonic or 0.0)
         model = ready.models[0] if ready.models else spec.served_name
         await self.machine.transition(S.READY, model=model)
+        self.admitting = True
+        await self.machine.poke()
         log.info("%s is ready after %.1f s (pid %d)", spec.model, load_seconds, launch.process.pid)
         reports += await self.hooks.call(
             self._context("post_switch", old_spec=current, new_spec=spec.raw, pid=launch.pgid)
@@ -330,6 +377,8 @@ class Supervisor:
         return SwitchResult(
             changed=True,
             load_seconds=round(load_seconds, 3),
+            drained=drained,
+            cut=cut,
             message=f"{spec.model} is ready",
             status=self.status(),
             hook_reports=reports,
@@ -381,6 +430,9 @@ class Supervisor:
     async def _start(self, spec: ModelSpec) -> Launch:
         """Launch vLLM for ``spec`` (state STARTING); raise :class:`SwitchFailed` if it cannot run."""
         argv = spec.argv(self.settings.vllm_argv, self.settings.vllm_host, self.settings.vllm_port)
+        drain = self.settings.vllm_shutdown_timeout
+        if drain is not None and not spec.has_flag("--shutdown-timeout"):
+            argv += ["--shutdown-timeout", f"{drain:g}"]  # vLLM >= 0.18 drains on SIGTERM itself
         path, handle = await asyncio.to_thread(open_launch_log, self.settings.log_dir, argv)
         await self.machine.transition(
             S.STARTING, model_spec=spec.raw, model=spec.served_name, log_path=str(path)
@@ -468,6 +520,7 @@ class Supervisor:
             else:
                 return  # a switch or stop is handling it
         log.error("%s", message)
+        self.admitting = False
         self._cut_upstreams()
         await self._terminate(launch, grace=self.settings.stop_timeout)
         if self._launch is launch:
@@ -483,6 +536,34 @@ class Supervisor:
                 log_tail=tail,
             )
         )
+        self._maybe_restart(launch.spec)
+
+    def _maybe_restart(self, spec: ModelSpec) -> None:
+        """The restart policy: after a death, restart the same spec with a growing back-off."""
+        settings = self.settings
+        if settings.restart != "on-failure":
+            return
+        if self.restarts >= settings.max_restarts:
+            log.error("not restarting %s: %d restarts in a row already", spec.model, self.restarts)
+            return
+        delay = settings.restart_backoff * (2**self.restarts)
+        self.restarts += 1
+        log.warning(
+            "restarting %s in %.1f s (restart %d of %d)",
+            spec.model, delay, self.restarts, settings.max_restarts,
+        )  # fmt: skip
+
+        async def restart() -> None:
+            await asyncio.sleep(delay)
+            if self.machine.state is not S.FAILED or self.switching:
+                return  # someone loaded or stopped a model meanwhile
+            try:
+                await self.switch(spec, force=True, restart=True)
+            except ProxyError as exc:
+                log.error("restart of %s failed: %s", spec.model, exc.message)
+                self._maybe_restart(spec)
+
+        self._spawn(restart())
 
     async def _watch_health(self, launch: Launch) -> None:
         """While ready, check ``/health``: two 503s in a row mean the engine is dead."""
@@ -501,39 +582,56 @@ class Supervisor:
                     f"vLLM ({launch.spec.model}) answers 503 on /health: its engine has died. "
                     "Load a model again with POST /switch."
                 )
-                await self.machine.transition_if(frozenset({S.READY}), S.FAILED, error=message)
-                log.error("%s", message)
+                if await self.machine.transition_if(frozenset({S.READY}), S.FAILED, error=message):
+                    self.admitting = False
+                    log.error("%s", message)
                 return
 
     # -------------------------------------------------------------------- stop
 
-    async def stop(self) -> Status:
+    async def stop(self, *, drain: bool = True) -> Status:
         """Stop vLLM and its whole process tree (no-op when nothing runs)."""
         async with self._lock:
-            await self._stop_locked()
+            await self._stop_locked(drain=drain)
         return self.status()
 
-    async def _stop_locked(self) -> list[HookReport]:
+    async def _stop_locked(self, *, drain: bool) -> StopOutcome:
         launch = self._launch
         if launch is None:
             if self.machine.state is S.FAILED:
                 await self.machine.transition(S.STOPPED)
-            return []
-        state = self.machine.state
-        if state is not S.STOPPING:
+            return StopOutcome()
+        # New requests now wait for the next model; in-flight ones may finish (the drain).
+        self.admitting = False
+        await self.machine.poke()
+        outcome = StopOutcome()
+        if drain and self.in_flight and not launch.exited.is_set():
+            before = self.in_flight
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
+            outcome.cut = self.in_flight
+            outcome.drained = max(before - outcome.cut, 0)
+            log.info("drained %d request(s); %d still running at the deadline", outcome.drained, outcome.cut)
+        else:
+            outcome.cut = self.in_flight
+        if self.machine.state is not S.STOPPING:
             await self.machine.transition(S.STOPPING)
-        reports: list[HookReport] = []
         if not launch.exited.is_set():
-            reports += await self.hooks.call(self._context("pre_stop", pid=launch.pgid))
-        cut = self._cut_upstreams()
-        if cut:
-            log.info("closed %d in-flight upstream request(s) of the stopping model", cut)
-        await self._terminate(launch, grace=self.settings.stop_timeout)
+            outcome.reports += await self.hooks.call(self._context("pre_stop", pid=launch.pgid))
+        closed = self._cut_upstreams()
+        if closed:
+            log.info("closed %d in-flight upstream request(s) of the stopping model", closed)
+        await self._terminate(launch, grace=self._stop_grace())
         if self._launch is launch:
             self._launch = None
         await self.machine.transition(S.STOPPED, exit_code=launch.exit_code)
-        reports += await self.hooks.call(self._context("post_stop", pid=launch.pgid))
-        return reports
+        outcome.reports += await self.hooks.call(self._context("post_stop", pid=launch.pgid))
+        return outcome
+
+    def _stop_grace(self) -> float:
+        """vLLM given --shutdown-timeout drains itself first: allow for that before SIGKILL."""
+        own = self.settings.vllm_shutdown_timeout
+        return self.settings.stop_timeout if own is None else max(self.settings.stop_timeout, own + 5.0)
 
     async def _terminate(self, launch: Launch, *, grace: float) -> None:
         """SIGTERM the group, wait up to ``grace`` s, SIGKILL what is left, wait until it is gone."""

@@ -1,0 +1,134 @@
+"""Optional API keys with two roles.
+
+- **admin** keys may call everything: ``/switch``, ``/stop``, ``/logs/*``, ``/plugins``,
+  ``/models/catalog`` and the proxied API.
+- **user** keys may use the proxied API (``/v1/...`` and every other vLLM path) and ``/status``.
+
+Keys are sent as ``Authorization: Bearer KEY`` and compared in constant time. With no key
+configured the proxy is open (and says so at start-up when it listens beyond loopback).
+The proxy's own key is never forwarded to vLLM.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from pathlib import Path
+
+from aiohttp import web
+
+from aic_vllm_proxy.config import ConfigError, Settings
+from aic_vllm_proxy.errors import ProxyError
+
+#: Paths anyone may call: the proxy's liveness check.
+PUBLIC_PATHS = frozenset({"/proxy/health"})
+#: Paths a user key may call besides the proxied API.
+USER_CONTROL_PATHS = frozenset({"/status"})
+#: The proxy's own control paths (admin only); everything else is the proxied API.
+ADMIN_PATHS = frozenset({"/switch", "/stop", "/plugins", "/models/catalog"})
+ADMIN_PREFIXES = ("/logs/",)
+
+
+class Role(str, Enum):
+    ADMIN = "admin"
+    USER = "user"
+
+
+class KeyRing:
+    """The configured keys; :meth:`role_of` tells which role a presented key has."""
+
+    def __init__(self, admin: tuple[str, ...] = (), user: tuple[str, ...] = ()) -> None:
+        self._keys = [(key.encode(), Role.ADMIN) for key in admin if key] + [
+            (key.encode(), Role.USER) for key in user if key
+        ]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def role_of(self, presented: str) -> Role | None:
+        candidate = presented.encode()
+        found: Role | None = None
+        for key, role in self._keys:  # no early exit: the time does not depend on which key
+            if hmac.compare_digest(candidate, key) and (found is None or role is Role.ADMIN):
+                found = role
+        return found
+
+
+def read_keys_file(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A keys file: one ``admin KEY`` or ``user KEY`` per line; ``#`` starts a comment."""
+    admin: list[str] = []
+    user: list[str] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or parts[0] not in ("admin", "user"):
+            raise ValueError(f"{path}:{number}: expected 'admin KEY' or 'user KEY'")
+        (admin if parts[0] == "admin" else user).append(parts[1])
+    return tuple(admin), tuple(user)
+
+
+def keyring_from(settings: Settings) -> KeyRing:
+    """The keys from the options/environment and the keys file (read once, at start-up)."""
+    admin, user = settings.admin_keys, settings.api_keys
+    if settings.keys_file is not None:
+        try:
+            file_admin, file_user = read_keys_file(settings.keys_file)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the keys file {settings.keys_file}: {exc}") from exc
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        admin, user = admin + file_admin, user + file_user
+    return KeyRing(admin, user)
+
+
+def required_role(path: str) -> Role | None:
+    """The least role a path needs; None for public paths."""
+    if path in PUBLIC_PATHS:
+        return None
+    if path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES):
+        return Role.ADMIN
+    return Role.USER
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def auth_middleware(keys: KeyRing) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        needed = required_role(request.path)
+        if needed is None:
+            return await handler(request)
+        token = _bearer(request)
+        role = keys.role_of(token) if token else None
+        if role is None:
+            raise ProxyError(
+                "Missing or invalid API key: send 'Authorization: Bearer <key>' with a key this "
+                "proxy accepts (ask the proxy's admin for one)."
+                if token is None
+                else "Invalid API key: this proxy does not accept the key that was sent.",
+                status=401,
+                type="authentication_error",
+                headers={"WWW-Authenticate": 'Bearer realm="aic-vllm-proxy"'},
+            )
+        if needed is Role.ADMIN and role is not Role.ADMIN:
+            raise ProxyError(
+                f"{request.method} {request.path} needs an admin key; this key may only use the "
+                "OpenAI-compatible API and /status.",
+                status=403,
+                type="permission_error",
+            )
+        return await handler(request)
+
+    return middleware
