@@ -16,10 +16,11 @@ from aic_vllm_proxy import control
 from aic_vllm_proxy.auth import auth_middleware, keyring_from
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.errors import error_middleware
-from aic_vllm_proxy.keys import HOOKS, PLUGINS, SETTINGS, SUPERVISOR, UPSTREAM
+from aic_vllm_proxy.keys import HOOKS, PLUGINS, POOL, SETTINGS, SUPERVISOR, UPSTREAM
 from aic_vllm_proxy.plugins import HookRunner, load_plugins
-from aic_vllm_proxy.proxy import UPSTREAM_TIMEOUT, Passthrough
+from aic_vllm_proxy.proxy import Passthrough
 from aic_vllm_proxy.supervisor import Supervisor
+from aic_vllm_proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def create_upstream_session() -> aiohttp.ClientSession:
     )
     return aiohttp.ClientSession(
         connector=connector,
-        timeout=UPSTREAM_TIMEOUT,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
         auto_decompress=False,  # bytes pass through as vLLM sent them
         cookie_jar=aiohttp.DummyCookieJar(),  # never share cookies between users
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
@@ -43,9 +44,15 @@ def create_upstream_session() -> aiohttp.ClientSession:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The connections to vLLM: a lean keep-alive pool for proxied traffic, and an aiohttp
+    session for the prober, health checks and hooks."""
+    settings = app[SETTINGS]
     session = create_upstream_session()
+    pool = UpstreamPool(settings.vllm_host, settings.vllm_port, keepalive=UPSTREAM_KEEPALIVE)
     app[UPSTREAM] = session
+    app[POOL] = pool
     yield
+    pool.close()
     await session.close()
 
 
@@ -68,7 +75,7 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         supervisor = Supervisor(settings, lambda: app[UPSTREAM], app[HOOKS])
         app[SUPERVISOR] = supervisor
-        passthrough.bind(supervisor, app[UPSTREAM])
+        passthrough.bind(supervisor, app[POOL])
         yield
         await supervisor.shutdown()
 

@@ -9,9 +9,11 @@ from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.models import PluginInfo
 from aic_vllm_proxy.plugins import HookRunner
 from aic_vllm_proxy.supervisor import Supervisor
+from aic_vllm_proxy.upstream import UpstreamPool
 
 SETTINGS = web.AppKey("settings", Settings)
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)  # probes, hooks
+POOL = web.AppKey("pool", UpstreamPool)  # the proxied traffic (upstream.py)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 HOOKS = web.AppKey("hooks", HookRunner)
 PLUGINS = web.AppKey("plugins", list[PluginInfo])

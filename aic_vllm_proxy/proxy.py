@@ -1,11 +1,13 @@
 """The streaming passthrough: every path the proxy does not own goes to vLLM, any method.
 
-- The request body is streamed upstream (no size limit beyond the proxy's own setting);
-  small bodies are kept so a request can be re-sent once if a pooled keep-alive connection
-  turns out to be stale (vLLM closes idle ones after 5 s).
-- The response is relayed chunk by chunk as vLLM writes it: an SSE token reaches the client
-  as soon as vLLM sends it. Status, headers and error bodies pass through unchanged.
-- A client that goes away cancels the handler (``handler_cancellation``), which closes the
+- The request body is streamed upstream (up to ``--max-body-size``); bodies up to 1 MiB are
+  kept so a request can be re-sent once if a pooled keep-alive connection turns out to be stale
+  (vLLM closes idle ones after 5 s).
+- The response is relayed as vLLM writes it: each piece of body goes from the upstream
+  connection's ``data_received`` straight to the client's transport (``upstream.py``), so an SSE
+  token reaches the client at once and costs one callback. Status, headers and error bodies pass
+  through unchanged. A slow client pauses reading from vLLM (back-pressure), nothing piles up.
+- A client that goes away cancels the handler (``handler_cancellation``), which drops the
   upstream connection, so vLLM aborts the generation.
 - An upstream that breaks off mid-response (vLLM crashed or was stopped) breaks the client's
   response too, with an SSE ``error`` event first for event streams: never a clean end.
@@ -17,16 +19,22 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from aic_vllm_proxy.errors import BadRequest, ProxyError, UpstreamError
 from aic_vllm_proxy.models import ProcessState
 from aic_vllm_proxy.supervisor import Supervisor
+from aic_vllm_proxy.upstream import (
+    HIGH_WATER,
+    ResponseHead,
+    UpstreamClosed,
+    UpstreamConnection,
+    UpstreamPool,
+    UpstreamProtocolError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,39 +55,63 @@ HOP_BY_HOP = frozenset(
         "expect",
     }
 )
+_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 #: Bodies up to this size are held so that a request can be retried on a stale connection.
 RETRYABLE_BODY = 1 << 20
-UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=None)
-STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+#: Responses up to this size (with a Content-Length) are read whole and sent in one write.
+SMALL_RESPONSE = 1 << 20
+UPSTREAM_ERRORS = (OSError, asyncio.TimeoutError, UpstreamClosed, UpstreamProtocolError)
 
 
-def _filtered(
-    headers: CIMultiDict[str] | object, extra_drop: frozenset[str] = frozenset()
-) -> CIMultiDict[str]:
-    source: CIMultiDict[str] = headers  # type: ignore[assignment]
-    drop = HOP_BY_HOP | extra_drop
-    connection = source.get("Connection")
+def _dropped(connection_header: str | None, extra: Iterable[str] = ()) -> frozenset[str]:
+    drop = set(HOP_BY_HOP)
+    drop.update(extra)
+    if connection_header:
+        drop.update(token.strip().lower() for token in connection_header.split(","))
+    return frozenset(drop)
+
+
+def _filtered(headers: CIMultiDict[str], extra_drop: Iterable[str] = ()) -> CIMultiDict[str]:
+    """``headers`` without hop-by-hop ones (and those named in their ``Connection``)."""
+    drop = _dropped(headers.get("Connection"), extra_drop)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def request_head(
+    request: web.Request,
+    host_header: str,
+    supplied: dict[str, str],
+    *,
+    strip_authorization: bool,
+    length: int | None,
+    chunked: bool,
+) -> bytes:
+    """The upstream request line and headers, built from the client's raw header bytes."""
+    drop = _HOP_BY_HOP_BYTES | {b"content-length"}
+    connection = request.headers.get("Connection")
     if connection:
-        drop = drop | {token.strip().lower() for token in connection.split(",")}
-    return CIMultiDict((k, v) for k, v in source.items() if k.lower() not in drop)
-
-
-def upstream_request_headers(
-    request: web.Request, supplied: dict[str, str], strip_authorization: bool = False
-) -> CIMultiDict[str]:
-    headers = _filtered(request.headers)
-    if strip_authorization:
-        headers.popall("Authorization", None)
-    if supplied:  # vLLM runs with its own --api-key: the proxy supplies it
-        headers.update(supplied)
-    return headers
+        drop = drop | {token.strip().lower().encode() for token in connection.split(",")}
+    if strip_authorization or supplied:
+        drop = drop | {b"authorization"}
+    target = request.raw_path.encode("utf-8", "surrogateescape")
+    parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (request.method.encode(), target, host_header.encode())]
+    parts.extend(
+        name + b": " + value + b"\r\n" for name, value in request.raw_headers if name.lower() not in drop
+    )
+    parts.extend(f"{name}: {value}\r\n".encode() for name, value in supplied.items())
+    if chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif length is not None:
+        parts.append(b"Content-Length: %d\r\n" % length)
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 class Passthrough:
     """The catch-all handler; one instance per application."""
 
     supervisor: Supervisor
-    session: aiohttp.ClientSession
+    pool: UpstreamPool
 
     def __init__(
         self,
@@ -94,16 +126,15 @@ class Passthrough:
         self.max_body_size = max_body_size
         self.client_timeout = client_timeout
 
-    def bind(self, supervisor: Supervisor, session: aiohttp.ClientSession) -> None:
+    def bind(self, supervisor: Supervisor, pool: UpstreamPool) -> None:
         """Attach the supervisor and pool, which exist only once the application has started."""
         self.supervisor = supervisor
-        self.session = session
+        self.pool = pool
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         sup = self.supervisor
-        raw_path = request.raw_path
-        if not raw_path.startswith("/"):
-            raise BadRequest(f"cannot forward request target {raw_path!r}: expected a path")
+        if not request.raw_path.startswith("/"):
+            raise BadRequest(f"cannot forward request target {request.raw_path!r}: expected a path")
         length = request.content_length
         if length is not None and length > self.max_body_size:
             raise ProxyError(
@@ -116,18 +147,65 @@ class Passthrough:
             await sup.wait_for_model(self.wait_timeout)
         sup.request_started()
         try:
-            url = URL(str(sup.base) + raw_path, encoded=True)
-            headers = upstream_request_headers(request, sup.upstream_headers(), self.strip_authorization)
-            body: bytes | AsyncIterator[bytes] | None = None
-            if request.body_exists:
-                if length is not None and length <= RETRYABLE_BODY:
-                    body = await self._read_small(request, length)
-                else:
-                    body = self._stream_body(request)
-            upstream = await self._send(request.method, url, headers, body)
-            return await self._relay(request, upstream)
+            conn, head = await self._send(request, length)
+            return await self._relay(request, conn, head)
         finally:
             sup.request_finished()
+
+    # ----------------------------------------------------------------- request
+
+    async def _send(
+        self, request: web.Request, length: int | None
+    ) -> tuple[UpstreamConnection, ResponseHead]:
+        """Send the request; return the connection and vLLM's response head."""
+        small: bytes | None = None
+        streamed = request.body_exists and (length is None or length > RETRYABLE_BODY)
+        if request.body_exists and not streamed:
+            small = await self._read_small(request, length or 0)
+        no_body = request.method == "HEAD"
+        for attempt in (1, 2):
+            try:
+                conn = await self.pool.acquire()
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise self._unreachable(exc) from exc
+            reused = conn.used > 0
+            try:
+                if streamed:
+                    head = self._head(request, length=length, chunked=length is None)
+                    await conn.start_streaming(
+                        head, self._stream_body(request), chunked=length is None, no_body_expected=no_body
+                    )
+                else:
+                    body_length = len(small) if small is not None else None
+                    conn.start(
+                        self._head(request, length=body_length, chunked=False),
+                        small,
+                        no_body_expected=no_body,
+                    )
+                return conn, await conn.head()
+            except UpstreamClosed as exc:
+                conn.abort()
+                if exc.nothing_received and reused and not streamed and attempt == 1:
+                    log.debug("stale keep-alive connection to vLLM; retrying on a fresh one")
+                    continue
+                raise self._unreachable(exc) from exc
+            except UPSTREAM_ERRORS as exc:
+                conn.abort()
+                raise self._unreachable(exc) from exc
+            except BaseException:
+                conn.abort()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _head(self, request: web.Request, *, length: int | None, chunked: bool) -> bytes:
+        return request_head(
+            request,
+            self.pool.host_header,
+            self.supervisor.upstream_headers(),
+            strip_authorization=self.strip_authorization,
+            length=length,
+            chunked=chunked,
+        )
 
     async def _read_small(self, request: web.Request, length: int) -> bytes:
         """A small body, whole (so it can be re-sent on a stale connection)."""
@@ -165,33 +243,6 @@ class Passthrough:
             type="invalid_request_error",
         )
 
-    async def _send(
-        self,
-        method: str,
-        url: URL,
-        headers: CIMultiDict[str],
-        body: bytes | AsyncIterator[bytes] | None,
-    ) -> aiohttp.ClientResponse:
-        attempts = 1 if body is not None and not isinstance(body, bytes) else 2
-        for attempt in range(attempts):
-            try:
-                return await self.session.request(
-                    method,
-                    url,
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    timeout=UPSTREAM_TIMEOUT,
-                )
-            except STALE_CONNECTION as exc:
-                if attempt + 1 < attempts and not isinstance(exc, aiohttp.ClientConnectorError):
-                    log.debug("retrying %s %s on a fresh connection: %r", method, url.path, exc)
-                    continue
-                raise self._unreachable(exc) from exc
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise self._unreachable(exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
     def _unreachable(self, exc: BaseException) -> UpstreamError:
         sup = self.supervisor
         state = sup.machine.state
@@ -201,49 +252,80 @@ class Passthrough:
             state=state,
         )
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        sup = self.supervisor
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(_filtered(upstream.headers))
-        if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
-            response.content_length = upstream.content_length
-        unregister = sup.track_upstream(upstream.close)
-        clean = False
+    # ---------------------------------------------------------------- response
+
+    async def _relay(
+        self, request: web.Request, conn: UpstreamConnection, head: ResponseHead
+    ) -> web.StreamResponse:
+        unregister = self.supervisor.track_upstream(conn.abort)
+        released = False
         try:
-            await response.prepare(request)
+            headers = _filtered(head.headers, ("content-length",))
+            if head.length is not None and head.length <= SMALL_RESPONSE and request.method != "HEAD":
+                try:
+                    body = await conn.read_all()
+                except UPSTREAM_ERRORS as exc:
+                    raise self._unreachable(exc) from exc
+                self.pool.release(conn)
+                released = True
+                return web.Response(status=head.status, reason=head.reason, headers=headers, body=body)
+            response = web.StreamResponse(status=head.status, reason=head.reason, headers=headers)
+            if head.length is not None:
+                response.content_length = head.length
+            writer = await response.prepare(request)
+            assert writer is not None
+            await response.write(b"")  # sends the headers now
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            chunked = bool(getattr(writer, "chunked", False))
+
+            def sink(piece: bytes) -> None:
+                if transport.is_closing():
+                    raise ConnectionResetError("the client went away")
+                if chunked:
+                    transport.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
+                else:
+                    transport.write(piece)
+
+            conn.attach(sink, lambda: transport.get_write_buffer_size() > HIGH_WATER)
             try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                if request.transport is None or request.transport.is_closing():
-                    raise  # the client went away: nothing to tell it
-                await self._break_off(request, response, upstream, exc)
+                while True:
+                    await conn.wait()
+                    if conn.complete:
+                        break
+                    if conn.needs_drain:
+                        await writer.drain()
+                        conn.resume()
+            except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
+                if transport.is_closing() or isinstance(exc, ConnectionResetError):
+                    raise ConnectionResetError("the client went away") from exc
+                await self._break_off(request, response, head, exc)
                 return response
             await response.write_eof()
-            clean = True
+            self.pool.release(conn)
+            released = True
             return response
         finally:
             unregister()
-            if clean:
-                upstream.release()
-            else:
-                upstream.close()  # drops the connection: vLLM aborts the request
+            if not released:
+                conn.abort()  # drops the connection: vLLM aborts the request
 
     async def _break_off(
         self,
         request: web.Request,
         response: web.StreamResponse,
-        upstream: aiohttp.ClientResponse,
+        head: ResponseHead,
         exc: BaseException,
     ) -> None:
         """vLLM broke off mid-response: tell an SSE client, then cut the connection so the
         response can never look complete."""
         message = (
-            f"vLLM stopped in the middle of the response ({type(exc).__name__}); "
+            f"vLLM stopped in the middle of the response ({type(exc).__name__}: {exc}); "
             f"the proxy sees it as {self.supervisor.machine.state.value}. See GET /status."
         )
         log.warning("%s %s: %s", request.method, request.path, message)
-        if upstream.content_type == "text/event-stream":
+        if head.headers.get("Content-Type", "").startswith("text/event-stream"):
             event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
