@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 
 #: vLLM (uvicorn) closes idle keep-alive connections after 5 s; drop ours before that.
 UPSTREAM_KEEPALIVE = 4.0
+
+#: How the HTTP server must run this app (``web.run_app``/``AppRunner`` keyword arguments):
+#: a client that leaves cancels its handler, so the upstream request is dropped at once; and
+#: request bodies are passed on exactly as sent (a gzip body stays gzip, not decompressed).
+SERVER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "auto_decompress": False}
 
 
 def create_upstream_session() -> aiohttp.ClientSession:
@@ -82,5 +88,5 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(supervisor_ctx)
     app.add_routes(control.routes)
-    app.router.add_route("*", "/{path:.*}", passthrough)
+    app.router.add_route("*", "/{path:.*}", passthrough.handle)
     return app

@@ -187,7 +187,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> None:
     from aiohttp import web
 
-    from aic_vllm_proxy.app import create_app
+    from aic_vllm_proxy.app import SERVER_OPTIONS, create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -217,7 +217,8 @@ def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> N
         app,
         host=settings.host,
         port=settings.port,
-        handler_cancellation=True,  # a client that leaves cancels its upstream request
+        backlog=1024,
+        **SERVER_OPTIONS,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         shutdown_timeout=settings.drain_timeout,  # in-flight requests may finish on SIGTERM
         print=None,

@@ -1,7 +1,255 @@
-"""Command-line client commands (status, switch, stop, logs, plugins)."""
+"""Command-line client: ``aic-vllm-proxy status | switch MODEL [ARGS...] | stop | logs | plugins``.
+
+Each command talks to a running daemon at ``--url`` (``$AIC_VLLM_PROXY_URL``, default
+``http://127.0.0.1:8224``), prints something readable, or JSON with ``--json``.
+
+Exit codes: 0 success; 1 the proxy reported a failure (a switch failed, no log yet, an API key
+was refused, ...); 2 bad usage; 3 the proxy could not be reached (or did not answer in time).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from aic_vllm_proxy.models import ProcessState, Status
+
+if TYPE_CHECKING:  # the client needs the `client` extra: imported only when a command runs
+    from aic_vllm_proxy.client import VLLMProxyClient
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Options of ``switch`` that are surely not ``vllm serve`` flags: found after MODEL, they are a
+#: mistake (everything after MODEL goes to vLLM).
+_OWN_SWITCH_OPTIONS = ("--json", "--no-progress", "--no-wait", "--url")
+EPILOG = "Exit codes: 0 ok, 1 failure reported by the proxy, 2 usage error, 3 proxy unreachable."
+
+
+def client_options(func: F) -> F:
+    """``--url``, ``--api-key`` and ``--json``, shared by every client command."""
+    func = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")(func)
+    func = click.option(
+        "--api-key",
+        envvar="AIC_VLLM_PROXY_KEY",
+        show_envvar=True,
+        default=None,
+        help="API key of the proxy (sent as a bearer token).",
+    )(func)
+    func = click.option(
+        "--url",
+        envvar="AIC_VLLM_PROXY_URL",
+        show_envvar=True,
+        default="http://127.0.0.1:8224",
+        show_default=True,
+        help="The proxy.",
+    )(func)
+    return func
+
+
+@contextmanager
+def _connected(url: str, api_key: str | None, as_json: bool) -> Iterator[VLLMProxyClient]:
+    """A client for the command; turns client errors into a message and an exit code."""
+    try:
+        from aic_vllm_proxy.client import ProxyError, ProxyUnreachable, SwitchError, VLLMProxyClient
+    except ImportError as exc:  # pragma: no cover - the client extra is missing
+        raise click.ClickException(
+            f"the client needs the 'client' extra ({exc}): pip install 'aic-vllm-proxy[client]'"
+        ) from exc
+    client = VLLMProxyClient(url, api_key=api_key, progress=False)
+    try:
+        yield client
+    except ProxyError as exc:
+        code = EXIT_UNREACHABLE if isinstance(exc, ProxyUnreachable) else EXIT_FAILED
+        if as_json:
+            error: dict[str, Any] = {"message": exc.message, "type": exc.error_type or type(exc).__name__}
+            if isinstance(exc, SwitchError):
+                error.update(exit_code=exc.exit_code, log_tail=exc.log_tail, state=exc.state)
+            click.echo(json.dumps({"error": error}, indent=2))
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(code)
+    finally:
+        client.close()
+
+
+def _dump(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _status_lines(status: Status) -> list[str]:
+    """``GET /status`` in a few readable lines."""
+    rows: list[tuple[str, str]] = [("state", status.state.value)]
+    if status.model_spec:
+        rows.append(("model", f"{status.model}  ({status.model_spec})"))
+    if status.pid:
+        rows.append(("pid", str(status.pid)))
+    if status.started_at:
+        started = status.started_at.isoformat(timespec="seconds")
+        if status.ready_at and status.state is ProcessState.READY:
+            load = (status.ready_at - status.started_at).total_seconds()
+            started += f"  (ready after {load:.1f} s)"
+        rows.append(("started", started))
+    if status.switching:
+        rows.append(("switching to", status.target_model_spec or "?"))
+    if status.error:
+        rows.append(("error", status.error))
+    if status.exit_code is not None:
+        rows.append(("exit code", str(status.exit_code)))
+    if status.log_path:
+        rows.append(("log", status.log_path))
+    rows.append(("in flight", str(status.in_flight)))
+    rows.append(("vLLM", f"{status.vllm_base} (proxy version {status.version or '?'})"))
+    width = max(len(name) for name, _ in rows) + 1
+    return [f"{name + ':':<{width}} {value}" for name, value in rows]
+
+
+@click.command(epilog=EPILOG)
+@client_options
+def status(url: str, api_key: str | None, as_json: bool) -> None:
+    """Show what the proxy runs (state, model, pid, log, errors)."""
+    with _connected(url, api_key, as_json) as client:
+        current = client.status()
+    if as_json:
+        _dump(current.model_dump(mode="json"))
+    else:
+        click.echo("\n".join(_status_lines(current)))
+
+
+@click.command(
+    epilog=EPILOG,
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@client_options
+@click.option("--force", is_flag=True, help="Restart even if the same spec is already loaded.")
+@click.option("--no-wait", is_flag=True, help="Start the switch and return at once (see `status`).")
+@click.option("--no-progress", is_flag=True, help="Do not show the vLLM log while loading.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    help="Give up waiting after this many seconds (exit 1; the switch goes on).",
+)
+@click.argument("model")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def switch(
+    url: str,
+    api_key: str | None,
+    as_json: bool,
+    force: bool,
+    no_wait: bool,
+    no_progress: bool,
+    timeout: float | None,
+    model: str,
+    args: tuple[str, ...],
+) -> None:
+    """Load MODEL with the `vllm serve` arguments ARGS and wait until it is ready.
+
+    The options of this command go before MODEL: everything after MODEL goes to vLLM.
+    The vLLM log is shown while the model loads (on stderr with --json).
+
+    \b
+    Example:
+      aic-vllm-proxy switch --force meta-llama/Llama-2-7b-hf --tensor-parallel-size 2
+    """
+    if model.startswith("-"):
+        raise click.UsageError(f"expected MODEL before the vLLM arguments, got {model!r}")
+    misplaced = [arg for arg in args if arg.split("=", 1)[0] in _OWN_SWITCH_OPTIONS]
+    if misplaced:
+        raise click.UsageError(
+            f"{', '.join(misplaced)} must come before MODEL: everything after MODEL goes to vllm serve"
+        )
+    with _connected(url, api_key, as_json) as client:
+        if no_wait:
+            started = client.start_switch(model, list(args), force=force)
+            if as_json:
+                _dump(started.model_dump(mode="json"))
+            else:
+                click.echo(f"Switch to {model} started; follow it with `aic-vllm-proxy status`.")
+            return
+        progress: Any = False if no_progress else (sys.stderr if as_json else sys.stdout)
+        result = client.switch(model, list(args), force=force, timeout=timeout, progress=progress)
+    if as_json:
+        _dump(result.model_dump(mode="json"))
+    elif no_progress:  # the progress display already ends with this line
+        click.echo(result.message)
+
+
+@click.command(epilog=EPILOG)
+@client_options
+@click.option("--force", is_flag=True, help="Cut in-flight requests instead of letting them finish.")
+def stop(url: str, api_key: str | None, as_json: bool, force: bool) -> None:
+    """Stop vLLM (the whole process tree), after in-flight requests have finished."""
+    with _connected(url, api_key, as_json) as client:
+        before = client.status()
+        after = client.stop(force=force)
+    if as_json:
+        _dump(after.model_dump(mode="json"))
+    elif before.running:
+        click.echo(f"Stopped {before.model_spec or 'vLLM'}.")
+    elif before.state is ProcessState.FAILED:
+        click.echo(f"Nothing was running; cleared the failed state of {before.model_spec or 'vLLM'}.")
+    else:
+        click.echo("Nothing was running.")
+
+
+@click.command(epilog=EPILOG)
+@client_options
+@click.option("-n", "--lines", type=click.IntRange(1, 100_000), default=None, help="Only the last N lines.")
+@click.option(
+    "-f", "--follow", is_flag=True, help="Keep printing new lines until vLLM exits (Ctrl-C to leave)."
+)
+def logs(url: str, api_key: str | None, as_json: bool, lines: int | None, follow: bool) -> None:
+    """Print the current vLLM log (all of it, or the last N lines; -f follows it).
+
+    With --json: {"lines": [...]}, or one JSON string per line with -f.
+    """
+    with _connected(url, api_key, as_json) as client:
+        if follow:
+            try:
+                for line in client.follow_logs(lines or 50):
+                    click.echo(json.dumps(line) if as_json else line)
+            except KeyboardInterrupt:
+                pass
+            return
+        text = client.logs(lines)
+    if as_json:
+        _dump({"lines": text.splitlines()})
+    else:
+        click.echo(text, nl=not text.endswith("\n") and bool(text))
+
+
+@click.command(epilog=EPILOG)
+@client_options
+def plugins(url: str, api_key: str | None, as_json: bool) -> None:
+    """List the proxy's plugins (name, version, hooks, enabled)."""
+    with _connected(url, api_key, as_json) as client:
+        found = client.plugins()
+    if as_json:
+        _dump([plugin.model_dump(mode="json") for plugin in found])
+        return
+    if not found:
+        click.echo("No plugins loaded.")
+        return
+    for plugin in found:
+        state = "enabled" if plugin.enabled else "disabled"
+        click.echo(f"{plugin.name} {plugin.version or ''}".rstrip() + f"  [{state}]")
+        click.echo(f"    hooks: {', '.join(plugin.hooks) or '-'}")
+        if plugin.source:
+            click.echo(f"    from:  {plugin.source}")
+
+
+COMMANDS = (status, switch, stop, logs, plugins)
+
 
 def register(group: click.Group) -> None:
-    """Add the client commands to the main command group."""
+    """Add the client commands to the main command group (calling it twice is harmless)."""
+    for command in COMMANDS:
+        group.add_command(command)

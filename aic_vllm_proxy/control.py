@@ -81,10 +81,9 @@ async def switch(request: web.Request) -> web.Response:
     supervisor = request.app[SUPERVISOR]
     if not body.wait:
         supervisor.switch_in_background(spec, force=body.force)
-        return _json(to_json(supervisor.status()), status=202)
-    # Shielded: a client that hangs up does not abandon a half-done switch.
-    result = await asyncio.shield(supervisor.switch(spec, force=body.force))
-    return _json(to_json(result))
+        accepted = {**to_json(supervisor.status()), "accepted_model_spec": spec.text}
+        return _json(accepted, status=202)
+    return _json(to_json(await supervisor.switch(spec, force=body.force)))
 
 
 @routes.post("/stop")

@@ -73,7 +73,13 @@ def _read_tail_block(path: Path, n: int) -> tuple[int, bytes]:
 def tail_lines(path: Path, n: int) -> list[str]:
     """The last ``n`` lines of ``path``, reading backwards so a huge file costs nothing. Blocking."""
     _, data = _read_tail_block(path, n)
-    return data.decode("utf-8", errors="replace").splitlines()[-n:]
+    if not data:
+        return []
+    # Lines end in "\n" only, as for `tail -n`: a progress bar redrawn with "\r" is one line.
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines[-n:]
 
 
 async def tail_lines_async(path: Path, n: int) -> list[str]:

@@ -81,7 +81,10 @@ class Status(BaseModel):
     )
     in_flight: int = Field(default=0, description="Proxied requests being served right now.")
     hook_reports: list[HookReport] = Field(default_factory=list)
-    restarts: int = 0
+    restarts: int = Field(default=0, description="Automatic restarts in a row (restart policy).")
+    last_switch_error: str | None = Field(
+        default=None, description="Why the last switch failed (also for switches run in the background)."
+    )
     version: str = ""
 
 

@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from aic_vllm_proxy.errors import BadRequest, ProxyError, UpstreamError
 from aic_vllm_proxy.models import ProcessState
@@ -63,17 +63,19 @@ SMALL_RESPONSE = 1 << 20
 UPSTREAM_ERRORS = (OSError, asyncio.TimeoutError, UpstreamClosed, UpstreamProtocolError)
 
 
-def _dropped(connection_header: str | None, extra: Iterable[str] = ()) -> frozenset[str]:
-    drop = set(HOP_BY_HOP)
-    drop.update(extra)
-    if connection_header:
-        drop.update(token.strip().lower() for token in connection_header.split(","))
-    return frozenset(drop)
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """Header names listed in (every) ``Connection`` header: hop-by-hop too."""
+    return {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    }
 
 
 def _filtered(headers: CIMultiDict[str], extra_drop: Iterable[str] = ()) -> CIMultiDict[str]:
     """``headers`` without hop-by-hop ones (and those named in their ``Connection``)."""
-    drop = _dropped(headers.get("Connection"), extra_drop)
+    drop = HOP_BY_HOP | _connection_tokens(headers) | set(extra_drop)
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
@@ -88,9 +90,8 @@ def request_head(
 ) -> bytes:
     """The upstream request line and headers, built from the client's raw header bytes."""
     drop = _HOP_BY_HOP_BYTES | {b"content-length"}
-    connection = request.headers.get("Connection")
-    if connection:
-        drop = drop | {token.strip().lower().encode() for token in connection.split(",")}
+    if "Connection" in request.headers:
+        drop = drop | {token.encode() for token in _connection_tokens(request.headers)}
     if strip_authorization or supplied:
         drop = drop | {b"authorization"}
     target = request.raw_path.encode("utf-8", "surrogateescape")
@@ -131,7 +132,7 @@ class Passthrough:
         self.supervisor = supervisor
         self.pool = pool
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         sup = self.supervisor
         if not request.raw_path.startswith("/"):
             raise BadRequest(f"cannot forward request target {request.raw_path!r}: expected a path")

@@ -48,6 +48,11 @@ class ModelSpec:
                 )
         return cls(raw=text, model=model, args=tuple(args))
 
+    @property
+    def text(self) -> str:
+        """The spec as one shell-quoted line (e.g. a catalogue entry resolved to its spec)."""
+        return shlex.join(self.key)
+
     def flag_value(self, flag: str) -> str | None:
         """The value given for ``flag`` (``--flag v`` or ``--flag=v``), the last one wins."""
         value: str | None = None

@@ -121,6 +121,8 @@ class Supervisor:
         self._launch: Launch | None = None
         self._pending: list[ModelSpec] = []  # switches queued or running
         self._tasks: set[asyncio.Task[object]] = set()  # background switches, health checks
+        self._switches: set[asyncio.Task[SwitchResult]] = set()  # switches under way or queued
+        self.last_switch_error: str | None = None
         self._watchers: set[asyncio.Task[object]] = set()  # exit watchers: run until the exit
         self._upstreams: set[Callable[[], None]] = set()
         self.hook_reports: list[HookReport] = []
@@ -162,6 +164,7 @@ class Supervisor:
             in_flight=self.in_flight,
             hook_reports=self.hook_reports,
             restarts=self.restarts,
+            last_switch_error=self.last_switch_error,
             version=__version__,
         )
 
@@ -254,10 +257,28 @@ class Supervisor:
 
         ``force`` restarts even the same spec and skips the drain; ``restart`` marks an automatic
         restart by the restart policy (which does not reset the restart count)."""
+        task = asyncio.ensure_future(self._run_switch(spec, force=force, restart=restart))
+        self._switches.add(task)
+        task.add_done_callback(self._switches.discard)
+        try:
+            # Shielded: a caller that goes away (a client hanging up) does not abandon the switch.
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():  # the switch itself was cancelled: by a stop or the shutdown
+                raise ProxyError(
+                    f"The switch to {spec.model} was cancelled: a stop was requested while it was "
+                    "in progress.",
+                    status=409,
+                    type="switch_cancelled",
+                ) from None
+            raise
+
+    async def _run_switch(self, spec: ModelSpec, *, force: bool, restart: bool) -> SwitchResult:
         started = time.monotonic()
         if not restart:
             self.restarts = 0
         self._pending.append(spec)
+        self.last_switch_error = None
         await self.machine.poke()
         try:
             async with self._lock:
@@ -265,6 +286,12 @@ class Supervisor:
                 self._pending.remove(spec)
                 self._pending.insert(0, spec)
                 result = await self._switch_locked(spec, force=force)
+        except ProxyError as exc:
+            self.last_switch_error = exc.message
+            raise
+        except asyncio.CancelledError:
+            self.last_switch_error = f"the switch to {spec.model} was cancelled by a stop"
+            raise
         finally:
             self._pending.remove(spec)
             await self.machine.poke()
@@ -444,25 +471,26 @@ class Supervisor:
                 f"cannot run {argv[0]!r}: {exc.strerror or exc}. Install vLLM in this environment "
                 "or point --vllm-command (AIC_VLLM_PROXY_VLLM_COMMAND) at it."
             )
-            await asyncio.to_thread(handle.write, f"# {message}\n".encode())
+            handle.write(f"# {message}\n".encode())
             await self.machine.transition(S.FAILED, error=message)
             raise SwitchFailed(message, log_tail=[message], status=500) from exc
         finally:
-            await asyncio.to_thread(handle.close)
-        path = await asyncio.to_thread(name_with_pid, path, process.pid)
-        guard_fd, guard = await self._spawn_guard(process.pid)
+            handle.close()  # the child has its own copy
+        # Registered before any other await: a cancelled switch must still find and stop it.
         key = _api_key(spec)
         launch = Launch(
             spec=spec,
             process=process,
             log_path=path,
-            guard_fd=guard_fd,
-            guard=guard,
+            guard_fd=None,
+            guard=None,
             upstream_headers={"Authorization": f"Bearer {key}"} if key else {},
         )
         self._launch = launch
-        await self.machine.update(pid=process.pid, log_path=str(path))
         self._spawn(self._watch_exit(launch), into=self._watchers)
+        launch.guard_fd, launch.guard = await self._spawn_guard(process.pid)
+        launch.log_path = path = await asyncio.to_thread(name_with_pid, path, process.pid)
+        await self.machine.update(pid=process.pid, log_path=str(path))
         if self.settings.health_interval > 0:
             self._spawn(self._watch_health(launch))
         log.info("started vLLM pid %d: %s (log %s)", process.pid, spec.raw, path)
@@ -590,15 +618,24 @@ class Supervisor:
     # -------------------------------------------------------------------- stop
 
     async def stop(self, *, drain: bool = True) -> Status:
-        """Stop vLLM and its whole process tree (no-op when nothing runs)."""
+        """Stop vLLM and its whole process tree (no-op when nothing runs). Switches under way or
+        queued are cancelled first: a stop during a long load does not wait for the load."""
+        switches = [task for task in self._switches if not task.done()]
+        for task in switches:
+            task.cancel()
+        if switches:
+            await asyncio.gather(*switches, return_exceptions=True)
         async with self._lock:
             await self._stop_locked(drain=drain)
         return self.status()
 
     async def _stop_locked(self, *, drain: bool) -> StopOutcome:
         launch = self._launch
-        if launch is None:
-            if self.machine.state is S.FAILED:
+        if launch is None:  # nothing runs; settle a state left by a failed or cancelled start
+            state = self.machine.state
+            if state in (S.STARTING, S.READY):
+                await self.machine.transition(S.STOPPING)
+            if state is not S.STOPPED:
                 await self.machine.transition(S.STOPPED)
             return StopOutcome()
         # New requests now wait for the next model; in-flight ones may finish (the drain).

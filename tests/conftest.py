@@ -28,7 +28,7 @@ import pytest
 from aiohttp import web
 from helpers import SIM, free_port, kill_group_now, wait_until
 
-from aic_vllm_proxy.app import create_app
+from aic_vllm_proxy.app import SERVER_OPTIONS, create_app
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.keys import SUPERVISOR
 from aic_vllm_proxy.procgroup import group_alive
@@ -100,7 +100,7 @@ async def make_proxy(tmp_path: Path, vllm_groups: set[int]) -> AsyncIterator[Cal
     async def start(*, extra_plugins: Any = (), **overrides: Any) -> ProxyHandle:
         settings = settings_for(tmp_path, **overrides)
         app = create_app(settings, extra_plugins=extra_plugins)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, **SERVER_OPTIONS)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()

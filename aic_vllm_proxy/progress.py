@@ -1,0 +1,263 @@
+"""Following a model switch: deciding from ``GET /status`` when it is over, and showing its
+progress (elapsed time, the new vLLM log as it is written, a one-line summary).
+
+Nothing here does I/O on the network: the sync and the async client feed a :class:`SwitchWatch`
+with the status answers and log lines they fetch, each in its own way, and it tells them when
+to open the log stream and when the switch has succeeded or failed. Only :mod:`pydantic` models
+are imported, so this works with the ``client`` extra alone.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from aic_vllm_proxy.models import ProcessState, Status, SwitchResult
+
+S = ProcessState
+
+#: Print "still loading" after this many seconds without a log line.
+HEARTBEAT_SECONDS = 30.0
+
+
+@runtime_checkable
+class Writable(Protocol):
+    """Anything with ``write(str)``: a file, ``sys.stderr``, :class:`io.StringIO`."""
+
+    def write(self, text: str, /) -> object: ...
+
+
+#: A progress line goes to this callable.
+Sink = Callable[[str], None]
+#: What ``progress=`` accepts: True (print to stdout), False/None (silent), a stream, a callable.
+ProgressArg = bool | None | Writable | Sink
+
+
+def make_sink(progress: ProgressArg) -> Sink | None:
+    """Turn a ``progress=`` argument into a function that shows one line (None: silent)."""
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        return _stream_sink(None)
+    if isinstance(progress, Writable):
+        return _stream_sink(progress)
+    if callable(progress):
+        return progress
+    raise TypeError(f"progress must be True, False, a stream or a callable, not {type(progress).__name__}")
+
+
+def _stream_sink(stream: Writable | None) -> Sink:
+    def show(line: str) -> None:
+        target = stream if stream is not None else sys.stdout  # looked up late: Jupyter swaps it
+        target.write(line + "\n")
+        flush = getattr(target, "flush", None)
+        if callable(flush):
+            flush()
+
+    return show
+
+
+def spec_words(spec: str | None) -> tuple[str, ...] | None:
+    """A spec as the words vLLM gets (so quoting and spacing do not matter), as the proxy compares."""
+    if spec is None:
+        return None
+    try:
+        return tuple(shlex.split(spec))
+    except ValueError:
+        return (spec,)
+
+
+def same_spec(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and spec_words(a) == spec_words(b)
+
+
+def model_of(spec: str) -> str:
+    words = spec_words(spec)
+    return words[0] if words else spec
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a switch (or a wait) ended, as seen in the last status."""
+
+    ok: bool
+    status: Status
+    message: str
+    changed: bool = False
+    #: The failure happened in a launch whose log has the details.
+    has_log: bool = False
+
+
+class SwitchWatch:
+    """Follows one switch (``spec`` given) or whatever the proxy is doing (``spec=None``).
+
+    ``before`` is the status read just before the switch was requested: a launch is *new* when
+    its ``started_at`` differs, so the previous model's ready state is never taken for the new one.
+    """
+
+    def __init__(
+        self,
+        spec: str | None,
+        before: Status,
+        *,
+        sink: Sink | None = None,
+        timeout: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        label: str | None = None,
+    ) -> None:
+        self.spec = spec
+        self.label = label or spec
+        self.before = before
+        self.sink = sink
+        self.timeout = timeout
+        self._clock = clock
+        self._start = clock()
+        self._last_output = self._start
+        self._announced: set[str] = set()
+        self.log_lines_shown = 0
+        self.last: Status = before
+
+    # ------------------------------------------------------------------ timing
+
+    @property
+    def elapsed(self) -> float:
+        return self._clock() - self._start
+
+    def timed_out(self) -> bool:
+        return self.timeout is not None and self.elapsed > self.timeout
+
+    # ------------------------------------------------------------------ output
+
+    def show(self, text: str) -> None:
+        """One progress line, prefixed with the elapsed time."""
+        self._last_output = self._clock()
+        if self.sink is not None:
+            self.sink(f"[{self.elapsed:7.1f}s] {text}")
+
+    def begin(self) -> None:
+        if self.spec is None:
+            return
+        current = self.before.model_spec if self.before.state is S.READY else None
+        target = self.label if self.label == self.spec else f"{self.label} ({self.spec})"
+        replacing = f" (replacing {current})" if current and not same_spec(current, self.spec) else ""
+        self.show(f"switching to {target}{replacing}")
+
+    def log(self, line: str) -> None:
+        """A line of the new launch's vLLM log."""
+        self.log_lines_shown += 1
+        self.show(line.rstrip("\r\n"))
+
+    def tick(self) -> None:
+        """Say that we are still waiting when nothing was shown for a while."""
+        if self._clock() - self._last_output >= HEARTBEAT_SECONDS:
+            status = self.last
+            target = status.target_model_spec or status.model_spec or "the model"
+            self.show(f"still waiting: {model_of(target)} is {status.state.value}")
+
+    def interrupted(self) -> None:
+        if self.spec is not None:
+            self.show("interrupted: the switch goes on in the proxy (wait_until_ready() or stop())")
+
+    def summary(self, outcome: Outcome) -> None:
+        self.show(outcome.message if outcome.ok else f"FAILED: {outcome.message}")
+
+    # ------------------------------------------------------------------ status
+
+    def is_new_launch(self, status: Status) -> bool:
+        return status.started_at is not None and status.started_at != self.before.started_at
+
+    def wants_log(self, status: Status) -> bool:
+        """The new launch's log file has its final name (the pid is known): follow it now."""
+        return self.is_new_launch(status) and status.pid is not None and status.log_path is not None
+
+    def observe(self, status: Status) -> Outcome | None:
+        """Look at one ``/status`` answer; an :class:`Outcome` once it is over, else None."""
+        self.last = status
+        self._announce(status)
+        if self.spec is None:
+            return self._settled(status)
+        return self._switched(status, self.spec)
+
+    def _announce(self, status: Status) -> None:
+        """One line for each phase worth knowing: draining, stopping the old model, the launch."""
+        if self.is_new_launch(status):
+            if status.pid is not None and "launch" not in self._announced:
+                self._announced.add("launch")
+                self.show(f"vLLM started (pid {status.pid}), log {status.log_path}")
+            return
+        if self.spec is None or same_spec(status.model_spec, self.spec):
+            return
+        if (
+            status.state is S.READY
+            and status.switching
+            and status.in_flight
+            and "drain" not in self._announced
+        ):
+            self._announced.add("drain")
+            self.show(f"waiting for {status.in_flight} in-flight request(s) of {status.model_spec} to finish")
+        elif status.state is S.STOPPING and "stop" not in self._announced:
+            self._announced.add("stop")
+            self.show(f"stopping {status.model_spec}")
+
+    def _settled(self, status: Status) -> Outcome | None:
+        if status.switching or status.state in (S.STARTING, S.STOPPING):
+            return None
+        if status.state is S.READY:
+            return Outcome(True, status, f"{status.model} is ready")
+        if status.state is S.FAILED:
+            return Outcome(False, status, status.error or "vLLM failed", has_log=True)
+        return Outcome(
+            False, status, "No model is loaded: load one with switch(MODEL) or `aic-vllm-proxy switch MODEL`."
+        )
+
+    def _switched(self, status: Status, spec: str) -> Outcome | None:
+        model = model_of(spec)
+        new = self.is_new_launch(status)
+        if status.state is S.READY and same_spec(status.model_spec, spec) and (new or not status.switching):
+            return self._success(status, changed=new)
+        if status.switching:
+            return None
+        # The switch is over and the requested model is not ready: say what happened instead.
+        if new and status.state is S.FAILED:
+            message = status.error or f"vLLM failed while starting {model}"
+            return Outcome(False, status, message, has_log=True)
+        if new and status.state is S.STOPPED:
+            return Outcome(False, status, f"{model} was stopped before it was ready", has_log=True)
+        hint = "a plugin may have refused it; the proxy's own log says why"
+        if status.state is S.READY:
+            message = f"the switch to {model} did not happen: {status.model_spec} is loaded ({hint})"
+        else:
+            message = f"the switch to {model} did not start and nothing is loaded ({hint})"
+        return Outcome(False, status, message, has_log=new)
+
+    def _success(self, status: Status, *, changed: bool) -> Outcome:
+        served = status.model or model_of(status.model_spec or "")
+        if not changed:
+            message = f"{served} is already loaded with these arguments; nothing restarted"
+            return Outcome(True, status, message, changed=False)
+        load = load_seconds(status)
+        took = f" (loading took {load:.1f} s)" if load is not None else ""
+        return Outcome(True, status, f"{served} is ready after {self.elapsed:.1f} s{took}", changed=True)
+
+    def result(self, outcome: Outcome) -> SwitchResult:
+        """The :class:`SwitchResult` of a switch that succeeded."""
+        status = outcome.status
+        return SwitchResult(
+            changed=outcome.changed,
+            load_seconds=load_seconds(status) if outcome.changed else None,
+            total_seconds=round(self.elapsed, 3),
+            message=outcome.message,
+            status=status,
+            hook_reports=status.hook_reports,
+        )
+
+
+def load_seconds(status: Status) -> float | None:
+    """From launch to ready, by the proxy's clock."""
+    if status.started_at is None or status.ready_at is None:
+        return None
+    return round((status.ready_at - status.started_at).total_seconds(), 3)
