@@ -78,8 +78,13 @@ class HookContext:
     log_path: str | None
     #: The proxy's shared aiohttp session (use it for calls to vLLM or webhooks).
     session: aiohttp.ClientSession
-    #: The vLLM main process id this event is about (pre/post_stop, on_failure), if any.
+    #: The vLLM main process id (and process group) this event is about: pre_switch, the one
+    #: running now (None if none); pre/post_stop, the one stopped; post_switch, the new one;
+    #: on_failure, the one that failed.
     pid: int | None = None
+    #: on_failure: "start_failed" (exited while starting), "start_timeout" (not ready in time)
+    #: or "crashed" (died after it was ready).
+    failure: str | None = None
     #: The served model name clients use, for post_switch.
     model: str | None = None
     #: on_failure: what went wrong, the exit code and the last lines of the log.

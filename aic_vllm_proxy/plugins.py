@@ -51,7 +51,8 @@ def load_plugins(
     pm.add_hookspecs(HookSpecs)
     infos: list[PluginInfo] = []
     enable, disable = set(settings.plugins_enable), set(settings.plugins_disable)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    # Sorted by name: the order (and so the hook order) must not depend on the file system.
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
         version = ep.dist.version if ep.dist is not None else None
         wanted = (not enable or ep.name in enable) and ep.name not in disable
         if not wanted:

@@ -351,7 +351,10 @@ class Supervisor:
             )
         current = self.machine.snapshot.model_spec if launch else None
         try:
-            reports = await self.hooks.call(self._context("pre_switch", old_spec=current, new_spec=spec.raw))
+            running = launch.pgid if launch is not None and not launch.exited.is_set() else None
+            reports = await self.hooks.call(
+                self._context("pre_switch", old_spec=current, new_spec=spec.raw, pid=running)
+            )
         except HookVeto as veto:
             raise ProxyError(
                 f"Switch to {spec.model} refused by plugin {veto.report.plugin}: "
@@ -440,6 +443,7 @@ class Supervisor:
                 "on_failure",
                 new_spec=spec.raw,
                 pid=launch.pgid,
+                failure="start_timeout" if timed_out else "start_failed",
                 error=message,
                 exit_code=launch.exit_code,
                 log_tail=tail,
@@ -559,6 +563,7 @@ class Supervisor:
                 "on_failure",
                 new_spec=launch.spec.raw,
                 pid=launch.pgid,
+                failure="crashed",
                 error=message,
                 exit_code=code,
                 log_tail=tail,
