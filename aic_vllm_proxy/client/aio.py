@@ -1,0 +1,187 @@
+"""The asyncio client, with the same methods as the synchronous one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from aic_vllm_proxy.models import (
+    PluginInfo,
+    ProcessState,
+    Status,
+    SwitchResult,
+)
+from aic_vllm_proxy.progress import Outcome, ProgressArg, SwitchWatch
+
+if TYPE_CHECKING:
+    pass
+from aic_vllm_proxy.client.calls import (
+    FINAL_LINES_WAIT,
+    FOLLOW_FROM_LINES,
+    TAIL_LINES,
+    T,
+    _Call,
+    _catalog_call,
+    _ClientBase,
+    _health_call,
+    _logs_call,
+    _plugins_call,
+    _raise_for_status,
+    _start_switch_call,
+    _status_call,
+    _stop_call,
+    _transport_error,
+    catalog_spec,
+)
+from aic_vllm_proxy.client.errors import ProxyError, ProxyUnreachable
+
+# ------------------------------------------------------------------- async client
+
+
+class AsyncVLLMProxyClient(_ClientBase):
+    """The same client for ``await``: every method of :class:`VLLMProxyClient` is a coroutine
+    here (``follow_logs`` is an async iterator); ``get_*openai_client`` are the same."""
+
+    _http: httpx.AsyncClient
+
+    def _open(self) -> None:
+        self._http = httpx.AsyncClient(**self._http_options())
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncVLLMProxyClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _send(self, call: _Call[T]) -> T:
+        try:
+            response = await self._http.request(
+                call.method, call.path, json=call.json, params=call.params, timeout=self._call_timeout(call)
+            )
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.proxy_url) from None
+        _raise_for_status(response, bool(self.api_key))
+        return call.parse(response)
+
+    async def status(self) -> Status:
+        """See :meth:`VLLMProxyClient.status`."""
+        return await self._send(_status_call())
+
+    async def health(self) -> dict[str, Any]:
+        return await self._send(_health_call())
+
+    async def model_name(self) -> str | None:
+        status = await self.status()
+        return status.model if status.state is ProcessState.READY else None
+
+    async def switch(
+        self,
+        model: str,
+        args: str | Sequence[str] | None = None,
+        *,
+        force: bool = False,
+        timeout: float | None = None,
+        progress: ProgressArg | None = None,
+    ) -> SwitchResult:
+        """See :meth:`VLLMProxyClient.switch`."""
+        spec = self.spec_for(model, args)
+        before = await self.status()
+        watch = self._watch(spec, before, progress, timeout, loads=await self._catalog_lookup(spec))
+        watch.begin()
+        try:
+            await self._send(_start_switch_call(spec, force))
+        except ProxyError as exc:
+            watch.show(f"FAILED: {exc.message}")
+            raise
+        return watch.result(await self._follow(watch))
+
+    async def start_switch(
+        self, model: str, args: str | Sequence[str] | None = None, *, force: bool = False
+    ) -> Status:
+        return await self._send(_start_switch_call(self.spec_for(model, args), force))
+
+    async def wait_until_ready(
+        self, timeout: float | None = 600.0, *, progress: ProgressArg | None = False
+    ) -> Status:
+        watch = self._watch(None, await self.status(), progress, timeout)
+        return (await self._follow(watch)).status
+
+    async def stop(self, *, force: bool = False) -> Status:
+        return await self._send(_stop_call(force))
+
+    async def catalog(self) -> dict[str, Any]:
+        return await self._send(_catalog_call())
+
+    async def _catalog_lookup(self, spec: str) -> str | None:
+        if len(spec.split()) != 1:
+            return None
+        try:
+            return catalog_spec(spec, await self.catalog())
+        except ProxyUnreachable:
+            raise
+        except ProxyError:
+            return None
+
+    async def logs(self, lines: int | None = None) -> str:
+        return await self._send(_logs_call(lines))
+
+    async def follow_logs(self, lines: int = 50) -> AsyncIterator[str]:
+        """See :meth:`VLLMProxyClient.follow_logs`."""
+        try:
+            async with self._http.stream(
+                "GET", "/logs/stream", params={"lines": lines}, timeout=httpx.Timeout(self.timeout, read=None)
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_status(response, bool(self.api_key))
+                async for line in response.aiter_lines():
+                    yield line
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.proxy_url) from None
+
+    async def plugins(self) -> list[PluginInfo]:
+        return await self._send(_plugins_call())
+
+    async def _pipe_log(self, watch: SwitchWatch) -> None:
+        with contextlib.suppress(ProxyError):
+            async for line in self.follow_logs(FOLLOW_FROM_LINES):
+                watch.log(line)
+
+    async def _follow(self, watch: SwitchWatch) -> Outcome:
+        reader: asyncio.Task[None] | None = None
+        try:
+            while True:
+                outcome = watch.observe(await self.status())
+                if outcome is not None:
+                    break
+                if watch.timed_out():
+                    raise self._timeout_error(watch)
+                if reader is None and watch.sink is not None and watch.wants_log(watch.last):
+                    reader = asyncio.create_task(self._pipe_log(watch))
+                await asyncio.sleep(self.poll_interval)
+                watch.tick()
+            if reader is not None and not outcome.ok:
+                await asyncio.wait({reader}, timeout=FINAL_LINES_WAIT)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            watch.interrupted()
+            raise
+        finally:
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+        tail: list[str] = []
+        if not outcome.ok and outcome.has_log:
+            with contextlib.suppress(ProxyError):
+                tail = (await self.logs(TAIL_LINES)).splitlines()
+        return self._conclude(watch, outcome, tail)

@@ -1,0 +1,380 @@
+"""What both clients share: settings, request building, response parsing, error mapping and
+the base class with the methods that do no I/O."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from aic_vllm_proxy.client.errors import (
+    AuthenticationError,
+    PermissionDeniedError,
+    ProxyError,
+    ProxyUnreachable,
+    SwitchError,
+    UnknownModelError,
+    WaitTimeout,
+)
+from aic_vllm_proxy.models import (
+    ErrorBody,
+    ErrorDetail,
+    PluginInfo,
+    PluginList,
+    ProcessState,
+    Status,
+)
+from aic_vllm_proxy.progress import Outcome, ProgressArg, SwitchWatch, make_sink
+
+if TYPE_CHECKING:
+    import openai
+
+DEFAULT_URL = "http://127.0.0.1:8224"
+URL_ENV = "AIC_VLLM_PROXY_URL"
+API_KEY_ENV = "AIC_VLLM_PROXY_KEY"
+#: Timeout of one call to the proxy's own API (a switch is many short calls, never one long one).
+API_TIMEOUT = 30.0
+#: The openai clients' default: a generation may wait for a switch in progress, then run long.
+GENERATION_TIMEOUT = httpx.Timeout(1800.0, connect=10.0)
+#: Read timeout of ``POST /stop``: the proxy first lets in-flight requests finish (its --drain-timeout).
+STOP_TIMEOUT = 900.0
+#: Seconds between two ``GET /status`` while a switch goes on.
+POLL_INTERVAL = 0.3
+#: How much of the new launch's log the progress display starts with (all of it, in practice).
+FOLLOW_FROM_LINES = 2000
+#: Log lines attached to a :class:`SwitchError`.
+TAIL_LINES = 40
+#: After a failed start, how long to wait for the last log lines to arrive.
+FINAL_LINES_WAIT = 3.0
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+ModelSpecs = Mapping[str, str | Sequence[str]]
+
+
+# ------------------------------------------------------------ shared request logic
+
+
+def build_spec(model: str, args: str | Sequence[str] | None, model2spec: ModelSpecs) -> str:
+    """The ``model_spec`` for ``model``: its ``model2spec`` arguments, or the explicit ``args``.
+
+    ``args`` (a string as on the command line, or a list of words) wins over ``model2spec``;
+    ``args=""`` loads the model with vLLM's defaults. A model missing from a non-empty
+    ``model2spec`` without ``args`` raises :class:`UnknownModelError`.
+    """
+    name = model.strip()
+    if not name:
+        raise UnknownModelError("no model given: switch(MODEL) needs a model name or path")
+    if args is None:
+        if name in model2spec:
+            args = model2spec[name]
+        elif model2spec:
+            known = ", ".join(repr(m) for m in model2spec)
+            raise UnknownModelError(
+                f"unknown model {name!r}: model2spec has {known}. Add it to model2spec, or give its "
+                f"vLLM arguments: switch({name!r}, args='--tensor-parallel-size 1') (args='' for "
+                "vLLM's defaults)."
+            )
+        else:
+            args = ""
+    words = args if isinstance(args, str) else shlex.join(args)
+    return f"{shlex.quote(name)} {words.strip()}".strip()
+
+
+def _normalize_url(url: str | None) -> str:
+    url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url
+
+
+def _error_detail(response: httpx.Response) -> ErrorDetail | None:
+    try:
+        return ErrorBody.model_validate_json(response.content).error
+    except ValidationError:
+        return None
+
+
+def _response_error(response: httpx.Response, *, has_key: bool) -> ProxyError:
+    """The exception for an error answer of the proxy's own API."""
+    url = str(response.request.url)
+    status = response.status_code
+    detail = _error_detail(response)
+    fallback = response.text.strip()[:300] or response.reason_phrase
+    text = detail.message if detail is not None else fallback
+    where = f"{response.request.method} {url}"
+    kind = detail.type if detail else None
+    if status == 401:
+        hint = (
+            f"The API key that was sent was refused: check api_key= or ${API_KEY_ENV}"
+            if has_key
+            else f"No API key was sent: pass api_key=... or set ${API_KEY_ENV}"
+        )
+        return AuthenticationError(
+            f"{where} was refused (401): {text.rstrip('.')}. {hint}.",
+            url=url,
+            status_code=status,
+            error_type=kind,
+        )
+    if status == 403:
+        return PermissionDeniedError(f"{text} [403 from {where}]", url=url, status_code=403, error_type=kind)
+    if detail is not None and (detail.log_tail is not None or detail.type.startswith("switch")):
+        return SwitchError(
+            text,
+            exit_code=detail.exit_code,
+            log_tail=detail.log_tail or (),
+            state=detail.state.value if detail.state else None,
+            url=url,
+            status_code=status,
+            error_type=detail.type,
+        )
+    if detail is None and status == 404:
+        text += f" (is {response.request.url.copy_with(path='/', query=None)} an aic-vllm-proxy?)"
+    return ProxyError(f"{text} [{status} from {where}]", url=url, status_code=status, error_type=kind)
+
+
+def _transport_error(exc: httpx.HTTPError, base_url: str) -> ProxyError:
+    """The exception for a request that got no answer."""
+    try:
+        what = f"{exc.request.method} {exc.request.url.path}"
+    except (AttributeError, RuntimeError):  # no request attached
+        what = "the request"
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return ProxyUnreachable(
+            f"cannot reach aic-vllm-proxy at {base_url} ({exc or type(exc).__name__}). Is the daemon "
+            f"running there (aic-vllm-proxy serve), and is the URL right (proxy_url= or {URL_ENV})?",
+            url=base_url,
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return ProxyUnreachable(
+            f"aic-vllm-proxy at {base_url} did not answer {what} in time ({type(exc).__name__})",
+            url=base_url,
+        )
+    return ProxyError(f"talking to aic-vllm-proxy at {base_url} failed during {what}: {exc!r}", url=base_url)
+
+
+def _raise_for_status(response: httpx.Response, has_key: bool) -> None:
+    if response.status_code >= 400:
+        raise _response_error(response, has_key=has_key)
+
+
+def _json_as(model: type[M]) -> Callable[[httpx.Response], M]:
+    def parse(response: httpx.Response) -> M:
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise ProxyError(
+                f"unexpected answer to {response.request.method} {response.request.url} "
+                f"(is it an aic-vllm-proxy of a compatible version?): {exc}",
+                url=str(response.request.url),
+                status_code=response.status_code,
+            ) from None
+
+    return parse
+
+
+def _text(response: httpx.Response) -> str:
+    return response.text
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One call of the proxy's API: what to send and how to read the answer."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    json: dict[str, Any] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    #: Read timeout for a call that may take long (None: the client's ``timeout``).
+    read_timeout: float | None = None
+
+
+def _status_call() -> _Call[Status]:
+    return _Call("GET", "/status", _json_as(Status))
+
+
+def _start_switch_call(spec: str, force: bool) -> _Call[Status]:
+    return _Call(
+        "POST", "/switch", _json_as(Status), json={"model_spec": spec, "wait": False, "force": force}
+    )
+
+
+def _stop_call(force: bool) -> _Call[Status]:
+    return _Call("POST", "/stop", _json_as(Status), json={"force": force}, read_timeout=STOP_TIMEOUT)
+
+
+def _logs_call(lines: int | None) -> _Call[str]:
+    if lines is None:
+        return _Call("GET", "/logs/current", _text)
+    return _Call("GET", "/logs/tail", _text, params={"lines": lines})
+
+
+def _plugins_call() -> _Call[list[PluginInfo]]:
+    parse = _json_as(PluginList)
+    return _Call("GET", "/plugins", lambda response: parse(response).plugins)
+
+
+def _json_dict(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ProxyError(
+            f"unexpected answer to {response.request.method} {response.request.url}: not a JSON object"
+        )
+    return body
+
+
+def _health_call() -> _Call[dict[str, Any]]:
+    return _Call("GET", "/proxy/health", _json_dict)
+
+
+def _catalog_call() -> _Call[dict[str, Any]]:
+    return _Call("GET", "/models/catalog", _json_dict)
+
+
+def catalog_spec(name: str, catalog: Mapping[str, Any]) -> str | None:
+    """The spec the proxy loads for the one-word ``name`` of a catalogue entry (or alias), as
+    listed by ``GET /models/catalog``; None when it is not one."""
+    entries = catalog.get("models")
+    if not isinstance(entries, dict) or len(name.split()) != 1:
+        return None
+    for key, entry in entries.items():
+        if isinstance(entry, dict) and (name == key or name in (entry.get("aliases") or ())):
+            return f"{shlex.quote(str(entry.get('model')))} {entry.get('args') or ''}".strip()
+    return None
+
+
+def _switch_error(outcome: Outcome, tail: list[str], base_url: str, *, switching: bool) -> ProxyError:
+    """A :class:`SwitchError` for a switch that did not end ready (or a wait that ended failed);
+    a plain :class:`ProxyError` when a wait found nothing loaded."""
+    status = outcome.status
+    if not switching and status.state is not ProcessState.FAILED:
+        return ProxyError(outcome.message, url=base_url)
+    return SwitchError(
+        outcome.message,
+        exit_code=status.exit_code,
+        log_tail=tail,
+        state=status.state.value,
+        url=base_url,
+    )
+
+
+class _ClientBase:
+    """What the sync and async clients share: settings, specs, headers, openai clients."""
+
+    def __init__(
+        self,
+        proxy_url: str | None = None,
+        model2spec: ModelSpecs | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = API_TIMEOUT,
+        progress: ProgressArg = True,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self.proxy_url = _normalize_url(proxy_url)
+        self.model2spec: dict[str, str | Sequence[str]] = dict(model2spec or {})
+        self.api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+        self.timeout = timeout
+        self.progress = progress
+        self.poll_interval = poll_interval
+        self._open()
+
+    def _open(self) -> None:
+        """Create the HTTP client (sync or async)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(proxy_url={self.proxy_url!r}, models={list(self.model2spec)!r})"
+
+    @property
+    def models(self) -> list[str]:
+        """The model names of ``model2spec``."""
+        return list(self.model2spec)
+
+    def spec_for(self, model: str, args: str | Sequence[str] | None = None) -> str:
+        """The model spec :meth:`switch` would send (see :func:`build_spec`)."""
+        return build_spec(model, args, self.model2spec)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"User-Agent": "aic-vllm-proxy-client"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _http_options(self) -> dict[str, Any]:
+        return {
+            "base_url": self.proxy_url,
+            "headers": self._headers(),
+            "timeout": self._call_timeout(_status_call()),
+        }
+
+    def _call_timeout(self, call: _Call[Any]) -> httpx.Timeout:
+        read = self.timeout if call.read_timeout is None else max(call.read_timeout, self.timeout)
+        return httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0), read=read)
+
+    def _watch(
+        self,
+        spec: str | None,
+        before: Status,
+        progress: ProgressArg | None,
+        timeout: float | None,
+        *,
+        loads: str | None = None,
+    ) -> SwitchWatch:
+        """A watch for a switch to ``spec`` (None: for whatever goes on); ``loads`` is the spec
+        the proxy will really load when ``spec`` names a catalogue entry."""
+        chosen = self.progress if progress is None else progress
+        sink = make_sink(chosen)
+        if spec is None:
+            return SwitchWatch(None, before, sink=sink, timeout=timeout)
+        return SwitchWatch(loads or spec, before, sink=sink, timeout=timeout, label=spec)
+
+    def _timeout_error(self, watch: SwitchWatch) -> WaitTimeout:
+        status = watch.last
+        doing = f"switching to {status.target_model_spec}" if status.switching else f"{status.state.value}"
+        return WaitTimeout(
+            f"gave up waiting after {watch.elapsed:.0f} s; the proxy is still {doing}. It goes on: "
+            "wait with wait_until_ready() (or watch `aic-vllm-proxy status`), or give up with stop().",
+            url=self.proxy_url,
+        )
+
+    def _conclude(self, watch: SwitchWatch, outcome: Outcome, tail: list[str]) -> Outcome:
+        """Show the summary; return a success, raise a failure (with ``tail``, the log's end)."""
+        if not outcome.ok and watch.log_lines_shown == 0:
+            for line in tail:  # the stream was never opened (a very quick failure): show the end
+                watch.log(line)
+        watch.summary(outcome)
+        if outcome.ok:
+            return outcome
+        raise _switch_error(outcome, tail, self.proxy_url, switching=watch.spec is not None)
+
+    def _openai_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "base_url": f"{self.proxy_url}/v1",
+            "api_key": self.api_key or "EMPTY",
+            "timeout": GENERATION_TIMEOUT,
+        }
+        options.update(kwargs)
+        return options
+
+    def get_openai_client(self, **kwargs: Any) -> openai.OpenAI:
+        """An ``openai.OpenAI`` client for the proxy's ``/v1`` (keyword arguments override ours:
+        ``base_url``, ``api_key`` (the proxy's key, else ``"EMPTY"``), ``timeout`` (30 min))."""
+        import openai
+
+        return openai.OpenAI(**self._openai_options(kwargs))
+
+    def get_async_openai_client(self, **kwargs: Any) -> openai.AsyncOpenAI:
+        """An ``openai.AsyncOpenAI`` client for the proxy's ``/v1`` (see :meth:`get_openai_client`)."""
+        import openai
+
+        return openai.AsyncOpenAI(**self._openai_options(kwargs))
