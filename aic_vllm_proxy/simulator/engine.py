@@ -1,0 +1,229 @@
+"""The simulated ``EngineCore`` child: ``python -m aic_vllm_proxy.simulator.engine CONFIG``.
+
+Started by the API server right after its import phase, in the same process group.
+It names itself ``VLLM::EngineCore`` (the kernel keeps 15 characters:
+``VLLM::EngineCor``, as with real vLLM), logs vLLM's engine start-up lines, sleeps
+through the "weight loading" and then writes ``READY`` to the pipe given by the
+parent. The parent sees the engine's death as end-of-file on that pipe.
+
+Like the real EngineCore it does not watch its parent: if the API server is
+SIGKILLed the engine keeps running (orphaned) until someone kills its process group.
+SIGTERM/SIGINT make it exit 0 (unless ``ignore_sigterm``). A ``crash`` line on stdin
+(or ``die_after`` seconds after ready) makes it log a fatal CUDA error and exit 1.
+
+Standard library only: this process must start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from . import VLLM_VERSION
+from .logfmt import PY_SITE, ProcessLog, traceback_text
+
+PROCESS_TITLE = "VLLM::EngineCore"
+
+
+def set_process_name(name: str) -> None:
+    """Set /proc/self/comm (what ps and top show); cmdline is left alone."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name[:15])
+        return
+    except OSError:
+        pass
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _on_sigterm(log: ProcessLog) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        # Later signals must not interrupt the exit (a group SIGTERM then ours).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        name = signal.Signals(signum).name
+        log.info("core.py:1454", f"[shutdown] EngineCore: trigger received signal={name}")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+class Engine:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.log = ProcessLog("EngineCore")
+        self._crashed = threading.Lock()
+
+    def _config_line(self) -> str:
+        c = self.cfg
+        return (
+            f"Initializing a V1 LLM engine (v{VLLM_VERSION}) with config: model={c['model']!r}, "
+            f"speculative_config=None, tokenizer={c['tokenizer']!r}, skip_tokenizer_init=False, "
+            f"tokenizer_mode=auto, revision={c['revision']}, tokenizer_revision=None, "
+            f"trust_remote_code={c['trust_remote_code']}, dtype={c['dtype']}, "
+            f"max_seq_len={c['max_model_len']}, download_dir={c['download_dir']!r}, "
+            f"load_format=auto, tensor_parallel_size={c['tp']}, "
+            f"pipeline_parallel_size={c['pp']}, data_parallel_size=1, "
+            f"disable_custom_all_reduce=False, quantization={c['quantization']}, "
+            f"enforce_eager={c['enforce_eager']}, kv_cache_dtype={c['kv_cache_dtype']}, "
+            f"device_config=cuda, seed={c['seed']}, served_model_name={c['served_name']}, "
+            f"enable_prefix_caching={c['prefix_caching']}, chunked_prefill_enabled=True"
+        )
+
+    def start(self) -> None:
+        c = self.cfg
+        log = self.log
+        delay = float(c["load_delay"])
+        started = time.monotonic()
+        log.info("core.py:133", self._config_line())
+        log.info(
+            "parallel_state.py:2350",
+            "rank 0 in world size 1 is assigned as DP rank 0, PP rank 0, PCP rank 0, "
+            "TP rank 0, ETP rank 0, EP rank N/A, EPLB rank N/A",
+        )
+        log.info("gpu_model_runner.py:5039", f"Starting to load model {c['model']}...")
+        log.raw("Loading safetensors checkpoint shards:   0% Completed | 0/1 [00:00<?, ?it/s]")
+        time.sleep(delay * 0.6)
+        if c["fail_during_load"]:
+            self._fail_load()
+        weights = time.monotonic() - started
+        log.raw(
+            "Loading safetensors checkpoint shards: 100% Completed | 1/1 "
+            f"[00:{int(weights):02d}<00:00, {1 / max(weights, 0.01):.2f}it/s]\n"
+        )
+        log.info("default_loader.py:501", f"Loading weights took {weights:.2f} seconds")
+        log.info(
+            "gpu_model_runner.py:5149",
+            f"Model loading took 1.12 GiB memory and {weights + 0.05:.6f} seconds",
+        )
+        time.sleep(delay * 0.2)
+        tokens = 574544
+        log.info("gpu_worker.py:759", "Available KV cache memory: 61.37 GiB")
+        log.info(
+            "kv_cache_utils.py:2327",
+            f"GPU KV cache size: {tokens:,} tokens, Maximum concurrency for "
+            f"{c['max_model_len']:,} tokens per request: {tokens / c['max_model_len']:.2f}x",
+        )
+        time.sleep(delay * 0.2)
+        if not c["enforce_eager"]:
+            log.info("gpu_model_runner.py:6581", "Graph capturing finished in 1 secs, took 0.42 GiB")
+        log.info(
+            "core.py:402",
+            f"init engine (profile, create kv cache, warmup model) took {time.monotonic() - started:.2f} s",
+        )
+
+    def _fail_load(self) -> None:
+        message = (
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+            "a total capacity of 79.19 GiB of which 1.06 GiB is free. Including non-PyTorch "
+            "memory, this process has 78.12 GiB memory in use."
+        )
+        tb = traceback_text(
+            [
+                (
+                    f"{PY_SITE}/vllm/v1/engine/core.py",
+                    699,
+                    "run_engine_core",
+                    "engine_core = EngineCoreProc(*args, **kwargs)",
+                ),
+                (
+                    f"{PY_SITE}/vllm/v1/engine/core.py",
+                    498,
+                    "__init__",
+                    "super().__init__(vllm_config, executor_class, log_stats,",
+                ),
+                (
+                    f"{PY_SITE}/vllm/v1/engine/core.py",
+                    83,
+                    "__init__",
+                    "self.model_executor = executor_class(vllm_config)",
+                ),
+                (
+                    f"{PY_SITE}/vllm/model_executor/model_loader/default_loader.py",
+                    264,
+                    "load_weights",
+                    "loaded_weights = model.load_weights(",
+                ),
+            ],
+            message,
+        )
+        self.log.error("core.py:1510", "EngineCore failed to start.\n" + tb)
+        self.log.raw("Process EngineCore:\n" + tb)
+        os._exit(1)
+
+    def crash(self, reason: str = "CUDA error: an illegal memory access was encountered") -> None:
+        if not self._crashed.acquire(blocking=False):
+            return
+        tb = traceback_text(
+            [
+                (f"{PY_SITE}/vllm/v1/engine/core.py", 701, "run_engine_core", "engine_core.run_busy_loop()"),
+                (f"{PY_SITE}/vllm/v1/engine/core.py", 728, "run_busy_loop", "self._process_engine_step()"),
+                (
+                    f"{PY_SITE}/vllm/v1/engine/core.py",
+                    754,
+                    "_process_engine_step",
+                    "outputs, model_executed = self.step_fn()",
+                ),
+                (
+                    f"{PY_SITE}/vllm/v1/worker/gpu_model_runner.py",
+                    2310,
+                    "execute_model",
+                    "valid_sampled_token_ids = sampled_token_ids.tolist()",
+                ),
+            ],
+            f"RuntimeError: {reason}",
+        )
+        self.log.error("core.py:1512", "EngineCore encountered a fatal error.\n" + tb)
+        os._exit(1)
+
+    def _read_commands(self) -> None:
+        # EOF (the API server is gone) is ignored: the real EngineCore keeps running.
+        for line in sys.stdin.buffer:
+            if line.strip() == b"crash":
+                self.crash()
+
+    def serve(self, ready_fd: int) -> None:
+        # If the API server is already gone, keep running like the real engine.
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b"READY\n")
+        threading.Thread(target=self._read_commands, daemon=True).start()
+        die_after = self.cfg.get("die_after")
+        if die_after is not None:
+            timer = threading.Timer(float(die_after), self.crash)
+            timer.daemon = True
+            timer.start()
+        while True:
+            time.sleep(3600)
+
+
+def main(argv: list[str]) -> int:
+    set_process_name(PROCESS_TITLE)
+    cfg: dict[str, Any] = json.loads(argv[0])
+    engine = Engine(cfg)
+    _on_sigterm(engine.log)
+    if cfg.get("ignore_sigterm"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    engine.start()
+    if cfg.get("never_ready"):
+        while True:
+            time.sleep(3600)
+    engine.serve(int(cfg["ready_fd"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
