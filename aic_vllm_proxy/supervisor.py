@@ -1,11 +1,11 @@
-"""The supervisor: the one vLLM process, how it is started, watched, switched and stopped.
+"""The supervisor: when the one vLLM process is started, watched, switched and stopped.
 
-- A launch runs ``vllm serve MODEL ARGS --host H --port P`` in a session (process group) of its
-  own, output to its own log file, plus a watchdog that kills the group if the proxy dies.
 - Switches and stops are serialised by one lock; the process state lives in
   :class:`~aic_vllm_proxy.state.ProcessStateMachine` and changes nowhere else.
-- Stopping is SIGTERM to the group, up to ``stop_timeout`` seconds, then SIGKILL of the group,
-  and it is over only when no process of the group is left.
+- A switch: pre_switch hooks, drain and stop the old model, launch (``launch.py``: its own
+  process group, its own log file, a watchdog), probe until ready (``prober.py``), post_switch.
+- Proxied requests wait here (bounded) while no model is admitting requests.
+- An exit nobody asked for marks the model failed, cleans up its tree and may restart it.
 """
 
 from __future__ import annotations
@@ -13,14 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import aiohttp
 from yarl import URL
@@ -29,17 +25,16 @@ from aic_vllm_proxy import __version__, prober
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.errors import ModelUnavailable, ProxyError, SwitchFailed
 from aic_vllm_proxy.hooks import HookContext
+from aic_vllm_proxy.launch import Launch, api_key_of, child_env, describe_exit, last_error_line, spawn_vllm
 from aic_vllm_proxy.logs import name_with_pid, open_launch_log, tail_lines_async
 from aic_vllm_proxy.models import HookReport, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.plugins import HookFailed, HookRunner, HookVeto
-from aic_vllm_proxy.procgroup import group_alive, signal_group
 from aic_vllm_proxy.spec import ModelSpec
 from aic_vllm_proxy.state import ProcessStateMachine, Snapshot
 
 log = logging.getLogger(__name__)
 S = ProcessState
 LOG_TAIL_LINES = 40
-GROUP_POLL = 0.05
 
 
 @dataclass
@@ -49,58 +44,6 @@ class StopOutcome:
     reports: list[HookReport] = field(default_factory=list)
     drained: int = 0
     cut: int = 0
-
-
-@dataclass(eq=False)
-class Launch:
-    """One run of vLLM: its process (the group leader), log, watchdog and exit."""
-
-    spec: ModelSpec
-    process: asyncio.subprocess.Process
-    log_path: Path
-    guard_fd: int | None
-    guard: asyncio.subprocess.Process | None
-    upstream_headers: dict[str, str]
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    exit_code: int | None = None
-
-    @property
-    def pgid(self) -> int:
-        return self.process.pid
-
-
-def _child_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach the file as they are written
-    if env.get("VLLM_PORT") == str(settings.vllm_port):
-        # VLLM_PORT is vLLM's internal port, not its HTTP port: the same value breaks start-up.
-        log.warning("VLLM_PORT equals --vllm-port (%s); not passing it to vLLM", settings.vllm_port)
-        del env["VLLM_PORT"]
-    return env
-
-
-def _api_key(spec: ModelSpec) -> str | None:
-    return spec.flag_value("--api-key") or os.environ.get("VLLM_API_KEY") or None
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "an unknown status"
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"status {code}"
-
-
-def _last_error_line(lines: list[str]) -> str:
-    """The most telling line of a failed start: the last error-looking line, else the last line."""
-    for line in reversed(lines):
-        low = line.lower()
-        if "error" in low or "exception" in low or "invalid" in low or "unrecognized" in low:
-            return line.strip()
-    return lines[-1].strip() if lines else ""
 
 
 class Supervisor:
@@ -392,7 +335,7 @@ class Supervisor:
         except asyncio.TimeoutError:
             raise await self._start_failed(launch, reports, timed_out=True) from None
         except asyncio.CancelledError:
-            await self._terminate(launch, grace=min(self.settings.stop_timeout, 5.0))
+            await launch.terminate(grace=min(self.settings.stop_timeout, 5.0))
             raise
         load_seconds = time.monotonic() - (self.machine.snapshot.launched_monotonic or 0.0)
         model = ready.models[0] if ready.models else spec.served_name
@@ -418,7 +361,7 @@ class Supervisor:
         self, launch: Launch, reports: list[HookReport], *, timed_out: bool
     ) -> SwitchFailed:
         spec = launch.spec
-        await self._terminate(launch, grace=self.settings.stop_timeout)
+        await launch.terminate(grace=self.settings.stop_timeout)
         tail = await self._log_tail(launch.log_path)
         if timed_out:
             message = (
@@ -428,9 +371,9 @@ class Supervisor:
             )
             status = 504
         else:
-            reason = _last_error_line(tail)
+            reason = last_error_line(tail)
             message = (
-                f"vLLM exited with {_describe_exit(launch.exit_code)} while starting {spec.model}"
+                f"vLLM exited with {describe_exit(launch.exit_code)} while starting {spec.model}"
                 + (f": {reason}" if reason else "")
                 + ". Check the model name and arguments; the log tail has the details."
             )
@@ -469,7 +412,7 @@ class Supervisor:
             S.STARTING, model_spec=spec.raw, model=spec.served_name, log_path=str(path)
         )
         try:
-            process = await self._spawn_vllm(argv, handle)
+            process = await spawn_vllm(argv, handle, child_env(self.settings))
         except OSError as exc:
             message = (
                 f"cannot run {argv[0]!r}: {exc.strerror or exc}. Install vLLM in this environment "
@@ -481,7 +424,7 @@ class Supervisor:
         finally:
             handle.close()  # the child has its own copy
         # Registered before any other await: a cancelled switch must still find and stop it.
-        key = _api_key(spec)
+        key = api_key_of(spec)
         launch = Launch(
             spec=spec,
             process=process,
@@ -492,45 +435,13 @@ class Supervisor:
         )
         self._launch = launch
         self._spawn(self._watch_exit(launch), into=self._watchers)
-        launch.guard_fd, launch.guard = await self._spawn_guard(process.pid)
+        await launch.start_guard(grace=min(self.settings.stop_timeout, 5.0))
         launch.log_path = path = await asyncio.to_thread(name_with_pid, path, process.pid)
         await self.machine.update(pid=process.pid, log_path=str(path))
         if self.settings.health_interval > 0:
             self._spawn(self._watch_health(launch))
         log.info("started vLLM pid %d: %s (log %s)", process.pid, spec.raw, path)
         return launch
-
-    async def _spawn_vllm(self, argv: list[str], handle: BinaryIO) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=handle,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the whole tree can be signalled
-            env=_child_env(self.settings),
-        )
-
-    async def _spawn_guard(self, pgid: int) -> tuple[int | None, asyncio.subprocess.Process | None]:
-        """Start the watchdog that kills the group if this process dies (see watchdog.py)."""
-        read_fd, write_fd = os.pipe()
-        try:
-            guard = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "aic_vllm_proxy.watchdog",
-                str(pgid),
-                str(min(self.settings.stop_timeout, 5.0)),
-                stdin=read_fd,
-                stdout=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        except OSError as exc:  # pragma: no cover - python itself missing
-            log.error("cannot start the watchdog: %s", exc)
-            os.close(write_fd)
-            return None, None
-        finally:
-            os.close(read_fd)
-        return write_fd, guard
 
     async def _watch_exit(self, launch: Launch) -> None:
         """Record the exit; if nobody asked for it, the model has died: say so and clean up."""
@@ -540,7 +451,7 @@ class Supervisor:
         if self._launch is not launch:
             return
         message = (
-            f"vLLM ({launch.spec.model}, pid {launch.pgid}) exited with {_describe_exit(code)} "
+            f"vLLM ({launch.spec.model}, pid {launch.pgid}) exited with {describe_exit(code)} "
             "after it was ready; its engine may have died. Load a model again with POST /switch."
         )
         snap = await self.machine.transition_if(
@@ -554,7 +465,7 @@ class Supervisor:
         log.error("%s", message)
         self.admitting = False
         self._cut_upstreams()
-        await self._terminate(launch, grace=self.settings.stop_timeout)
+        await launch.terminate(grace=self.settings.stop_timeout)
         if self._launch is launch:
             self._launch = None
         tail = await self._log_tail(launch.log_path)
@@ -663,7 +574,7 @@ class Supervisor:
         closed = self._cut_upstreams()
         if closed:
             log.info("closed %d in-flight upstream request(s) of the stopping model", closed)
-        await self._terminate(launch, grace=self._stop_grace())
+        await launch.terminate(grace=self._stop_grace())
         if self._launch is launch:
             self._launch = None
         await self.machine.transition(S.STOPPED, exit_code=launch.exit_code)
@@ -674,35 +585,6 @@ class Supervisor:
         """vLLM given --shutdown-timeout drains itself first: allow for that before SIGKILL."""
         own = self.settings.vllm_shutdown_timeout
         return self.settings.stop_timeout if own is None else max(self.settings.stop_timeout, own + 5.0)
-
-    async def _terminate(self, launch: Launch, *, grace: float) -> None:
-        """SIGTERM the group, wait up to ``grace`` s, SIGKILL what is left, wait until it is gone."""
-        pgid = launch.pgid
-        deadline = time.monotonic() + grace
-        if await asyncio.to_thread(group_alive, pgid):
-            signal_group(pgid, signal.SIGTERM)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(launch.exited.wait(), max(grace, 0.0))
-            while time.monotonic() < deadline and await asyncio.to_thread(group_alive, pgid):
-                await asyncio.sleep(GROUP_POLL)
-            if await asyncio.to_thread(group_alive, pgid):
-                log.warning("vLLM group %d still alive %.0f s after SIGTERM: sending SIGKILL", pgid, grace)
-                signal_group(pgid, signal.SIGKILL)
-            gone_by = time.monotonic() + 10.0
-            while await asyncio.to_thread(group_alive, pgid) and time.monotonic() < gone_by:
-                await asyncio.sleep(GROUP_POLL)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(launch.exited.wait(), 10.0)
-        await self._release_guard(launch)
-
-    async def _release_guard(self, launch: Launch) -> None:
-        if launch.guard_fd is not None:
-            os.close(launch.guard_fd)
-            launch.guard_fd = None
-        if launch.guard is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(launch.guard.wait(), 5.0)
-            launch.guard = None
 
     async def shutdown(self) -> None:
         """On proxy exit: cancel background work, then stop vLLM and wait for its tree to go."""

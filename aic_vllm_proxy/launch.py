@@ -1,0 +1,147 @@
+"""One run of vLLM as an operating-system process tree: how it is started, guarded and killed.
+
+- :func:`spawn_vllm` starts ``vllm serve ...`` in a session (and process group) of its own, with
+  stdout and stderr into its log file, so that its EngineCore and worker children can be found
+  and signalled together.
+- :meth:`Launch.start_guard` starts the watchdog (``watchdog.py``) that kills the group if the
+  proxy dies, even by SIGKILL.
+- :meth:`Launch.terminate` is the only way a group is stopped: SIGTERM to the group, wait, SIGKILL
+  to the group, and wait until no process of it is left.
+
+The supervisor decides *when*; this module knows *how*. Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from aic_vllm_proxy.config import Settings
+from aic_vllm_proxy.procgroup import group_alive, signal_group
+from aic_vllm_proxy.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+GROUP_POLL = 0.05
+
+
+@dataclass(eq=False)
+class Launch:
+    """One run of vLLM: its process (the group leader), log, watchdog and exit."""
+
+    spec: ModelSpec
+    process: asyncio.subprocess.Process
+    log_path: Path
+    guard_fd: int | None
+    guard: asyncio.subprocess.Process | None
+    upstream_headers: dict[str, str]
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    exit_code: int | None = None
+
+    @property
+    def pgid(self) -> int:
+        return self.process.pid
+
+    async def start_guard(self, *, grace: float) -> None:
+        """Start the watchdog that kills the group if this process dies (see watchdog.py)."""
+        read_fd, write_fd = os.pipe()
+        try:
+            self.guard = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "aic_vllm_proxy.watchdog",
+                str(self.pgid),
+                str(grace),
+                stdin=read_fd,
+                stdout=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:  # pragma: no cover - python itself missing
+            log.error("cannot start the watchdog: %s", exc)
+            os.close(write_fd)
+            return
+        finally:
+            os.close(read_fd)
+        self.guard_fd = write_fd
+
+    async def terminate(self, *, grace: float) -> None:
+        """SIGTERM the group, wait up to ``grace`` s, SIGKILL what is left, wait until it is gone."""
+        pgid = self.pgid
+        deadline = time.monotonic() + grace
+        if await asyncio.to_thread(group_alive, pgid):
+            signal_group(pgid, signal.SIGTERM)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.exited.wait(), max(grace, 0.0))
+            while time.monotonic() < deadline and await asyncio.to_thread(group_alive, pgid):
+                await asyncio.sleep(GROUP_POLL)
+            if await asyncio.to_thread(group_alive, pgid):
+                log.warning("vLLM group %d still alive %.0f s after SIGTERM: sending SIGKILL", pgid, grace)
+                signal_group(pgid, signal.SIGKILL)
+            gone_by = time.monotonic() + 10.0
+            while await asyncio.to_thread(group_alive, pgid) and time.monotonic() < gone_by:
+                await asyncio.sleep(GROUP_POLL)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.exited.wait(), 10.0)
+        await self._release_guard()
+
+    async def _release_guard(self) -> None:
+        if self.guard_fd is not None:
+            os.close(self.guard_fd)
+            self.guard_fd = None
+        if self.guard is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.guard.wait(), 5.0)
+            self.guard = None
+
+
+async def spawn_vllm(argv: list[str], log_file: BinaryIO, env: dict[str, str]) -> asyncio.subprocess.Process:
+    """Start vLLM in a new session: its own process group, so the whole tree can be signalled."""
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach the file as they are written
+    if env.get("VLLM_PORT") == str(settings.vllm_port):
+        # VLLM_PORT is vLLM's internal port, not its HTTP port: the same value breaks start-up.
+        log.warning("VLLM_PORT equals --vllm-port (%s); not passing it to vLLM", settings.vllm_port)
+        del env["VLLM_PORT"]
+    return env
+
+
+def api_key_of(spec: ModelSpec) -> str | None:
+    return spec.flag_value("--api-key") or os.environ.get("VLLM_API_KEY") or None
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "an unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
+
+
+def last_error_line(lines: list[str]) -> str:
+    """The most telling line of a failed start: the last error-looking line, else the last line."""
+    for line in reversed(lines):
+        low = line.lower()
+        if "error" in low or "exception" in low or "invalid" in low or "unrecognized" in low:
+            return line.strip()
+    return lines[-1].strip() if lines else ""
