@@ -88,5 +88,8 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(supervisor_ctx)
     app.add_routes(control.routes)
+    for path, methods in control.methods_by_path().items():
+        # A wrong method on one of the proxy's own paths is a 405, not a request for vLLM.
+        app.router.add_route("*", path, control.method_not_allowed(path, methods))
     app.router.add_route("*", "/{path:.*}", passthrough.handle)
     return app

@@ -193,10 +193,10 @@ def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> N
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from aic_vllm_proxy.auth import keyring_from
+
     app = create_app(settings, extra_plugins=extra_plugins)
-    if not (settings.admin_keys or settings.api_keys or settings.keys_file) and not _is_loopback(
-        settings.host
-    ):
+    if not keyring_from(settings).enabled and not _is_loopback(settings.host):
         log.warning(
             "listening on %s without authentication: anyone who can reach port %d can switch "
             "models; bind to 127.0.0.1 or restrict access to the node",
@@ -221,6 +221,9 @@ def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> N
         **SERVER_OPTIONS,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         shutdown_timeout=settings.drain_timeout,  # in-flight requests may finish on SIGTERM
+        # A connection must bring a whole request head within this time (slow headers), and an
+        # idle keep-alive connection is closed after it.
+        keepalive_timeout=min(75.0, settings.client_timeout),
         print=None,
         loop=loop,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -40,13 +41,35 @@ async def status(request: web.Request) -> web.Response:
     return _json(to_json(request.app[SUPERVISOR].status()))
 
 
-async def _switch_request(request: web.Request) -> SwitchRequest:
+async def _read_json(request: web.Request, usage: str) -> object:
+    """A control route's JSON body, within the proxy's limits for client bodies: too long a
+    Content-Length is a 413 at once, a body that stops arriving a 408 after --client-timeout."""
+    settings = request.app[SETTINGS]
+    length = request.content_length
+    if length is not None and length > settings.max_body_size:
+        raise ProxyError(
+            f"the request body has {length} bytes; this proxy accepts at most "
+            f"{settings.max_body_size} (--max-body-size)",
+            status=413,
+            type="invalid_request_error",
+        )
     try:
-        raw = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(
-            f'the body is not valid JSON ({exc}); send {{"model_spec": "MODEL [ARGS]"}}'
+        data = await asyncio.wait_for(request.read(), settings.client_timeout)
+    except asyncio.TimeoutError:
+        raise ProxyError(
+            f"the request body stopped arriving for {settings.client_timeout:g} s (--client-timeout)",
+            status=408,
+            type="invalid_request_error",
         ) from None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # also too deep, or a number too long for Python
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise BadRequest(f"the body is not valid JSON ({reason}); send {usage}") from None
+
+
+async def _switch_request(request: web.Request) -> SwitchRequest:
+    raw = await _read_json(request, '{"model_spec": "MODEL [ARGS]"}')
     if not isinstance(raw, dict):
         raise BadRequest('the body must be a JSON object: {"model_spec": "MODEL [ARGS]"}')
     try:
@@ -91,10 +114,7 @@ async def stop(request: web.Request) -> web.Response:
     """Stop vLLM (after draining in-flight requests; ``{"force": true}`` or ``?force=1`` cuts them)."""
     force = request.query.get("force", "").lower() in ("1", "true", "yes")
     if request.can_read_body:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest('the body must be empty or JSON like {"force": true}') from None
+        body = await _read_json(request, 'an empty body or JSON like {"force": true}')
         force = force or (isinstance(body, dict) and bool(body.get("force")))
     supervisor = request.app[SUPERVISOR]
     return _json(to_json(await asyncio.shield(supervisor.stop(drain=not force))))
@@ -170,3 +190,30 @@ async def logs_stream(request: web.Request) -> web.StreamResponse:
 @routes.get("/plugins")
 async def plugins(request: web.Request) -> web.Response:
     return _json(to_json(PluginList(plugins=request.app[PLUGINS])))
+
+
+def methods_by_path() -> dict[str, list[str]]:
+    """The proxy's own paths and the methods each accepts (GET implies HEAD)."""
+    found: dict[str, set[str]] = {}
+    for route in routes:
+        if isinstance(route, web.RouteDef):
+            found.setdefault(route.path, set()).update(
+                {route.method, "HEAD"} if route.method == "GET" else {route.method}
+            )
+    return {path: sorted(methods) for path, methods in found.items()}
+
+
+def method_not_allowed(
+    path: str, methods: list[str]
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    allowed = ", ".join(methods)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raise ProxyError(
+            f"{request.method} is not allowed on {path}, which is the proxy's own route: use {allowed}",
+            status=405,
+            type="invalid_request_error",
+            headers={"Allow": allowed},
+        )
+
+    return handler

@@ -12,6 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+#: The longest model spec accepted: a command line longer than this is not a model spec (and one
+#: word over 128 KiB could not even be run: the kernel refuses it, E2BIG).
+MAX_SPEC_LENGTH = 64 * 1024
+
 
 class ProcessState(str, Enum):
     """Where the one managed vLLM process is in its life (see ``state.TRANSITIONS``)."""
@@ -29,8 +33,9 @@ class SwitchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_spec: str = Field(
+        max_length=MAX_SPEC_LENGTH,
         description="The model and its vLLM arguments, as on the `vllm serve` command line: "
-        "'MODEL --arg value ...'. Whitespace (newlines included) separates words; quote as in a shell."
+        "'MODEL --arg value ...'. Whitespace (newlines included) separates words; quote as in a shell.",
     )
     wait: bool = Field(
         default=True,

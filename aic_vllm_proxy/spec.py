@@ -13,6 +13,17 @@ from dataclasses import dataclass
 PROXY_OWNED_FLAGS = ("--host", "--port", "--uds")
 
 
+def names_flag(word: str, flag: str) -> bool:
+    """True if vLLM's parser reads ``word`` as the long option ``flag``: ``--flag``,
+    ``--flag=value``, with underscores for dashes (vLLM turns ``--max_model_len`` into
+    ``--max-model-len``), or abbreviated (argparse takes any unambiguous prefix, ``--trust-remote``).
+    """
+    if not word.startswith("--"):
+        return False
+    name = "--" + word[2:].split("=", 1)[0].replace("_", "-")
+    return len(name) >= 4 and flag.startswith(name)
+
+
 class SpecError(ValueError):
     """The spec cannot be used; the message says why and what to write instead."""
 
@@ -40,8 +51,8 @@ class ModelSpec:
                 "write 'MODEL --flag value ...'"
             )
         for word in args:
-            flag = word.split("=", 1)[0]
-            if flag in PROXY_OWNED_FLAGS:
+            flag = next((owned for owned in PROXY_OWNED_FLAGS if names_flag(word, owned)), None)
+            if flag is not None:
                 raise SpecError(
                     f"model_spec sets {flag}, which the proxy owns (it tells vLLM where to listen); "
                     "remove it: configure --vllm-host/--vllm-port on the proxy instead"
@@ -64,7 +75,8 @@ class ModelSpec:
         return value
 
     def has_flag(self, flag: str) -> bool:
-        return any(word == flag or word.startswith(flag + "=") for word in self.args)
+        """True if vLLM would read one of the arguments as ``flag`` (see :func:`names_flag`)."""
+        return any(names_flag(word, flag) for word in self.args)
 
     @property
     def served_name(self) -> str:

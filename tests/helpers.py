@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
+import shlex
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from aic_vllm_proxy.config import simulator_command
 from aic_vllm_proxy.procgroup import group_alive, group_members
@@ -57,3 +65,379 @@ async def async_wait_until(predicate: Callable[[], bool], timeout: float, interv
 def kill_group_now(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Added for the switch / proxy / lifecycle / logs / CLI suites.
+
+#: ``--vllm-command`` for :func:`echo_upstream_main`: a stand-in vLLM that answers /health and
+#: /v1/models and echoes every other request (method, raw target, headers, body hash) as JSON.
+ECHO = f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))} echo-upstream"
+
+
+def sse_data(body: bytes) -> list[str]:
+    """The ``data:`` payloads of an SSE body, in order."""
+    events = []
+    for block in body.decode("utf-8", errors="replace").split("\n\n"):
+        for line in block.split("\n"):
+            if line.startswith("data:"):
+                events.append(line[5:].strip())
+    return events
+
+
+def sse_text(events: list[str]) -> str:
+    """The generated text of chat/completions stream events."""
+    text = []
+    for event in events:
+        if event == "[DONE]":
+            continue
+        data = json.loads(event)
+        for choice in data.get("choices") or []:
+            text.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+    return "".join(text)
+
+
+def kill_groups(groups: set[int]) -> None:
+    for pgid in groups:
+        if group_alive(pgid):
+            kill_group_now(pgid)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
+        return True
+    return False
+
+
+@dataclass
+class Daemon:
+    """``python -m aic_vllm_proxy serve`` as a child process (for module-wide fixtures and CLI
+    tests). ``groups`` collects the pgids of the vLLM launches it reported in /status."""
+
+    url: str
+    port: int
+    vllm_port: int
+    process: subprocess.Popen[bytes]
+    output: Path
+    log_dir: Path
+    groups: set[int] = field(default_factory=set)
+
+    def read_output(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def get(self, path: str, timeout: float = 30) -> Any:
+        import httpx
+
+        response = httpx.get(self.url + path, timeout=timeout)
+        return response
+
+    def status(self) -> dict[str, Any]:
+        body: dict[str, Any] = self.get("/status").json()
+        if body.get("pid"):
+            self.groups.add(int(body["pid"]))
+        return body
+
+    def switch(self, spec: str, timeout: float = 60, **extra: Any) -> tuple[int, dict[str, Any]]:
+        import httpx
+
+        response = httpx.post(self.url + "/switch", json={"model_spec": spec, **extra}, timeout=timeout)
+        body: dict[str, Any] = response.json()
+        pid = (body.get("status") or {}).get("pid")
+        if pid:
+            self.groups.add(int(pid))
+        return response.status_code, body
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """SIGTERM the daemon (it stops vLLM first); anything left is killed."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        kill_groups(self.groups)
+        return self.process.returncode
+
+
+def _answers_as_proxy(url: str) -> bool:
+    import httpx
+
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        response = httpx.get(url + "/proxy/health", timeout=2)
+        return response.status_code == 200 and response.json().get("status") == "ok"
+    return False
+
+
+def start_daemon(
+    workdir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    defaults: bool = True,
+    command: list[str] | None = None,
+    wait: float = 30,
+) -> Daemon:
+    """Start the daemon; with ``defaults`` it listens on 127.0.0.1:<free port> and runs the
+    simulator. Returns once its port accepts connections (raises with its output otherwise)."""
+    port = port or free_port()
+    vllm_port = free_port()
+    log_dir = workdir / f"logs-{port}"
+    output = workdir / f"daemon-{port}.out"
+    argv = command or [sys.executable, "-m", "aic_vllm_proxy", "serve"]
+    if defaults:
+        argv = [
+            *argv, "--host", "127.0.0.1", "--port", str(port), "--vllm-port", str(vllm_port),
+            "--log-dir", str(log_dir), "--vllm-command", SIM, "--stop-timeout", "5",
+        ]  # fmt: skip
+    argv = [*argv, *args]
+    with open(output, "wb") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=workdir
+        )
+    daemon = Daemon(f"http://127.0.0.1:{port}", port, vllm_port, process, output, log_dir)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and process.poll() is None:
+        if port_open(port) and _answers_as_proxy(daemon.url) and process.poll() is None:
+            return daemon  # our daemon, not another process that took the same free port
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"daemon did not start (exit {process.returncode}):\n{daemon.read_output()}")
+
+
+# ------------------------------------------------------------------------------ echo upstream
+
+
+def _parse_echo_args(argv: list[str]) -> dict[str, Any]:
+    opts: dict[str, Any] = {"model": argv[0] if argv and not argv[0].startswith("-") else "echo"}
+    opts.update(host="127.0.0.1", port=8000, served=None, keepalive=5.0)
+    words = iter(argv[1:] if argv and not argv[0].startswith("-") else argv)
+    for word in words:
+        if word == "--host":
+            opts["host"] = next(words)
+        elif word == "--port":
+            opts["port"] = int(next(words))
+        elif word == "--served-model-name":
+            opts["served"] = next(words)
+        elif word == "--keepalive":
+            opts["keepalive"] = float(next(words))
+    return opts
+
+
+def echo_upstream_main(argv: list[str]) -> None:
+    """A minimal upstream that shows what the proxy forwarded (real aiohttp server).
+
+    Idle keep-alive connections are closed after 5 s, as uvicorn does (``--keepalive S``).
+    """
+    from aiohttp import web
+
+    opts = _parse_echo_args(argv)
+    served = opts["served"] or opts["model"]
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": served, "object": "model"}]})
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        if request.path == "/early":
+            # Answer before reading the body and close, like an auth check that rejects a big
+            # upload (uvicorn closes a connection whose request body was not read).
+            payload = json.dumps({"error": {"message": "rejected early", "code": 401}}).encode()
+            early = web.StreamResponse(status=401, headers={"Content-Type": "application/json"})
+            early.content_length = len(payload)
+            early.force_close()
+            await early.prepare(request)
+            await early.write(payload)
+            await early.write_eof()
+            if request.transport is not None:
+                request.transport.close()  # the unread body is never read
+            return early
+        digest = hashlib.sha256()
+        size = 0
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            digest.update(chunk)
+        path = request.path
+        if path == "/gzip":
+            import gzip
+
+            data = gzip.compress(b"compressed payload " * 100)
+            return web.Response(body=data, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
+        body = {
+            "method": request.method,
+            "target": request.raw_path,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],
+            "body_size": size,
+            "body_sha256": digest.hexdigest(),
+        }
+        status = int(request.query.get("status", "200"))
+        response = web.json_response(body, status=status)
+        response.headers["X-Echo"] = "1"
+        response.headers.add("Set-Cookie", "a=1")
+        response.headers.add("Set-Cookie", "b=2")
+        if request.query.get("hop"):
+            response.headers["Connection"] = "keep-alive, X-Hop-Secret"
+            response.headers["X-Hop-Secret"] = "must not pass"
+            response.headers["Keep-Alive"] = "timeout=5"
+        print(f"echo {request.method} {request.raw_path} {status}", flush=True)
+        return response
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    print(f"echo upstream for {served} on {opts['host']}:{opts['port']}", flush=True)
+    web.run_app(
+        app,
+        host=opts["host"],
+        port=opts["port"],
+        print=None,
+        access_log=None,
+        keepalive_timeout=opts["keepalive"],
+        auto_decompress=False,  # report the bytes that arrived, not a decompressed copy
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["echo-upstream"]:
+        echo_upstream_main(sys.argv[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Added for the reliability and security suites (auth/policy, drain, faults, bad input).
+
+
+def sim_groups(vllm_port: int) -> set[int]:
+    """Process groups of the simulator API servers that listen on ``vllm_port`` (from /proc).
+
+    Only the API server's command line has ``--port N``; its EngineCore child shares its process
+    group, so one pgid is one "vLLM". Zombies do not count (they hold nothing)."""
+    needle = b"\x00--port\x00" + str(vllm_port).encode() + b"\x00"
+    groups: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+            if b"aic_vllm_proxy.simulator" not in cmdline or needle not in cmdline + b"\x00":
+                continue
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and fields[0] not in (b"Z", b"X"):
+            groups.add(int(fields[2]))
+    return groups
+
+
+class GroupMonitor:
+    """Polls :func:`sim_groups` in a thread: every vLLM group seen, and the most alive at once.
+
+    Use as a context manager; ``seen`` can be handed to the ``vllm_groups`` fixture."""
+
+    def __init__(self, vllm_port: int, interval: float = 0.02) -> None:
+        import threading
+
+        self.vllm_port = vllm_port
+        self.interval = interval
+        self.seen: set[int] = set()
+        self.max_at_once = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = sim_groups(self.vllm_port)
+            self.seen |= now
+            self.max_at_once = max(self.max_at_once, len(now))
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> GroupMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@dataclass
+class RawReply:
+    """What came back on a raw connection: the bytes, whether the server closed the connection,
+    and after how many seconds (from the last byte we sent) a whole answer came or it closed."""
+
+    data: bytes
+    closed: bool
+    seconds: float
+
+    @property
+    def status(self) -> int | None:
+        line = self.data.split(b"\r\n", 1)[0].split()
+        return int(line[1]) if len(line) > 1 and line[1].isdigit() else None
+
+
+def _complete_response(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip() or 0)
+    return False
+
+
+async def raw_exchange(port: int, data: bytes, *, wait: float, host: str = "127.0.0.1") -> RawReply:
+    """Send ``data`` on a fresh connection and read until a whole response (with Content-Length)
+    has come, the server closes the connection, or ``wait`` seconds pass (then ``closed`` is False
+    and ``data`` has what came). Used for slow and malformed clients."""
+    reader, writer = await asyncio.open_connection(host, port)
+    start = time.monotonic()
+    received = b""
+    closed = False
+    try:
+        writer.write(data)
+        await writer.drain()
+        start = time.monotonic()
+        deadline = start + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), left)
+            except asyncio.TimeoutError:
+                break
+            except ConnectionError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            received += chunk
+            if _complete_response(received):
+                break  # a whole answer: the time until it came is what counts
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    return RawReply(received, closed, time.monotonic() - start)
+
+
+def metric_total(text: str, name: str) -> float:
+    """The sum of the samples of one Prometheus metric in ``text``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
