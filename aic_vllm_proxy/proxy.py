@@ -172,10 +172,7 @@ class Passthrough:
             reused = conn.used > 0
             try:
                 if streamed:
-                    head = self._head(request, length=length, chunked=length is None)
-                    await conn.start_streaming(
-                        head, self._stream_body(request), chunked=length is None, no_body_expected=no_body
-                    )
+                    return conn, await self._upload(conn, request, length, no_body)
                 else:
                     body_length = len(small) if small is not None else None
                     conn.start(
@@ -197,6 +194,32 @@ class Passthrough:
                 conn.abort()
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _upload(
+        self, conn: UpstreamConnection, request: web.Request, length: int | None, no_body: bool
+    ) -> ResponseHead:
+        """Stream a large body to vLLM while watching for its answer: vLLM may answer before the
+        body is complete (an error, say), and then that answer is what the client gets."""
+        head = self._head(request, length=length, chunked=length is None)
+        sending = asyncio.ensure_future(
+            conn.start_streaming(
+                head, self._stream_body(request), chunked=length is None, no_body_expected=no_body
+            )
+        )
+        answer = asyncio.ensure_future(conn.head())
+        try:
+            await asyncio.wait((sending, answer), return_when=asyncio.FIRST_COMPLETED)
+            answered = answer.done() and not answer.cancelled() and answer.exception() is None
+            body_sent = sending.done() and sending.exception() is None
+            if answered and not body_sent:  # vLLM answered before taking the whole body
+                conn.keep_alive_off()  # the rest of the body was not sent
+                return answer.result()
+            sending.result()  # the body went out (or raises why not)
+            return await answer
+        finally:
+            for task in (sending, answer):
+                if not task.done():
+                    task.cancel()
 
     def _head(self, request: web.Request, *, length: int | None, chunked: bool) -> bytes:
         return request_head(

@@ -97,6 +97,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.used = 0  # requests sent on this connection
         self.idle_since = time.monotonic()
         self._closed = False
+        self._closed_after = False  # do not reuse after this request
         self._writable: asyncio.Future[None] | None = None
         self._reset()
 
@@ -157,6 +158,10 @@ class UpstreamConnection(asyncio.Protocol):
     async def head(self) -> ResponseHead:
         return await self._head
 
+    def keep_alive_off(self) -> None:
+        """Do not reuse this connection (the request on it was not sent completely)."""
+        self._closed_after = True
+
     def attach(self, sink: Sink, is_full: Callable[[], bool] = _never_full) -> None:
         """Send the payload to ``sink`` from now on (what came early is passed at once).
         ``is_full()`` says when the sink has too much waiting: reading from vLLM then pauses
@@ -180,6 +185,7 @@ class UpstreamConnection(asyncio.Protocol):
             and not self._head.cancelled()
             and self._head.exception() is None
             and self._head.result().keep_alive
+            and not self._closed_after
             and self.transport is not None
             and not self.transport.is_closing()
         )
@@ -433,6 +439,7 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection after a complete response; anything else is closed."""
         if conn.reusable:
+            conn.resume()  # the last piece may have paused reading (back-pressure): read again
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:

@@ -496,6 +496,7 @@ async def _main(args: argparse.Namespace) -> int:
         access_log=None,
         handler_cancellation=True,
         shutdown_timeout=0.5,
+        keepalive_timeout=5.0,  # uvicorn's timeout_keep_alive, as vLLM runs it
     )
     await runner.setup()
     site = web.SockSite(runner, sock, backlog=2048)

@@ -1,0 +1,158 @@
+"""GET /logs/current, /logs/tail and /logs/stream, and the log file of each launch."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from helpers import FAST
+
+QUIET = f"--disable-uvicorn-access-log --disable-log-stats {FAST}"
+LOG_NAME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d_pid-(\d+)\.log$")
+
+
+async def loaded(make_proxy: Any, spec: str = f"sim/logs {QUIET}") -> tuple[Any, Path]:
+    """A proxy with a model loaded and quiet (no health checks, no access log lines)."""
+    proxy = await make_proxy(health_interval=0)
+    code, body = await proxy.switch(spec)
+    assert code == 200, body
+    return proxy, Path(body["status"]["log_path"])
+
+
+async def get(proxy: Any, path: str) -> tuple[int, aiohttp.typedefs.LooseHeaders, bytes]:
+    async with proxy.session.get(proxy.url + path) as resp:
+        return resp.status, resp.headers, await resp.read()
+
+
+async def test_no_log_yet_is_404(make_proxy: Any) -> None:
+    proxy = await make_proxy()
+    for path in ("/logs/current", "/logs/tail", "/logs/tail?lines=5", "/logs/stream"):
+        async with proxy.session.get(proxy.url + path) as resp:
+            assert resp.status == 404, path
+            assert resp.content_type == "application/json"
+            error = (await resp.json())["error"]
+        assert "No vLLM log yet" in error["message"] and "/switch" in error["message"]
+        assert error["code"] == 404
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "10000000", "1.5", "100001"])
+async def test_bad_lines_values_are_400(make_proxy: Any, value: str) -> None:
+    proxy = await make_proxy()
+    for path in ("/logs/tail", "/logs/stream"):
+        async with proxy.session.get(proxy.url + path, params={"lines": value}) as resp:
+            assert resp.status == 400, (path, value)
+            error = (await resp.json())["error"]
+        assert "lines must" in error["message"] and error["param"] == "lines"
+
+
+async def test_tail_gives_exactly_n_lines(make_proxy: Any) -> None:
+    proxy, path = await loaded(make_proxy)
+    with open(path, "ab") as handle:
+        handle.write(b"".join(b"appended line %04d\n" % i for i in range(1000)))
+    lines = path.read_text().splitlines()
+    for n in (1, 7, 200, 999, 1000):
+        code, _, body = await get(proxy, f"/logs/tail?lines={n}")
+        assert code == 200
+        text = body.decode()
+        assert text.endswith("\n")
+        assert text.splitlines() == lines[-n:], n
+    code, _, body = await get(proxy, "/logs/tail")  # the default is 200
+    assert body.decode().splitlines() == lines[-200:]
+    assert body.decode().splitlines()[-1] == "appended line 0999"
+    code, _, body = await get(proxy, "/logs/tail?lines=100000")  # more than the file has
+    assert body.decode().splitlines() == lines
+    assert body.decode().splitlines()[0].startswith("# aic-vllm-proxy ")
+    with open(path, "ab") as handle:  # a last line without its newline (yet) counts
+        handle.write(b"complete\npartial line")
+    code, _, body = await get(proxy, "/logs/tail?lines=2")
+    assert code == 200
+    assert body.decode().splitlines() == ["complete", "partial line"]
+
+
+async def test_current_streams_the_whole_file(make_proxy: Any) -> None:
+    proxy, path = await loaded(make_proxy)
+    block = b"".join(b"%08d the quick brown fox jumps over the lazy dog\n" % i for i in range(100_000))
+    with open(path, "ab") as handle:  # ~5.5 MB of log
+        handle.write(block)
+    expected = path.read_bytes()
+    assert len(expected) > 5_000_000
+    async with proxy.session.get(proxy.url + "/logs/current") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        assert resp.headers.get("Transfer-Encoding") == "chunked"  # streamed, not built in memory
+        assert "Content-Length" not in resp.headers
+        pieces = [chunk async for chunk in resp.content.iter_chunked(1 << 16)]
+    assert b"".join(pieces) == expected
+    assert expected.startswith(b"# aic-vllm-proxy ")
+    header = expected.split(b"\n", 1)[0] + b"\n"
+    assert len(expected) > len(header) + len(block)  # vLLM's own output is in the same file
+
+
+async def test_each_launch_has_its_own_file(make_proxy: Any) -> None:
+    proxy, first = await loaded(make_proxy, f"sim/one {QUIET}")
+    first_pid = (await proxy.status())["pid"]
+    code, body = await proxy.switch(f"sim/two {QUIET}")
+    assert code == 200, body
+    second = Path(body["status"]["log_path"])
+    second_pid = body["status"]["pid"]
+    assert first != second and first.exists() and second.exists()
+    assert first.parent == second.parent == Path(proxy.settings.log_dir)
+    names = sorted(p.name for p in first.parent.iterdir())
+    assert names == sorted([first.name, second.name])
+    for path, pid, model in ((first, first_pid, "sim/one"), (second, second_pid, "sim/two")):
+        match = LOG_NAME.match(path.name)
+        assert match, path.name
+        assert int(match.group(1)) == pid
+        header = path.read_text().splitlines()[0]
+        assert header.startswith("# aic-vllm-proxy ") and "launching: " in header
+        assert f" {model} " in header and "--port" in header
+    code, _, current = await get(proxy, "/logs/current")
+    assert current == second.read_bytes()
+    assert b"sim/two" in current and b"sim/one" not in current
+
+
+async def test_log_of_a_failed_start_stays_readable(make_proxy: Any) -> None:
+    proxy = await make_proxy()
+    code, body = await proxy.switch(f"sim/bad --bogus {FAST}")
+    assert code >= 500, body
+    code, _, tail = await get(proxy, "/logs/tail?lines=20")
+    assert code == 200
+    assert b"unrecognized arguments: --bogus" in tail
+    status = await proxy.status()
+    assert status["log_path"] and LOG_NAME.match(Path(status["log_path"]).name)
+    # Following the log of a process that has ended gives its last lines and ends at once.
+    async with proxy.session.get(proxy.url + "/logs/stream?lines=5") as resp:
+        assert resp.status == 200
+        text = await asyncio.wait_for(resp.text(), 5)
+    assert len(text.splitlines()) == 5 and "unrecognized arguments: --bogus" in text
+
+
+async def test_stream_follows_until_the_process_ends(make_proxy: Any) -> None:
+    proxy, path = await loaded(make_proxy)
+    with open(path, "ab") as handle:
+        handle.write(b"marker-1\nmarker-2\n")
+    received = b""
+    async with proxy.session.get(proxy.url + "/logs/stream?lines=2") as resp:
+        assert resp.status == 200
+        deadline = time.monotonic() + 10
+        while b"marker-2\n" not in received and time.monotonic() < deadline:
+            received += await asyncio.wait_for(resp.content.readany(), 10)
+        assert received == b"marker-1\nmarker-2\n"
+        with open(path, "ab") as handle:
+            handle.write(b"live line\n")
+        while b"live line\n" not in received and time.monotonic() < deadline:
+            received += await asyncio.wait_for(resp.content.readany(), 10)
+        assert received.endswith(b"live line\n")
+        stopper = asyncio.ensure_future(proxy.session.post(proxy.url + "/stop"))
+        rest = await asyncio.wait_for(resp.content.read(), 15)  # ends when the process ends
+        (await stopper).release()
+    assert b"Shutting down" in rest or b"shutdown" in rest.lower()
+    assert received + rest == path.read_bytes()[-len(received + rest) :]
+    # The stopped launch's log stays readable.
+    code, _, tail = await get(proxy, "/logs/tail?lines=1")
+    assert code == 200 and tail.decode().splitlines() == path.read_text().splitlines()[-1:]
