@@ -567,8 +567,9 @@ async def test_ipv6_loopback_upstream(make_proxy: Any) -> None:
 
 
 async def test_crash_mid_stream_is_never_a_clean_end(make_proxy: Any) -> None:
+    # "cut": the connection to vLLM breaks with no end of stream (a killed process does this).
     proxy = await make_proxy()
-    spec = f"sim/crashy --sim-crash-on-request 1 --sim-token-delay 0.05 {FAST}"
+    spec = f"sim/crashy --sim-crash-on-request 1 --sim-token-delay 0.05 --sim-abort-stream cut {FAST}"
     status, body = await proxy.switch(spec)
     assert status == 200, body
     raw = b""
@@ -595,6 +596,23 @@ async def test_crash_mid_stream_is_never_a_clean_end(make_proxy: Any) -> None:
     while time.monotonic() < deadline and (await proxy.status())["state"] != "failed":
         await asyncio.sleep(0.05)
     assert (await proxy.status())["state"] == "failed"
+
+
+async def test_vllm_error_event_on_engine_death_passes_through(make_proxy: Any) -> None:
+    # What vLLM 0.32 itself does when its engine dies mid-stream: an error event, then [DONE].
+    proxy = await make_proxy()
+    status, body = await proxy.switch(f"sim/err --sim-crash-on-request 1 --sim-token-delay 0.05 {FAST}")
+    assert status == 200, body
+    async with proxy.session.post(
+        proxy.url + "/v1/chat/completions",
+        json={**chat("x"), "model": "sim/err", "max_tokens": 40, "stream": True},
+    ) as resp:
+        assert resp.status == 200
+        raw = await resp.read()
+    events = sse_data(raw)
+    errors = [json.loads(e)["error"] for e in events if e.startswith('{"error"')]
+    assert errors and errors[0]["code"] == 500, raw[-300:]
+    assert sse_text([e for e in events if '"choices"' in e]).startswith(" tok0")
 
 
 async def test_crash_mid_stream_through_the_openai_client(make_proxy: Any) -> None:

@@ -172,7 +172,7 @@ def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--sim-abort-stream",
         choices=["cut", "error"],
-        default="cut",
+        default="error",
         help="How in-flight streams end on engine death or abort-mode shutdown: 'cut' "
         "closes the connection without data: [DONE]; 'error' sends vLLM's error event "
         "then data: [DONE] (what vLLM 0.32 does).",
