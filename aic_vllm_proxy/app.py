@@ -7,16 +7,16 @@ Shutdown runs them backwards: vLLM is stopped (and its whole tree gone) before t
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from aic_vllm_proxy import control
-from aic_vllm_proxy.auth import auth_middleware, keyring_from
+from aic_vllm_proxy.auth import KeyRing, authorize, keyring_from
 from aic_vllm_proxy.config import Settings
-from aic_vllm_proxy.errors import error_middleware
+from aic_vllm_proxy.errors import ProxyError, http_exception_response
 from aic_vllm_proxy.keys import HOOKS, PLUGINS, POOL, SETTINGS, SUPERVISOR, UPSTREAM
 from aic_vllm_proxy.plugins import HookRunner, load_plugins
 from aic_vllm_proxy.proxy import Passthrough
@@ -24,6 +24,7 @@ from aic_vllm_proxy.supervisor import Supervisor
 from aic_vllm_proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: vLLM (uvicorn) closes idle keep-alive connections after 5 s; drop ours before that.
 UPSTREAM_KEEPALIVE = 4.0
@@ -62,12 +63,33 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+def _guard(handler: Handler, keys: KeyRing) -> Handler:
+    """Every route's handler runs inside this: the key check (when keys are configured) and
+    errors as OpenAI-style JSON bodies."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            if keys.enabled:
+                authorize(keys, request)
+            return await handler(request)
+        except ProxyError as exc:
+            return exc.response()
+        except web.HTTPException as exc:
+            response = http_exception_response(exc)
+            if response is None:
+                raise
+            return response
+
+    return guarded
+
+
 def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]] = ()) -> web.Application:
     """The daemon's application. Plugins are loaded here, explicitly, not at import time."""
     pm, infos = load_plugins(settings, extra_plugins)
     keys = keyring_from(settings)
-    middlewares = [error_middleware] + ([auth_middleware(keys)] if keys.enabled else [])
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_size)
+    # No middlewares: each handler is wrapped once by _guard (aiohttp's middleware chain would
+    # cost every proxied request more).
+    app = web.Application(client_max_size=settings.max_body_size)
     app[SETTINGS] = settings
     app[HOOKS] = HookRunner(pm, settings)
     app[PLUGINS] = infos
@@ -87,9 +109,12 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
 
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(supervisor_ctx)
-    app.add_routes(control.routes)
+    for route in control.routes:
+        if isinstance(route, web.RouteDef):
+            guarded = web.RouteDef(route.method, route.path, _guard(route.handler, keys), route.kwargs)
+            guarded.register(app.router)
     for path, methods in control.methods_by_path().items():
         # A wrong method on one of the proxy's own paths is a 405, not a request for vLLM.
-        app.router.add_route("*", path, control.method_not_allowed(path, methods))
-    app.router.add_route("*", "/{path:.*}", passthrough.handle)
+        app.router.add_route("*", path, _guard(control.method_not_allowed(path, methods), keys))
+    app.router.add_route("*", "/{path:.*}", _guard(passthrough.handle, keys))
     return app

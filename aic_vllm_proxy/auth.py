@@ -12,7 +12,6 @@ The proxy's own key is never forwarded to vLLM.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
 from enum import Enum
 from pathlib import Path
 
@@ -102,14 +101,10 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip()
 
 
-def auth_middleware(keys: KeyRing) -> Callable[..., Awaitable[web.StreamResponse]]:
-    @web.middleware
-    async def middleware(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        needed = required_role(request.path)
-        if needed is None:
-            return await handler(request)
+def authorize(keys: KeyRing, request: web.Request) -> None:
+    """Raise a 401/403 :class:`ProxyError` unless the request's key may call its path."""
+    needed = required_role(request.path)
+    if needed is not None:
         token = _bearer(request)
         role = keys.role_of(token) if token else None
         if role is None:
@@ -129,6 +124,3 @@ def auth_middleware(keys: KeyRing) -> Callable[..., Awaitable[web.StreamResponse
                 status=403,
                 type="permission_error",
             )
-        return await handler(request)
-
-    return middleware

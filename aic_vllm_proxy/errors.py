@@ -102,16 +102,10 @@ def simple_error(status: int, message: str, type: str, **extra: Any) -> web.Resp
     return error_response(status, ErrorDetail(message=message, type=type, code=status, **extra))
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Turn :class:`ProxyError` and aiohttp's own HTTP errors into OpenAI-style bodies."""
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except ProxyError as exc:
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400 or exc.content_type == "application/json":
-            raise
-        kind = "invalid_request_error" if exc.status < 500 else "internal_error"
-        return simple_error(exc.status, exc.text or exc.reason, kind)
+def http_exception_response(exc: web.HTTPException) -> web.StreamResponse | None:
+    """aiohttp's own HTTP error (e.g. 413 from ``request.read()``) as an OpenAI-style body;
+    None for what should pass as it is (redirects, bodies that are JSON already)."""
+    if exc.status < 400 or exc.content_type == "application/json":
+        return None
+    kind = "invalid_request_error" if exc.status < 500 else "internal_error"
+    return simple_error(exc.status, exc.text or exc.reason, kind)
