@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.catalog import CatalogInfo, PolicyError, resolve
-from aic_vllm_proxy.errors import BadRequest, ProxyError
+from aic_vllm_proxy.errors import BadRequest, ProxyError, body_stalled, body_too_large
 from aic_vllm_proxy.keys import PLUGINS, SETTINGS, SUPERVISOR
 from aic_vllm_proxy.logs import follow, iter_file, parse_lines_param, tail_lines_async
 from aic_vllm_proxy.models import PluginList, SwitchRequest, to_json
@@ -47,20 +47,11 @@ async def _read_json(request: web.Request, usage: str) -> object:
     settings = request.app[SETTINGS]
     length = request.content_length
     if length is not None and length > settings.max_body_size:
-        raise ProxyError(
-            f"the request body has {length} bytes; this proxy accepts at most "
-            f"{settings.max_body_size} (--max-body-size)",
-            status=413,
-            type="invalid_request_error",
-        )
+        raise body_too_large(settings.max_body_size, length)
     try:
         data = await asyncio.wait_for(request.read(), settings.client_timeout)
     except asyncio.TimeoutError:
-        raise ProxyError(
-            f"the request body stopped arriving for {settings.client_timeout:g} s (--client-timeout)",
-            status=408,
-            type="invalid_request_error",
-        ) from None
+        raise body_stalled(settings.client_timeout) from None
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:  # also too deep, or a number too long for Python

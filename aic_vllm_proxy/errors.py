@@ -86,6 +86,25 @@ class SwitchFailed(ProxyError):
         self.log_tail = log_tail or []
 
 
+def body_too_large(limit: int, size: int | None = None) -> ProxyError:
+    """413 for a request body over ``--max-body-size`` (``size`` when the client announced it)."""
+    said = f"has {size} bytes" if size is not None else f"is larger than {limit} bytes"
+    return ProxyError(
+        f"the request body {said}; this proxy accepts at most {limit} (--max-body-size)",
+        status=413,
+        type="invalid_request_error",
+    )
+
+
+def body_stalled(timeout: float) -> ProxyError:
+    """408 for a request body that stopped arriving for ``--client-timeout`` seconds."""
+    return ProxyError(
+        f"the request body stopped arriving for {timeout:g} s (--client-timeout)",
+        status=408,
+        type="invalid_request_error",
+    )
+
+
 def error_response(
     status: int, detail: ErrorDetail, *, headers: dict[str, str] | None = None
 ) -> web.Response:

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterable
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from aic_vllm_proxy.errors import BadRequest, ProxyError, UpstreamError
+from aic_vllm_proxy.errors import BadRequest, UpstreamError, body_stalled, body_too_large
 from aic_vllm_proxy.models import ProcessState
 from aic_vllm_proxy.supervisor import Supervisor
 from aic_vllm_proxy.upstream import (
@@ -138,12 +138,7 @@ class Passthrough:
             raise BadRequest(f"cannot forward request target {request.raw_path!r}: expected a path")
         length = request.content_length
         if length is not None and length > self.max_body_size:
-            raise ProxyError(
-                f"the request body has {length} bytes; this proxy accepts at most "
-                f"{self.max_body_size} (--max-body-size)",
-                status=413,
-                type="invalid_request_error",
-            )
+            raise body_too_large(self.max_body_size, length)
         if sup.machine.state is not ProcessState.READY or not sup.admitting:
             await sup.wait_for_model(self.wait_timeout)
         sup.request_started()
@@ -238,7 +233,7 @@ class Passthrough:
         try:
             return await asyncio.wait_for(request.read(), self.client_timeout)
         except asyncio.TimeoutError:
-            raise self._slow_client() from None
+            raise body_stalled(self.client_timeout) from None
 
     async def _stream_body(self, request: web.Request) -> AsyncIterator[bytes]:
         """A large or chunked body, passed upstream as it arrives, within the size limit."""
@@ -248,24 +243,13 @@ class Passthrough:
             try:
                 chunk = await asyncio.wait_for(content.readany(), self.client_timeout)
             except asyncio.TimeoutError:
-                raise self._slow_client() from None
+                raise body_stalled(self.client_timeout) from None
             if not chunk:
                 return
             seen += len(chunk)
             if seen > self.max_body_size:
-                raise ProxyError(
-                    f"the request body is larger than {self.max_body_size} bytes (--max-body-size)",
-                    status=413,
-                    type="invalid_request_error",
-                )
+                raise body_too_large(self.max_body_size)
             yield chunk
-
-    def _slow_client(self) -> ProxyError:
-        return ProxyError(
-            f"the request body stopped arriving for {self.client_timeout:g} s (--client-timeout)",
-            status=408,
-            type="invalid_request_error",
-        )
 
     def _unreachable(self, exc: BaseException) -> UpstreamError:
         sup = self.supervisor

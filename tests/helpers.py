@@ -441,3 +441,31 @@ def metric_total(text: str, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+#: No start-up delays at all (for tests about switching and draining, not loading).
+QUICK = "--sim-import-delay 0 --sim-load-delay 0"
+CHAT = "/v1/chat/completions"
+
+
+def chat_request(
+    model: str, *, stream: bool, max_tokens: int = 8, content: str = "Hello there"
+) -> dict[str, Any]:
+    """A chat completion request body."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+async def wait_state(proxy: Any, state: str, timeout: float = 20) -> dict[str, Any]:
+    """Poll the proxy's /status until its state is ``state`` (asserting it gets there)."""
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = await proxy.status()
+    while status["state"] != state and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        status = await proxy.status()
+    assert status["state"] == state, status
+    return status

@@ -13,9 +13,12 @@ from typing import Any
 
 import aiohttp
 from helpers import (
+    CHAT,
     FAST,
+    QUICK,
     GroupMonitor,
     async_wait_until,
+    chat_request,
     group_members,
     port_open,
     sim_groups,
@@ -23,22 +26,10 @@ from helpers import (
     wait_until,
 )
 
-CHAT = "/v1/chat/completions"
-QUICK = "--sim-import-delay 0 --sim-load-delay 0"
-
-
-def chat(model: str, *, stream: bool, max_tokens: int = 8) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": "Tell me a story"}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-    }
-
 
 async def open_stream(session: aiohttp.ClientSession, url: str, model: str, tokens: int) -> Any:
     """A streaming chat request whose first event has arrived (so it is in flight)."""
-    resp = await session.post(url + CHAT, json=chat(model, stream=True, max_tokens=tokens))
+    resp = await session.post(url + CHAT, json=chat_request(model, stream=True, max_tokens=tokens))
     assert resp.status == 200, await resp.text()
     first = await asyncio.wait_for(resp.content.readany(), 15)
     assert first.startswith(b"data:")
@@ -87,7 +78,9 @@ async def test_switch_drains_in_flight_requests(make_proxy: Any) -> None:
     assert await async_wait_until(lambda: not proxy.supervisor.admitting, 10)
     assert (await proxy.status())["in_flight"] == 2
     # model-b does not exist on model-a's vLLM (404): a 200 proves this request waited for model-b.
-    late = asyncio.ensure_future(proxy.session.post(proxy.url + CHAT, json=chat("model-b", stream=False)))
+    late = asyncio.ensure_future(
+        proxy.session.post(proxy.url + CHAT, json=chat_request("model-b", stream=False))
+    )
     for resp in streams:
         events, clean = await finish_stream(resp)
         assert clean and completed(events, 40), events[-3:]
@@ -152,7 +145,7 @@ async def test_stop_drains_and_force_stop_does_not(make_proxy: Any) -> None:
     assert time.monotonic() - started < 20
     events, _ = await asyncio.wait_for(finish_stream(resp), 15)
     assert "[DONE]" not in events
-    async with proxy.session.post(proxy.url + CHAT, json=chat("model-a", stream=False)) as after:
+    async with proxy.session.post(proxy.url + CHAT, json=chat_request("model-a", stream=False)) as after:
         assert after.status == 503  # stopped: nothing to wait for
 
 
@@ -180,7 +173,7 @@ async def test_waiting_is_bounded_in_number_and_time(make_proxy: Any) -> None:
 
     async def request() -> tuple[int, dict[str, Any], dict[str, str], float]:
         started = time.monotonic()
-        async with proxy.session.post(proxy.url + CHAT, json=chat("m", stream=False)) as resp:
+        async with proxy.session.post(proxy.url + CHAT, json=chat_request("m", stream=False)) as resp:
             return resp.status, await resp.json(), dict(resp.headers), time.monotonic() - started
 
     waiting = [asyncio.ensure_future(request()) for _ in range(2)]

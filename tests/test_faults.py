@@ -21,28 +21,18 @@ from typing import Any
 import aiohttp
 import pytest
 from helpers import (
+    CHAT,
     FAST,
+    QUICK,
     GroupMonitor,
     async_wait_until,
+    chat_request,
     group_members,
     process_exists,
     sim_groups,
     sse_data,
     wait_until,
 )
-
-#: No start-up delays: the storm is about switching, not loading.
-QUICK = "--sim-import-delay 0 --sim-load-delay 0"
-CHAT = "/v1/chat/completions"
-
-
-def chat(model: str, *, stream: bool, max_tokens: int = 8) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": "Hello there"}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-    }
 
 
 async def read_stream(resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
@@ -104,7 +94,7 @@ async def test_100_switches_under_concurrent_load(
     per_request_timeout = 45.0
 
     async def one(stream: bool) -> str:
-        async with proxy.session.post(proxy.url + CHAT, json=chat("shared", stream=stream)) as resp:
+        async with proxy.session.post(proxy.url + CHAT, json=chat_request("shared", stream=stream)) as resp:
             if resp.status == 503:
                 body = await resp.json()
                 assert_openai_error(body, 503)
@@ -202,7 +192,9 @@ async def test_100_switches_under_concurrent_load(
 
 
 async def _start_stream(proxy: Any, model: str, max_tokens: int) -> aiohttp.ClientResponse:
-    resp = await proxy.session.post(proxy.url + CHAT, json=chat(model, stream=True, max_tokens=max_tokens))
+    resp = await proxy.session.post(
+        proxy.url + CHAT, json=chat_request(model, stream=True, max_tokens=max_tokens)
+    )
     assert resp.status == 200
     first = await asyncio.wait_for(resp.content.readany(), 10)
     assert first.startswith(b"data:")
@@ -212,7 +204,7 @@ async def _start_stream(proxy: Any, model: str, max_tokens: int) -> aiohttp.Clie
 async def _expect_recovery(proxy: Any, spec: str) -> None:
     status, body = await proxy.switch(spec)
     assert status == 200, body
-    async with proxy.session.post(proxy.url + CHAT, json=chat("m", stream=False)) as resp:
+    async with proxy.session.post(proxy.url + CHAT, json=chat_request("m", stream=False)) as resp:
         assert resp.status == 200, await resp.text()
 
 
@@ -236,7 +228,7 @@ async def test_vllm_sigkilled_mid_stream(make_proxy: Any, vllm_groups: set[int])
     assert after["state"] == "failed" and after["exit_code"] == -9, after
     assert "SIGKILL" in after["error"] and after["running"] is False and after["pid"] is None
     assert await gone(pgid)
-    async with proxy.session.post(proxy.url + CHAT, json=chat("m", stream=False)) as resp:
+    async with proxy.session.post(proxy.url + CHAT, json=chat_request("m", stream=False)) as resp:
         assert resp.status == 503
         error = assert_openai_error(await resp.json(), 503)
         assert "POST /switch" in error["message"]
@@ -323,7 +315,7 @@ async def test_vllm_exits_0_after_ready(make_proxy: Any, vllm_groups: set[int]) 
     after = await proxy.status()
     assert after["exit_code"] == 0 and after["running"] is False, after
     assert "exited with status 0" in after["error"] or "engine has died" in after["error"], after
-    async with proxy.session.post(proxy.url + CHAT, json=chat("m", stream=False)) as resp:
+    async with proxy.session.post(proxy.url + CHAT, json=chat_request("m", stream=False)) as resp:
         assert resp.status == 503
         error = assert_openai_error(await resp.json(), 503)
         assert "POST /switch" in error["message"]
@@ -386,7 +378,9 @@ async def test_proxy_sigkilled_during_streaming(spawn_proxy: Any, vllm_groups: s
             assert resp.status == 200
             pgid = (await resp.json())["status"]["pid"]
         vllm_groups.add(pgid)
-        async with session.post(proxy.url + CHAT, json=chat("m", stream=True, max_tokens=500)) as resp:
+        async with session.post(
+            proxy.url + CHAT, json=chat_request("m", stream=True, max_tokens=500)
+        ) as resp:
             assert resp.status == 200
             assert (await asyncio.wait_for(resp.content.readany(), 10)).startswith(b"data:")
             _kill_proxy(proxy.process)

@@ -14,18 +14,7 @@ import time
 from typing import Any
 
 import httpx
-from helpers import FAST, group_members, process_exists, wait_until
-
-
-async def wait_state(proxy: Any, state: str, timeout: float = 20) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    status: dict[str, Any] = await proxy.status()
-    while status["state"] != state and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        status = await proxy.status()
-    assert status["state"] == state, status
-    return status
-
+from helpers import FAST, group_members, process_exists, wait_state, wait_until
 
 # ------------------------------------------------------------------- death after ready
 

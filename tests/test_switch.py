@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helpers import FAST, SIM, group_members, process_exists
+from helpers import FAST, SIM, group_members, process_exists, wait_state
 
 STATUS_FIELDS = {
     "running", "pid", "model_spec", "vllm_base", "log_path", "state", "model", "started_at",
@@ -22,16 +22,6 @@ STATUS_FIELDS = {
 
 def cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
-
-
-async def wait_state(proxy: Any, state: str, timeout: float = 20) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    status: dict[str, Any] = await proxy.status()
-    while status["state"] != state and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        status = await proxy.status()
-    assert status["state"] == state, status
-    return status
 
 
 async def post_raw(proxy: Any, path: str, data: bytes) -> tuple[int, dict[str, Any]]:
