@@ -122,7 +122,7 @@ async def test_vllm_paths_are_not_shadowed(sim: Daemon, http: aiohttp.ClientSess
         assert (await resp.json())["version"] == VLLM_VERSION
     async with http.get(sim.url + "/metrics") as resp:
         assert resp.status == 200
-        assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert resp.headers["Content-Type"] == "text/plain; version=1.0.0; charset=utf-8"
         assert 'vllm:num_requests_running{engine="0",model_name="sm"}' in await resp.text()
     async with http.get(sim.url + "/v1/models") as resp:
         assert resp.status == 200 and resp.content_type == "application/json"

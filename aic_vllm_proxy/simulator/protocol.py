@@ -84,12 +84,13 @@ def _fail(kind: str, loc: Sequence[Any], msg: str, value: Any = _MISSING) -> Val
 
 
 def model_not_found(model: str, served: Sequence[str]) -> ApiError:
-    return ApiError(
+    error = ApiError(
         f"The model `{model}` does not exist. Valid aliases: {', '.join(served)}.",
         err_type="NotFoundError",
         status=404,
-        param="model",
     )
+    error.param = "model"  # named in the body, but vLLM adds no "(parameter=model)" to this message
+    return error
 
 
 def check_content_type(content_type: str | None) -> None:

@@ -35,7 +35,7 @@ from . import VLLM_VERSION
 from .cli import non_default_args
 from .engine_client import EngineProcess
 from .logfmt import PY_SITE, ProcessLog, traceback_text, uvicorn_level_number
-from .server import ROUTES, build_app
+from .server import build_app, routes_of
 from .state import ENGINE_DEAD_MESSAGE, SimConfig, SimState
 
 DEFAULT_MAX_MODEL_LEN = 32768
@@ -75,6 +75,23 @@ class ModelNotFound(Exception):
     pass
 
 
+#: Architectures that vLLM runs as pooling (embedding) models when ``--runner auto``.
+POOLING_ARCHITECTURES = frozenset(
+    {"BertModel", "RobertaModel", "XLMRobertaModel", "NomicBertModel", "ModernBertModel", "GteModel"}
+)
+SUPPORTED_TASKS = {"generate": "['generate']", "pooling": "['token_embed', 'embed']"}
+
+
+def runner_of(args: argparse.Namespace, arch: str) -> str:
+    """``generate`` or ``pooling``, as vLLM picks it from ``--runner``, ``--convert`` and the
+    architecture (the pooling runner serves /v1/embeddings and no completions)."""
+    if args.runner in ("generate", "draft"):
+        return "generate"
+    if args.runner == "pooling" or args.convert in ("embed", "classify"):
+        return "pooling"
+    return "pooling" if arch in POOLING_ARCHITECTURES else "generate"
+
+
 def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~"))
 
@@ -99,6 +116,12 @@ def resolve_model(model: str, max_model_len: int | None) -> tuple[str, int]:
             arch = str(data["architectures"][0])
             if isinstance(data.get("max_position_embeddings"), int):
                 context = data["max_position_embeddings"]
+        # A sentence-transformers model caps the context at its max_seq_length, as vLLM does
+        # (all-MiniLM-L6-v2: 512 positions, served with max_model_len 256).
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            limit = json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"]
+            if isinstance(limit, int) and limit > 0:
+                context = min(context, limit) if context else limit
     if arch is None:
         lowered = model.lower()
         families = [
@@ -253,10 +276,11 @@ def _fingerprint(args: argparse.Namespace, max_model_len: int) -> str:
     return "-".join([*parts, digest[:8]])
 
 
-def _sim_config(args: argparse.Namespace, max_model_len: int) -> SimConfig:
+def _sim_config(args: argparse.Namespace, max_model_len: int, runner: str = "generate") -> SimConfig:
     keys = args.api_key or [os.environ.get("VLLM_API_KEY", "")]
     return SimConfig(
         model=args.model,
+        runner=runner,
         served_names=list(args.served_model_name or [args.model]),
         max_model_len=max_model_len,
         api_keys=[k for k in keys if k],
@@ -413,8 +437,7 @@ class _Server:
             if engine is not None:
                 await engine.terminate(timeout, log)
             self._mpclient_done()
-            if state.inflight:
-                log.error("async_llm.py:906", _engine_dead_error())
+            if state.inflight:  # the engine aborted them: streams end with finish_reason "abort"
                 state.cut_all("shutdown")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(state.idle.wait(), 1.0)
@@ -466,7 +489,8 @@ async def _main(args: argparse.Namespace) -> int:
     log.info("model.py:733", f"Resolved architecture: {arch}")
     log.info("model.py:2152", f"Using max model len {max_model_len}")
 
-    state = SimState(_sim_config(args, max_model_len), log)
+    model_runner = runner_of(args, arch)
+    state = SimState(_sim_config(args, max_model_len, model_runner), log)
     server.state = state
     engine = EngineProcess(_engine_config(args, max_model_len))
     state.engine = engine
@@ -484,10 +508,10 @@ async def _main(args: argparse.Namespace) -> int:
     if engine.dead.is_set():
         server.on_engine_death()
 
-    log.info("entry.py:136", "Supported tasks: ['generate']")
+    log.info("entry.py:136", f"Supported tasks: {SUPPORTED_TASKS[model_runner]}")
     log.info("entry.py:140", f"Starting vLLM server on {listen_address}")
     log.info("launcher.py:186", "Available routes are:")
-    for path, methods in ROUTES:
+    for path, methods in routes_of(model_runner):
         log.info("launcher.py:195", f"Route: {path}, Methods: {methods}")
 
     runner = web.AppRunner(

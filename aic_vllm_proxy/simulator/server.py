@@ -52,11 +52,16 @@ from .state import ENGINE_DEAD_MESSAGE, Cut, RequestCtx, SimState
 STATE: web.AppKey[SimState] = web.AppKey("sim_state", SimState)
 CLIENT_MAX_SIZE = 1024**3  # uvicorn has no body limit; 200 MiB data URLs must pass
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+# prometheus_client's CONTENT_TYPE_LATEST since 0.22 (vLLM 0.32 pulls 0.26).
+METRICS_CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
 _GUARDED_PREFIX = ("/v1", "/v2", "/inference", "/cohere")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-ROUTES: list[tuple[str, str]] = [
+# The routes served, in the order vLLM 0.32 logs them at start-up ("Route: PATH, Methods: M").
+# vLLM has more (/openapi.json, /docs, /v1/responses, /v1/messages, /pooling, /score, ...); the
+# simulator lists only what it serves, so its list is a part of vLLM's, in vLLM's order.
+_COMMON_ROUTES: list[tuple[str, str]] = [
     ("/load", "GET"),
     ("/version", "GET"),
     ("/health", "GET"),
@@ -66,10 +71,15 @@ ROUTES: list[tuple[str, str]] = [
     ("/v1/models", "GET"),
     ("/ping", "GET"),
     ("/ping", "POST"),
-    ("/v1/chat/completions", "POST"),
-    ("/v1/completions", "POST"),
-    ("/v1/embeddings", "POST"),
 ]
+GENERATE_ROUTES = [*_COMMON_ROUTES, ("/v1/chat/completions", "POST"), ("/v1/completions", "POST")]
+POOLING_ROUTES = [*_COMMON_ROUTES, ("/v1/embeddings", "POST")]
+
+
+def routes_of(runner: str) -> list[tuple[str, str]]:
+    """The routes of a ``generate`` or ``pooling`` model (a generative model has no
+    /v1/embeddings; an embedding model has no completions: both 404 like any unknown path)."""
+    return POOLING_ROUTES if runner == "pooling" else GENERATE_ROUTES
 
 
 def random_id(hex_digits: int = REQUEST_ID_HEX) -> str:
@@ -157,7 +167,7 @@ async def load(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(
         body=request.app[STATE].metrics.render().encode(),
-        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        headers={"Content-Type": METRICS_CONTENT_TYPE},
     )
 
 
@@ -222,7 +232,11 @@ async def embeddings(request: web.Request) -> web.Response:
     state = request.app[STATE]
     cfg = state.config
     req = parse_embedding(await _json_body(request))
-    model = served_name(req.model, cfg.served_names)
+    try:
+        model = served_name(req.model, cfg.served_names)
+    except ApiError:  # vLLM's pooling endpoints name no aliases and no parameter
+        message = f"The model `{req.model}` does not exist."
+        raise ApiError(message, err_type="NotFoundError", status=404) from None
     for length in req.prompt_lens:
         if length > cfg.max_model_len:
             raise ApiError(
@@ -263,7 +277,7 @@ async def embeddings(request: web.Request) -> web.Response:
 class _Job:
     """One generation request while it runs."""
 
-    __slots__ = ("choices", "crash_at", "created", "ctx", "model", "plan", "req", "state")
+    __slots__ = ("choices", "crash_at", "created", "ctx", "model", "plan", "req", "sent", "state")
 
     def __init__(
         self,
@@ -282,6 +296,7 @@ class _Job:
         self.created = int(time.time())
         self.choices = len(req.prompt_lens) * req.n
         self.crash_at = crash_at
+        self.sent = 0  # tokens streamed so far (per choice)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -417,6 +432,7 @@ async def _stream(job: _Job) -> web.StreamResponse:
                     )
                 )
         metrics.generation_tokens += job.choices
+        job.sent = t + 1
     if req.include_usage:
         await write(fmt.usage(prompt, plan.completion_tokens * job.choices))
     await write(DONE)
@@ -453,14 +469,20 @@ async def _complete(job: _Job) -> web.StreamResponse:
 async def _on_cut(job: _Job) -> web.StreamResponse:
     """End a request cut by an engine death or an abort-mode shutdown.
 
-    vLLM 0.32 ends a stream with an error event and ``data: [DONE]``
-    (``--sim-abort-stream error``); by default the simulator cuts the connection
-    instead, without the final chunk, as a crashed server would.
+    Engine death: vLLM 0.32 ends a stream with an error event and ``data: [DONE]``
+    (``--sim-abort-stream error``, the default); ``cut`` drops the connection instead,
+    without the final chunk, as a killed server would. Shutdown (SIGTERM to the process
+    group, whose EngineCore aborts its requests): the stream ends like a finished one,
+    with ``"finish_reason": "abort"`` and ``data: [DONE]``.
     """
     state = job.state
     ctx = job.ctx
     state.metrics.finished("abort")
     resp = ctx.response
+    cut = state.config.abort_stream == "cut"
+    if resp is not None and ctx.cut_reason == "shutdown" and not cut:
+        await _end_aborted(job, resp)
+        return resp
     if resp is not None:
         kind = "chat completion" if job.req.chat else "completion"
         where = "serving.py:929" if job.req.chat else "serving.py:500"
@@ -469,7 +491,6 @@ async def _on_cut(job: _Job) -> web.StreamResponse:
             f"Error in {kind} stream generator.\n"
             f"vllm.v1.engine.exceptions.EngineDeadError: {ENGINE_DEAD_MESSAGE}",
         )
-    cut = state.config.abort_stream == "cut"
     if resp is None:  # not streamed: vLLM answers its EngineDeadError with a 500
         if cut and ctx.cut_reason == "shutdown":
             _close(ctx)
@@ -482,6 +503,19 @@ async def _on_cut(job: _Job) -> web.StreamResponse:
     return resp
 
 
+async def _end_aborted(job: _Job, resp: web.StreamResponse) -> None:
+    """The end of a stream whose request the engine aborted (vLLM 0.32, group SIGTERM):
+    an empty delta with ``"finish_reason": "abort"``, then ``data: [DONE]``."""
+    cfg = job.state.config
+    req = job.req
+    fmt = StreamFormatter(req.chat, job.ctx.request_id, job.created, job.model, cfg.fingerprint)
+    events = [fmt.final(i, "", "abort", None, fingerprint=not req.include_usage) for i in range(job.choices)]
+    if req.include_usage:
+        events.append(fmt.usage(req.prompt_tokens, job.sent * job.choices))
+    with contextlib.suppress(ConnectionError):
+        await resp.write(b"".join(events) + DONE)
+
+
 def _close(ctx: RequestCtx) -> None:
     transport = ctx.request.transport
     if transport is not None:
@@ -492,17 +526,22 @@ def build_app(state: SimState) -> web.Application:
     app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[_middleware])
     app[STATE] = state
     app.on_response_prepare.append(_on_prepare)
-    r = app.router
-    r.add_get("/health", health, allow_head=False)
-    r.add_get("/ping", health, allow_head=False)
-    r.add_post("/ping", health)
-    r.add_get("/version", version, allow_head=False)
-    r.add_get("/load", load, allow_head=False)
-    r.add_get("/metrics", metrics, allow_head=False)
-    r.add_get("/v1/models", models, allow_head=False)
-    r.add_post("/v1/completions", completions)
-    r.add_post("/v1/chat/completions", chat_completions)
-    r.add_post("/v1/embeddings", embeddings)
-    r.add_post("/tokenize", tokenize_handler)
-    r.add_post("/detokenize", detokenize_handler)
+    handlers: dict[str, Handler] = {
+        "/health": health,
+        "/ping": health,
+        "/version": version,
+        "/load": load,
+        "/metrics": metrics,
+        "/v1/models": models,
+        "/v1/completions": completions,
+        "/v1/chat/completions": chat_completions,
+        "/v1/embeddings": embeddings,
+        "/tokenize": tokenize_handler,
+        "/detokenize": detokenize_handler,
+    }
+    for path, method in routes_of(state.config.runner):
+        if method == "GET":
+            app.router.add_get(path, handlers[path], allow_head=False)
+        else:
+            app.router.add_route(method, path, handlers[path])
     return app

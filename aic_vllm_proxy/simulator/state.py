@@ -24,6 +24,7 @@ class SimConfig:
     model: str
     served_names: list[str]
     max_model_len: int
+    runner: str = "generate"  # or "pooling" (embeddings only)
     api_keys: list[str] = field(default_factory=list)
     token_delay: float = 0.0
     ttft: float = 0.0
@@ -112,7 +113,9 @@ class SimState:
 
     def log_abort(self, ctx: RequestCtx) -> None:
         """vLLM's lines for a request whose client went away (vLLM 0.32 prints them
-        only with --enable-log-requests; the simulator always does)."""
-        self.metrics.finished("abort")
+        only with --enable-log-requests; the simulator always does). vLLM does not count
+        such a request in vllm:request_success_total."""
         self.log.info("async_llm.py:922", f"Aborted request(s) {ctx.internal_id}.")
-        self.log.info("async_llm.py:783", f"Request {ctx.request_id} aborted.")
+        # The engine's id is "<request id>[-<prompt index>]-<random>"; this line names the
+        # request as the serving layer passed it: without the random part (cmpl-<hex>-0).
+        self.log.info("async_llm.py:783", f"Request {ctx.internal_id.rsplit('-', 1)[0]} aborted.")

@@ -584,8 +584,16 @@ async def test_huge_image_body(shared: Sim) -> None:
     assert data["usage"]["prompt_tokens"] == 4
 
 
-async def test_embeddings(shared: Sim) -> None:
-    async with aiohttp.ClientSession(shared.url, headers=AUTH) as session:
+async def test_embeddings(shared: Sim, start: Callable[..., Sim]) -> None:
+    # Like vLLM, only a pooling model has the route (a generative one answers FastAPI's 404).
+    async with (
+        aiohttp.ClientSession(shared.url, headers=AUTH) as session,
+        session.post("/v1/embeddings", json={"input": "a b"}) as resp,
+    ):
+        assert (resp.status, await resp.json()) == (404, {"detail": "Not Found"})
+    pooling = start(*FAST, "--runner", "pooling")
+    await asyncio.to_thread(pooling.wait_healthy)
+    async with aiohttp.ClientSession(pooling.url) as session:
         async with session.post("/v1/embeddings", json={"input": ["a b", "c"]}) as resp:
             data = await resp.json()
         async with session.post("/v1/embeddings", json={"input": "a b", "encoding_format": "base64"}) as resp:
