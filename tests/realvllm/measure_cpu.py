@@ -54,6 +54,7 @@ from realvllm_support import (  # noqa: E402
     start_proxy,
 )
 
+from tests.benchmarks.measure import thread_cpu_ns  # noqa: E402
 from tests.benchmarks.targets import Nginx  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -61,22 +62,6 @@ SPEC_ARGS = ("--served-model-name", "tiny", "--enforce-eager", "--disable-log-st
 
 
 # ------------------------------------------------------------------------------- CPU readings
-
-
-def thread_cpu_ns(pid: int) -> int:
-    """Nanoseconds on a CPU of the live threads of ``pid``."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as handle:
-                total += int(handle.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
 
 
 def process_cpu_ns(pid: int) -> int:
