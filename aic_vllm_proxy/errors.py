@@ -47,11 +47,6 @@ class BadRequest(ProxyError):
     type = "invalid_request_error"
 
 
-class Conflict(ProxyError):
-    status = 409
-    type = "conflict_error"
-
-
 class ModelUnavailable(ProxyError):
     """No model can serve the request (none loaded, failed, or a switch took too long)."""
 

@@ -55,7 +55,8 @@ HOP_BY_HOP = frozenset(
         "expect",
     }
 )
-_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+#: Request headers never copied as they are (Content-Length is set for the body sent upstream).
+_NOT_COPIED = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length"}
 #: Bodies up to this size are held so that a request can be retried on a stale connection.
 RETRYABLE_BODY = 1 << 20
 #: Responses up to this size (with a Content-Length) are read whole and sent in one write.
@@ -89,7 +90,7 @@ def request_head(
     chunked: bool,
 ) -> bytes:
     """The upstream request line and headers, built from the client's raw header bytes."""
-    drop = _HOP_BY_HOP_BYTES | {b"content-length"}
+    drop = _NOT_COPIED
     if "Connection" in request.headers:
         drop = drop | {token.encode() for token in _connection_tokens(request.headers)}
     if strip_authorization or supplied:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from aic_vllm_proxy.models import ProcessState
@@ -56,7 +56,6 @@ class Snapshot:
     exit_code: int | None = None
     error: str | None = None
     launched_monotonic: float | None = None
-    changed_monotonic: float = field(default_factory=time.monotonic)
 
 
 class ProcessStateMachine:
@@ -101,7 +100,7 @@ class ProcessStateMachine:
                 base = replace(base, ready_at=_now(), error=None)
             elif to is S.STOPPED:
                 base = replace(base, pid=None)
-            self._snapshot = replace(base, state=to, changed_monotonic=time.monotonic(), **fields)  # type: ignore[arg-type]
+            self._snapshot = replace(base, state=to, **fields)  # type: ignore[arg-type]
             self._changed.notify_all()
             return self._snapshot
 

@@ -449,7 +449,3 @@ class UpstreamPool:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.abort()
-
-    @property
-    def idle_count(self) -> int:
-        return len(self._idle)
