@@ -17,7 +17,7 @@ from aic_vllm_proxy import control
 from aic_vllm_proxy.auth import KeyRing, authorize, keyring_from
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.errors import ProxyError, http_exception_response
-from aic_vllm_proxy.keys import HOOKS, PLUGINS, POOL, SETTINGS, SUPERVISOR, UPSTREAM
+from aic_vllm_proxy.keys import HOOKS, KEYS, PASSTHROUGH, PLUGINS, POOL, SETTINGS, SUPERVISOR, UPSTREAM
 from aic_vllm_proxy.plugins import HookRunner, load_plugins
 from aic_vllm_proxy.proxy import Passthrough
 from aic_vllm_proxy.supervisor import Supervisor
@@ -99,6 +99,8 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
         max_body_size=settings.max_body_size,
         client_timeout=settings.client_timeout,
     )
+    app[PASSTHROUGH] = passthrough
+    app[KEYS] = keys
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         supervisor = Supervisor(settings, lambda: app[UPSTREAM], app[HOOKS])

@@ -185,9 +185,8 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> None:
-    from aiohttp import web
-
-    from aic_vllm_proxy.app import SERVER_OPTIONS, create_app
+    from aic_vllm_proxy import server
+    from aic_vllm_proxy.app import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -213,19 +212,16 @@ def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> N
     )
     loop = _new_loop()
     asyncio.set_event_loop(loop)
-    web.run_app(
+    server.run(
         app,
+        loop,
         host=settings.host,
         port=settings.port,
-        backlog=1024,
-        **SERVER_OPTIONS,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        shutdown_timeout=settings.drain_timeout,  # in-flight requests may finish on SIGTERM
+        drain_timeout=settings.drain_timeout,  # in-flight requests may finish on SIGTERM
         # A connection must bring a whole request head within this time (slow headers), and an
         # idle keep-alive connection is closed after it.
         keepalive_timeout=min(75.0, settings.client_timeout),
-        print=None,
-        loop=loop,
     )
 
 

@@ -4,11 +4,14 @@ what went wrong and what to do about it."""
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
 from aic_vllm_proxy.models import ErrorBody, ErrorDetail, ProcessState
+
+_STATUSES = {status.value for status in HTTPStatus}
 
 
 class ProxyError(Exception):
@@ -40,6 +43,19 @@ class ProxyError(Exception):
 
     def response(self) -> web.Response:
         return error_response(self.status, self.detail(), headers=self.headers)
+
+    def raw(self, *, close: bool) -> bytes:
+        """The whole HTTP/1.1 response as bytes, for the front door (``front.py``), which writes
+        to the client's transport itself; the same status, headers and body as :meth:`response`."""
+        body = json.dumps(ErrorBody(error=self.detail()).model_dump(mode="json", exclude_none=True))
+        data = body.encode()
+        reason = HTTPStatus(self.status).phrase if self.status in _STATUSES else "Error"
+        lines = [f"HTTP/1.1 {self.status} {reason}", "Content-Type: application/json; charset=utf-8"]
+        lines += [f"{name}: {value}" for name, value in self.headers.items()]
+        lines.append(f"Content-Length: {len(data)}")
+        if close:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
 
 
 class BadRequest(ProxyError):

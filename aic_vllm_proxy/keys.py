@@ -5,9 +5,11 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from aic_vllm_proxy.auth import KeyRing
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.models import PluginInfo
 from aic_vllm_proxy.plugins import HookRunner
+from aic_vllm_proxy.proxy import Passthrough
 from aic_vllm_proxy.supervisor import Supervisor
 from aic_vllm_proxy.upstream import UpstreamPool
 
@@ -17,3 +19,5 @@ POOL = web.AppKey("pool", UpstreamPool)  # the proxied traffic (upstream.py)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 HOOKS = web.AppKey("hooks", HookRunner)
 PLUGINS = web.AppKey("plugins", list[PluginInfo])
+KEYS = web.AppKey("keys", KeyRing)
+PASSTHROUGH = web.AppKey("passthrough", Passthrough)  # also served by the front door (front.py)

@@ -109,6 +109,12 @@ def request_head(
     return b"".join(parts)
 
 
+def sse_error_event(message: str) -> bytes:
+    """The SSE event that tells a streaming client vLLM broke off (OpenAI's error shape)."""
+    event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
 class Passthrough:
     """The catch-all handler; one instance per application."""
 
@@ -155,31 +161,42 @@ class Passthrough:
         self, request: web.Request, length: int | None
     ) -> tuple[UpstreamConnection, ResponseHead]:
         """Send the request; return the connection and vLLM's response head."""
-        small: bytes | None = None
-        streamed = request.body_exists and (length is None or length > RETRYABLE_BODY)
-        if request.body_exists and not streamed:
-            small = await self._read_small(request, length or 0)
         no_body = request.method == "HEAD"
-        for attempt in (1, 2):
+        if request.body_exists and (length is None or length > RETRYABLE_BODY):  # streamed
+            conn = await self._acquire()
             try:
-                conn = await self.pool.acquire()
-            except (OSError, asyncio.TimeoutError) as exc:
+                return conn, await self._upload(conn, request, length, no_body)
+            except UPSTREAM_ERRORS as exc:
+                conn.abort()
                 raise self._unreachable(exc) from exc
+            except BaseException:
+                conn.abort()
+                raise
+        small = await self._read_small(request, length or 0) if request.body_exists else None
+        head = self._head(request, length=None if small is None else len(small), chunked=False)
+        return await self.exchange(head, small, no_body=no_body)
+
+    async def _acquire(self) -> UpstreamConnection:
+        try:
+            return await self.pool.acquire()
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
+
+    async def exchange(
+        self, head: bytes, body: bytes | None, *, no_body: bool
+    ) -> tuple[UpstreamConnection, ResponseHead]:
+        """Send a request whose body is in memory; return the connection and vLLM's response
+        head. A pooled connection that turns out to be stale (closed by vLLM while idle, before
+        answering) is replaced once by a fresh one."""
+        for attempt in (1, 2):
+            conn = await self._acquire()
             reused = conn.used > 0
             try:
-                if streamed:
-                    return conn, await self._upload(conn, request, length, no_body)
-                else:
-                    body_length = len(small) if small is not None else None
-                    conn.start(
-                        self._head(request, length=body_length, chunked=False),
-                        small,
-                        no_body_expected=no_body,
-                    )
+                conn.start(head, body, no_body_expected=no_body)
                 return conn, await conn.head()
             except UpstreamClosed as exc:
                 conn.abort()
-                if exc.nothing_received and reused and not streamed and attempt == 1:
+                if exc.nothing_received and reused and attempt == 1:
                     log.debug("stale keep-alive connection to vLLM; retrying on a fresh one")
                     continue
                 raise self._unreachable(exc) from exc
@@ -320,6 +337,12 @@ class Passthrough:
             if not released:
                 conn.abort()  # drops the connection: vLLM aborts the request
 
+    def broke_off_message(self, exc: BaseException) -> str:
+        return (
+            f"vLLM stopped in the middle of the response ({type(exc).__name__}: {exc}); "
+            f"the proxy sees it as {self.supervisor.machine.state.value}. See GET /status."
+        )
+
     async def _break_off(
         self,
         request: web.Request,
@@ -329,15 +352,11 @@ class Passthrough:
     ) -> None:
         """vLLM broke off mid-response: tell an SSE client, then cut the connection so the
         response can never look complete."""
-        message = (
-            f"vLLM stopped in the middle of the response ({type(exc).__name__}: {exc}); "
-            f"the proxy sees it as {self.supervisor.machine.state.value}. See GET /status."
-        )
+        message = self.broke_off_message(exc)
         log.warning("%s %s: %s", request.method, request.path, message)
         if head.headers.get("Content-Type", "").startswith("text/event-stream"):
-            event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+                await response.write(sse_error_event(message))
         transport = request.transport
         if transport is not None:
             transport.close()  # flushes what was written, then closes: no terminating chunk

@@ -56,6 +56,8 @@ class ResponseHead:
     length: int | None
     chunked: bool
     keep_alive: bool
+    #: The header lines as received (latin-1 text, no CRLF), for relaying them byte for byte.
+    lines: list[str]
 
 
 def _parse_head(block: bytes) -> ResponseHead:
@@ -68,7 +70,8 @@ def _parse_head(block: bytes) -> ResponseHead:
     if not version.startswith("HTTP/1."):
         raise UpstreamProtocolError(f"unsupported HTTP version from vLLM: {version!r}")
     headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
+    del lines[0]
+    for line in lines:
         if not line:
             continue
         name, sep, value = line.partition(":")
@@ -84,7 +87,8 @@ def _parse_head(block: bytes) -> ResponseHead:
             raise UpstreamProtocolError("bad Content-Length from vLLM") from None
     connection = headers.get("Connection", "").lower()
     keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
-    return ResponseHead(status, reason[0] if reason else "", version, headers, length, chunked, keep_alive)
+    reason_text = reason[0] if reason else ""
+    return ResponseHead(status, reason_text, version, headers, length, chunked, keep_alive, lines)
 
 
 class UpstreamConnection(asyncio.Protocol):

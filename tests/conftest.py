@@ -28,10 +28,11 @@ import pytest
 from aiohttp import web
 from helpers import SIM, free_port, kill_group_now, wait_until
 
-from aic_vllm_proxy.app import SERVER_OPTIONS, create_app
+from aic_vllm_proxy.app import create_app
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.keys import SUPERVISOR
 from aic_vllm_proxy.procgroup import group_alive
+from aic_vllm_proxy.server import make_runner, start_site
 from aic_vllm_proxy.supervisor import Supervisor
 
 
@@ -100,10 +101,10 @@ async def make_proxy(tmp_path: Path, vllm_groups: set[int]) -> AsyncIterator[Cal
     async def start(*, extra_plugins: Any = (), **overrides: Any) -> ProxyHandle:
         settings = settings_for(tmp_path, **overrides)
         app = create_app(settings, extra_plugins=extra_plugins)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, **SERVER_OPTIONS)
+        timeouts = {"keepalive_timeout": min(75.0, settings.client_timeout), "drain_timeout": 1.0}
+        runner = make_runner(app, access_log=None, **timeouts)
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        await start_site(runner, settings.host, settings.port, **timeouts)
         runners.append(runner)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         sessions.append(session)

@@ -1,0 +1,529 @@
+"""The front door: one listening socket; the common proxied request takes a lean path, anything
+else is handed to aiohttp.
+
+aiohttp's web layer (``Request``, ``Response``, stream reader and writer, router) was about two
+thirds of the proxy's CPU per proxied request (docs/performance.md). :class:`FrontProtocol` reads
+the request head itself and, for the common case, serves it without that layer: an API path, a
+body of at most 1 MiB with a Content-Length, a model ready, a valid key when keys are configured.
+The request goes to vLLM through the shared pool (``Passthrough.exchange``) and vLLM's answer is
+written straight to the client's transport: for a small answer, head and body in one write; for a
+stream, each token as it arrives, with back-pressure.
+
+Everything else is **handed off** before any of it is answered: the connection's protocol becomes
+aiohttp's request handler, which gets the bytes received so far and serves this request and the
+rest of the connection with the full application. That covers the control routes, waiting for a
+switch and its 503s, 401/403, chunked or large uploads, ``Expect``, ``Upgrade``, HTTP/1.0, and any
+head that is not plainly valid (aiohttp then answers 400). So the daemon's behaviour stays the
+application's; the front door only takes the fast path where it is the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from aic_vllm_proxy.auth import ADMIN_PREFIXES, KeyRing
+from aic_vllm_proxy.errors import ProxyError, body_stalled
+from aic_vllm_proxy.models import ProcessState
+from aic_vllm_proxy.proxy import (
+    HOP_BY_HOP,
+    RETRYABLE_BODY,
+    Passthrough,
+    sse_error_event,
+)
+from aic_vllm_proxy.upstream import (
+    ResponseHead,
+    UpstreamClosed,
+    UpstreamConnection,
+    UpstreamProtocolError,
+)
+
+log = logging.getLogger(__name__)
+
+#: A request head longer than this is aiohttp's to judge (it answers 400 or 431).
+MAX_HEAD = 16 * 1024
+#: Stop reading a connection when this much of a next (pipelined) request waits.
+MAX_BUFFERED = 256 * 1024
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+#: A plainly valid HTTP/1.1 request head (request line and header lines, each ending in CRLF);
+#: anything else (HTTP/1.0, folded lines, bare LF, control characters) goes to aiohttp.
+_HEAD = re.compile(
+    rb"(" + _TOKEN + rb") (/[^\x00-\x20\x7f]*) HTTP/1\.1\r\n"
+    rb"((?:" + _TOKEN + rb":[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*)"
+)
+#: What the start of a request the front door may take looks like (so far).
+_START = re.compile(rb"[A-Z]{1,20}( (/[^\x00-\x20\x7f]*( (H(T(T(P(/(1(\.(1(\r(\n)?)?)?)?)?)?)?)?)?)?)?)?)?\Z")
+#: Request headers the front door reads; all other lines are forwarded as they are.
+_READ = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length", b"authorization"}
+#: Headers whose presence sends the request to aiohttp.
+_HAND_OFF = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_DROP_OUT = HOP_BY_HOP | {"content-length"}
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    lines: list[bytes]  # header lines to forward, each with its CRLF
+    length: int  # Content-Length (0 when absent)
+    keep_alive: bool
+    token: str | None  # the bearer token presented, if any
+
+
+def parse_request_head(block: bytes) -> RequestHead | None:
+    """The head (up to and including the last header's CRLF), or None when the front door does
+    not take it."""
+    match = _HEAD.fullmatch(block)
+    if match is None:
+        return None
+    method, target, fields = match.groups()
+    lines: list[bytes] = []
+    length = -1
+    keep_alive = True
+    token: str | None = None
+    connection_tokens: set[bytes] = set()
+    start = 0
+    while start < len(fields):
+        end = fields.index(b"\r\n", start) + 2
+        line = fields[start:end]
+        start = end
+        name, _, value = line.partition(b":")
+        lname = name.lower()
+        if lname not in _READ:
+            lines.append(line)
+        elif lname == b"content-length":
+            value = value.strip()
+            if length >= 0 or not value.isdigit():
+                return None  # repeated or not a number: aiohttp's to judge
+            length = int(value)
+        elif lname in _HAND_OFF:
+            return None
+        elif lname == b"connection":
+            connection_tokens.update(t.strip().lower() for t in value.split(b","))
+        elif lname == b"authorization":
+            lines.append(line)
+            scheme, _, rest = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and rest.strip():
+                token = rest.strip().decode("latin-1")
+    if connection_tokens:
+        keep_alive = b"close" not in connection_tokens
+        named = connection_tokens - {b"close", b"keep-alive", b""}
+        if named:  # headers named in Connection are hop-by-hop too
+            lines = [line for line in lines if line.partition(b":")[0].lower() not in named]
+    return RequestHead(method, target, lines, max(length, 0), keep_alive, token)
+
+
+class Front:
+    """What the connections of one listening socket share."""
+
+    def __init__(
+        self,
+        passthrough: Passthrough,
+        keys: KeyRing,
+        fallback: Callable[[], asyncio.Protocol],
+        own_paths: set[str],
+        *,
+        max_body_size: int,
+        client_timeout: float,
+        keepalive_timeout: float,
+    ) -> None:
+        self.passthrough = passthrough
+        self.keys = keys
+        self.fallback = fallback
+        self.own_paths = frozenset(path.encode() for path in own_paths)
+        self.max_body = min(max_body_size, RETRYABLE_BODY)
+        self.client_timeout = client_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.connections: set[FrontProtocol] = set()
+        self.closing = False
+        #: Requests served here and requests handed to aiohttp (for tests and curiosity).
+        self.served = 0
+        self.handed_off = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def takes(self, head: RequestHead) -> bool:
+        """Whether the front door serves this request itself."""
+        path = head.target.partition(b"?")[0]
+        if (
+            path in self.own_paths
+            or path.startswith(ADMIN_PREFIXES[0].encode())
+            or b"%" in path
+            or b"/." in path
+            or path.startswith(b"//")
+            or head.length > self.max_body
+        ):
+            return False
+        sup = self.passthrough.supervisor
+        if sup.machine.state is not ProcessState.READY or not sup.admitting:
+            return False  # aiohttp waits for the switch (bounded) or answers 503
+        # With keys, an unknown or missing one is aiohttp's to answer (401).
+        return not self.keys.enabled or (head.token is not None and self.keys.role_of(head.token) is not None)
+
+    # --------------------------------------------------------------- lifetime
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle (or bringing a request head) for longer than the keep-alive
+        timeout: one timer for all of them instead of one per request."""
+        deadline = time.monotonic() - self.keepalive_timeout
+        for conn in list(self.connections):
+            if conn.task is None and conn.idle_since < deadline:
+                conn.close()
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Close idle connections, let requests in flight finish (up to ``timeout``), then cut
+        the rest."""
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            if conn.task is None:
+                conn.close()
+        tasks = [conn.task for conn in self.connections if conn.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for conn in list(self.connections):
+            conn.close(abort=True)
+
+
+class FrontProtocol(asyncio.Protocol):
+    """One client connection, until it is closed or handed to aiohttp."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.idle_since = time.monotonic()
+        self._buf = b""
+        self._body_wanted = 0
+        self._body_ready: asyncio.Future[None] | None = None
+        self._reading = True
+        self._write_paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self._answered = False  # some of the current answer was written
+
+    # --------------------------------------------------------------- protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        self.front.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf = self._buf + data if self._buf else data
+        if self.task is None:
+            self._next()
+        elif self._body_ready is not None:
+            if len(self._buf) >= self._body_wanted and not self._body_ready.done():
+                self._body_ready.set_result(None)
+        elif len(self._buf) > MAX_BUFFERED and self._reading:
+            self._reading = False  # a pipelined request piles up: wait for this response
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.connections.discard(self)
+        if self.task is not None:
+            self.task.cancel()  # drops the upstream connection: vLLM aborts the request
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    def close(self, *, abort: bool = False) -> None:
+        if self.transport is not None:
+            self.transport.abort() if abort else self.transport.close()
+
+    # ------------------------------------------------------------ requests
+
+    def _next(self) -> None:
+        """Look at the buffered bytes: serve a complete request head, or hand off."""
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            # Not a request head in the making (TLS, garbage, a huge head): aiohttp answers it.
+            line_end = buf.find(b"\r\n")
+            if len(buf) > MAX_HEAD or not _START.match(buf if line_end < 0 else buf[: line_end + 2]):
+                self._hand_off()
+            return
+        if self.front.closing:
+            self.close()
+            return
+        head = parse_request_head(buf[: end + 2])
+        if head is None or not self.front.takes(head):
+            self._hand_off()
+            return
+        self._buf = buf[end + 4 :]
+        self.front.served += 1
+        self.task = self.loop.create_task(self._serve(head))
+
+    def _hand_off(self) -> None:
+        """From now on aiohttp serves this connection, starting with the bytes buffered here."""
+        transport = self.transport
+        assert transport is not None
+        self.front.connections.discard(self)
+        self.front.handed_off += 1
+        handler = self.front.fallback()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if not self._reading:
+            transport.resume_reading()
+        data, self._buf = self._buf, b""
+        if data:
+            handler.data_received(data)
+
+    async def _serve(self, head: RequestHead) -> None:
+        keep_alive = head.keep_alive
+        self._answered = False
+        try:
+            body = await self._read_body(head.length) if head.length else None
+            keep_alive = await self._forward(head, body) and keep_alive
+        except ProxyError as exc:  # raised before any of the answer was written
+            keep_alive = keep_alive and exc.status < 500 and exc.status != 408
+            self._write(exc.raw(close=not keep_alive))
+        except asyncio.CancelledError:
+            keep_alive = False  # the client went away, or the proxy is shutting down
+            raise
+        except Exception:
+            log.exception("relaying %s %r failed", head.method.decode(), head.target)
+            keep_alive = False
+            if not self._answered:
+                self._write(ProxyError("the proxy failed to relay this request; see its log").raw(close=True))
+        finally:
+            self.task = None
+            self.idle_since = time.monotonic()
+            if not keep_alive or self.front.closing:
+                self.close()
+            elif not self._reading:
+                self._reading = True
+                assert self.transport is not None
+                self.transport.resume_reading()
+        if self._buf and self.transport is not None and not self.transport.is_closing():
+            self._next()  # a pipelined request
+
+    async def _read_body(self, length: int) -> bytes:
+        if len(self._buf) < length:
+            self._body_wanted = length
+            self._body_ready = self.loop.create_future()
+            try:
+                await asyncio.wait_for(self._body_ready, self.front.client_timeout)
+            except asyncio.TimeoutError:
+                raise body_stalled(self.front.client_timeout) from None
+            finally:
+                self._body_ready = None
+        body, self._buf = self._buf[:length], self._buf[length:]
+        return body
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def _forward(self, head: RequestHead, body: bytes | None) -> bool:
+        """Send the request to vLLM and relay its answer; False when the connection must close."""
+        passthrough = self.front.passthrough
+        sup = passthrough.supervisor
+        upstream_head = self._upstream_head(head, body)
+        sup.request_started()
+        try:
+            conn, answer = await passthrough.exchange(upstream_head, body, no_body=head.method == b"HEAD")
+            unregister = sup.track_upstream(conn.abort)
+            try:
+                return await self._relay(conn, answer, head.method == b"HEAD")
+            finally:
+                unregister()
+        finally:
+            sup.request_finished()
+
+    def _upstream_head(self, head: RequestHead, body: bytes | None) -> bytes:
+        passthrough = self.front.passthrough
+        supplied = passthrough.supervisor.upstream_headers()
+        lines = head.lines
+        if passthrough.strip_authorization or supplied:
+            lines = [line for line in lines if line[:14].lower() != b"authorization:"]
+        parts = [
+            b"%s %s HTTP/1.1\r\nHost: %s\r\n"
+            % (head.method, head.target, passthrough.pool.host_header.encode()),
+            *lines,
+        ]
+        parts.extend(f"{name}: {value}\r\n".encode() for name, value in supplied.items())
+        if body is not None:
+            parts.append(b"Content-Length: %d\r\n" % len(body))
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def _relay(self, conn: UpstreamConnection, answer: ResponseHead, is_head: bool) -> bool:
+        """vLLM's answer to the client: head and what came with it in one write, then the rest
+        as it arrives. Returns whether the client connection may be kept."""
+        transport = self.transport
+        assert transport is not None
+        has_body = not is_head and answer.status not in (204, 304)
+        chunked = has_body and answer.length is None  # re-framed as chunks for the client
+        out = self._response_head(answer, chunked or (is_head and answer.chunked))
+        pending: list[bytes] = [out]
+        self._answered = True
+        frame = _chunk if chunked else _plain
+        conn.attach(lambda piece: pending.append(frame(piece)))
+        released = False
+        try:
+            finished_early = conn.complete  # the whole answer came with its head
+            if finished_early:
+                if chunked:
+                    pending.append(b"0\r\n\r\n")
+                transport.writelines(pending)
+                self.front.passthrough.pool.release(conn)
+                released = True
+                return True
+            transport.writelines(pending)
+
+            def sink(piece: bytes) -> None:
+                if transport.is_closing():
+                    raise ConnectionResetError("the client went away")
+                transport.write(frame(piece))
+
+            conn.attach(sink, self._is_write_paused)
+            try:
+                while True:
+                    await conn.wait()
+                    if conn.complete:
+                        break
+                    if conn.needs_drain:
+                        await self._drain()
+                        conn.resume()
+            except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
+                if transport.is_closing() or isinstance(exc, ConnectionResetError):
+                    raise asyncio.CancelledError from exc  # the client went away
+                self._break_off(answer, chunked, exc)
+                return False
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+            self.front.passthrough.pool.release(conn)
+            released = True
+            return True
+        finally:
+            if not released:
+                conn.abort()  # drops the connection: vLLM aborts the request
+
+    def _break_off(self, answer: ResponseHead, chunked: bool, exc: BaseException) -> None:
+        """vLLM broke off mid-response: tell an SSE client, then close without the last chunk,
+        so the response can never look complete."""
+        message = self.front.passthrough.broke_off_message(exc)
+        log.warning("relaying a response: %s", message)
+        if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
+            event = sse_error_event(message)
+            self._write(_chunk(event) if chunked else event)
+
+    def _is_write_paused(self) -> bool:
+        return self._write_paused
+
+    async def _drain(self) -> None:
+        if self._write_paused and self.transport is not None and not self.transport.is_closing():
+            self._writable = self.loop.create_future()
+            await self._writable
+
+    def _response_head(self, answer: ResponseHead, chunked: bool) -> bytes:
+        drop = _DROP_OUT
+        if "Connection" in answer.headers:
+            named = {t.strip().lower() for v in answer.headers.getall("Connection") for t in v.split(",")}
+            drop = drop | named
+        parts = [f"HTTP/1.1 {answer.status} {answer.reason}\r\n"]
+        parts.extend(line + "\r\n" for line in answer.lines if line.partition(":")[0].lower() not in drop)
+        if chunked:
+            parts.append("Transfer-Encoding: chunked\r\n")
+        elif answer.length is not None:
+            parts.append(f"Content-Length: {answer.length}\r\n")
+        parts.append("\r\n")
+        return "".join(parts).encode("latin-1")
+
+
+def _chunk(piece: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(piece), piece)
+
+
+def _plain(piece: bytes) -> bytes:
+    return piece
+
+
+class FrontSite(web.TCPSite):
+    """A TCP site whose connections start at the front door (see the module's docstring)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        front: Front,
+        host: str,
+        port: int,
+        *,
+        backlog: int = 128,
+        drain_timeout: float = 60.0,
+    ) -> None:
+        super().__init__(runner, host, port, backlog=backlog)
+        self.front = front
+        self.drain_timeout = drain_timeout
+
+    async def start(self) -> None:
+        runner = self._runner
+        runner._reg_site(self)
+        loop = asyncio.get_running_loop()
+        front = self.front
+        self._server = await loop.create_server(
+            lambda: FrontProtocol(front),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+        front.start()
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.front.shutdown(self.drain_timeout)
+
+
+def front_site(
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    *,
+    keepalive_timeout: float,
+    drain_timeout: float,
+    backlog: int = 128,
+) -> FrontSite:
+    """The listening site for an application made by ``app.create_app`` (after ``runner.setup()``)."""
+    from aic_vllm_proxy import control
+    from aic_vllm_proxy.keys import KEYS, PASSTHROUGH, SETTINGS
+
+    app = runner.app
+    server = runner.server
+    assert server is not None, "call runner.setup() first"
+    settings = app[SETTINGS]
+    front = Front(
+        app[PASSTHROUGH],
+        app[KEYS],
+        server,
+        set(control.methods_by_path()),
+        max_body_size=settings.max_body_size,
+        client_timeout=settings.client_timeout,
+        keepalive_timeout=keepalive_timeout,
+    )
+    return FrontSite(runner, front, host, port, backlog=backlog, drain_timeout=drain_timeout)
