@@ -30,6 +30,7 @@ from helpers import SIM, free_port, kill_group_now, wait_until
 
 from aic_vllm_proxy.app import create_app
 from aic_vllm_proxy.config import Settings
+from aic_vllm_proxy.front import Front, FrontSite
 from aic_vllm_proxy.keys import SUPERVISOR
 from aic_vllm_proxy.procgroup import group_alive
 from aic_vllm_proxy.server import make_runner, start_site
@@ -70,6 +71,7 @@ class ProxyHandle:
     settings: Settings
     session: aiohttp.ClientSession
     groups: set[int] = field(default_factory=set)
+    front: Front | None = None  # the front door of its listening site (front.py)
 
     @property
     def supervisor(self) -> Supervisor:
@@ -104,11 +106,12 @@ async def make_proxy(tmp_path: Path, vllm_groups: set[int]) -> AsyncIterator[Cal
         timeouts = {"keepalive_timeout": min(75.0, settings.client_timeout), "drain_timeout": 1.0}
         runner = make_runner(app, access_log=None, **timeouts)
         await runner.setup()
-        await start_site(runner, settings.host, settings.port, **timeouts)
+        site = await start_site(runner, settings.host, settings.port, **timeouts)
         runners.append(runner)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         sessions.append(session)
-        return ProxyHandle(f"http://127.0.0.1:{settings.port}", app, settings, session, vllm_groups)
+        front = site.front if isinstance(site, FrontSite) else None
+        return ProxyHandle(f"http://127.0.0.1:{settings.port}", app, settings, session, vllm_groups, front)
 
     yield start
     for session in sessions:

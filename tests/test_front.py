@@ -1,0 +1,262 @@
+"""The front door (front.py): which requests it serves itself, which it hands to aiohttp on the
+same connection, and that both give the same answers. Real proxy, real simulator, raw sockets
+where the exact bytes matter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+from helpers import FAST, sse_data
+
+from aic_vllm_proxy.front import parse_request_head
+
+CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}'
+STREAM = b'{"model": "m", "prompt": "hi", "max_tokens": 5, "stream": true}'
+
+
+async def loaded(make_proxy: Any, **settings: Any) -> Any:
+    proxy = await make_proxy(**settings)
+    status, body = await proxy.switch(f"m {FAST}")
+    assert status == 200, body
+    assert proxy.front is not None
+    return proxy
+
+
+def post(path: str, body: bytes, *extra: str) -> bytes:
+    head = [
+        f"POST {path} HTTP/1.1",
+        "Host: x",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
+    return ("\r\n".join([*head, *extra]) + "\r\n\r\n").encode() + body
+
+
+def get(path: str, *extra: str) -> bytes:
+    return ("\r\n".join([f"GET {path} HTTP/1.1", "Host: x", *extra]) + "\r\n\r\n").encode()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (Content-Length or chunked), de-framed."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += data[:-2]
+    else:
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+async def connect(proxy: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", proxy.settings.port)
+
+
+async def test_api_requests_take_the_front_door_on_one_connection(make_proxy: Any) -> None:
+    proxy = await loaded(make_proxy)
+    front = proxy.front
+    reader, writer = await connect(proxy)
+    before = (front.served, front.handed_off)
+    for _ in range(3):
+        writer.write(post("/v1/chat/completions", CHAT))
+        status, headers, body = await read_response(reader)
+        assert status == 200 and json.loads(body)["choices"], body
+        assert headers["content-type"].startswith("application/json")
+        assert "connection" not in headers and "keep-alive" not in headers
+    writer.write(post("/v1/completions", STREAM))
+    status, headers, body = await read_response(reader)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = sse_data(body)
+    assert events[-1] == "[DONE]" and len(events) == 6, events
+    writer.write(get("/v1/models"))
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["data"][0]["id"] == "m"
+    assert (front.served - before[0], front.handed_off - before[1]) == (5, 0)
+    writer.close()
+
+
+async def test_a_control_path_hands_the_connection_to_aiohttp(make_proxy: Any) -> None:
+    """After a proxied request, /status on the same connection is aiohttp's; so is the rest of
+    that connection, which still proxies correctly."""
+    proxy = await loaded(make_proxy)
+    front = proxy.front
+    reader, writer = await connect(proxy)
+    writer.write(post("/v1/chat/completions", CHAT))
+    assert (await read_response(reader))[0] == 200
+    handed = front.handed_off
+    writer.write(get("/status"))
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["state"] == "ready"
+    assert front.handed_off == handed + 1
+    served = front.served
+    writer.write(post("/v1/chat/completions", CHAT))
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["choices"]
+    assert front.served == served  # aiohttp's now
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        get("/st%61tus"),  # percent-encoded: aiohttp decodes paths
+        get("/v1/../status"),  # dot segments: aiohttp normalises them
+        get("/logs/whatever"),  # the admin prefix
+        b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(CHAT) + CHAT + b"\r\n0\r\n\r\n",
+        post("/v1/chat/completions", CHAT, "Expect: 100-continue"),
+        post("/v1/chat/completions", CHAT, "Content-Length: 5"),  # two lengths: aiohttp says 400
+    ],
+    ids=["percent", "dots", "logs", "http10", "chunked-upload", "expect", "two-lengths"],
+)
+async def test_what_the_front_door_does_not_take_goes_to_aiohttp(
+    make_proxy: Any, request_bytes: bytes
+) -> None:
+    proxy = await loaded(make_proxy)
+    front = proxy.front
+    handed, served = front.handed_off, front.served
+    reader, writer = await connect(proxy)
+    writer.write(request_bytes)
+    if b"Expect" in request_bytes:
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+    status, _, body = await read_response(reader)
+    writer.close()
+    assert (front.handed_off, front.served) == (handed + 1, served)
+    if b"Content-Length: 5" in request_bytes:
+        assert status == 400
+    elif b"/v1/" in request_bytes and b"/../" not in request_bytes:
+        assert status == 200, body
+    else:
+        assert status in (200, 401, 403, 404), body
+
+
+async def test_pipelined_requests_are_answered_in_order(make_proxy: Any) -> None:
+    proxy = await loaded(make_proxy)
+    reader, writer = await connect(proxy)
+    writer.write(post("/v1/completions", STREAM) + get("/v1/models") + post("/v1/chat/completions", CHAT))
+    first = await read_response(reader)
+    second = await read_response(reader)
+    third = await read_response(reader)
+    assert sse_data(first[2])[-1] == "[DONE]"
+    assert json.loads(second[2])["object"] == "list"
+    assert json.loads(third[2])["object"] == "chat.completion"
+    writer.close()
+
+
+async def test_a_body_in_pieces_and_a_stalled_body(make_proxy: Any) -> None:
+    proxy = await loaded(make_proxy, client_timeout=1.0)
+    reader, writer = await connect(proxy)
+    data = post("/v1/chat/completions", CHAT)
+    writer.write(data[:-20])
+    await asyncio.sleep(0.3)
+    writer.write(data[-20:])
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["choices"]
+    # The same connection, a body that stops arriving: 408 in the OpenAI shape, then closed.
+    writer.write(data[:-20])
+    start = time.monotonic()
+    status, headers, body = await read_response(reader)
+    assert status == 408 and 0.9 < time.monotonic() - start < 5
+    error = json.loads(body)["error"]
+    assert error["code"] == 408 and "client-timeout" in error["message"]
+    assert headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert (await proxy.status())["in_flight"] == 0
+
+
+async def test_connection_close_and_idle_keep_alive(make_proxy: Any) -> None:
+    proxy = await loaded(make_proxy, client_timeout=1.0)  # keep-alive timeout min(75, 1) s
+    reader, writer = await connect(proxy)
+    writer.write(post("/v1/chat/completions", CHAT, "Connection: close"))
+    assert (await read_response(reader))[0] == 200
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after the answer
+    writer.close()
+    reader, writer = await connect(proxy)
+    writer.write(get("/v1/models"))
+    assert (await read_response(reader))[0] == 200
+    start = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # idle: closed by the proxy
+    assert 0.9 < time.monotonic() - start < 4
+    writer.close()
+
+
+async def test_keys_valid_ones_take_the_front_door(make_proxy: Any) -> None:
+    proxy = await make_proxy(api_keys=("user-key",), admin_keys=("admin-key",))
+    proxy.session.headers["Authorization"] = "Bearer admin-key"
+    status, body = await proxy.switch(f"m {FAST}")
+    assert status == 200, body
+    front = proxy.front
+    reader, writer = await connect(proxy)
+    served = front.served
+    writer.write(post("/v1/chat/completions", CHAT, "Authorization: Bearer user-key"))
+    assert (await read_response(reader))[0] == 200
+    assert front.served == served + 1
+    writer.close()
+    for auth in ("Authorization: Bearer wrong", "X-Nothing: 1"):
+        reader, writer = await connect(proxy)
+        writer.write(post("/v1/chat/completions", CHAT, auth))
+        status, headers, body = await read_response(reader)
+        assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+        assert headers["www-authenticate"].startswith("Bearer")
+        writer.close()
+    assert front.served == served + 1
+
+
+async def test_with_no_model_requests_go_to_aiohttp_and_get_503(make_proxy: Any) -> None:
+    proxy = await make_proxy(request_wait_timeout=0.2)
+    reader, writer = await connect(proxy)
+    writer.write(post("/v1/chat/completions", CHAT))
+    status, _, body = await read_response(reader)
+    assert status == 503 and json.loads(body)["error"]["type"] == "model_unavailable"
+    assert proxy.front.handed_off == 1 and proxy.front.served == 0
+    writer.close()
+
+
+def test_parse_request_head() -> None:
+    head = parse_request_head(
+        b"POST /v1/x?y=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nX-Keep: 1\r\n"
+        b"Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: 5\r\n"
+        b"Authorization: Bearer k1\r\n"
+    )
+    assert head is not None
+    assert (head.method, head.target, head.length, head.keep_alive, head.token) == (
+        b"POST",
+        b"/v1/x?y=1",
+        12,
+        True,
+        "k1",
+    )
+    assert head.lines == [b"X-Keep: 1\r\n", b"Authorization: Bearer k1\r\n"]
+    closing = parse_request_head(b"GET / HTTP/1.1\r\nConnection: close\r\n")
+    assert closing is not None and not closing.keep_alive and closing.length == 0
+    for refused in (
+        b"GET / HTTP/1.0\r\n",
+        b"GET http://a/ HTTP/1.1\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: -1\r\n",
+        b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n",
+        b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n",
+        b"GET / HTTP/1.1\r\n folded\r\n",
+        b"GET / HTTP/1.1\r\nBad Name: x\r\n",
+        b"GET / HTTP/1.1\r\nX: a\x00b\r\n",
+        b"GET / HTTP/1.1\nX: y\r\n",
+    ):
+        assert parse_request_head(refused) is None, refused
