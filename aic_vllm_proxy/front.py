@@ -344,7 +344,9 @@ class FrontProtocol(asyncio.Protocol):
         upstream_head = self._upstream_head(head, body)
         sup.request_started()
         try:
-            conn, answer = await passthrough.exchange(upstream_head, body, no_body=head.method == b"HEAD")
+            conn, answer = await passthrough.exchange(
+                upstream_head, body, no_body=head.method == b"HEAD", framed=True
+            )
             unregister = sup.track_upstream(conn.abort)
             try:
                 return await self._relay(conn, answer, head.method == b"HEAD")
@@ -380,8 +382,7 @@ class FrontProtocol(asyncio.Protocol):
         out = self._response_head(answer, chunked or (is_head and answer.chunked))
         pending: list[bytes] = [out]
         self._answered = True
-        frame = _chunk if chunked else _plain
-        conn.attach(lambda piece: pending.append(frame(piece)))
+        conn.attach(pending.append)  # pieces come framed for the client (``framed=True``)
         released = False
         try:
             finished_early = conn.complete  # the whole answer came with its head
@@ -397,7 +398,7 @@ class FrontProtocol(asyncio.Protocol):
             def sink(piece: bytes) -> None:
                 if transport.is_closing():
                     raise ConnectionResetError("the client went away")
-                transport.write(frame(piece))
+                transport.write(piece)
 
             conn.attach(sink, self._is_write_paused)
             try:
@@ -429,7 +430,7 @@ class FrontProtocol(asyncio.Protocol):
         log.warning("relaying a response: %s", message)
         if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
             event = sse_error_event(message)
-            self._write(_chunk(event) if chunked else event)
+            self._write(b"%x\r\n%s\r\n" % (len(event), event) if chunked else event)
 
     def _is_write_paused(self) -> bool:
         return self._write_paused
@@ -452,14 +453,6 @@ class FrontProtocol(asyncio.Protocol):
             parts.append(f"Content-Length: {answer.length}\r\n")
         parts.append("\r\n")
         return "".join(parts).encode("latin-1")
-
-
-def _chunk(piece: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(piece), piece)
-
-
-def _plain(piece: bytes) -> bytes:
-    return piece
 
 
 class FrontSite(web.TCPSite):

@@ -183,7 +183,7 @@ class Passthrough:
             raise self._unreachable(exc) from exc
 
     async def exchange(
-        self, head: bytes, body: bytes | None, *, no_body: bool
+        self, head: bytes, body: bytes | None, *, no_body: bool, framed: bool = False
     ) -> tuple[UpstreamConnection, ResponseHead]:
         """Send a request whose body is in memory; return the connection and vLLM's response
         head. A pooled connection that turns out to be stale (closed by vLLM while idle, before
@@ -192,7 +192,7 @@ class Passthrough:
             conn = await self._acquire()
             reused = conn.used > 0
             try:
-                conn.start(head, body, no_body_expected=no_body)
+                conn.start(head, body, no_body_expected=no_body, framed=framed)
                 return conn, await conn.head()
             except UpstreamClosed as exc:
                 conn.abort()

@@ -91,6 +91,32 @@ def _parse_head(block: bytes) -> ResponseHead:
     return ResponseHead(status, reason_text, version, headers, length, chunked, keep_alive, lines)
 
 
+def _chunk(piece: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(piece), piece)
+
+
+def _whole_chunks(data: bytes) -> int:
+    """How many bytes at the start of ``data`` are whole, plainly framed, non-empty chunks (a
+    lowercase hex size, CRLF, the data, CRLF): those can be passed on as they are."""
+    pos, end = 0, len(data)
+    while pos < end:
+        newline = data.find(b"\r\n", pos, pos + 18)
+        if newline < 0:
+            break
+        size_text = data[pos:newline]
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            break
+        if size == 0 or b"%x" % size != size_text:
+            break  # the last chunk, or framing worth a closer look: the state machine's
+        stop = newline + 2 + size
+        if data[stop : stop + 2] != b"\r\n":
+            break
+        pos = stop + 2
+    return pos
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One connection to vLLM; one request at a time."""
 
@@ -116,6 +142,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink: Sink | None = None
         self._early: list[bytes] = []  # payload that arrived before a sink was attached
         self._no_body = False
+        self._framed = False
         self._mode = "head"  # head | length | chunked | close | done
         self._remaining = 0  # length mode: bytes left; chunked: bytes left in this chunk
         self._chunk_state = "size"  # size | data | crlf | trailer
@@ -124,11 +151,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink_broken = False
         self._sink_full: Callable[[], bool] = _never_full
 
-    def start(self, head: bytes, body: bytes | None, *, no_body_expected: bool) -> None:
-        """Send a request whose body is in memory (or absent)."""
+    def start(self, head: bytes, body: bytes | None, *, no_body_expected: bool, framed: bool = False) -> None:
+        """Send a request whose body is in memory (or absent). With ``framed``, a body without a
+        Content-Length reaches the sink as chunked framing, ready to pass on (vLLM's own chunks
+        are passed as they are when their framing is plain)."""
         assert self.transport is not None
         self.used += 1
         self._no_body = no_body_expected
+        self._framed = framed
         if body:
             self.transport.writelines((head, body))
         else:
@@ -318,9 +348,17 @@ class UpstreamConnection(asyncio.Protocol):
                 self._remaining -= len(data)
                 self._emit(data)
         elif self._mode == "chunked":
+            if self._framed and self._chunk_state == "size" and not self._line:
+                whole = _whole_chunks(data)  # the common case: one or more whole chunks
+                if whole == len(data):
+                    self._emit(data)
+                    return
+                if whole:
+                    self._emit(data[:whole])
+                    data = data[whole:]
             self._feed_chunked(data)
         elif self._mode == "close":
-            self._emit(data)
+            self._emit(_chunk(data) if self._framed else data)
 
     def _feed_chunked(self, data: bytes) -> None:
         pos, end = 0, len(data)
@@ -328,7 +366,8 @@ class UpstreamConnection(asyncio.Protocol):
             state = self._chunk_state
             if state == "data":
                 take = min(self._remaining, end - pos)
-                self._emit(data[pos : pos + take] if (pos or take != end) else data)
+                piece = data[pos : pos + take] if (pos or take != end) else data
+                self._emit(_chunk(piece) if self._framed else piece)
                 pos += take
                 self._remaining -= take
                 if self._remaining == 0:

@@ -260,3 +260,66 @@ def test_parse_request_head() -> None:
         b"GET / HTTP/1.1\nX: y\r\n",
     ):
         assert parse_request_head(refused) is None, refused
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, pos = b"", 0
+    while True:
+        newline = data.index(b"\r\n", pos)
+        size = int(data[pos:newline], 16)
+        assert data[pos:newline] == b"%x" % size  # plain framing for the client
+        if size == 0:
+            assert data[newline:] == b"\r\n\r\n", data[newline:]
+            return out
+        out += data[newline + 2 : newline + 2 + size]
+        assert data[newline + 2 + size : newline + 4 + size] == b"\r\n"
+        pos = newline + 4 + size
+
+
+@pytest.mark.parametrize("step", [1, 7, 64, 10_000])
+async def test_upstream_chunks_reach_the_client_as_plain_chunks(step: int) -> None:
+    """Framed relaying (front door): vLLM's plain chunks pass as they are; odd framing
+    (uppercase sizes, leading zeros, extensions, trailers) is re-framed; pieces split anywhere."""
+    from aic_vllm_proxy.upstream import UpstreamConnection
+
+    payloads = [b"data: one\n\n", b"x" * 300, b"data: two\n\n", b"tail", b"data: [DONE]\n\n"]
+    wire = (
+        b"%x\r\n%s\r\n" % (len(payloads[0]), payloads[0])
+        + b"%X\r\n%s\r\n" % (len(payloads[1]), payloads[1])
+        + b"0%x;ext=1\r\n%s\r\n" % (len(payloads[2]), payloads[2])
+        + b"%x\r\n%s\r\n" % (len(payloads[3]), payloads[3])
+        + b"%x\r\n%s\r\n" % (len(payloads[4]), payloads[4])
+        + b"0\r\nX-Trailer: 1\r\n\r\n"
+    )
+    conn = UpstreamConnection()
+    conn.transport = _Transport()  # type: ignore[assignment]
+    conn.start(b"", None, no_body_expected=False, framed=True)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    out: list[bytes] = []
+    conn.attach(out.append)
+    for pos in range(0, len(wire), step):
+        conn.data_received(wire[pos : pos + step])
+    assert conn.complete
+    assert _dechunk(b"".join(out) + b"0\r\n\r\n") == b"".join(payloads)
+    if step == 10_000:  # the plain chunks went out as they came, in one piece
+        assert out[0] == wire[: wire.index(b"%X" % len(payloads[1]))]
