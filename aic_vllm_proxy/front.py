@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 #: A request head longer than this is aiohttp's to judge (it answers 400 or 431).
 MAX_HEAD = 16 * 1024
+#: aiohttp's limits for one request line or header line, and for the number of header fields.
+_MAX_LINE = 8190
+_MAX_FIELDS = 128
 #: Stop reading a connection when this much of a next (pipelined) request waits.
 MAX_BUFFERED = 256 * 1024
 
@@ -84,6 +87,8 @@ def parse_request_head(block: bytes) -> RequestHead | None:
     if match is None:
         return None
     method, target, fields = match.groups()
+    if match.start(3) > _MAX_LINE + 2 or fields.count(b"\r\n") > _MAX_FIELDS:
+        return None  # over aiohttp's limits: it answers 400
     lines: list[bytes] = []
     length = -1
     keep_alive = True
@@ -93,6 +98,8 @@ def parse_request_head(block: bytes) -> RequestHead | None:
     while start < len(fields):
         end = fields.index(b"\r\n", start) + 2
         line = fields[start:end]
+        if end - start > _MAX_LINE + 2:
+            return None
         start = end
         name, _, value = line.partition(b":")
         lname = name.lower()

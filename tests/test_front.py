@@ -258,6 +258,9 @@ def test_parse_request_head() -> None:
         b"GET / HTTP/1.1\r\nBad Name: x\r\n",
         b"GET / HTTP/1.1\r\nX: a\x00b\r\n",
         b"GET / HTTP/1.1\nX: y\r\n",
+        b"GET / HTTP/1.1\r\nX: " + b"y" * 8200 + b"\r\n",  # over aiohttp's line limit
+        b"GET /" + b"y" * 8200 + b" HTTP/1.1\r\n",
+        b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 129,  # over aiohttp's field count
     ):
         assert parse_request_head(refused) is None, refused
 
