@@ -348,8 +348,13 @@ class FrontProtocol(asyncio.Protocol):
         """Send the request to vLLM and relay its answer; False when the connection must close."""
         passthrough = self.front.passthrough
         sup = passthrough.supervisor
-        upstream_head = self._upstream_head(head, body)
-        sup.request_started()
+        if sup.machine.state is not ProcessState.READY or not sup.admitting:
+            # A stop or switch began since the head was read (the body may have taken a while):
+            # wait for the model like the application does, or answer 503. Never send a request
+            # to a vLLM that is draining for a stop.
+            await sup.wait_for_model(passthrough.wait_timeout)
+        upstream_head = self._upstream_head(head, body)  # vLLM's own key may have changed
+        sup.request_started()  # no await since the check: the drain before a stop counts this
         try:
             conn, answer = await passthrough.exchange(
                 upstream_head, body, no_body=head.method == b"HEAD", framed=True
