@@ -47,8 +47,7 @@ class ProxyError(Exception):
     def raw(self, *, close: bool) -> bytes:
         """The whole HTTP/1.1 response as bytes, for the front door (``front.py``), which writes
         to the client's transport itself; the same status, headers and body as :meth:`response`."""
-        body = json.dumps(ErrorBody(error=self.detail()).model_dump(mode="json", exclude_none=True))
-        data = body.encode()
+        data = _error_json(self.detail()).encode()
         reason = HTTPStatus(self.status).phrase if self.status in _STATUSES else "Error"
         lines = [f"HTTP/1.1 {self.status} {reason}", "Content-Type: application/json; charset=utf-8"]
         lines += [f"{name}: {value}" for name, value in self.headers.items()]
@@ -116,13 +115,16 @@ def body_stalled(timeout: float) -> ProxyError:
     )
 
 
+def _error_json(detail: ErrorDetail) -> str:
+    return json.dumps(ErrorBody(error=detail).model_dump(mode="json", exclude_none=True))
+
+
 def error_response(
     status: int, detail: ErrorDetail, *, headers: dict[str, str] | None = None
 ) -> web.Response:
-    body = ErrorBody(error=detail).model_dump(mode="json", exclude_none=True)
     return web.Response(
         status=status,
-        text=json.dumps(body),
+        text=_error_json(detail),
         content_type="application/json",
         headers=headers,
     )

@@ -28,20 +28,24 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from aic_vllm_proxy import control
 from aic_vllm_proxy.auth import ADMIN_PREFIXES, KeyRing
 from aic_vllm_proxy.errors import ProxyError, body_stalled
-from aic_vllm_proxy.models import ProcessState
+from aic_vllm_proxy.keys import KEYS, PASSTHROUGH
 from aic_vllm_proxy.proxy import (
     HOP_BY_HOP,
     RETRYABLE_BODY,
     Passthrough,
+    connection_tokens,
     sse_error_event,
+    upstream_head,
 )
 from aic_vllm_proxy.upstream import (
     ResponseHead,
     UpstreamClosed,
     UpstreamConnection,
     UpstreamProtocolError,
+    frame_chunk,
 )
 
 log = logging.getLogger(__name__)
@@ -93,7 +97,7 @@ def parse_request_head(block: bytes) -> RequestHead | None:
     length = -1
     keep_alive = True
     token: str | None = None
-    connection_tokens: set[bytes] = set()
+    named_tokens: set[bytes] = set()
     start = 0
     while start < len(fields):
         end = fields.index(b"\r\n", start) + 2
@@ -113,15 +117,15 @@ def parse_request_head(block: bytes) -> RequestHead | None:
         elif lname in _HAND_OFF:
             return None
         elif lname == b"connection":
-            connection_tokens.update(t.strip().lower() for t in value.split(b","))
+            named_tokens.update(t.strip().lower() for t in value.split(b","))
         elif lname == b"authorization":
             lines.append(line)
             scheme, _, rest = value.strip().partition(b" ")
             if scheme.lower() == b"bearer" and rest.strip():
                 token = rest.strip().decode("latin-1")
-    if connection_tokens:
-        keep_alive = b"close" not in connection_tokens
-        named = connection_tokens - {b"close", b"keep-alive", b""}
+    if named_tokens:
+        keep_alive = b"close" not in named_tokens
+        named = named_tokens - {b"close", b"keep-alive", b""}
         if named:  # headers named in Connection are hop-by-hop too
             lines = [line for line in lines if line.partition(b":")[0].lower() not in named]
     return RequestHead(method, target, lines, max(length, 0), keep_alive, token)
@@ -137,16 +141,14 @@ class Front:
         fallback: Callable[[], asyncio.Protocol],
         own_paths: set[str],
         *,
-        max_body_size: int,
-        client_timeout: float,
         keepalive_timeout: float,
     ) -> None:
         self.passthrough = passthrough
         self.keys = keys
         self.fallback = fallback
         self.own_paths = frozenset(path.encode() for path in own_paths)
-        self.max_body = min(max_body_size, RETRYABLE_BODY)
-        self.client_timeout = client_timeout
+        self.admin_prefixes = tuple(prefix.encode() for prefix in ADMIN_PREFIXES)
+        self.max_body = min(passthrough.max_body_size, RETRYABLE_BODY)
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[FrontProtocol] = set()
         self.closing = False
@@ -160,15 +162,14 @@ class Front:
         path = head.target.partition(b"?")[0]
         if (
             path in self.own_paths
-            or path.startswith(ADMIN_PREFIXES[0].encode())
+            or path.startswith(self.admin_prefixes)
             or b"%" in path
             or b"/." in path
             or path.startswith(b"//")
             or head.length > self.max_body
         ):
             return False
-        sup = self.passthrough.supervisor
-        if sup.machine.state is not ProcessState.READY or not sup.admitting:
+        if not self.passthrough.supervisor.serving:
             return False  # aiohttp waits for the switch (bounded) or answers 503
         # With keys, an unknown or missing one is aiohttp's to answer (401).
         return not self.keys.enabled or (head.token is not None and self.keys.role_of(head.token) is not None)
@@ -332,9 +333,9 @@ class FrontProtocol(asyncio.Protocol):
             self._body_wanted = length
             self._body_ready = self.loop.create_future()
             try:
-                await asyncio.wait_for(self._body_ready, self.front.client_timeout)
+                await asyncio.wait_for(self._body_ready, self.front.passthrough.client_timeout)
             except asyncio.TimeoutError:
-                raise body_stalled(self.front.client_timeout) from None
+                raise body_stalled(self.front.passthrough.client_timeout) from None
             finally:
                 self._body_ready = None
         body, self._buf = self._buf[:length], self._buf[length:]
@@ -348,7 +349,7 @@ class FrontProtocol(asyncio.Protocol):
         """Send the request to vLLM and relay its answer; False when the connection must close."""
         passthrough = self.front.passthrough
         sup = passthrough.supervisor
-        if sup.machine.state is not ProcessState.READY or not sup.admitting:
+        if not sup.serving:
             # A stop or switch began since the head was read (the body may have taken a while):
             # wait for the model like the application does, or answer 503. Never send a request
             # to a vLLM that is draining for a stop.
@@ -368,21 +369,16 @@ class FrontProtocol(asyncio.Protocol):
             sup.request_finished()
 
     def _upstream_head(self, head: RequestHead, body: bytes | None) -> bytes:
+        """The same head ``proxy.request_head`` builds, from the lines parsed here."""
         passthrough = self.front.passthrough
         supplied = passthrough.supervisor.upstream_headers()
         lines = head.lines
         if passthrough.strip_authorization or supplied:
             lines = [line for line in lines if line[:14].lower() != b"authorization:"]
-        parts = [
-            b"%s %s HTTP/1.1\r\nHost: %s\r\n"
-            % (head.method, head.target, passthrough.pool.host_header.encode()),
-            *lines,
-        ]
-        parts.extend(f"{name}: {value}\r\n".encode() for name, value in supplied.items())
-        if body is not None:
-            parts.append(b"Content-Length: %d\r\n" % len(body))
-        parts.append(b"\r\n")
-        return b"".join(parts)
+        length = None if body is None else len(body)
+        return upstream_head(
+            head.method, head.target, passthrough.pool.host_header, lines, supplied, length=length
+        )
 
     async def _relay(self, conn: UpstreamConnection, answer: ResponseHead, is_head: bool) -> bool:
         """vLLM's answer to the client: head and what came with it in one write, then the rest
@@ -397,37 +393,34 @@ class FrontProtocol(asyncio.Protocol):
         conn.attach(pending.append)  # pieces come framed for the client (``framed=True``)
         released = False
         try:
-            finished_early = conn.complete  # the whole answer came with its head
-            if finished_early:
-                if chunked:
-                    pending.append(b"0\r\n\r\n")
+            came_whole = conn.complete  # the whole answer came with its head
+            if not came_whole:  # relay the rest as it comes
                 transport.writelines(pending)
-                self.front.passthrough.pool.release(conn)
-                released = True
-                return True
-            transport.writelines(pending)
+                pending = []
 
-            def sink(piece: bytes) -> None:
-                if transport.is_closing():
-                    raise ConnectionResetError("the client went away")
-                transport.write(piece)
+                def sink(piece: bytes) -> None:
+                    if transport.is_closing():
+                        raise ConnectionResetError("the client went away")
+                    transport.write(piece)
 
-            conn.attach(sink, self._is_write_paused)
-            try:
-                while True:
-                    await conn.wait()
-                    if conn.complete:
-                        break
-                    if conn.needs_drain:
-                        await self._drain()
-                        conn.resume()
-            except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
-                if transport.is_closing() or isinstance(exc, ConnectionResetError):
-                    raise asyncio.CancelledError from exc  # the client went away
-                self._break_off(answer, chunked, exc)
-                return False
+                conn.attach(sink, self._is_write_paused)
+                try:
+                    while True:
+                        await conn.wait()
+                        if conn.complete:
+                            break
+                        if conn.needs_drain:
+                            await self._drain()
+                            conn.resume()
+                except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
+                    if transport.is_closing() or isinstance(exc, ConnectionResetError):
+                        raise asyncio.CancelledError from exc  # the client went away
+                    self._break_off(answer, chunked, exc)
+                    return False
             if chunked:
-                transport.write(b"0\r\n\r\n")
+                pending.append(b"0\r\n\r\n")
+            if pending:  # a whole answer that came with its head goes out in this one write
+                transport.writelines(pending)
             self.front.passthrough.pool.release(conn)
             released = True
             return True
@@ -442,7 +435,7 @@ class FrontProtocol(asyncio.Protocol):
         log.warning("relaying a response: %s", message)
         if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
             event = sse_error_event(message)
-            self._write(b"%x\r\n%s\r\n" % (len(event), event) if chunked else event)
+            self._write(frame_chunk(event) if chunked else event)
 
     def _is_write_paused(self) -> bool:
         return self._write_paused
@@ -455,8 +448,7 @@ class FrontProtocol(asyncio.Protocol):
     def _response_head(self, answer: ResponseHead, chunked: bool) -> bytes:
         drop = _DROP_OUT
         if "Connection" in answer.headers:
-            named = {t.strip().lower() for v in answer.headers.getall("Connection") for t in v.split(",")}
-            drop = drop | named
+            drop = drop | connection_tokens(answer.headers)
         parts = [f"HTTP/1.1 {answer.status} {answer.reason}\r\n"]
         parts.extend(line + "\r\n" for line in answer.lines if line.partition(":")[0].lower() not in drop)
         if chunked:
@@ -515,20 +507,9 @@ def front_site(
     backlog: int = 128,
 ) -> FrontSite:
     """The listening site for an application made by ``app.create_app`` (after ``runner.setup()``)."""
-    from aic_vllm_proxy import control
-    from aic_vllm_proxy.keys import KEYS, PASSTHROUGH, SETTINGS
-
     app = runner.app
     server = runner.server
     assert server is not None, "call runner.setup() first"
-    settings = app[SETTINGS]
-    front = Front(
-        app[PASSTHROUGH],
-        app[KEYS],
-        server,
-        set(control.methods_by_path()),
-        max_body_size=settings.max_body_size,
-        client_timeout=settings.client_timeout,
-        keepalive_timeout=keepalive_timeout,
-    )
+    own_paths = set(control.methods_by_path())
+    front = Front(app[PASSTHROUGH], app[KEYS], server, own_paths, keepalive_timeout=keepalive_timeout)
     return FrontSite(runner, front, host, port, backlog=backlog, drain_timeout=drain_timeout)

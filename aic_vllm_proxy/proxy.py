@@ -25,7 +25,6 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from aic_vllm_proxy.errors import BadRequest, UpstreamError, body_stalled, body_too_large
-from aic_vllm_proxy.models import ProcessState
 from aic_vllm_proxy.supervisor import Supervisor
 from aic_vllm_proxy.upstream import (
     HIGH_WATER,
@@ -64,7 +63,7 @@ SMALL_RESPONSE = 1 << 20
 UPSTREAM_ERRORS = (OSError, asyncio.TimeoutError, UpstreamClosed, UpstreamProtocolError)
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     """Header names listed in (every) ``Connection`` header: hop-by-hop too."""
     return {
         token.strip().lower()
@@ -76,7 +75,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
 
 def _filtered(headers: CIMultiDict[str], extra_drop: Iterable[str] = ()) -> CIMultiDict[str]:
     """``headers`` without hop-by-hop ones (and those named in their ``Connection``)."""
-    drop = HOP_BY_HOP | _connection_tokens(headers) | set(extra_drop)
+    drop = HOP_BY_HOP | connection_tokens(headers) | set(extra_drop)
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
@@ -92,14 +91,32 @@ def request_head(
     """The upstream request line and headers, built from the client's raw header bytes."""
     drop = _NOT_COPIED
     if "Connection" in request.headers:
-        drop = drop | {token.encode() for token in _connection_tokens(request.headers)}
+        drop = drop | {token.encode() for token in connection_tokens(request.headers)}
     if strip_authorization or supplied:
         drop = drop | {b"authorization"}
-    target = request.raw_path.encode("utf-8", "surrogateescape")
-    parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (request.method.encode(), target, host_header.encode())]
-    parts.extend(
+    lines = [
         name + b": " + value + b"\r\n" for name, value in request.raw_headers if name.lower() not in drop
+    ]
+    target = request.raw_path.encode("utf-8", "surrogateescape")
+    return upstream_head(
+        request.method.encode(), target, host_header, lines, supplied, length=length, chunked=chunked
     )
+
+
+def upstream_head(
+    method: bytes,
+    target: bytes,
+    host_header: str,
+    lines: Iterable[bytes],
+    supplied: dict[str, str],
+    *,
+    length: int | None,
+    chunked: bool = False,
+) -> bytes:
+    """A request head for vLLM: the request line, ``Host``, the client's header ``lines`` (each
+    with its CRLF, hop-by-hop ones already left out), vLLM's own ``supplied`` headers, and the
+    body's framing."""
+    parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, host_header.encode()), *lines]
     parts.extend(f"{name}: {value}\r\n".encode() for name, value in supplied.items())
     if chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -146,7 +163,7 @@ class Passthrough:
         length = request.content_length
         if length is not None and length > self.max_body_size:
             raise body_too_large(self.max_body_size, length)
-        if sup.machine.state is not ProcessState.READY or not sup.admitting:
+        if not sup.serving:
             await sup.wait_for_model(self.wait_timeout)
         sup.request_started()
         try:

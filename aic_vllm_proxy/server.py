@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from aiohttp import web
 
@@ -52,31 +51,45 @@ async def start_site(
     request goes through aiohttp and is logged."""
     site: web.TCPSite
     if front:
-        timeouts = {"keepalive_timeout": keepalive_timeout, "drain_timeout": drain_timeout}
-        site = front_site(runner, host, port, backlog=backlog, **timeouts)
+        site = front_site(
+            runner,
+            host,
+            port,
+            keepalive_timeout=keepalive_timeout,
+            drain_timeout=drain_timeout,
+            backlog=backlog,
+        )
     else:
         site = web.TCPSite(runner, host, port, backlog=backlog)
     await site.start()
     return site
 
 
-async def _serve(app: web.Application, options: dict[str, Any]) -> None:
+async def _serve(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    access_log: logging.Logger | None,
+    keepalive_timeout: float,
+    drain_timeout: float,
+) -> None:
     runner = make_runner(
         app,
-        access_log=options["access_log"],
-        keepalive_timeout=options["keepalive_timeout"],
-        drain_timeout=options["drain_timeout"],
+        access_log=access_log,
+        keepalive_timeout=keepalive_timeout,
+        drain_timeout=drain_timeout,
         handle_signals=True,  # SIGINT/SIGTERM raise GracefulExit out of the loop
     )
     await runner.setup()
     try:
         await start_site(
             runner,
-            options["host"],
-            options["port"],
-            keepalive_timeout=options["keepalive_timeout"],
-            drain_timeout=options["drain_timeout"],
-            front=options["access_log"] is None,
+            host,
+            port,
+            keepalive_timeout=keepalive_timeout,
+            drain_timeout=drain_timeout,
+            front=access_log is None,
         )
         await asyncio.Event().wait()
     finally:
@@ -94,14 +107,16 @@ def run(
     drain_timeout: float,
 ) -> None:
     """Serve until a signal, then shut down in order and close ``loop``."""
-    options = {
-        "host": host,
-        "port": port,
-        "access_log": access_log,
-        "keepalive_timeout": keepalive_timeout,
-        "drain_timeout": drain_timeout,
-    }
-    main = loop.create_task(_serve(app, options))
+    main = loop.create_task(
+        _serve(
+            app,
+            host=host,
+            port=port,
+            access_log=access_log,
+            keepalive_timeout=keepalive_timeout,
+            drain_timeout=drain_timeout,
+        )
+    )
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):

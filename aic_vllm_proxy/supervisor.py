@@ -146,10 +146,15 @@ class Supervisor:
             close()
         return len(closers)
 
+    @property
+    def serving(self) -> bool:
+        """A model is ready and taking requests (not draining for a stop)."""
+        return self.machine.state is S.READY and self.admitting
+
     async def wait_for_model(self, timeout: float) -> Snapshot:
         """Wait (bounded) until a model is ready; raise :class:`ModelUnavailable` otherwise."""
         snap = self.machine.snapshot
-        if snap.state is S.READY and self.admitting:
+        if self.serving:
             return snap
 
         def settled(s: Snapshot) -> bool:

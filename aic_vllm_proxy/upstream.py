@@ -91,7 +91,8 @@ def _parse_head(block: bytes) -> ResponseHead:
     return ResponseHead(status, reason_text, version, headers, length, chunked, keep_alive, lines)
 
 
-def _chunk(piece: bytes) -> bytes:
+def frame_chunk(piece: bytes) -> bytes:
+    """``piece`` as one chunk of a chunked body."""
     return b"%x\r\n%s\r\n" % (len(piece), piece)
 
 
@@ -358,7 +359,7 @@ class UpstreamConnection(asyncio.Protocol):
                     data = data[whole:]
             self._feed_chunked(data)
         elif self._mode == "close":
-            self._emit(_chunk(data) if self._framed else data)
+            self._emit(frame_chunk(data) if self._framed else data)
 
     def _feed_chunked(self, data: bytes) -> None:
         pos, end = 0, len(data)
@@ -367,7 +368,7 @@ class UpstreamConnection(asyncio.Protocol):
             if state == "data":
                 take = min(self._remaining, end - pos)
                 piece = data[pos : pos + take] if (pos or take != end) else data
-                self._emit(_chunk(piece) if self._framed else piece)
+                self._emit(frame_chunk(piece) if self._framed else piece)
                 pos += take
                 self._remaining -= take
                 if self._remaining == 0:

@@ -103,10 +103,12 @@ async def make_proxy(tmp_path: Path, vllm_groups: set[int]) -> AsyncIterator[Cal
     async def start(*, extra_plugins: Any = (), **overrides: Any) -> ProxyHandle:
         settings = settings_for(tmp_path, **overrides)
         app = create_app(settings, extra_plugins=extra_plugins)
-        timeouts = {"keepalive_timeout": min(75.0, settings.client_timeout), "drain_timeout": 1.0}
-        runner = make_runner(app, access_log=None, **timeouts)
+        keepalive = min(75.0, settings.client_timeout)
+        runner = make_runner(app, access_log=None, keepalive_timeout=keepalive, drain_timeout=1.0)
         await runner.setup()
-        site = await start_site(runner, settings.host, settings.port, **timeouts)
+        site = await start_site(
+            runner, settings.host, settings.port, keepalive_timeout=keepalive, drain_timeout=1.0
+        )
         runners.append(runner)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         sessions.append(session)
