@@ -9,20 +9,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
-from aic_vllm_proxy.models import (
-    PluginInfo,
-    ProcessState,
-    Status,
-    SwitchResult,
-)
-from aic_vllm_proxy.progress import Outcome, ProgressArg, SwitchWatch
-
-if TYPE_CHECKING:
-    pass
 from aic_vllm_proxy.client.calls import (
     FINAL_LINES_WAIT,
     FOLLOW_FROM_LINES,
@@ -42,6 +32,13 @@ from aic_vllm_proxy.client.calls import (
     catalog_spec,
 )
 from aic_vllm_proxy.client.errors import ProxyError, ProxyUnreachable
+from aic_vllm_proxy.models import (
+    PluginInfo,
+    ProcessState,
+    Status,
+    SwitchResult,
+)
+from aic_vllm_proxy.progress import Outcome, ProgressArg, SwitchWatch
 
 # -------------------------------------------------------------------- sync client
 
