@@ -220,6 +220,7 @@ class FrontProtocol(asyncio.Protocol):
         self._write_paused = False
         self._writable: asyncio.Future[None] | None = None
         self._answered = False  # some of the current answer was written
+        self._relaying: UpstreamConnection | None = None  # whose body is being relayed now
 
     # --------------------------------------------------------------- protocol
 
@@ -247,6 +248,8 @@ class FrontProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._relaying is not None:
+            self._relaying.hold()  # stop reading from vLLM until the client has taken this
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -403,7 +406,10 @@ class FrontProtocol(asyncio.Protocol):
                         raise ConnectionResetError("the client went away")
                     transport.write(piece)
 
-                conn.attach(sink, self._is_write_paused)
+                conn.attach(sink, self._is_write_paused, client=transport)
+                self._relaying = conn
+                if self._write_paused:
+                    conn.hold()
                 try:
                     while True:
                         await conn.wait()
@@ -425,6 +431,7 @@ class FrontProtocol(asyncio.Protocol):
             released = True
             return True
         finally:
+            self._relaying = None
             if not released:
                 conn.abort()  # drops the connection: vLLM aborts the request
 

@@ -151,6 +151,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._paused = False
         self._sink_broken = False
         self._sink_full: Callable[[], bool] = _never_full
+        self._client: asyncio.WriteTransport | None = None  # see attach(client=...)
+        self._out: asyncio.WriteTransport | None = None  # _client while the fast path applies
 
     def start(self, head: bytes, body: bytes | None, *, no_body_expected: bool, framed: bool = False) -> None:
         """Send a request whose body is in memory (or absent). With ``framed``, a body without a
@@ -197,15 +199,42 @@ class UpstreamConnection(asyncio.Protocol):
         """Do not reuse this connection (the request on it was not sent completely)."""
         self._closed_after = True
 
-    def attach(self, sink: Sink, is_full: Callable[[], bool] = _never_full) -> None:
+    def attach(
+        self,
+        sink: Sink,
+        is_full: Callable[[], bool] = _never_full,
+        *,
+        client: asyncio.WriteTransport | None = None,
+    ) -> None:
         """Send the payload to ``sink`` from now on (what came early is passed at once).
         ``is_full()`` says when the sink has too much waiting: reading from vLLM then pauses
-        until :meth:`resume`."""
+        until :meth:`resume`.
+
+        ``client`` (framed relaying only) is the transport that ``sink`` writes to. A read that
+        holds exactly one whole, plainly framed chunk then goes to it straight from
+        :meth:`data_received` (the common case: one token per read), and anything else through
+        ``sink``. The owner of ``client`` calls :meth:`hold` when its transport pauses writing."""
         self._sink = sink
         self._sink_full = is_full
+        self._client = client if self._framed else None
         early, self._early = self._early, []
         for piece in early:
             self._emit(piece)
+        self._update_fast_path()
+
+    def hold(self) -> None:
+        """The sink cannot take more now: stop reading from vLLM until :meth:`resume`."""
+        transport = self.transport
+        if not self._paused and transport is not None and self._mode != "done":
+            self._paused = True
+            transport.pause_reading()
+            if self._wakeup is not None and not self._wakeup.done():
+                self._wakeup.set_result(None)
+
+    def _update_fast_path(self) -> None:
+        """Whole chunks may go straight to the client only between chunks of a chunked body."""
+        fast = self._mode == "chunked" and self._chunk_state == "size" and not self._line
+        self._out = self._client if fast and not self._sink_broken else None
 
     @property
     def complete(self) -> bool:
@@ -266,6 +295,24 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
+        out = self._out
+        if out is not None:  # the fast path: exactly one whole, plainly framed chunk
+            end = data.find(b"\r\n", 0, 18)
+            if end > 0:
+                size_text = data[:end]
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    size = 0
+                if (
+                    size
+                    and len(data) == end + size + 4
+                    and data.endswith(b"\r\n")
+                    and b"%x" % size == size_text
+                    and not out.is_closing()
+                ):
+                    out.write(data)
+                    return
         self._received_any = True
         if self._mode == "head":
             self._head_buf += data
@@ -294,6 +341,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._mode == "done":
             return  # bytes after a complete response: ignore (the connection is not reused)
         self._feed(data)
+        if self._client is not None:
+            self._update_fast_path()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -416,21 +465,19 @@ class UpstreamConnection(asyncio.Protocol):
             self._sink_broken = True
             self._fail(exc)
             return
-        transport = self.transport
-        if not self._paused and transport is not None and self._sink_full():
-            self._paused = True
-            transport.pause_reading()
-            if self._wakeup is not None and not self._wakeup.done():
-                self._wakeup.set_result(None)
+        if not self._paused and self._sink_full():
+            self.hold()
 
     def _finish(self) -> None:
         self._mode = "done"
+        self._out = None
         self.idle_since = time.monotonic()
         if not self._done.done():
             self._done.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
         self._mode = "done"
+        self._out = None
         self._closed = True
         if not self._head.done():
             self._head.set_exception(exc)

@@ -241,6 +241,30 @@ def echo_upstream_main(argv: list[str]) -> None:
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": served, "object": "model"}]})
 
+    streamed = {"events": 0}
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        """``/stream?events=N&size=S[&gap=SECONDS]``: N SSE events of S bytes, each written (and
+        drained) as a chunk of its own, as vLLM writes tokens; ``/stream/progress`` says how many
+        went out."""
+        events, size = int(request.query["events"]), int(request.query["size"])
+        gap = float(request.query.get("gap", "0"))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        streamed["events"] = 0
+        for n in range(events):
+            text = f"data: {n} "
+            await response.write((text + "x" * (size - len(text) - 2) + "\n\n").encode())
+            streamed["events"] = n + 1
+            if gap:
+                await asyncio.sleep(gap)
+        await response.write_eof()
+        return response
+
+    async def stream_progress(request: web.Request) -> web.Response:
+        return web.json_response(streamed)
+
     async def echo(request: web.Request) -> web.StreamResponse:
         if request.path == "/early":
             # Answer before reading the body and close, like an auth check that rejects a big
@@ -291,6 +315,8 @@ def echo_upstream_main(argv: list[str]) -> None:
     app = web.Application(client_max_size=1024**3)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/stream/progress", stream_progress)
     app.router.add_route("*", "/{tail:.*}", echo)
     print(f"echo upstream for {served} on {opts['host']}:{opts['port']}", flush=True)
     web.run_app(

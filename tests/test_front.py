@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from typing import Any
 
 import pytest
-from helpers import FAST, sse_data
+from helpers import ECHO, FAST, sse_data
 
 from aic_vllm_proxy.front import parse_request_head
 
@@ -51,13 +52,14 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
     if headers.get("transfer-encoding") == "chunked":
-        body = b""
+        parts: list[bytes] = []
         while True:
             size = int((await reader.readuntil(b"\r\n")).strip(), 16)
             data = await reader.readexactly(size + 2)
             if size == 0:
                 break
-            body += data[:-2]
+            parts.append(data[:-2])
+        body = b"".join(parts)
     else:
         body = await reader.readexactly(int(headers.get("content-length", "0")))
     return status, headers, body
@@ -268,12 +270,13 @@ def test_parse_request_head() -> None:
 class _Transport:
     def __init__(self) -> None:
         self.closing = False
+        self.written: list[bytes] = []
 
     def is_closing(self) -> bool:
         return self.closing
 
     def write(self, data: bytes) -> None:
-        pass
+        self.written.append(data)
 
     def pause_reading(self) -> None:
         pass
@@ -326,3 +329,84 @@ async def test_upstream_chunks_reach_the_client_as_plain_chunks(step: int) -> No
     assert _dechunk(b"".join(out) + b"0\r\n\r\n") == b"".join(payloads)
     if step == 10_000:  # the plain chunks went out as they came, in one piece
         assert out[0] == wire[: wire.index(b"%X" % len(payloads[1]))]
+
+
+async def test_whole_chunks_go_straight_to_the_client_transport() -> None:
+    """The fast path: a read that is exactly one plain chunk is written to the client's transport
+    from data_received; anything else goes through the sink, in order; nothing after the end."""
+    from aic_vllm_proxy.upstream import UpstreamConnection
+
+    plain = [b"%x\r\n%s\r\n" % (len(p), p) for p in (b"data: 1\n\n", b"data: 2\n\n", b"y" * 4000)]
+    odd = [b"%X\r\n%s\r\n" % (12, b"data: ODD!\n\n"), b"0b;e=1\r\ndata: ext\n\n\r\n"]
+    reads = [plain[0], odd[0], plain[1], plain[1][:5], plain[1][5:], odd[1], plain[2], plain[0] + plain[1]]
+    conn = UpstreamConnection()
+    conn.transport = _Transport()  # type: ignore[assignment]
+    conn.start(b"", None, no_body_expected=False, framed=True)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client = _Transport()
+    both: list[bytes] = []  # everything, in the order the client would get it
+    sunk: list[bytes] = []
+
+    def sink(piece: bytes) -> None:
+        sunk.append(piece)
+        both.append(piece)
+
+    client.write = both.append  # type: ignore[method-assign]
+    conn.attach(sink, client=client)  # type: ignore[arg-type]
+    for read in reads:
+        conn.data_received(read)
+    conn.data_received(b"0\r\n\r\n")
+    assert conn.complete
+    conn.data_received(plain[0])  # after the end: ignored, not written
+    expected = b"data: 1\n\ndata: ODD!\n\ndata: 2\n\ndata: 2\n\ndata: ext\n\n" + b"y" * 4000
+    assert _dechunk(b"".join(both) + b"0\r\n\r\n") == expected + b"data: 1\n\ndata: 2\n\n"
+    fast = [piece for piece in both if piece not in sunk]
+    assert fast == [plain[0], plain[1], plain[2]]  # whole plain chunks, one read each
+
+    closing = UpstreamConnection()  # a client that went away: the sink path reports it
+    closing.transport = _Transport()  # type: ignore[assignment]
+    closing.start(b"", None, no_body_expected=False, framed=True)
+    closing.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    gone = _Transport()
+    gone.closing = True
+
+    def refuse(piece: bytes) -> None:
+        raise ConnectionResetError("the client went away")
+
+    closing.attach(refuse, client=gone)  # type: ignore[arg-type]
+    closing.data_received(plain[0])
+    assert closing.complete and not gone.written
+    with pytest.raises(ConnectionResetError):
+        await closing.wait()
+
+
+@pytest.mark.parametrize("gap", [0, 0.0002])
+async def test_a_stalled_stream_reader_pauses_vllm(make_proxy: Any, gap: float) -> None:
+    """Back-pressure: a client that stops reading a stream of many chunks makes the proxy stop
+    reading from vLLM (vLLM's writes then wait), so the proxy holds only socket buffers; when the
+    client reads again, every event arrives, in order. With a gap between vLLM's writes each
+    chunk comes in a read of its own (the fast path), without one several per read."""
+    proxy = await make_proxy(vllm_command=ECHO)
+    status, body = await proxy.switch("echo-model")
+    assert status == 200, body
+    events, size = 10_000, 4000  # 40 MB in 4 kB chunks, one write each
+    reader, writer = await connect(proxy)
+    writer.transport.set_write_buffer_limits(0)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    writer.write(get(f"/stream?events={events}&size={size}&gap={gap}"))
+
+    async def progress() -> int:
+        async with proxy.session.get(proxy.url + "/stream/progress") as resp:
+            return int((await resp.json())["events"])
+
+    await asyncio.sleep(2.0 + events * gap)  # the client reads nothing meanwhile
+    stalled = await progress()
+    await asyncio.sleep(0.5)
+    assert await progress() == stalled < events // 2, stalled  # vLLM is held back, not drained
+    status, headers, body = await asyncio.wait_for(read_response(reader), 60)
+    assert status == 200 and headers["content-type"] == "text/event-stream"
+    data = sse_data(body)
+    assert len(data) == events and all(d.startswith(f"{n} ") for n, d in enumerate(data))
+    writer.close()
+    assert await progress() == events
