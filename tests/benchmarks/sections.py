@@ -34,6 +34,7 @@ class Target:
 class Sizes:
     latency_warmup: int
     latency_rounds: int
+    cpu_block: int  # requests in one back-to-back block (CPU per request)
     stream_rounds: int
     slow_every: int  # the slow target joins one latency round in this many
     throughput_concurrency: tuple[int, ...]
@@ -55,6 +56,7 @@ class Sizes:
 FULL = Sizes(
     latency_warmup=200,
     latency_rounds=2000,
+    cpu_block=500,
     stream_rounds=1000,
     slow_every=5,
     throughput_concurrency=(64, 256),
@@ -75,6 +77,7 @@ FULL = Sizes(
 QUICK = Sizes(
     latency_warmup=5,
     latency_rounds=30,
+    cpu_block=20,
     stream_rounds=20,
     slow_every=3,
     throughput_concurrency=(4, 16),
@@ -148,6 +151,7 @@ def latency(bench: Bench, targets: list[Target]) -> dict[str, Any]:
                 bench.profiler.stop()
         for window in windows.values():
             window.stop()
+        back_to_back = _back_to_back_cpu(bench, targets, clients, requests)
         for client in clients.values():
             client.close()
         direct = {r: s for r, s in samples.get("direct", {}).items() if s.ok}
@@ -176,13 +180,42 @@ def latency(bench: Bench, targets: list[Target]) -> dict[str, Any]:
                 row["first_added_p99_ms"] = _ms(percentile(firsts, 99) - percentile(dfirsts, 99))
             if t.name in windows and mine:
                 row["cpu_us_per_request"] = windows[t.name].ns / 1e3 / len(mine)
+            b2b = back_to_back.get(t.name)
+            if b2b:
+                row["cpu_us_per_request_b2b"] = median(b2b)
+                row["cpu_us_per_request_b2b_runs"] = back_to_back[t.name]
             out.setdefault(kind, {})[t.name] = row
             bench.log(
                 f"    {t.name:8s} p50 {row['p50_ms']:.3f} ms  first p50 {row['first_p50_ms']:.3f} ms"
                 + (f"  added p50 {row['added_p50_ms']:.3f} ms" if "added_p50_ms" in row else "")
                 + (f"  cpu {row['cpu_us_per_request']:.0f} us/req" if "cpu_us_per_request" in row else "")
+                + (f" ({median(b2b):.0f} in a row)" if b2b else "")
             )
     return out
+
+
+def _back_to_back_cpu(
+    bench: Bench, targets: list[Target], clients: dict[str, load.BlockingClient], requests: dict[str, bytes]
+) -> dict[str, list[float]]:
+    """CPU per request of each hop with only its own requests in the window *and around it*:
+    blocks of requests back to back, one target at a time, in alternating order. In the paired
+    rounds a hop's requests sit between the other targets' (LiteLLM spends ~10 ms of CPU on
+    each, which evicts the caches), which inflates every hop's figure."""
+    hops = [t for t in targets if t.cpu_pids and not t.slow]
+    runs: dict[str, list[float]] = {t.name: [] for t in hops}
+    block = bench.sizes.cpu_block
+    for repeat in range(bench.sizes.repeats):
+        for t in hops if repeat % 2 == 0 else hops[::-1]:
+            assert t.cpu_pids is not None
+            client, raw = clients[t.name], requests[t.name]
+            for _ in range(max(1, block // 10)):  # warm up after the previous target
+                client.request(raw)
+            window = CpuWindow(t.cpu_pids)
+            window.start()
+            for _ in range(block):
+                client.request(raw)
+            runs[t.name].append(window.stop() / 1e3 / block)
+    return runs
 
 
 # ------------------------------------------------------------------- closed-loop runs
