@@ -228,8 +228,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._paused and transport is not None and self._mode != "done":
             self._paused = True
             transport.pause_reading()
-            if self._wakeup is not None and not self._wakeup.done():
-                self._wakeup.set_result(None)
+            self._wake()
 
     def _update_fast_path(self) -> None:
         """Whole chunks may go straight to the client only between chunks of a chunked body."""
@@ -258,9 +257,9 @@ class UpstreamConnection(asyncio.Protocol):
         """Until the body is complete (returns), broken (raises), or the sink needs draining
         (returns with :attr:`needs_drain` true)."""
         if not self._done.done() and not self._paused:
-            self._wakeup = wakeup = self._loop.create_future()
+            self._wakeup = wakeup = self._loop.create_future()  # set by _finish, _fail and hold
             try:
-                await asyncio.wait((self._done, wakeup), return_when=asyncio.FIRST_COMPLETED)
+                await wakeup
             finally:
                 self._wakeup = None
         if self._done.done():
@@ -474,6 +473,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         if not self._done.done():
             self._done.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
         self._mode = "done"
@@ -489,6 +493,7 @@ class UpstreamConnection(asyncio.Protocol):
                 future.exception()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
+        self._wake()
         if self.transport is not None:
             self.transport.abort()
 

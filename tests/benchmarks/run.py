@@ -1,5 +1,6 @@
-"""``python -m tests.benchmarks``: issue #7's benchmark, direct vs through the proxy (and
-nginx and LiteLLM's proxy when installed), side by side in one run against one upstream.
+"""``python -m tests.benchmarks``: issue #7's benchmark, direct vs through the proxy (and a
+bare Python relay, nginx and LiteLLM's proxy when installed), side by side in one run against
+one upstream.
 
     python -m tests.benchmarks                 # the full run (about 10 minutes)
     python -m tests.benchmarks --quick         # CI smoke: every section at tiny sizes
@@ -7,7 +8,7 @@ nginx and LiteLLM's proxy when installed), side by side in one run against one u
     python -m tests.benchmarks --only streaming --profile .bench/profile
 
 Sections: latency, throughput, streaming, memory, readiness. Prints a table (rows: metric;
-columns: direct, proxy, nginx, litellm, the target and whether the proxy meets it) and
+columns: direct, proxy, relay, nginx, litellm, the target and whether the proxy meets it) and
 writes everything measured to a JSON file. Progress goes to stderr.
 """
 
@@ -34,10 +35,10 @@ from typing import Any
 from . import load, sections
 from .profile import Profiler
 from .sections import FULL, QUICK, Bench, Target
-from .targets import REPO, LiteLLM, Nginx, Proxy, upstream_command
+from .targets import REPO, LiteLLM, Nginx, Proxy, Relay, upstream_command
 
 SECTIONS = ("latency", "throughput", "streaming", "memory", "readiness")
-TARGETS = ("direct", "proxy", "nginx", "litellm")
+TARGETS = ("direct", "proxy", "relay", "nginx", "litellm")
 MODEL = "bench"
 SIM_FLAGS = "--sim-import-delay 0 --sim-load-delay 0.1 --disable-uvicorn-access-log --disable-log-stats"
 
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default="",
-        help="comma-separated: direct,proxy,nginx,litellm (default: all installed; --quick: no litellm)",
+        help="comma-separated: direct,proxy,relay,nginx,litellm (default: all; --quick: no litellm)",
     )
     parser.add_argument("--json", type=Path, default=REPO / ".bench" / "benchmark.json", help="JSON output")
     parser.add_argument("--token-delay", type=float, default=0.02, help="seconds between paced tokens")
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in args.sections:
         if name not in SECTIONS:
             parser.error(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
-    default_targets = TARGETS[:3] if args.quick else TARGETS
+    default_targets = TARGETS[:4] if args.quick else TARGETS
     args.target_names = [t for t in (args.targets.split(",") if args.targets else default_targets) if t]
     for name in args.target_names:
         if name not in TARGETS:
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"benchmark ({results['mode']}): sections {', '.join(args.sections)}; targets {', '.join(wanted)}")
     log(f"  work directory {workdir} (--keep keeps it); load average {results['loadavg_start']}")
     try:
-        proxy = bytes_proxy = nginx = litellm = None
+        proxy = bytes_proxy = nginx = relay = litellm = None
         if sim_sections:
             proxy = Proxy(workdir, "proxy")
             started.append(proxy)
@@ -327,12 +328,16 @@ def main(argv: list[str] | None = None) -> int:
             bytes_proxy = Proxy(workdir, "proxy-bytes", vllm_command=upstream_command())
             started.append(bytes_proxy)
             bytes_proxy.start()
-        if "nginx" in wanted and (sim_sections or "memory" in byte_sections):
-            upstreams = {}
-            if proxy:
-                upstreams["sim"] = proxy.vllm_port
-            if bytes_proxy and "memory" in byte_sections:
-                upstreams["bytes"] = bytes_proxy.vllm_port
+        upstreams = {}
+        if proxy:
+            upstreams["sim"] = proxy.vllm_port
+        if bytes_proxy and "memory" in byte_sections:
+            upstreams["bytes"] = bytes_proxy.vllm_port
+        if "relay" in wanted and upstreams:
+            relay = Relay(workdir, upstreams)
+            started.append(relay)
+            relay.start()
+        if "nginx" in wanted and upstreams:
             nginx = Nginx(workdir, upstreams)
             started.append(nginx)
             nginx.start()
@@ -348,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                 litellm = None
         if proxy:
             targets = [Target("direct", proxy.vllm_port), Target("proxy", proxy.port, proxy.cpu_pids)]
+            if relay:
+                targets.append(Target("relay", relay.port("sim"), relay.cpu_pids))
             if nginx:
                 targets.append(Target("nginx", nginx.port("sim"), nginx.cpu_pids))
             if litellm:
@@ -376,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                     Target("direct", bytes_proxy.vllm_port),
                     Target("proxy", bytes_proxy.port, bytes_proxy.cpu_pids),
                 ]
+                if relay:
+                    byte_targets.append(Target("relay", relay.port("bytes"), relay.cpu_pids))
                 if nginx:
                     byte_targets.append(Target("nginx", nginx.port("bytes"), nginx.cpu_pids))
                 results["sections"]["memory"] = sections.memory(bench, byte_targets)

@@ -1,5 +1,6 @@
 """The things measured, each a real process on loopback: the proxy (``python -m
-aic_vllm_proxy serve``), nginx as a reverse proxy, LiteLLM's proxy. "direct" is the upstream
+aic_vllm_proxy serve``), a bare Python TCP relay (``relay.py``), nginx as a reverse proxy,
+LiteLLM's proxy. "direct" is the upstream
 itself: the vLLM simulator (or ``upstream.py``) that the proxy launched.
 
 Every launcher writes its files in the run's temporary directory and stops its process (and,
@@ -231,6 +232,45 @@ class Nginx:
     def cpu_pids(self) -> list[int]:
         assert self.process is not None
         return tree(self.process.pid)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+class Relay:
+    """``relay.py``: a bare TCP relay in Python on uvloop, the floor for a Python hop."""
+
+    name = "relay"
+
+    def __init__(self, workdir: Path, upstreams: dict[str, int]) -> None:
+        self.workdir = workdir
+        self.ports = {key: free_port() for key in upstreams}  # one listener per upstream
+        self.upstreams = upstreams
+        self.process: Process | None = None
+
+    def start(self) -> None:
+        pairs = [f"{self.ports[key]}:{port}" for key, port in self.upstreams.items()]
+        argv = [PY, str(Path(__file__).with_name("relay.py")), *pairs]
+        self.process = Process("relay", argv, self.workdir / "relay.log")
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            if self.process.proc.poll() is not None:
+                raise RuntimeError(f"relay.py exited: {self.process.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, self.first_port())):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("relay.py did not start listening")
+
+    def port(self, key: str) -> int:
+        return self.ports[key]
+
+    def first_port(self) -> int:
+        return next(iter(self.ports.values()))
+
+    def cpu_pids(self) -> list[int]:
+        assert self.process is not None
+        return [self.process.pid]
 
     def stop(self) -> None:
         if self.process is not None:
