@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import web
 
@@ -41,6 +42,7 @@ from aic_vllm_proxy.proxy import (
     upstream_head,
 )
 from aic_vllm_proxy.upstream import (
+    LAST_CHUNK,
     ResponseHead,
     UpstreamClosed,
     UpstreamConnection,
@@ -221,6 +223,8 @@ class FrontProtocol(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._answered = False  # some of the current answer was written
         self._relaying: UpstreamConnection | None = None  # whose body is being relayed now
+        self._relay_started = False  # vLLM's head went to the client (see _relay_start)
+        self._relay_chunked = False  # the client's answer is chunked: it ends with a last chunk
 
     # --------------------------------------------------------------- protocol
 
@@ -304,7 +308,7 @@ class FrontProtocol(asyncio.Protocol):
 
     async def _serve(self, head: RequestHead) -> None:
         keep_alive = head.keep_alive
-        self._answered = False
+        self._answered = self._relay_started = False
         try:
             body = await self._read_body(head.length) if head.length else None
             keep_alive = await self._forward(head, body) and keep_alive
@@ -360,12 +364,13 @@ class FrontProtocol(asyncio.Protocol):
         upstream_head = self._upstream_head(head, body)  # vLLM's own key may have changed
         sup.request_started()  # no await since the check: the drain before a stop counts this
         try:
+            is_head = head.method == b"HEAD"
             conn, answer = await passthrough.exchange(
-                upstream_head, body, no_body=head.method == b"HEAD", framed=True
+                upstream_head, body, no_body=is_head, framed=True, on_head=partial(self._relay_start, is_head)
             )
             unregister = sup.track_upstream(conn.abort)
             try:
-                return await self._relay(conn, answer, head.method == b"HEAD")
+                return await self._relay(conn, answer, is_head)
             finally:
                 unregister()
         finally:
@@ -383,33 +388,46 @@ class FrontProtocol(asyncio.Protocol):
             head.method, head.target, passthrough.pool.host_header, lines, supplied, length=length
         )
 
-    async def _relay(self, conn: UpstreamConnection, answer: ResponseHead, is_head: bool) -> bool:
-        """vLLM's answer to the client: head and what came with it in one write, then the rest
-        as it arrives. Returns whether the client connection may be kept."""
+    def _relay_start(self, is_head: bool, conn: UpstreamConnection, answer: ResponseHead) -> None:
+        """vLLM's head and what came with it, to the client. Called from the upstream's
+        ``data_received`` as soon as the head is read (``on_head``), not a loop iteration
+        later: a whole answer goes out in one write; otherwise the head goes now and the rest
+        follows straight from ``data_received``."""
         transport = self.transport
-        assert transport is not None
+        if self._relay_started or transport is None:
+            return
+        self._relay_started = True
         has_body = not is_head and answer.status not in (204, 304)
-        chunked = has_body and answer.length is None  # re-framed as chunks for the client
-        out = self._response_head(answer, chunked or (is_head and answer.chunked))
-        pending: list[bytes] = [out]
+        self._relay_chunked = chunked = has_body and answer.length is None  # chunks for the client
+        pending = [self._response_head(answer, chunked or (is_head and answer.chunked))]
         self._answered = True
         conn.attach(pending.append)  # pieces come framed for the client (``framed=True``)
+        if conn.complete:  # the whole answer came with its head: one write
+            if chunked and not conn.sent_last_chunk:
+                pending.append(LAST_CHUNK)
+            transport.writelines(pending)
+            return
+        transport.writelines(pending)
+
+        def sink(piece: bytes) -> None:
+            if transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            transport.write(piece)
+
+        conn.attach(sink, self._is_write_paused, client=transport)
+        self._relaying = conn
+        if self._write_paused:
+            conn.hold()
+
+    async def _relay(self, conn: UpstreamConnection, answer: ResponseHead, is_head: bool) -> bool:
+        """Finish relaying vLLM's answer (begun by :meth:`_relay_start`): wait for its end,
+        draining when the client is slow. Returns whether the client connection may be kept."""
+        transport = self.transport
+        assert transport is not None
+        self._relay_start(is_head, conn, answer)  # done already unless on_head was not called
         released = False
         try:
-            came_whole = conn.complete  # the whole answer came with its head
-            if not came_whole:  # relay the rest as it comes
-                transport.writelines(pending)
-                pending = []
-
-                def sink(piece: bytes) -> None:
-                    if transport.is_closing():
-                        raise ConnectionResetError("the client went away")
-                    transport.write(piece)
-
-                conn.attach(sink, self._is_write_paused, client=transport)
-                self._relaying = conn
-                if self._write_paused:
-                    conn.hold()
+            if self._relaying is not None:  # the rest comes as it arrives
                 try:
                     while True:
                         await conn.wait()
@@ -421,12 +439,10 @@ class FrontProtocol(asyncio.Protocol):
                 except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
                     if transport.is_closing() or isinstance(exc, ConnectionResetError):
                         raise asyncio.CancelledError from exc  # the client went away
-                    self._break_off(answer, chunked, exc)
+                    self._break_off(answer, self._relay_chunked, exc)
                     return False
-            if chunked:
-                pending.append(b"0\r\n\r\n")
-            if pending:  # a whole answer that came with its head goes out in this one write
-                transport.writelines(pending)
+                if self._relay_chunked and not conn.sent_last_chunk:
+                    transport.write(LAST_CHUNK)
             self.front.passthrough.pool.release(conn)
             released = True
             return True

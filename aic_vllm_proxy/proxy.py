@@ -28,6 +28,7 @@ from aic_vllm_proxy.errors import BadRequest, UpstreamError, body_stalled, body_
 from aic_vllm_proxy.supervisor import Supervisor
 from aic_vllm_proxy.upstream import (
     HIGH_WATER,
+    OnHead,
     ResponseHead,
     UpstreamClosed,
     UpstreamConnection,
@@ -200,14 +201,22 @@ class Passthrough:
             raise self._unreachable(exc) from exc
 
     async def exchange(
-        self, head: bytes, body: bytes | None, *, no_body: bool, framed: bool = False
+        self,
+        head: bytes,
+        body: bytes | None,
+        *,
+        no_body: bool,
+        framed: bool = False,
+        on_head: OnHead | None = None,
     ) -> tuple[UpstreamConnection, ResponseHead]:
         """Send a request whose body is in memory; return the connection and vLLM's response
         head. A pooled connection that turns out to be stale (closed by vLLM while idle, before
-        answering) is replaced once by a fresh one."""
+        answering) is replaced once by a fresh one. ``on_head`` is called from the connection's
+        ``data_received`` with vLLM's head, before this returns (see ``UpstreamConnection``)."""
         for attempt in (1, 2):
             conn = await self._acquire()
             reused = conn.used > 0
+            conn.on_head = on_head
             try:
                 conn.start(head, body, no_body_expected=no_body, framed=framed)
                 return conn, await conn.head()

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 
 MAX_HEAD = 64 * 1024
+LAST_CHUNK = b"0\r\n\r\n"
 #: Pause reading from vLLM when this much is waiting to be sent to a slow client.
 HIGH_WATER = 256 * 1024
 
 Sink = Callable[[bytes], None]
+OnHead = Callable[["UpstreamConnection", "ResponseHead"], None]
 
 
 def _never_full() -> bool:
@@ -152,6 +154,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink_broken = False
         self._sink_full: Callable[[], bool] = _never_full
         self._client: asyncio.WriteTransport | None = None  # see attach(client=...)
+        #: Framed relaying: vLLM's own last chunk went to the sink (no trailers came with it).
+        self.sent_last_chunk = False
+        #: Called with vLLM's final head from data_received, after what came with the head was
+        #: read (so :attr:`complete` says whether that was the whole answer), before the
+        #: coroutine waiting in :meth:`head` resumes; it may :meth:`attach` a sink at once.
+        self.on_head: OnHead | None = None
         self._out: asyncio.WriteTransport | None = None  # _client while the fast path applies
 
     def start(self, head: bytes, body: bytes | None, *, no_body_expected: bool, framed: bool = False) -> None:
@@ -336,6 +344,12 @@ class UpstreamConnection(asyncio.Protocol):
                 self._head.set_result(head)
             if rest and self._mode != "done":
                 self._feed(rest)
+            on_head, self.on_head = self.on_head, None
+            if on_head is not None:
+                try:
+                    on_head(self, head)
+                except Exception as exc:  # the waiting coroutine gets it
+                    self._fail(exc)
             return
         if self._mode == "done":
             return  # bytes after a complete response: ignore (the connection is not reused)
@@ -401,6 +415,11 @@ class UpstreamConnection(asyncio.Protocol):
                 whole = _whole_chunks(data)  # the common case: one or more whole chunks
                 if whole == len(data):
                     self._emit(data)
+                    return
+                if data[whole:] == LAST_CHUNK:  # the end (no trailers), maybe with the last token
+                    self._emit(data)  # in one write
+                    self.sent_last_chunk = True
+                    self._finish()
                     return
                 if whole:
                     self._emit(data[:whole])

@@ -355,13 +355,14 @@ async def test_whole_chunks_go_straight_to_the_client_transport() -> None:
     conn.attach(sink, client=client)  # type: ignore[arg-type]
     for read in reads:
         conn.data_received(read)
-    conn.data_received(b"0\r\n\r\n")
-    assert conn.complete
+    conn.data_received(plain[2] + b"0\r\n\r\n")  # the last token and the end in one read
+    assert conn.complete and conn.sent_last_chunk
     conn.data_received(plain[0])  # after the end: ignored, not written
     expected = b"data: 1\n\ndata: ODD!\n\ndata: 2\n\ndata: 2\n\ndata: ext\n\n" + b"y" * 4000
-    assert _dechunk(b"".join(both) + b"0\r\n\r\n") == expected + b"data: 1\n\ndata: 2\n\n"
+    assert _dechunk(b"".join(both)) == expected + b"data: 1\n\ndata: 2\n\n" + b"y" * 4000
     fast = [piece for piece in both if piece not in sunk]
     assert fast == [plain[0], plain[1], plain[2]]  # whole plain chunks, one read each
+    assert both[-1] == plain[2] + b"0\r\n\r\n"  # passed on in one write
 
     closing = UpstreamConnection()  # a client that went away: the sink path reports it
     closing.transport = _Transport()  # type: ignore[assignment]
