@@ -414,7 +414,7 @@ class FrontProtocol(asyncio.Protocol):
                 raise ConnectionResetError("the client went away")
             transport.write(piece)
 
-        conn.attach(sink, self._is_write_paused, client=transport)
+        conn.attach(sink, client=transport)  # back-pressure: pause_writing calls conn.hold()
         self._relaying = conn
         if self._write_paused:
             conn.hold()
@@ -429,13 +429,7 @@ class FrontProtocol(asyncio.Protocol):
         try:
             if self._relaying is not None:  # the rest comes as it arrives
                 try:
-                    while True:
-                        await conn.wait()
-                        if conn.complete:
-                            break
-                        if conn.needs_drain:
-                            await self._drain()
-                            conn.resume()
+                    await conn.relay_rest(self._drain)
                 except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
                     if transport.is_closing() or isinstance(exc, ConnectionResetError):
                         raise asyncio.CancelledError from exc  # the client went away
@@ -459,9 +453,6 @@ class FrontProtocol(asyncio.Protocol):
         if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
             event = sse_error_event(message)
             self._write(frame_chunk(event) if chunked else event)
-
-    def _is_write_paused(self) -> bool:
-        return self._write_paused
 
     async def _drain(self) -> None:
         if self._write_paused and self.transport is not None and not self.transport.is_closing():

@@ -342,13 +342,7 @@ class Passthrough:
 
             conn.attach(sink, lambda: transport.get_write_buffer_size() > HIGH_WATER)
             try:
-                while True:
-                    await conn.wait()
-                    if conn.complete:
-                        break
-                    if conn.needs_drain:
-                        await writer.drain()
-                        conn.resume()
+                await conn.relay_rest(writer.drain)
             except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
                 if transport.is_closing() or isinstance(exc, ConnectionResetError):
                     raise ConnectionResetError("the client went away") from exc

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
@@ -98,25 +98,33 @@ def frame_chunk(piece: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(piece), piece)
 
 
+def _plain_chunk_end(data: bytes, pos: int) -> int:
+    """Where the chunk starting at ``pos`` ends, if it is whole, non-empty and plainly framed
+    (a lowercase hex size, CRLF, the data, CRLF), so that it can be passed on as it is; else -1
+    (the last chunk, a partial one, or framing worth a closer look: the state machine's)."""
+    newline = data.find(b"\r\n", pos, pos + 18)
+    if newline < 0:
+        return -1
+    size_text = data[pos:newline]
+    try:
+        size = int(size_text, 16)
+    except ValueError:
+        return -1
+    stop = newline + 2 + size
+    if size == 0 or b"%x" % size != size_text or data[stop : stop + 2] != b"\r\n":
+        return -1
+    return stop + 2
+
+
 def _whole_chunks(data: bytes) -> int:
-    """How many bytes at the start of ``data`` are whole, plainly framed, non-empty chunks (a
-    lowercase hex size, CRLF, the data, CRLF): those can be passed on as they are."""
+    """How many bytes at the start of ``data`` are whole, plainly framed, non-empty chunks:
+    those can be passed on as they are."""
     pos, end = 0, len(data)
     while pos < end:
-        newline = data.find(b"\r\n", pos, pos + 18)
-        if newline < 0:
+        stop = _plain_chunk_end(data, pos)
+        if stop < 0:
             break
-        size_text = data[pos:newline]
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            break
-        if size == 0 or b"%x" % size != size_text:
-            break  # the last chunk, or framing worth a closer look: the state machine's
-        stop = newline + 2 + size
-        if data[stop : stop + 2] != b"\r\n":
-            break
-        pos = stop + 2
+        pos = stop
     return pos
 
 
@@ -263,7 +271,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def wait(self) -> None:
         """Until the body is complete (returns), broken (raises), or the sink needs draining
-        (returns with :attr:`needs_drain` true)."""
+        (returns with reading paused: see :meth:`relay_rest`)."""
         if not self._done.done() and not self._paused:
             self._wakeup = wakeup = self._loop.create_future()  # set by _finish, _fail and hold
             try:
@@ -273,9 +281,16 @@ class UpstreamConnection(asyncio.Protocol):
         if self._done.done():
             self._done.result()  # raises if the body broke off
 
-    @property
-    def needs_drain(self) -> bool:
-        return self._paused
+    async def relay_rest(self, drain: Callable[[], Awaitable[object]]) -> None:
+        """Until the body is complete (returns) or broken (raises), with a sink attached:
+        whenever the sink has too much waiting, ``drain()``, then read from vLLM again."""
+        while True:
+            await self.wait()
+            if self.complete:
+                return
+            if self._paused:
+                await drain()
+                self.resume()
 
     def resume(self) -> None:
         """The sink has room again: read from vLLM again."""
@@ -303,23 +318,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         out = self._out
-        if out is not None:  # the fast path: exactly one whole, plainly framed chunk
-            end = data.find(b"\r\n", 0, 18)
-            if end > 0:
-                size_text = data[:end]
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    size = 0
-                if (
-                    size
-                    and len(data) == end + size + 4
-                    and data.endswith(b"\r\n")
-                    and b"%x" % size == size_text
-                    and not out.is_closing()
-                ):
-                    out.write(data)
-                    return
+        # The fast path: exactly one whole, plainly framed chunk (a token) goes to the client.
+        if out is not None and _plain_chunk_end(data, 0) == len(data) and not out.is_closing():
+            out.write(data)
+            return
         self._received_any = True
         if self._mode == "head":
             self._head_buf += data
