@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,19 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+    def wait_listening(self, port: int, ready: Callable[[], bool] = lambda: True) -> None:
+        """Until ``port`` accepts a connection and ``ready()`` holds; raises if the process
+        exits first or 10 s pass."""
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, port)):
+                if ready():
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start listening")
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -212,19 +226,8 @@ class Nginx:
         conf = self.workdir / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=self.workdir, servers=servers))
         argv = [binary, "-p", str(self.workdir), "-c", str(conf), "-e", str(self.workdir / "nginx-error.log")]
-        self.process = Process("nginx", [*argv, "-g", "daemon off;"], self.workdir / "nginx.log")
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            if self.process.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {self.process.log_tail()}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((HOST, next(iter(self.ports.values())))),
-            ):
-                if children(self.process.pid):
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("nginx did not start listening")
+        self.process = process = Process("nginx", [*argv, "-g", "daemon off;"], self.workdir / "nginx.log")
+        process.wait_listening(next(iter(self.ports.values())), lambda: bool(children(process.pid)))
 
     def port(self, key: str) -> int:
         return self.ports[key]
@@ -252,21 +255,11 @@ class Relay:
     def start(self) -> None:
         pairs = [f"{self.ports[key]}:{port}" for key, port in self.upstreams.items()]
         argv = [PY, str(Path(__file__).with_name("relay.py")), *pairs]
-        self.process = Process("relay", argv, self.workdir / "relay.log")
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            if self.process.proc.poll() is not None:
-                raise RuntimeError(f"relay.py exited: {self.process.log_tail()}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.first_port())):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("relay.py did not start listening")
+        self.process = Process("relay.py", argv, self.workdir / "relay.log")
+        self.process.wait_listening(next(iter(self.ports.values())))
 
     def port(self, key: str) -> int:
         return self.ports[key]
-
-    def first_port(self) -> int:
-        return next(iter(self.ports.values()))
 
     def cpu_pids(self) -> list[int]:
         assert self.process is not None
