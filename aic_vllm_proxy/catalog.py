@@ -91,7 +91,7 @@ def resolve(
     if refused:
         raise PolicyError(
             f"{', '.join(refused)} is not allowed in model specs on this proxy (denied flags: "
-            f"{', '.join(denied_flags)}). Ask the admin to allow it (allowed_flags) or to add a "
+            f"{', '.join(denied_flags)}). Ask the admin to allow it (--allow-flag) or to add a "
             "catalogue entry that uses it."
         )
     return spec, None

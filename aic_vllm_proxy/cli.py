@@ -20,9 +20,11 @@ import click
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.config import (
     ENV_PREFIX,
+    OPTION_FIELDS,
     ConfigError,
     Settings,
     build_settings,
+    names_list,
     simulator_command,
 )
 from aic_vllm_proxy.plugins import PluginLoadError, import_plugin
@@ -139,12 +141,6 @@ def serve_options(func: F) -> F:
     return func
 
 
-def _names(value: str | None) -> tuple[str, ...] | None:
-    if not value:
-        return None
-    return tuple(name.strip() for name in value.split(",") if name.strip())
-
-
 def settings_from_options(options: dict[str, Any]) -> Settings:
     """Turn the parsed options into :class:`Settings` (file < environment < command line)."""
     options = dict(options)
@@ -152,19 +148,17 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
     options.pop("plugin_modules", None)
     if options.pop("simulator", False) and not options.get("vllm_command"):
         options["vllm_command"] = simulator_command()
-    options["plugins_enable"] = _names(options.pop("enable_plugin", None))
-    options["plugins_disable"] = _names(options.pop("disable_plugin", None))
-    options["allowed_flags"] = _names(options.pop("allow_flag", None))
-    options["admin_keys"] = _keys(options.pop("admin_key", ()), "ADMIN_KEY")
-    options["api_keys"] = _keys(options.pop("api_key", ()), "API_KEY")
+    for option, field in OPTION_FIELDS.items():
+        options[field] = _values(options.pop(option, None), option)
     return build_settings(config, options)
 
 
-def _keys(given: tuple[str, ...], env_name: str) -> tuple[str, ...] | None:
-    """Keys from the command line, else from the comma-separated environment variable."""
-    if given:
-        return tuple(given)
-    return _names(os.environ.get(ENV_PREFIX + env_name))
+def _values(given: str | tuple[str, ...] | None, option: str) -> tuple[str, ...] | None:
+    """A list option's values: repeated options as given, one comma-separated value split; a
+    repeatable option not given falls back to its comma-separated environment variable."""
+    if isinstance(given, tuple):
+        return given or names_list(os.environ.get(_env(option)))
+    return names_list(given)
 
 
 def _is_loopback(host: str) -> bool:

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aic_vllm_proxy.catalog import DEFAULT_DENIED_FLAGS, CatalogEntry
 
@@ -158,6 +158,40 @@ class Settings(BaseModel):
         return merged
 
 
+#: Options whose settings field is spelled differently (the option takes one name, possibly
+#: comma-separated; the field holds them all). A ``[proxy]`` key may use either spelling.
+OPTION_FIELDS: dict[str, str] = {
+    "allow_flag": "allowed_flags",
+    "admin_key": "admin_keys",
+    "api_key": "api_keys",
+    "enable_plugin": "plugins_enable",
+    "disable_plugin": "plugins_disable",
+}
+
+
+def names_list(value: str | None) -> tuple[str, ...] | None:
+    """``"a, b,c"`` -> ``("a", "b", "c")``; empty or ``None`` -> ``None`` (not given)."""
+    if not value:
+        return None
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+def proxy_table_values(table: dict[str, Any], *, where: str) -> dict[str, Any]:
+    """A ``[proxy]`` table as :class:`Settings` keyword arguments. Keys are the option names
+    (``vllm-port`` or ``vllm_port``, ``allow_flag`` or ``allowed_flags``); a list setting takes
+    a TOML list or a comma-separated string, as its option and environment variable do."""
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        field = OPTION_FIELDS.get(name, name)
+        if field in OPTION_FIELDS.values() and isinstance(value, str):
+            value = names_list(value) or ()
+        if field in values:
+            raise ConfigError(f"{where}: {key!r} is given twice (as {field!r} and another spelling)")
+        values[field] = value
+    return values
+
+
 def simulator_command() -> str:
     """The ``--vllm-command`` that runs the bundled simulator with this Python."""
     return f"{shlex.quote(sys.executable)} -m aic_vllm_proxy.simulator serve"
@@ -174,7 +208,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     proxy = data.get("proxy", {})
     if not isinstance(proxy, dict):
         raise ConfigError(f"{path}: [proxy] must be a table")
-    values: dict[str, Any] = {k.replace("-", "_"): v for k, v in proxy.items()}
+    values = proxy_table_values(proxy, where=f"{path}: [proxy]")
     plugins = data.get("plugins", {})
     if not isinstance(plugins, dict):
         raise ConfigError(f"{path}: [plugins] must be a table of tables")
@@ -193,5 +227,19 @@ def build_settings(config_file: Path | None, overrides: dict[str, Any]) -> Setti
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     try:
         return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_describe(exc)}") from exc
     except ValueError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per wrong setting, named as the user wrote it (no pydantic URLs)."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        if error["type"] == "extra_forbidden":
+            lines.append(f"{name}: no such setting")
+        else:
+            lines.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+    return "; ".join(lines)
