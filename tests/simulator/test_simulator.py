@@ -523,7 +523,11 @@ async def test_streams(shared: Sim) -> None:
 
 
 async def test_tokens_arrive_one_by_one(shared: Sim) -> None:
-    body = {"prompt": "x", "max_tokens": 6, "stream": True}
+    """The stream is paced (50 ms between tokens), not sent at the end. A loaded machine may
+    hold this reader back now and then, so that a few tokens arrive together: the test asks
+    for pacing in most gaps and over the stream as a whole, not in every gap."""
+    tokens = 12
+    body = {"prompt": "x", "max_tokens": tokens, "stream": True}
     arrivals = []
     async with (
         aiohttp.ClientSession(shared.url, headers=AUTH) as session,
@@ -532,9 +536,11 @@ async def test_tokens_arrive_one_by_one(shared: Sim) -> None:
         async for line in resp.content:
             if line.startswith(b"data: {"):
                 arrivals.append(time.monotonic())
-    assert len(arrivals) == 6
+    assert len(arrivals) == tokens
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert min(gaps) > 0.025 and arrivals[-1] - arrivals[0] > 0.2
+    paced = [gap for gap in gaps if gap > 0.025]
+    assert len(paced) >= len(gaps) // 2, gaps
+    assert arrivals[-1] - arrivals[0] > 0.25, gaps
 
 
 async def test_client_disconnect_aborts(shared: Sim) -> None:
