@@ -202,7 +202,7 @@ async def test_proxy_owned_flags_are_refused_before_anything_stops(make_proxy: A
         started = time.monotonic()
         code, body = await proxy.switch(bad)
         assert code == 400, (bad, body)
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 5  # refused before any launch (vLLM's start takes longer)
         message = body["error"]["message"]
         flag = next(f for f in ("--host", "--port", "--uds") if f in bad)
         assert "proxy owns" in message and flag in message, message
@@ -260,11 +260,11 @@ async def test_malformed_switch_requests_change_nothing(make_proxy: Any) -> None
 
 async def test_switch_without_waiting(make_proxy: Any) -> None:
     proxy = await make_proxy()
-    spec = "sim/bg --served-model-name bg --sim-import-delay 0.05 --sim-load-delay 0.5"
+    spec = "sim/bg --served-model-name bg --sim-import-delay 0.05 --sim-load-delay 4"
     started = time.monotonic()
     code, body = await proxy.switch(spec, wait=False)
     assert code == 202, body
-    assert time.monotonic() - started < 1.5  # answered at once
+    assert time.monotonic() - started < 3  # answered at once, not after the 4 s load
     assert body["switching"] is True and body["target_model_spec"] == spec
     status = await wait_state(proxy, "ready")
     assert status["model"] == "bg" and status["running"] is True
