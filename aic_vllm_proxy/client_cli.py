@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from aic_vllm_proxy.models import ProcessState, Status
+from aic_vllm_proxy.models import ProcessState
 
 if TYPE_CHECKING:  # the client needs the `client` extra: imported only when a command runs
     from aic_vllm_proxy.client import VLLMProxyClient
@@ -30,7 +31,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: Options of ``switch`` that are surely not ``vllm serve`` flags: found after MODEL, they are a
 #: mistake (everything after MODEL goes to vLLM).
-_OWN_SWITCH_OPTIONS = ("--json", "--no-progress", "--no-wait", "--url")
+_OWN_SWITCH_OPTIONS = ("--json", "--no-progress", "--no-wait", "--url", "--verbose")
 EPILOG = "Exit codes: 0 ok, 1 failure reported by the proxy, 2 usage error, 3 proxy unreachable."
 
 
@@ -64,7 +65,12 @@ def _connected(url: str, api_key: str | None, as_json: bool) -> Iterator[VLLMPro
         raise click.ClickException(
             f"the client needs the 'client' extra ({exc}): pip install 'aic-vllm-proxy[client]'"
         ) from exc
-    client = VLLMProxyClient(url, api_key=api_key, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        client = VLLMProxyClient(url, api_key=api_key, progress=False)
+    for warning in caught:  # e.g. a URL ending in /v1
+        click.echo(f"Warning: {warning.message}", err=True)
+    client.url_option, client.key_option = "--url", "--api-key"  # named in error messages
     try:
         yield client
     except ProxyError as exc:
@@ -84,33 +90,6 @@ def _dump(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-def _status_lines(status: Status) -> list[str]:
-    """``GET /status`` in a few readable lines."""
-    rows: list[tuple[str, str]] = [("state", status.state.value)]
-    if status.model_spec:
-        rows.append(("model", f"{status.model}  ({status.model_spec})"))
-    if status.pid:
-        rows.append(("pid", str(status.pid)))
-    if status.started_at:
-        started = status.started_at.isoformat(timespec="seconds")
-        if status.ready_at and status.state is ProcessState.READY:
-            load = (status.ready_at - status.started_at).total_seconds()
-            started += f"  (ready after {load:.1f} s)"
-        rows.append(("started", started))
-    if status.switching:
-        rows.append(("switching to", status.target_model_spec or "?"))
-    if status.error:
-        rows.append(("error", status.error))
-    if status.exit_code is not None:
-        rows.append(("exit code", str(status.exit_code)))
-    if status.log_path:
-        rows.append(("log", status.log_path))
-    rows.append(("in flight", str(status.in_flight)))
-    rows.append(("vLLM", f"{status.vllm_base} (proxy version {status.version or '?'})"))
-    width = max(len(name) for name, _ in rows) + 1
-    return [f"{name + ':':<{width}} {value}" for name, value in rows]
-
-
 @click.command(epilog=EPILOG)
 @client_options
 def status(url: str, api_key: str | None, as_json: bool) -> None:
@@ -118,9 +97,9 @@ def status(url: str, api_key: str | None, as_json: bool) -> None:
     with _connected(url, api_key, as_json) as client:
         current = client.status()
     if as_json:
-        _dump(current.model_dump(mode="json"))
+        _dump(current)
     else:
-        click.echo("\n".join(_status_lines(current)))
+        click.echo(str(current))
 
 
 @click.command(
@@ -131,6 +110,12 @@ def status(url: str, api_key: str | None, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Restart even if the same spec is already loaded.")
 @click.option("--no-wait", is_flag=True, help="Start the switch and return at once (see `status`).")
 @click.option("--no-progress", is_flag=True, help="Do not show the vLLM log while loading.")
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Show every line of the vLLM log, not only progress (weights, memory, compile, graph "
+    "capture, ready), warnings and errors.",
+)
 @click.option(
     "--timeout",
     type=float,
@@ -146,6 +131,7 @@ def switch(
     force: bool,
     no_wait: bool,
     no_progress: bool,
+    verbose: bool,
     timeout: float | None,
     model: str,
     args: tuple[str, ...],
@@ -153,7 +139,8 @@ def switch(
     """Load MODEL with the `vllm serve` arguments ARGS and wait until it is ready.
 
     The options of this command go before MODEL: everything after MODEL goes to vLLM.
-    The vLLM log is shown while the model loads (on stderr with --json).
+    While the model loads, the lines of the vLLM log that tell progress, warnings and errors are
+    shown (every line with --verbose; on stderr with --json).
 
     \b
     Example:
@@ -170,14 +157,16 @@ def switch(
         if no_wait:
             started = client.start_switch(model, list(args), force=force)
             if as_json:
-                _dump(started.model_dump(mode="json"))
+                _dump(started)
             else:
                 click.echo(f"Switch to {model} started; follow it with `aic-vllm-proxy status`.")
             return
         progress: Any = False if no_progress else (sys.stderr if as_json else sys.stdout)
-        result = client.switch(model, list(args), force=force, timeout=timeout, progress=progress)
+        result = client.switch(
+            model, list(args), force=force, timeout=timeout, progress=progress, verbose=verbose
+        )
     if as_json:
-        _dump(result.model_dump(mode="json"))
+        _dump(result)
     elif no_progress:  # the progress display already ends with this line
         click.echo(result.message)
 
@@ -191,7 +180,7 @@ def stop(url: str, api_key: str | None, as_json: bool, force: bool) -> None:
         before = client.status()
         after = client.stop(force=force)
     if as_json:
-        _dump(after.model_dump(mode="json"))
+        _dump(after)
     elif before.running:
         click.echo(f"Stopped {before.model_spec or 'vLLM'}.")
     elif before.state is ProcessState.FAILED:

@@ -1,5 +1,6 @@
 """Following a model switch: deciding from ``GET /status`` when it is over, and showing its
-progress (elapsed time, the new vLLM log as it is written, a one-line summary).
+progress (elapsed time, the lines of the new vLLM log that tell progress or trouble, a one-line
+summary).
 
 Nothing here does I/O on the network: the sync and the async client feed a :class:`SwitchWatch`
 with the status answers and log lines they fetch, each in its own way, and it tells them when
@@ -9,6 +10,7 @@ are imported, so this works with the ``client`` extra alone.
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 import time
@@ -80,6 +82,100 @@ def model_of(spec: str) -> str:
     return words[0] if words else spec
 
 
+# ------------------------------------------------------------------ the log filter
+
+#: A vLLM logger line: ``(EngineCore pid=7) INFO 11-27 09:10:54 [default_loader.py:501] message``
+#: (older vLLM versions have no ``(process pid=N)`` prefix).
+_VLLM_LINE = re.compile(
+    r"^(?:\([^)]*\) )?(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+    r"\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[(?P<where>[^\]]*)\] ?(?P<message>.*)$"
+)
+#: uvicorn's own lines: ``INFO:     Application startup complete.``
+_UVICORN_LINE = re.compile(r"^(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL):\s+(?P<message>.*)$")
+#: torch's C++ (glog) lines: ``W1127 09:10:33.233000 7530 torch/_library/triton.py:53] message``.
+_GLOG_LINE = re.compile(r"^\[?(?P<level>[IWEF])\d{4} [\d:.]+ (?:\d+ )?(?P<where>\S+?)\] ?(?P<message>.*)$")
+_GLOG_LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
+#: Python's warnings: ``/path/dispatcher.py:138: FutureWarning: message``.
+_PY_WARNING = re.compile(r"^(?P<where>\S+:\d+): (?:\w+)?Warning: (?P<message>.*)$")
+#: argparse refusing the command line: ``vllm serve: error: unrecognized arguments: --x``.
+_USAGE_ERROR = re.compile(r"^[\w. -]+: error: ")
+#: INFO messages that tell how far the start-up is: downloading and loading the weights, memory
+#: and KV cache, torch.compile, CUDA graph capture, and ready.
+_PROGRESS = re.compile(
+    r"Starting to load model|downloading weights|Loading (?:model )?weights took|Model loading took"
+    r"|Memory profiling|KV cache memory|KV cache size|GiB for KV cache|init engine"
+    r"|Dynamo bytecode transform|Compiling a graph|compiled graph|torch\.compile takes"
+    r"|Graph capturing finished|Application startup complete",
+    re.IGNORECASE,
+)
+#: Distinct warnings shown from one place of vLLM's code before the rest are hidden.
+WARNINGS_PER_SITE = 2
+#: uvicorn's line once vLLM serves: the last line of the start-up, written just before the proxy
+#: finds vLLM ready (so the log stream may still be carrying it when the status says ready).
+READY_LINE = "Application startup complete"
+
+
+class LogFilter:
+    """Which lines of a vLLM start-up log the progress display shows.
+
+    By default: the lines that tell progress (:data:`_PROGRESS`), warnings (a warning repeated
+    by another vLLM process is shown once, and at most :data:`WARNINGS_PER_SITE` distinct ones
+    per place in vLLM's code), errors, tracebacks with the exception's message, argparse errors
+    and the proxy's own ``# ...`` lines. Hidden: the banner, the ``Route:`` list, progress bars
+    and other INFO lines. ``verbose=True`` shows every line.
+    """
+
+    def __init__(self, *, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self._in_traceback = False
+        self._warnings_seen: set[tuple[str, str]] = set()
+        self._warnings_per_site: dict[str, int] = {}
+
+    def __call__(self, line: str) -> str | None:
+        """The text to show for one log line (the line, or a note that replaces it); None: hide it."""
+        text = line.rstrip("\r\n")
+        if self.verbose:
+            return text
+        match = _VLLM_LINE.match(text) or _UVICORN_LINE.match(text) or _GLOG_LINE.match(text)
+        if match is None:
+            return self._unformatted(text)
+        self._in_traceback = False  # a logger line ends the plain text of a traceback
+        fields = match.groupdict()
+        level = _GLOG_LEVELS.get(fields["level"], fields["level"])
+        if level in ("ERROR", "CRITICAL"):
+            return text
+        if level == "WARNING":
+            return self._warning(text, fields.get("where") or "uvicorn", fields["message"])
+        return text if level == "INFO" and _PROGRESS.search(fields["message"]) else None
+
+    def _unformatted(self, text: str) -> str | None:
+        """A line without a logger's prefix: tracebacks and argparse errors are shown."""
+        if not text.strip():
+            return None
+        if text.startswith("Traceback (most recent call last):"):
+            self._in_traceback = True  # shown up to the next logger line: frames, the exception
+        if self._in_traceback or text.startswith("# ") or _USAGE_ERROR.match(text):
+            return text
+        warning = _PY_WARNING.match(text)
+        if warning is not None:
+            return self._warning(text, warning["where"], warning["message"])
+        return None
+
+    def _warning(self, text: str, where: str, message: str) -> str | None:
+        if (where, message) in self._warnings_seen:
+            return None  # the same warning from another process of the same vLLM
+        self._warnings_seen.add((where, message))
+        count = self._warnings_per_site[where] = self._warnings_per_site.get(where, 0) + 1
+        if count <= WARNINGS_PER_SITE:
+            return text
+        if count == WARNINGS_PER_SITE + 1:
+            return f"(more warnings from [{where}] hidden: verbose=True or --verbose shows them)"
+        return None
+
+
+# ------------------------------------------------------------------ following a switch
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How a switch (or a wait) ended, as seen in the last status."""
@@ -108,17 +204,21 @@ class SwitchWatch:
         timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         label: str | None = None,
+        verbose: bool = False,
     ) -> None:
         self.spec = spec
         self.label = label or spec
         self.before = before
         self.sink = sink
+        self.filter = LogFilter(verbose=verbose)
         self.timeout = timeout
         self._clock = clock
         self._start = clock()
         self._last_output = self._start
         self._announced: set[str] = set()
-        self.log_lines_shown = 0
+        #: Lines of the new launch's log received (shown or not); whether :data:`READY_LINE` was.
+        self.log_lines_seen = 0
+        self.ready_line_seen = False
         self.last: Status = before
 
     # ------------------------------------------------------------------ timing
@@ -147,9 +247,12 @@ class SwitchWatch:
         self.show(f"switching to {target}{replacing}")
 
     def log(self, line: str) -> None:
-        """A line of the new launch's vLLM log."""
-        self.log_lines_shown += 1
-        self.show(line.rstrip("\r\n"))
+        """A line of the new launch's vLLM log: shown if :class:`LogFilter` keeps it."""
+        self.log_lines_seen += 1
+        self.ready_line_seen = self.ready_line_seen or READY_LINE in line
+        shown = self.filter(line)
+        if shown is not None:
+            self.show(shown)
 
     def tick(self) -> None:
         """Say that we are still waiting when nothing was shown for a while."""

@@ -25,6 +25,7 @@ from helpers import FAST, SIM, free_port
 
 from aic_vllm_proxy.client import (
     API_KEY_ENV,
+    URL_ENV,
     AsyncVLLMProxyClient,
     AuthenticationError,
     PermissionDeniedError,
@@ -38,7 +39,7 @@ from aic_vllm_proxy.client import (
     catalog_spec,
 )
 from aic_vllm_proxy.models import ProcessState, Status
-from aic_vllm_proxy.progress import HEARTBEAT_SECONDS, SwitchWatch, make_sink
+from aic_vllm_proxy.progress import HEARTBEAT_SECONDS, WARNINGS_PER_SITE, LogFilter, SwitchWatch, make_sink
 
 S = ProcessState
 pytestmark = pytest.mark.timeout(120)
@@ -196,6 +197,158 @@ class TestSwitchWatch:
             make_sink(42)  # type: ignore[arg-type]
 
 
+# ------------------------------------------------------------------ the progress display's log filter
+
+#: Lines of a real ``vllm serve`` start (vLLM 0.32 CPU build, tiny Llama; docs/vllm-real-notes.md),
+#: some cut short.
+REAL_START = (
+    "W1127 09:10:33.233000 7530 torch/_library/triton.py:53] Triton not available, find_triton_kernels = []",
+    "(APIServer pid=7530) INFO 11-27 09:10:33 [api_utils.py:347] ",
+    "(APIServer pid=7530) INFO 11-27 09:10:33 [api_utils.py:347]        █     █     █▄   ▄█",
+    "(APIServer pid=7530) INFO 11-27 09:10:33 [api_utils.py:347]  ▄▄ ▄█ █     █     █ ▀▄▀ █  version 0.32.0",
+    "(APIServer pid=7530) INFO 11-27 09:10:33 [api_utils.py:347]   █▄█▀ █     █     █     █  model   "
+    "/tmp/vw/tiny",
+    "(APIServer pid=7530) INFO 11-27 09:10:33 [api_utils.py:347]    ▀▀  ▀▀▀▀▀ ▀▀▀▀▀ ▀     ▀",
+    "(APIServer pid=7530) INFO 11-27 09:10:33 [api_utils.py:347] ",
+    "(APIServer pid=7530) INFO 11-27 09:10:33 [api_utils.py:286] non-default args: {'model_tag': '/tm"
+    "p/vw/tiny', 'host': '127.0.0.1', 'port': 49455, 'model': '/tmp/vw/tiny', 'enforce_ea",
+    "(APIServer pid=7530) WARNING 11-27 09:10:33 [system_utils.py:255] Found ulimit of 20000 and fail"
+    "ed to automatically increase with error current limit exceeds maximum limit. This ca",
+    "(APIServer pid=7530) WARNING 11-27 09:10:41 [vllm.py:1703] Enforce eager set, disabling torch.co"
+    "mpile, CUDAGraphs, and JIT kernel warmup. This is equivalent to setting -cc.mode=none",
+    "(APIServer pid=7530) WARNING 11-27 09:10:41 [vllm.py:725] Model Runner V2 requires Triton; using"
+    " the V1 model runner instead.",
+    "(EngineCore pid=7695) INFO 11-27 09:10:47 [core.py:133] Initializing a V1 LLM engine (v0.32.0) w"
+    "ith config: model='/tmp/vw/tiny', speculative_config=None, tokenizer='/tmp/vw/tiny', skip_tokeni"
+    "zer_init=False, tokenizer_mode=auto, revision=None, tokenizer_revision=None, trust_remote_code=F"
+    "alse, dtype=torch.bfloat16, max_seq_len=2048, ... kv_cache_dtype=auto, device_config=cpu, compil"
+    "ation_config={'mode': <CompilationMode.NONE: 0>, 'compile_sizes': None, 'cudagraph_capture_sizes"
+    "': []}",
+    "/work/main/.venv-vllm/lib/python3.11/site-packages/vllm/triton_utils/dispatcher.py:138: FutureWa"
+    "rning: `torch.distributed.reduce_op` is deprecated, please use `torch.distributed.Re",
+    '  if hasattr(value, "__dict__"):',
+    "/work/main/.venv-vllm/lib/python3.11/site-packages/vllm/triton_utils/dispatcher.py:139: FutureWa"
+    "rning: `torch.distributed.reduce_op` is deprecated, please use `torch.distributed.Re",
+    '  wrapper = lookup(vars(value).get("kernel"))',
+    "W1127 09:10:53.715000 7737 torch/_library/triton.py:53] Triton not available, find_triton_kernels = []",
+    "[W1127 09:10:54.266339192 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy for memory a"
+    "llocation on the NUMA nodes (0). Memory allocations will be strictly bound to these ",
+    "(VllmWorker-0 pid=7737) WARNING 11-27 09:10:54 [vllm.py:725] Model Runner V2 requires Triton; us"
+    "ing the V1 model runner instead.",
+    "(Worker pid=7737) WARNING 11-27 09:10:54 [cpu_worker.py:114] libtcmalloc is not found in LD_PREL"
+    "OAD. For best performance, please follow the section `set LD_PRELOAD` in https://doc",
+    "(Worker pid=7737) WARNING 11-27 09:10:54 [cpu_worker.py:114] libiomp is not found in LD_PRELOAD."
+    " For best performance, please follow the section `set LD_PRELOAD` in https://docs.vl",
+    "(Worker pid=7737) INFO 11-27 09:10:54 [cpu_model_runner.py:68] Starting to load model /tmp/vw/tiny...",
+    "Loading safetensors checkpoint shards:   0% Completed | 0/1 [00:00<?, ?it/s]",
+    "",
+    "(Worker pid=7737) WARNING 11-27 09:10:54 [utils.py:333] Attempted to load weight lm_head.weight "
+    "with dtype torch.float32 into parameter with dtype torch.bfloat16",
+    "(Worker pid=7737) WARNING 11-27 09:10:54 [utils.py:333] Attempted to load weight embed_tokens.we"
+    "ight with dtype torch.float32 into parameter with dtype torch.bfloat16",
+    "(Worker pid=7737) WARNING 11-27 09:10:54 [utils.py:333] Attempted to load weight layers.0.input_"
+    "layernorm.weight with dtype torch.float32 into parameter with dtype torch.bfloat16",
+    "(Worker pid=7737) WARNING 11-27 09:10:54 [utils.py:333] Attempted to load weight layers.0.mlp.do"
+    "wn_proj.weight with dtype torch.float32 into parameter with dtype torch.bfloat16",
+    "Loading safetensors checkpoint shards: 100% Completed | 1/1 [00:00<00:00, 119.74it/s]",
+    "(Worker pid=7737) INFO 11-27 09:10:54 [default_loader.py:501] Loading weights took 0.01 seconds",
+    "(EngineCore pid=7695) INFO 11-27 09:10:55 [utils.py:347] Using LBHNC KV cache layout.",
+    "(Worker pid=7737) INFO 11-27 09:10:55 [cpu_worker.py:260] Explicitly set (1.0/9.34) GiB for KV c"
+    "ache on node 0.",
+    "(EngineCore pid=7695) INFO 11-27 09:10:55 [kv_cache_utils.py:2327] CPU KV cache size: 2,097,152 "
+    "tokens, Maximum concurrency for 2,048 tokens per request: 1024.00x",
+    "(EngineCore pid=7695) INFO 11-27 09:10:59 [core.py:402] init engine (profile, create kv cache, w"
+    "armup model) took 3.94 s",
+    "(EngineCore pid=7695) WARNING 11-27 09:10:59 [vllm.py:725] Model Runner V2 requires Triton; usin"
+    "g the V1 model runner instead.",
+    "(EngineCore pid=7695) WARNING 11-27 09:10:59 [vllm.py:1703] Enforce eager set, disabling torch.c"
+    "ompile, CUDAGraphs, and JIT kernel warmup. This is equivalent to setting -cc.mode=none",
+    "(EngineCore pid=7695) WARNING 11-27 09:10:59 [vllm.py:1727] Inductor compilation was disabled by"
+    " user settings, optimizations settings that are only active during inductor compilat",
+    "(APIServer pid=7530) INFO 11-27 09:10:59 [entry.py:140] Starting vLLM server on http://127.0.0.1:49455",
+    "(APIServer pid=7530) INFO 11-27 09:10:59 [launcher.py:186] Available routes are:",
+    "(APIServer pid=7530) INFO 11-27 09:10:59 [launcher.py:195] Route: /openapi.json, Methods: HEAD, GET",
+    "(APIServer pid=7530) INFO 11-27 09:10:59 [launcher.py:195] Route: /docs, Methods: HEAD, GET",
+    "(APIServer pid=7530) INFO 11-27 09:10:59 [launcher.py:195] Route: /docs/oauth2-redirect, Methods"
+    ": HEAD, GET",
+    "INFO:     Started server process [7530]",
+    "INFO:     Waiting for application startup.",
+    "INFO:     Application startup complete.",
+    'INFO:     127.0.0.1:57518 - "GET /health HTTP/1.1" 200 OK',
+)
+
+#: Lines that vLLM on a GPU writes while it compiles and captures CUDA graphs (as the simulator
+#: writes them), and a Python warning.
+GPU_PROGRESS = (
+    "(EngineCore_DP0 pid=9) INFO 06-02 10:14:40 [backends.py:548] Dynamo bytecode transform time: 9.80 s",
+    "(EngineCore_DP0 pid=9) INFO 06-02 10:14:52 [backends.py:215] Compiling a graph for dynamic shape "
+    "takes 11.31 s",
+    "(EngineCore_DP0 pid=9) INFO 06-02 10:14:58 [monitor.py:34] torch.compile takes 21.11 s in total",
+    "(EngineCore_DP0 pid=9) INFO 06-02 10:14:59 [gpu_worker.py:759] Available KV cache memory: 61.37 GiB",
+    "(EngineCore_DP0 pid=9) INFO 06-02 10:15:10 [gpu_model_runner.py:6581] Graph capturing finished in "
+    "9 secs, took 0.42 GiB",
+)
+#: A failed start: an error logged by the engine, a traceback on stderr whose exception message
+#: goes on over several lines, the API server's own traceback, then an argparse refusal.
+FAILED_START = (
+    "(EngineCore pid=11) INFO 12-03 13:36:10 [gpu_model_runner.py:5039] Starting to load model broken...",
+    "(EngineCore pid=11) ERROR 12-03 13:36:10 [core.py:1510] EngineCore failed to start.",
+    "(EngineCore pid=11) ERROR 12-03 13:36:10 [core.py:1510] Traceback (most recent call last):",
+    "(EngineCore pid=11) ERROR 12-03 13:36:10 [core.py:1510] torch.OutOfMemoryError: CUDA out of memory.",
+    "Process EngineCore:",
+    "Traceback (most recent call last):",
+    '  File "/usr/local/lib/python3.11/dist-packages/huggingface_hub/utils/_http.py", line 657, in x',
+    "    raise _format(RepositoryNotFoundError, message, response) from e",
+    "huggingface_hub.errors.RepositoryNotFoundError: 401 Client Error.",
+    "",
+    "Repository Not Found for url: https://huggingface.co/api/models/broken/revision/main.",
+    "Invalid username or password.",
+    "(APIServer pid=10) INFO 12-03 13:36:11 [launcher.py:195] Route: /health, Methods: GET",
+    "Loading safetensors checkpoint shards: 100% Completed | 1/1 [00:00<00:00, 1.67it/s]",
+    "usage: vllm serve [model_tag] [options]",
+    "vllm serve: error: argument --max-model-len: invalid human_readable_int_or_auto value: 'abc'",
+    "WARNING:  Invalid HTTP request received.",
+)
+
+
+class TestLogFilter:
+    """Which lines of the vLLM log ``switch()`` shows (no process, no socket)."""
+
+    def shown(self, lines: tuple[str, ...], verbose: bool = False) -> list[str]:
+        keep = LogFilter(verbose=verbose)
+        return [text for text in map(keep, lines) if text is not None]
+
+    def test_a_real_start_shows_progress_and_warnings_only(self) -> None:
+        shown = self.shown(REAL_START)
+        hidden = ("█", "non-default args", "Initializing a V1 LLM engine", "Route:", "Available routes",
+                  "Loading safetensors", "if hasattr", "Started server", '"GET /health', "LBHNC")  # fmt: skip
+        assert not [line for line in shown if any(word in line for word in hidden)]
+        once = ("Starting to load model", "Loading weights took", "GiB for KV cache", "CPU KV cache size",
+                "init engine", "Application startup complete", "Found ulimit", "NUMA binding", "libtcmalloc",
+                "libiomp", "dispatcher.py:138: FutureWarning", "dispatcher.py:139: FutureWarning",
+                # repeated by every vLLM process: shown once
+                "Triton not available", "Model Runner V2 requires Triton", "Enforce eager set")  # fmt: skip
+        assert {word: sum(word in line for line in shown) for word in once} == dict.fromkeys(once, 1)
+        # many different warnings from one place: two, then a note
+        assert sum("Attempted to load weight" in line for line in shown) == WARNINGS_PER_SITE
+        assert "(more warnings from [utils.py:333] hidden: verbose=True or --verbose shows them)" in shown
+        assert len(shown) <= len(REAL_START) // 2
+        assert self.shown(REAL_START, verbose=True) == list(REAL_START)
+
+    def test_compile_memory_and_graph_capture_are_progress(self) -> None:
+        assert self.shown(GPU_PROGRESS) == list(GPU_PROGRESS)
+
+    def test_errors_and_tracebacks_are_shown(self) -> None:
+        shown = self.shown(FAILED_START)
+        assert shown == [
+            line for line in FAILED_START
+            if line and "Route:" not in line and "Loading safetensors" not in line
+            and line not in ("Process EngineCore:", "usage: vllm serve [model_tag] [options]")
+        ]  # fmt: skip
+        assert "Invalid username or password." in shown  # the exception's message, to its end
+        assert self.shown(FAILED_START, verbose=True) == list(FAILED_START)
+
+
 def test_the_client_imports_no_server_code() -> None:
     code = (
         "import sys, aic_vllm_proxy.client, aic_vllm_proxy.client_cli; "
@@ -208,7 +361,9 @@ def test_the_client_imports_no_server_code() -> None:
         "aic_vllm_proxy", "aic_vllm_proxy.client", "aic_vllm_proxy.client_cli",
         "aic_vllm_proxy.models", "aic_vllm_proxy.progress",
     }  # fmt: skip
-    assert client_modules == {f"aic_vllm_proxy.client.{m}" for m in ("aio", "calls", "errors", "sync")}
+    assert client_modules == {
+        f"aic_vllm_proxy.client.{m}" for m in ("aio", "calls", "errors", "sync", "views")
+    }
 
 
 async def test_unreachable_proxy_says_so_with_the_url() -> None:
@@ -217,9 +372,34 @@ async def test_unreachable_proxy_says_so_with_the_url() -> None:
     with pytest.raises(ProxyUnreachable) as info:
         await asyncio.to_thread(sync.status)
     assert url in str(info.value) and "cannot reach" in str(info.value)
+    assert "proxy_url=" in str(info.value) and URL_ENV in str(info.value)  # how to set it, in Python
     async with AsyncVLLMProxyClient(url) as client:
         with pytest.raises(ProxyUnreachable, match=re.escape(url)):
             await client.switch("m", "")
+
+
+async def test_a_url_ending_in_v1_is_the_proxy_with_a_warning(
+    make_proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The openai habit (``http://host:8224/v1``) would call ``/v1/status`` (vLLM's 404, or "No
+    model is loaded"): the client drops the ``/v1`` and says so."""
+    proxy = await make_proxy()
+    with pytest.warns(UserWarning, match=r"drop /v1 from the proxy URL") as caught:
+        client = VLLMProxyClient(f"{proxy.url}/v1/", progress=False)
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert client.proxy_url == proxy.url
+    assert (await asyncio.to_thread(client.status))["state"] == "stopped"
+    result = await asyncio.to_thread(client.switch, "m", FAST)
+    assert result.changed and result.status.state is S.READY
+    assert str(client.get_openai_client().base_url).rstrip("/") == f"{proxy.url}/v1"
+    client.close()
+
+    monkeypatch.setenv(URL_ENV, f"{proxy.url}/v1")
+    with pytest.warns(UserWarning, match="drop /v1"):
+        from_env = AsyncVLLMProxyClient()
+    async with from_env:
+        assert from_env.proxy_url == proxy.url and (await from_env.status()).state is S.READY
+        await from_env.stop()
 
 
 # ------------------------------------------------------------------ in-process proxy
@@ -309,6 +489,52 @@ async def test_progress_follows_the_new_launch_only(make_proxy: Any) -> None:
     assert any("Loading weights took" in line for line in log_lines)
     assert not any("model-a" in line for line in log_lines)  # never the previous model's log
     assert "model-b is ready after" in lines[-1]
+
+
+def launched_log(lines: list[str]) -> Path:
+    """The log file named by the progress line "vLLM started (pid N), log PATH", checked to be the
+    final name (with the pid)."""
+    found = [re.search(r"vLLM started \(pid (\d+)\), log (.+)$", line) for line in lines]
+    started = [match for match in found if match]
+    assert len(started) == 1, lines
+    pid, path = started[0].groups()
+    assert path.endswith(f"_pid-{pid}.log")
+    return Path(path)
+
+
+async def test_progress_shows_what_tells_progress_not_the_whole_log(make_proxy: Any) -> None:
+    proxy = await make_proxy()
+    lines: list[str] = []
+    async with AsyncVLLMProxyClient(proxy.url, progress=lines.append) as client:
+        await client.switch("m", FAST)
+        shown = [line.split("] ", 1)[1] for line in lines]  # without the elapsed time
+        assert not [line for line in shown if "Route:" in line or "█" in line or "non-default args" in line]
+        for progress in ("launching:", "Starting to load model", "Loading weights took", "Model loading took",
+                         "KV cache memory", "KV cache size", "Graph capturing finished", "init engine",
+                         "Application startup complete"):  # fmt: skip
+            assert sum(progress in line for line in shown) == 1, (progress, shown)
+        assert len(lines) <= 14  # the whole log is about 35 lines more
+        assert launched_log(lines).exists()  # the name printed is the file's final name
+
+        everything: list[str] = []
+        await client.switch("m", FAST, force=True, progress=everything.append, verbose=True)
+        assert sum("Route:" in line for line in everything) >= 5 and any(
+            "█" in line for line in everything
+        ), everything
+        assert len(everything) >= len(lines) + 20
+        assert launched_log(everything).exists()
+
+        failed: list[str] = []
+        with pytest.raises(SwitchError):
+            await client.switch("broken", f"{FAST} --sim-fail-during-load", progress=failed.append)
+        assert launched_log(failed).exists()
+        assert any("Traceback (most recent call last):" in line for line in failed)
+        assert not any("Route:" in line for line in failed)
+    async with AsyncVLLMProxyClient(proxy.url, progress=False, verbose=True) as verbose_client:
+        every_line: list[str] = []
+        await verbose_client.switch("m", FAST, progress=every_line.append)  # the client's default
+        assert sum("Route:" in line for line in every_line) >= 5
+        await verbose_client.stop()
 
 
 async def test_start_failure_raises_with_the_log_tail(make_proxy: Any) -> None:
@@ -452,12 +678,12 @@ def test_seed_snippet_verbatim(spawn_proxy: Any, capsys: pytest.CaptureFixture[s
 
     assert resp.choices[0].message.content
     printed = capsys.readouterr().out
-    assert "state=<ProcessState.STOPPED: 'stopped'>" in printed  # print(proxy.status())
+    assert printed.startswith("state: stopped\n")  # print(proxy.status()): readable lines
     assert (
         "switching to meta-llama/Llama-2-7b-hf --tensor-parallel-size 1 --gpu-memory-utilization 0.9"
         in printed
     )
-    assert "Loading weights took" in printed  # the live vLLM log, by default
+    assert "Loading weights took" in printed and "Route:" not in printed  # progress, not the whole log
     assert "meta-llama/Llama-2-7b-hf is ready after" in printed
 
     result = proxy.switch("mistralai/Mistral-7B-Instruct-v0.2", progress=False)

@@ -54,7 +54,8 @@ def test_status_switch_logs_plugins_stop(group: click.Group, daemon: Daemon) -> 
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert f"switching to m {FAST} --served-model-name chat" in out
-    assert "vLLM started (pid" in out and "Loading weights took" in out  # the live log
+    assert "vLLM started (pid" in out and "Loading weights took" in out  # the live log's progress
+    assert "Route:" not in out and "non-default args" not in out  # not all of it
     assert out.rstrip().splitlines()[-1].split("] ", 1)[1].startswith("chat is ready after")
 
     result = invoke(group, "status", "--url", url)
@@ -112,6 +113,15 @@ def test_failed_switch_exits_1_with_the_log_tail(group: click.Group, daemon: Dae
     assert result.exit_code == 0 and "cleared the failed state" in result.stdout
 
 
+def test_switch_verbose_shows_every_line_and_a_v1_url_works(group: click.Group, daemon: Daemon) -> None:
+    result = invoke(group, "switch", "--url", f"{daemon.url}/v1", "--verbose", "m", *FAST.split())
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("Warning: drop /v1 from the proxy URL")
+    assert result.stdout.count("Route:") >= 5 and "non-default args" in result.stdout
+    daemon.status()
+    assert invoke(group, "stop", "--url", daemon.url).exit_code == 0
+
+
 def test_no_wait_returns_at_once(group: click.Group, daemon: Daemon) -> None:
     url = daemon.url
     result = invoke(group, "switch", "--url", url, "--no-wait", "--json", "m", *FAST.split())
@@ -128,6 +138,7 @@ def test_no_wait_returns_at_once(group: click.Group, daemon: Daemon) -> None:
     [
         (["switch"], "Missing argument 'MODEL'"),
         (["switch", "m", "--json"], "--json must come before MODEL"),
+        (["switch", "m", "--verbose"], "--verbose must come before MODEL"),
         (["switch", "--tensor-parallel-size", "2", "m"], "expected MODEL before the vLLM arguments"),
         (["logs", "-n", "0"], "0 is not in the range"),
         (["status", "--bogus"], "No such option"),
@@ -142,6 +153,7 @@ def test_unreachable_proxy_exits_3(group: click.Group) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     result = invoke(group, "status", "--url", url)
     assert result.exit_code == 3 and url in result.stderr and "cannot reach" in result.stderr
+    assert "(--url or $AIC_VLLM_PROXY_URL)" in result.stderr and "proxy_url=" not in result.stderr
     result = invoke(group, "switch", "--json", "m", env={"AIC_VLLM_PROXY_URL": url})
     assert result.exit_code == 3 and json.loads(result.stdout)["error"]["type"] == "ProxyUnreachable"
 
@@ -161,7 +173,7 @@ def test_api_key_option_and_environment(group: click.Group, tmp_path: Path) -> N
     try:
         result = invoke(group, "status", "--url", secured.url)
         assert result.exit_code == 1 and "No API key was sent" in result.stderr
-        assert "AIC_VLLM_PROXY_KEY" in result.stderr
+        assert "--api-key or $AIC_VLLM_PROXY_KEY" in result.stderr and "api_key=" not in result.stderr
         result = invoke(group, "status", "--url", secured.url, "--api-key", "nope")
         assert result.exit_code == 1 and "refused" in result.stderr
         assert invoke(group, "status", "--url", secured.url, "--api-key", "adm-key").exit_code == 0

@@ -9,12 +9,14 @@
     })
     proxy.switch("meta-llama/Llama-2-7b-hf")     # live progress, then a one-line summary
     client = proxy.get_openai_client()            # the official openai client, at the proxy's /v1
+    st = proxy.status()                           # st["state"] == "ready", st.state, print(st)
 
 :class:`VLLMProxyClient` (``sync.py``) is synchronous and never touches an event loop, so it
 works inside Jupyter (where one is already running). :class:`AsyncVLLMProxyClient` (``aio.py``)
 has the same methods for ``await``. Both share the request building, error handling
 (``calls.py``, ``errors.py``) and switch-following logic (:mod:`aic_vllm_proxy.progress`); only
-the few lines that do I/O differ.
+the few lines that do I/O differ. What they return for the proxy's status and for a switch
+(``views.py``) is at once the JSON dict of the answer and the typed object.
 
 A switch never waits on one long HTTP request: it asks the proxy to start the switch
 (``POST /switch`` with ``"wait": false``), then polls ``GET /status`` and follows the new vLLM
@@ -33,7 +35,8 @@ from aic_vllm_proxy.client.errors import (
     WaitTimeout,
 )
 from aic_vllm_proxy.client.sync import VLLMProxyClient
-from aic_vllm_proxy.models import Status, SwitchResult
+from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
+from aic_vllm_proxy.models import ProcessState, Status, SwitchResult
 
 __all__ = [
     "API_KEY_ENV",
@@ -42,11 +45,14 @@ __all__ = [
     "AsyncVLLMProxyClient",
     "AuthenticationError",
     "PermissionDeniedError",
+    "ProcessState",
     "ProxyError",
     "ProxyUnreachable",
     "Status",
+    "StatusDict",
     "SwitchError",
     "SwitchResult",
+    "SwitchResultDict",
     "UnknownModelError",
     "VLLMProxyClient",
     "WaitTimeout",

@@ -13,6 +13,7 @@ import httpx
 from aic_vllm_proxy.client.calls import (
     FINAL_LINES_WAIT,
     FOLLOW_FROM_LINES,
+    READY_LINES_WAIT,
     TAIL_LINES,
     T,
     _Call,
@@ -21,20 +22,14 @@ from aic_vllm_proxy.client.calls import (
     _health_call,
     _logs_call,
     _plugins_call,
-    _raise_for_status,
     _start_switch_call,
     _status_call,
     _stop_call,
-    _transport_error,
     catalog_spec,
 )
 from aic_vllm_proxy.client.errors import ProxyError, ProxyUnreachable
-from aic_vllm_proxy.models import (
-    PluginInfo,
-    ProcessState,
-    Status,
-    SwitchResult,
-)
+from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
+from aic_vllm_proxy.models import PluginInfo, ProcessState
 from aic_vllm_proxy.progress import Outcome, ProgressArg, SwitchWatch
 
 # ------------------------------------------------------------------- async client
@@ -66,11 +61,11 @@ class AsyncVLLMProxyClient(_ClientBase):
                 call.method, call.path, json=call.json, params=call.params, timeout=self._call_timeout(call)
             )
         except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.proxy_url) from None
-        _raise_for_status(response, bool(self.api_key))
+            raise self._unreachable(exc) from None
+        self._check(response)
         return call.parse(response)
 
-    async def status(self) -> Status:
+    async def status(self) -> StatusDict:
         """See :meth:`VLLMProxyClient.status`."""
         return await self._send(_status_call())
 
@@ -78,7 +73,7 @@ class AsyncVLLMProxyClient(_ClientBase):
         return await self._send(_health_call())
 
     async def model_name(self) -> str | None:
-        status = await self.status()
+        status = (await self.status()).as_model()
         return status.model if status.state is ProcessState.READY else None
 
     async def switch(
@@ -89,31 +84,37 @@ class AsyncVLLMProxyClient(_ClientBase):
         force: bool = False,
         timeout: float | None = None,
         progress: ProgressArg | None = None,
-    ) -> SwitchResult:
+        verbose: bool | None = None,
+    ) -> SwitchResultDict:
         """See :meth:`VLLMProxyClient.switch`."""
         spec = self.spec_for(model, args)
-        before = await self.status()
-        watch = self._watch(spec, before, progress, timeout, loads=await self._catalog_lookup(spec))
+        before = (await self.status()).as_model()
+        loads = await self._catalog_lookup(spec)
+        watch = self._watch(spec, before, progress, timeout, loads=loads, verbose=verbose)
         watch.begin()
         try:
             await self._send(_start_switch_call(spec, force))
         except ProxyError as exc:
             watch.show(f"FAILED: {exc.message}")
             raise
-        return watch.result(await self._follow(watch))
+        return SwitchResultDict(watch.result(await self._follow(watch)))
 
     async def start_switch(
         self, model: str, args: str | Sequence[str] | None = None, *, force: bool = False
-    ) -> Status:
+    ) -> StatusDict:
         return await self._send(_start_switch_call(self.spec_for(model, args), force))
 
     async def wait_until_ready(
-        self, timeout: float | None = 600.0, *, progress: ProgressArg | None = False
-    ) -> Status:
-        watch = self._watch(None, await self.status(), progress, timeout)
-        return (await self._follow(watch)).status
+        self,
+        timeout: float | None = 600.0,
+        *,
+        progress: ProgressArg | None = False,
+        verbose: bool | None = None,
+    ) -> StatusDict:
+        watch = self._watch(None, (await self.status()).as_model(), progress, timeout, verbose=verbose)
+        return StatusDict((await self._follow(watch)).status)
 
-    async def stop(self, *, force: bool = False) -> Status:
+    async def stop(self, *, force: bool = False) -> StatusDict:
         return await self._send(_stop_call(force))
 
     async def catalog(self) -> dict[str, Any]:
@@ -140,35 +141,43 @@ class AsyncVLLMProxyClient(_ClientBase):
             ) as response:
                 if response.status_code >= 400:
                     await response.aread()
-                    _raise_for_status(response, bool(self.api_key))
+                    self._check(response)
                 async for line in response.aiter_lines():
                     yield line
         except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.proxy_url) from None
+            raise self._unreachable(exc) from None
 
     async def plugins(self) -> list[PluginInfo]:
         return await self._send(_plugins_call())
 
-    async def _pipe_log(self, watch: SwitchWatch) -> None:
+    async def _pipe_log(self, watch: SwitchWatch, ready_line: asyncio.Event) -> None:
         with contextlib.suppress(ProxyError):
             async for line in self.follow_logs(FOLLOW_FROM_LINES):
                 watch.log(line)
+                if watch.ready_line_seen:
+                    ready_line.set()
 
     async def _follow(self, watch: SwitchWatch) -> Outcome:
         reader: asyncio.Task[None] | None = None
+        ready_line = asyncio.Event()
         try:
             while True:
-                outcome = watch.observe(await self.status())
+                outcome = watch.observe((await self.status()).as_model())
                 if outcome is not None:
                     break
                 if watch.timed_out():
                     raise self._timeout_error(watch)
                 if reader is None and watch.sink is not None and watch.wants_log(watch.last):
-                    reader = asyncio.create_task(self._pipe_log(watch))
+                    reader = asyncio.create_task(self._pipe_log(watch, ready_line))
                 await asyncio.sleep(self.poll_interval)
                 watch.tick()
             if reader is not None and not outcome.ok:
+                # A failed vLLM has exited: its stream ends once its last lines are sent.
                 await asyncio.wait({reader}, timeout=FINAL_LINES_WAIT)
+            elif reader is not None:  # ready: its last start-up lines may still be on their way
+                waiting = asyncio.ensure_future(ready_line.wait())
+                await asyncio.wait({reader, waiting}, timeout=READY_LINES_WAIT)
+                waiting.cancel()
         except (KeyboardInterrupt, asyncio.CancelledError):
             watch.interrupted()
             raise

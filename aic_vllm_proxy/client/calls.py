@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -21,6 +22,7 @@ from aic_vllm_proxy.client.errors import (
     UnknownModelError,
     WaitTimeout,
 )
+from aic_vllm_proxy.client.views import StatusDict
 from aic_vllm_proxy.models import (
     ErrorBody,
     ErrorDetail,
@@ -51,6 +53,8 @@ FOLLOW_FROM_LINES = 2000
 TAIL_LINES = 40
 #: After a failed start, how long to wait for the last log lines to arrive.
 FINAL_LINES_WAIT = 3.0
+#: After a successful start, how long to wait for the log lines up to vLLM's "ready" line.
+READY_LINES_WAIT = 1.0
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -86,10 +90,22 @@ def build_spec(model: str, args: str | Sequence[str] | None, model2spec: ModelSp
     return f"{shlex.quote(name)} {words.strip()}".strip()
 
 
-def _normalize_url(url: str | None) -> str:
+def _normalize_url(url: str | None, *, stacklevel: int = 2) -> str:
+    """The proxy's base URL: ``http://`` added when left out, no ``/`` at the end, and no ``/v1``
+    (the openai habit: the proxy's own API is at its root, ``get_openai_client()`` adds ``/v1``);
+    a ``/v1`` is dropped with a warning."""
     url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).strip().rstrip("/")
     if "://" not in url:
         url = "http://" + url
+    if url.endswith("/v1"):
+        base = url[: -len("/v1")]
+        warnings.warn(
+            f"drop /v1 from the proxy URL: {url} was used as {base} (the proxy's own API is at its "
+            "root; get_openai_client() adds /v1)",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+        url = base
     return url
 
 
@@ -100,8 +116,9 @@ def _error_detail(response: httpx.Response) -> ErrorDetail | None:
         return None
 
 
-def _response_error(response: httpx.Response, *, has_key: bool) -> ProxyError:
-    """The exception for an error answer of the proxy's own API."""
+def _response_error(response: httpx.Response, *, has_key: bool, key_option: str) -> ProxyError:
+    """The exception for an error answer of the proxy's own API (``key_option``: how the caller
+    gives the key, named in the 401 message)."""
     url = str(response.request.url)
     status = response.status_code
     detail = _error_detail(response)
@@ -111,9 +128,9 @@ def _response_error(response: httpx.Response, *, has_key: bool) -> ProxyError:
     kind = detail.type if detail else None
     if status == 401:
         hint = (
-            f"The API key that was sent was refused: check api_key= or ${API_KEY_ENV}"
+            f"The API key that was sent was refused: check {key_option} or ${API_KEY_ENV}"
             if has_key
-            else f"No API key was sent: pass api_key=... or set ${API_KEY_ENV}"
+            else f"No API key was sent: give one with {key_option} or ${API_KEY_ENV}"
         )
         return AuthenticationError(
             f"{where} was refused (401): {text.rstrip('.')}. {hint}.",
@@ -138,8 +155,9 @@ def _response_error(response: httpx.Response, *, has_key: bool) -> ProxyError:
     return ProxyError(f"{text} [{status} from {where}]", url=url, status_code=status, error_type=kind)
 
 
-def _transport_error(exc: httpx.HTTPError, base_url: str) -> ProxyError:
-    """The exception for a request that got no answer."""
+def _transport_error(exc: httpx.HTTPError, base_url: str, url_option: str) -> ProxyError:
+    """The exception for a request that got no answer (``url_option``: how the caller gives the
+    URL, named in the message)."""
     try:
         what = f"{exc.request.method} {exc.request.url.path}"
     except (AttributeError, RuntimeError):  # no request attached
@@ -147,7 +165,7 @@ def _transport_error(exc: httpx.HTTPError, base_url: str) -> ProxyError:
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
         return ProxyUnreachable(
             f"cannot reach aic-vllm-proxy at {base_url} ({exc or type(exc).__name__}). Is the daemon "
-            f"running there (aic-vllm-proxy serve), and is the URL right (proxy_url= or {URL_ENV})?",
+            f"running there (aic-vllm-proxy serve), and is the URL right ({url_option} or ${URL_ENV})?",
             url=base_url,
         )
     if isinstance(exc, httpx.TimeoutException):
@@ -156,11 +174,6 @@ def _transport_error(exc: httpx.HTTPError, base_url: str) -> ProxyError:
             url=base_url,
         )
     return ProxyError(f"talking to aic-vllm-proxy at {base_url} failed during {what}: {exc!r}", url=base_url)
-
-
-def _raise_for_status(response: httpx.Response, has_key: bool) -> None:
-    if response.status_code >= 400:
-        raise _response_error(response, has_key=has_key)
 
 
 def _json_as(model: type[M]) -> Callable[[httpx.Response], M]:
@@ -195,18 +208,20 @@ class _Call(Generic[T]):
     read_timeout: float | None = None
 
 
-def _status_call() -> _Call[Status]:
-    return _Call("GET", "/status", _json_as(Status))
+def _status_answer(response: httpx.Response) -> StatusDict:
+    return StatusDict(_json_as(Status)(response))
 
 
-def _start_switch_call(spec: str, force: bool) -> _Call[Status]:
-    return _Call(
-        "POST", "/switch", _json_as(Status), json={"model_spec": spec, "wait": False, "force": force}
-    )
+def _status_call() -> _Call[StatusDict]:
+    return _Call("GET", "/status", _status_answer)
 
 
-def _stop_call(force: bool) -> _Call[Status]:
-    return _Call("POST", "/stop", _json_as(Status), json={"force": force}, read_timeout=STOP_TIMEOUT)
+def _start_switch_call(spec: str, force: bool) -> _Call[StatusDict]:
+    return _Call("POST", "/switch", _status_answer, json={"model_spec": spec, "wait": False, "force": force})
+
+
+def _stop_call(force: bool) -> _Call[StatusDict]:
+    return _Call("POST", "/stop", _status_answer, json={"force": force}, read_timeout=STOP_TIMEOUT)
 
 
 def _logs_call(lines: int | None) -> _Call[str]:
@@ -270,6 +285,11 @@ def _switch_error(outcome: Outcome, tail: list[str], base_url: str, *, switching
 class _ClientBase:
     """What the sync and async clients share: settings, specs, headers, openai clients."""
 
+    #: How the URL and the key are given, as error messages name them (the command line sets
+    #: its options here).
+    url_option = "proxy_url="
+    key_option = "api_key="
+
     def __init__(
         self,
         proxy_url: str | None = None,
@@ -278,13 +298,15 @@ class _ClientBase:
         api_key: str | None = None,
         timeout: float = API_TIMEOUT,
         progress: ProgressArg = True,
+        verbose: bool = False,
         poll_interval: float = POLL_INTERVAL,
     ) -> None:
-        self.proxy_url = _normalize_url(proxy_url)
+        self.proxy_url = _normalize_url(proxy_url, stacklevel=3)
         self.model2spec: dict[str, str | Sequence[str]] = dict(model2spec or {})
         self.api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
         self.timeout = timeout
         self.progress = progress
+        self.verbose = verbose
         self.poll_interval = poll_interval
         self._open()
 
@@ -317,6 +339,14 @@ class _ClientBase:
             "timeout": self._call_timeout(_status_call()),
         }
 
+    def _check(self, response: httpx.Response) -> None:
+        """Raise the :class:`ProxyError` for an error answer."""
+        if response.status_code >= 400:
+            raise _response_error(response, has_key=bool(self.api_key), key_option=self.key_option)
+
+    def _unreachable(self, exc: httpx.HTTPError) -> ProxyError:
+        return _transport_error(exc, self.proxy_url, self.url_option)
+
     def _call_timeout(self, call: _Call[Any]) -> httpx.Timeout:
         read = self.timeout if call.read_timeout is None else max(call.read_timeout, self.timeout)
         return httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0), read=read)
@@ -329,14 +359,15 @@ class _ClientBase:
         timeout: float | None,
         *,
         loads: str | None = None,
+        verbose: bool | None = None,
     ) -> SwitchWatch:
         """A watch for a switch to ``spec`` (None: for whatever goes on); ``loads`` is the spec
         the proxy will really load when ``spec`` names a catalogue entry."""
-        chosen = self.progress if progress is None else progress
-        sink = make_sink(chosen)
+        sink = make_sink(self.progress if progress is None else progress)
+        every_line = self.verbose if verbose is None else verbose
         if spec is None:
-            return SwitchWatch(None, before, sink=sink, timeout=timeout)
-        return SwitchWatch(loads or spec, before, sink=sink, timeout=timeout, label=spec)
+            return SwitchWatch(None, before, sink=sink, timeout=timeout, verbose=every_line)
+        return SwitchWatch(loads or spec, before, sink=sink, timeout=timeout, label=spec, verbose=every_line)
 
     def _timeout_error(self, watch: SwitchWatch) -> WaitTimeout:
         status = watch.last
@@ -349,7 +380,7 @@ class _ClientBase:
 
     def _conclude(self, watch: SwitchWatch, outcome: Outcome, tail: list[str]) -> Outcome:
         """Show the summary; return a success, raise a failure (with ``tail``, the log's end)."""
-        if not outcome.ok and watch.log_lines_shown == 0:
+        if not outcome.ok and watch.log_lines_seen == 0:
             for line in tail:  # the stream was never opened (a very quick failure): show the end
                 watch.log(line)
         watch.summary(outcome)

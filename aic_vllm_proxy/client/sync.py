@@ -16,6 +16,7 @@ import httpx
 from aic_vllm_proxy.client.calls import (
     FINAL_LINES_WAIT,
     FOLLOW_FROM_LINES,
+    READY_LINES_WAIT,
     TAIL_LINES,
     T,
     _Call,
@@ -24,20 +25,14 @@ from aic_vllm_proxy.client.calls import (
     _health_call,
     _logs_call,
     _plugins_call,
-    _raise_for_status,
     _start_switch_call,
     _status_call,
     _stop_call,
-    _transport_error,
     catalog_spec,
 )
 from aic_vllm_proxy.client.errors import ProxyError, ProxyUnreachable
-from aic_vllm_proxy.models import (
-    PluginInfo,
-    ProcessState,
-    Status,
-    SwitchResult,
-)
+from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
+from aic_vllm_proxy.models import PluginInfo, ProcessState
 from aic_vllm_proxy.progress import Outcome, ProgressArg, SwitchWatch
 
 # -------------------------------------------------------------------- sync client
@@ -74,10 +69,13 @@ class _LogThread:
         finally:
             self.lines.put(None)
 
-    def pump(self, show: Callable[[str], None], seconds: float) -> bool:
-        """Show the lines that arrive within ``seconds``; False once the stream has ended."""
+    def pump(
+        self, show: Callable[[str], None], seconds: float, until: Callable[[], bool] = lambda: False
+    ) -> bool:
+        """Show the lines that arrive within ``seconds`` (or until ``until()`` is true after one);
+        False once the stream has ended."""
         deadline = time.monotonic() + seconds
-        while True:
+        while not until():
             remaining = deadline - time.monotonic()
             try:
                 line = (
@@ -89,6 +87,7 @@ class _LogThread:
                 self.lines.put(None)  # keep the end mark for later calls
                 return False
             show(line)
+        return True
 
     def stop(self) -> None:
         """End the stream now: shut its socket down, which wakes the blocked read."""
@@ -113,6 +112,12 @@ class VLLMProxyClient(_ClientBase):
     :param timeout: seconds for one call of the proxy's API (a switch is many short calls).
     :param progress: default for :meth:`switch`: True prints live progress, False is silent; a
         stream (``sys.stderr``) or a callable (one line per call) receives the lines instead.
+    :param verbose: default for :meth:`switch`: show every line of the vLLM log, not only those
+        that tell progress (weights, memory, compile, graph capture, ready), warnings and errors.
+
+    :meth:`status` and :meth:`switch` return read-only dicts of the JSON answer whose attributes
+    are typed (:class:`StatusDict`, :class:`SwitchResultDict`): ``st["state"]``, ``st.state``,
+    ``json.dumps(st)`` and ``print(st)`` all work.
     """
 
     _http: httpx.Client
@@ -137,14 +142,15 @@ class VLLMProxyClient(_ClientBase):
                 call.method, call.path, json=call.json, params=call.params, timeout=self._call_timeout(call)
             )
         except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.proxy_url) from None
-        _raise_for_status(response, bool(self.api_key))
+            raise self._unreachable(exc) from None
+        self._check(response)
         return call.parse(response)
 
     # ----------------------------------------------------------------- the API
 
-    def status(self) -> Status:
-        """What the proxy runs: ``state`` (stopped/starting/ready/stopping/failed), ``model``, ..."""
+    def status(self) -> StatusDict:
+        """What the proxy runs: ``state`` (stopped/starting/ready/stopping/failed), ``model``, ...
+        as a read-only dict of the JSON ``GET /status`` answer with typed attributes."""
         return self._send(_status_call())
 
     def health(self) -> dict[str, Any]:
@@ -153,7 +159,7 @@ class VLLMProxyClient(_ClientBase):
 
     def model_name(self) -> str | None:
         """The model name to use in requests, when a model is ready; else None."""
-        status = self.status()
+        status = self.status().as_model()
         return status.model if status.state is ProcessState.READY else None
 
     def switch(
@@ -164,7 +170,8 @@ class VLLMProxyClient(_ClientBase):
         force: bool = False,
         timeout: float | None = None,
         progress: ProgressArg | None = None,
-    ) -> SwitchResult:
+        verbose: bool | None = None,
+    ) -> SwitchResultDict:
         """Load ``model`` (stopping the current one) and wait until it is ready.
 
         :param args: its ``vllm serve`` arguments; default: ``model2spec[model]``.
@@ -172,39 +179,46 @@ class VLLMProxyClient(_ClientBase):
         :param timeout: stop waiting after this many seconds (:class:`WaitTimeout`; the switch
             goes on). Default: as long as the proxy allows (its ``--ready-timeout``).
         :param progress: override the client's ``progress`` for this call.
-        :returns: the :class:`SwitchResult`; ``changed`` is False when the same spec was already
+        :param verbose: override the client's ``verbose``: True shows every line of the vLLM
+            log, False only progress, warnings and errors.
+        :returns: a :class:`SwitchResultDict`; ``changed`` is False when the same spec was already
             loaded (nothing restarted), ``load_seconds`` is how long loading took.
         :raises SwitchError: vLLM failed to start (the message ends with its log tail).
         """
         spec = self.spec_for(model, args)
-        before = self.status()
-        watch = self._watch(spec, before, progress, timeout, loads=self._catalog_lookup(spec))
+        before = self.status().as_model()
+        loads = self._catalog_lookup(spec)
+        watch = self._watch(spec, before, progress, timeout, loads=loads, verbose=verbose)
         watch.begin()
         try:
             self._send(_start_switch_call(spec, force))
         except ProxyError as exc:
             watch.show(f"FAILED: {exc.message}")  # e.g. a spec the proxy's policy refuses
             raise
-        return watch.result(self._follow(watch))
+        return SwitchResultDict(watch.result(self._follow(watch)))
 
     def start_switch(
         self, model: str, args: str | Sequence[str] | None = None, *, force: bool = False
-    ) -> Status:
+    ) -> StatusDict:
         """Start a switch and return at once (follow it with :meth:`wait_until_ready`)."""
         return self._send(_start_switch_call(self.spec_for(model, args), force))
 
     def wait_until_ready(
-        self, timeout: float | None = 600.0, *, progress: ProgressArg | None = False
-    ) -> Status:
+        self,
+        timeout: float | None = 600.0,
+        *,
+        progress: ProgressArg | None = False,
+        verbose: bool | None = None,
+    ) -> StatusDict:
         """Wait until the proxy has a model ready and no switch in progress; return the status.
 
         :raises SwitchError: the model failed. :raises ProxyError: nothing is loaded.
         :raises WaitTimeout: still not ready after ``timeout`` seconds (None: no limit).
         """
-        watch = self._watch(None, self.status(), progress, timeout)
-        return self._follow(watch).status
+        watch = self._watch(None, self.status().as_model(), progress, timeout, verbose=verbose)
+        return StatusDict(self._follow(watch).status)
 
-    def stop(self, *, force: bool = False) -> Status:
+    def stop(self, *, force: bool = False) -> StatusDict:
         """Stop vLLM (the whole process tree); a no-op when nothing runs.
 
         The proxy first lets in-flight requests finish (up to its ``--drain-timeout``); ``force``
@@ -237,10 +251,10 @@ class VLLMProxyClient(_ClientBase):
             ) as response:
                 if response.status_code >= 400:
                     response.read()
-                    _raise_for_status(response, bool(self.api_key))
+                    self._check(response)
                 yield from response.iter_lines()
         except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.proxy_url) from None
+            raise self._unreachable(exc) from None
 
     def plugins(self) -> list[PluginInfo]:
         """The proxy's plugins (name, version, hooks, enabled)."""
@@ -252,7 +266,7 @@ class VLLMProxyClient(_ClientBase):
         reader: _LogThread | None = None
         try:
             while True:
-                outcome = watch.observe(self.status())
+                outcome = watch.observe(self.status().as_model())
                 if outcome is not None:
                     break
                 if watch.timed_out():
@@ -262,9 +276,11 @@ class VLLMProxyClient(_ClientBase):
                 if reader is None or not reader.pump(watch.log, self.poll_interval):
                     time.sleep(self.poll_interval)  # no stream (any more): just poll
                 watch.tick()
-            if reader is not None:
+            if reader is not None and not outcome.ok:
                 # A failed vLLM has exited: its stream ends once its last lines are sent.
-                reader.pump(watch.log, FINAL_LINES_WAIT if not outcome.ok else 0.0)
+                reader.pump(watch.log, FINAL_LINES_WAIT)
+            elif reader is not None:  # ready: its last start-up lines may still be on their way
+                reader.pump(watch.log, READY_LINES_WAIT, until=lambda: watch.ready_line_seen)
         except KeyboardInterrupt:
             watch.interrupted()
             raise

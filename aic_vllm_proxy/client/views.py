@@ -1,0 +1,149 @@
+"""What the clients return: the typed answer, also usable as the plain JSON dict.
+
+The first client returned the JSON of ``GET /status`` as a dict, and notebooks written for it do
+``st["model_spec"]``, ``st.get("running")`` and ``json.dumps(st)``. :class:`StatusDict` and
+:class:`SwitchResultDict` are read-only dicts of the JSON fields (enums as their strings,
+datetimes as ISO strings, exactly as the proxy sends them), whose attributes are the typed
+values of the pydantic model (``st.state`` is a :class:`~aic_vllm_proxy.models.ProcessState`,
+``st.started_at`` a :class:`~datetime.datetime`). ``print()`` shows a few readable lines.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar
+
+from pydantic import BaseModel
+
+from aic_vllm_proxy.models import ProcessState, Status, SwitchResult, to_json
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class JsonView(dict[str, Any], Generic[M]):
+    """A read-only dict of a pydantic model's JSON fields; its attributes are the model's.
+
+    ``view["field"]`` is the JSON value, ``view.field`` the typed one; the model's methods work
+    too (``view.model_dump()``). :meth:`as_model` returns the model itself (for type checkers,
+    which see the attributes as ``Any``). ``dict(view)`` or ``view.copy()`` is a plain dict that
+    may be changed.
+    """
+
+    __slots__ = ("_model",)
+    #: Fields holding a nested model, shown as a view of their own (field name -> view class).
+    _nested: ClassVar[dict[str, type[JsonView[Any]]]] = {}
+    _model: M
+
+    def __init__(self, model: M) -> None:
+        data = to_json(model)
+        for name, view in self._nested.items():
+            data[name] = view(getattr(model, name))
+        super().__init__(data)
+        object.__setattr__(self, "_model", model)
+
+    def as_model(self) -> M:
+        """The pydantic model (typed for type checkers)."""
+        return self._model
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # private and special names are never fields
+            raise AttributeError(name)
+        if name in self._nested:
+            return self[name]  # the nested view: both typed attributes and JSON items
+        return getattr(self._model, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *type(self._model).model_fields})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self._model,))  # pickle and copy rebuild it from the model
+
+    def copy(self) -> dict[str, Any]:
+        """A plain dict of the JSON fields, which may be changed."""
+        return dict(self)
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(
+            f"{type(self).__name__} is read-only: use dict(...) or .copy() for a dict you can change"
+        )
+
+    def __setitem__(self, key: str, value: Any) -> NoReturn:
+        self._read_only()
+
+    def __delitem__(self, key: str) -> NoReturn:
+        self._read_only()
+
+    def __ior__(self, other: Any) -> NoReturn:  # type: ignore[misc]
+        self._read_only()
+
+    def clear(self) -> NoReturn:
+        self._read_only()
+
+    def pop(self, *args: Any) -> NoReturn:
+        self._read_only()
+
+    def popitem(self) -> NoReturn:
+        self._read_only()
+
+    def setdefault(self, *args: Any) -> NoReturn:
+        self._read_only()
+
+    def update(self, *args: Any, **kwargs: Any) -> NoReturn:
+        self._read_only()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({super().__repr__()})"
+
+
+def status_lines(status: Status) -> list[str]:
+    """``GET /status`` in a few readable lines (``print(proxy.status())``, ``aic-vllm-proxy status``)."""
+    rows: list[tuple[str, str]] = [("state", status.state.value)]
+    if status.model_spec:
+        rows.append(("model", f"{status.model}  ({status.model_spec})"))
+    if status.pid:
+        rows.append(("pid", str(status.pid)))
+    if status.started_at:
+        started = status.started_at.isoformat(timespec="seconds")
+        if status.ready_at and status.state is ProcessState.READY:
+            load = (status.ready_at - status.started_at).total_seconds()
+            started += f"  (ready after {load:.1f} s)"
+        rows.append(("started", started))
+    if status.switching:
+        rows.append(("switching to", status.target_model_spec or "?"))
+    if status.error:
+        rows.append(("error", status.error))
+    if status.exit_code is not None:
+        rows.append(("exit code", str(status.exit_code)))
+    if status.log_path and not (status.state is ProcessState.STARTING and status.pid is None):
+        rows.append(("log", status.log_path))  # not before it has its final name (with the pid)
+    if status.in_flight:
+        rows.append(("in flight", str(status.in_flight)))
+    rows.append(("vLLM", f"{status.vllm_base} (proxy version {status.version or '?'})"))
+    width = max(len(name) for name, _ in rows) + 1
+    return [f"{name + ':':<{width}} {value}" for name, value in rows]
+
+
+class StatusDict(JsonView[Status]):
+    """``GET /status``: a read-only dict of its JSON fields whose attributes are typed (see
+    :class:`~aic_vllm_proxy.models.Status`): ``st["state"] == "ready"``, ``st.state is
+    ProcessState.READY``."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return "\n".join(status_lines(self._model))
+
+
+class SwitchResultDict(JsonView[SwitchResult]):
+    """The result of a switch (see :class:`~aic_vllm_proxy.models.SwitchResult`); ``result["status"]``
+    and ``result.status`` are the same :class:`StatusDict`."""
+
+    __slots__ = ()
+    _nested = {"status": StatusDict}
+
+    def __str__(self) -> str:
+        lines = [self._model.message]
+        lines += [
+            f"{report.plugin}.{report.hook}: {report.message or ('ok' if report.ok else 'failed')}"
+            for report in self._model.hook_reports
+        ]
+        return "\n".join(lines)
