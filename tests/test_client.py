@@ -457,6 +457,7 @@ async def test_sync_client_switch_again_force_and_background(make_proxy: Any) ->
     assert first.changed and first.status.model_spec == f"m {FAST}"
     text = out.getvalue()
     assert f"switching to m {FAST}" in text and "vLLM started (pid" in text and "m is ready after" in text
+    assert "Application startup complete" in text  # the last start-up line, written just before ready
 
     again = await asyncio.to_thread(client.switch, "m", progress=False)  # the same spec: no restart
     assert not again.changed and again.load_seconds is None
