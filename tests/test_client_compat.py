@@ -171,3 +171,12 @@ def test_status_text_shows_the_log_only_once_it_has_its_final_name() -> None:
     assert "log" not in printed_rows(str(StatusDict(starting)))  # renamed once the pid is known
     with_pid = starting.model_copy(update={"pid": 42, "log_path": "logs/vllm/2025-01-01T00-00-00_pid-42.log"})
     assert printed_rows(str(StatusDict(with_pid)))["log"].endswith("_pid-42.log")
+
+
+def test_status_text_labels_a_gone_process_error_as_the_last_one() -> None:
+    failed = Status(vllm_base="v", running=False, state=S.FAILED, model_spec="m", error="boom", exit_code=1)
+    rows = printed_rows(str(StatusDict(failed)))
+    assert rows["error"] == "boom" and rows["exit code"] == "1"
+    stopped = failed.model_copy(update={"state": S.STOPPED, "exit_code": -15})
+    rows = printed_rows(str(StatusDict(stopped)))
+    assert rows["last error"] == "boom" and rows["last exit code"] == "-15" and "error" not in rows

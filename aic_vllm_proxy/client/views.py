@@ -109,10 +109,11 @@ def status_lines(status: Status) -> list[str]:
         rows.append(("started", started))
     if status.switching:
         rows.append(("switching to", status.target_model_spec or "?"))
+    past = "" if status.state is ProcessState.FAILED else "last "  # of a process that is gone
     if status.error:
-        rows.append(("error", status.error))
+        rows.append((past + "error", status.error))
     if status.exit_code is not None:
-        rows.append(("exit code", str(status.exit_code)))
+        rows.append((past + "exit code", str(status.exit_code)))
     if status.log_path and not (status.state is ProcessState.STARTING and status.pid is None):
         rows.append(("log", status.log_path))  # not before it has its final name (with the pid)
     if status.in_flight:
