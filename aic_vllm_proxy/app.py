@@ -14,12 +14,12 @@ import aiohttp
 from aiohttp import web
 
 from aic_vllm_proxy import control
-from aic_vllm_proxy.auth import KeyRing, authorize, keyring_from
+from aic_vllm_proxy.auth import KeyRing, authorize, check_request, keyring_from
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.errors import ProxyError, http_exception_response
 from aic_vllm_proxy.keys import HOOKS, KEYS, PASSTHROUGH, PLUGINS, POOL, SETTINGS, SUPERVISOR, UPSTREAM
 from aic_vllm_proxy.plugins import HookRunner, load_plugins
-from aic_vllm_proxy.proxy import Passthrough
+from aic_vllm_proxy.proxy import Passthrough, closes_connection
 from aic_vllm_proxy.supervisor import Supervisor
 from aic_vllm_proxy.upstream import UpstreamPool
 
@@ -64,15 +64,19 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _guard(handler: Handler, keys: KeyRing) -> Handler:
-    """Every route's handler runs inside this: the key check (when keys are configured) and
-    errors as OpenAI-style JSON bodies."""
+    """Every route's handler runs inside this: the requests refused on both HTTP paths (a
+    fragment, two Authorization headers), the key check (when keys are configured), and errors
+    as OpenAI-style JSON bodies."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         try:
+            check_request(request)
             if keys.enabled:
                 authorize(keys, request)
             return await handler(request)
         except ProxyError as exc:
+            if closes_connection(exc):
+                return await _last_answer(request, exc.response())
             return exc.response()
         except web.HTTPException as exc:
             response = http_exception_response(exc)
@@ -81,6 +85,17 @@ def _guard(handler: Handler, keys: KeyRing) -> Handler:
             return response
 
     return guarded
+
+
+async def _last_answer(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response`` with ``Connection: close`` and end the connection now, as the front
+    door does: left to itself aiohttp would go on reading the rest of an unfinished body for up
+    to 10 s (its lingering close) after a 408."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # the answer is in the transport's buffer: it goes out first
+    return response
 
 
 def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]] = ()) -> web.Application:

@@ -7,18 +7,24 @@
 Keys are sent as ``Authorization: Bearer KEY`` and compared in constant time. With no key
 configured the proxy is open (and says so at start-up when it listens beyond loopback).
 The proxy's own key is never forwarded to vLLM.
+
+Both HTTP paths (the front door, ``front.py``, and the application) read the key with
+:func:`bearer_token` from the raw header bytes, and refuse the same requests with
+:func:`refusal` (a fragment in the target, two ``Authorization`` headers), so that the same bytes
+get the same answer on either.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 
 from aiohttp import web
 
 from aic_vllm_proxy.config import ConfigError, Settings
-from aic_vllm_proxy.errors import ProxyError
+from aic_vllm_proxy.errors import BadRequest, ProxyError
 
 #: Paths anyone may call: the proxy's liveness check.
 PUBLIC_PATHS = frozenset({"/proxy/health"})
@@ -46,11 +52,11 @@ class KeyRing:
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def role_of(self, presented: str) -> Role | None:
-        candidate = presented.encode()
+    def role_of(self, presented: bytes) -> Role | None:
+        """The role of a key as it came in the request (bytes: a key is configured as UTF-8)."""
         found: Role | None = None
         for key, role in self._keys:  # no early exit: the time does not depend on which key
-            if hmac.compare_digest(candidate, key) and (found is None or role is Role.ADMIN):
+            if hmac.compare_digest(presented, key) and (found is None or role is Role.ADMIN):
                 found = role
         return found
 
@@ -93,19 +99,57 @@ def required_role(path: str) -> Role | None:
     return Role.USER
 
 
-def _bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+def bearer_token(authorization: bytes | None) -> bytes | None:
+    """The key in an ``Authorization`` header's raw value (``Bearer KEY``, the scheme in any
+    case), or None."""
+    if authorization is None:
         return None
-    return token.strip()
+    scheme, _, token = authorization.strip(b" \t").partition(b" ")
+    token = token.strip(b" \t")
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token
+
+
+def refusal(target: bytes, authorizations: Sequence[bytes]) -> BadRequest | None:
+    """Why a request is refused (400) before anything else looks at it, or None.
+
+    - A fragment (``#...``) is never part of a request target (RFC 9112 section 3.2): aiohttp's
+      router would drop it while the target forwarded to vLLM would keep it, so ``/switch#x``
+      could be performed by one and passed on by the other.
+    - Two ``Authorization`` headers: which one would count?
+    """
+    if b"#" in target:
+        return BadRequest(
+            "the request target has a fragment ('#...'), which a client must not send; "
+            "percent-encode a '#' that belongs to the path or query as %23"
+        )
+    if len(authorizations) > 1:
+        return BadRequest(
+            f"the request has {len(authorizations)} Authorization headers; "
+            "send one: 'Authorization: Bearer <key>'"
+        )
+    return None
+
+
+def authorization_values(request: web.Request) -> list[bytes]:
+    """The raw values of a request's ``Authorization`` headers."""
+    return [value for name, value in request.raw_headers if name.lower() == b"authorization"]
+
+
+def check_request(request: web.Request) -> None:
+    """Raise the 400 of :func:`refusal` (the application's side of it)."""
+    problem = refusal(request.raw_path.encode("utf-8", "surrogateescape"), authorization_values(request))
+    if problem is not None:
+        raise problem
 
 
 def authorize(keys: KeyRing, request: web.Request) -> None:
     """Raise a 401/403 :class:`ProxyError` unless the request's key may call its path."""
     needed = required_role(request.path)
     if needed is not None:
-        token = _bearer(request)
+        values = authorization_values(request)
+        token = bearer_token(values[0] if values else None)
         role = keys.role_of(token) if token else None
         if role is None:
             raise ProxyError(

@@ -17,10 +17,11 @@ from pydantic import ValidationError
 
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.catalog import CatalogInfo, PolicyError, resolve
-from aic_vllm_proxy.errors import BadRequest, ProxyError, body_stalled, body_too_large
+from aic_vllm_proxy.errors import BadRequest, ProxyError, body_too_large
 from aic_vllm_proxy.keys import PLUGINS, SETTINGS, SUPERVISOR
 from aic_vllm_proxy.logs import follow, iter_file, parse_lines_param, tail_lines_async
 from aic_vllm_proxy.models import PluginList, SwitchRequest, to_json
+from aic_vllm_proxy.proxy import read_body
 from aic_vllm_proxy.spec import SpecError
 
 routes = web.RouteTableDef()
@@ -43,15 +44,12 @@ async def status(request: web.Request) -> web.Response:
 
 async def _read_json(request: web.Request, usage: str) -> object:
     """A control route's JSON body, within the proxy's limits for client bodies: too long a
-    Content-Length is a 413 at once, a body that stops arriving a 408 after --client-timeout."""
+    Content-Length is a 413 at once, a body that pauses for --client-timeout a 408."""
     settings = request.app[SETTINGS]
     length = request.content_length
     if length is not None and length > settings.max_body_size:
         raise body_too_large(settings.max_body_size, length)
-    try:
-        data = await asyncio.wait_for(request.read(), settings.client_timeout)
-    except asyncio.TimeoutError:
-        raise body_stalled(settings.client_timeout) from None
+    data = await read_body(request, settings.client_timeout, settings.max_body_size)
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:  # also too deep, or a number too long for Python

@@ -28,15 +28,17 @@ from dataclasses import dataclass
 from functools import partial
 
 from aiohttp import web
+from aiohttp.http_parser import SINGLETON_HEADERS
 
 from aic_vllm_proxy import control
-from aic_vllm_proxy.auth import ADMIN_PREFIXES, KeyRing
+from aic_vllm_proxy.auth import ADMIN_PREFIXES, KeyRing, bearer_token, refusal
 from aic_vllm_proxy.errors import ProxyError, body_stalled
 from aic_vllm_proxy.keys import KEYS, PASSTHROUGH
 from aic_vllm_proxy.proxy import (
     HOP_BY_HOP,
     RETRYABLE_BODY,
     Passthrough,
+    closes_connection,
     connection_tokens,
     sse_error_event,
     upstream_head,
@@ -54,25 +56,56 @@ log = logging.getLogger(__name__)
 
 #: A request head longer than this is aiohttp's to judge (it answers 400 or 431).
 MAX_HEAD = 16 * 1024
-#: aiohttp's limits for one request line or header line, and for the number of header fields.
+#: aiohttp's limits for one request line or header field, and for the number of header fields
+#: (128 for its C parser; its pure Python one counts the request line and one more).
 _MAX_LINE = 8190
-_MAX_FIELDS = 128
+_MAX_FIELDS = 126
 #: Stop reading a connection when this much of a next (pipelined) request waits.
 MAX_BUFFERED = 256 * 1024
 
+# What the front door takes is a strict subset of what aiohttp (llhttp, strict, and its pure
+# Python parser) accepts and reads the same way; anything doubtful goes to aiohttp, which then
+# answers it as it would have anyway (tests/test_parity.py checks this against both parsers).
+#: Methods llhttp knows, in capitals (it refuses lower case and unknown words; CONNECT and the
+#: rest are aiohttp's to handle).
+METHODS = (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH")
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+#: An origin-form target of visible ASCII, as llhttp accepts it (a '#' is refused later: auth.refusal).
+_TARGET = rb"/[\x21-\x7e]*"
 #: A plainly valid HTTP/1.1 request head (request line and header lines, each ending in CRLF);
 #: anything else (HTTP/1.0, folded lines, bare LF, control characters) goes to aiohttp.
 _HEAD = re.compile(
-    rb"(" + _TOKEN + rb") (/[^\x00-\x20\x7f]*) HTTP/1\.1\r\n"
-    rb"((?:" + _TOKEN + rb":[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*)"
+    rb"(" + b"|".join(METHODS) + rb") (" + _TARGET + rb") HTTP/1\.1\r\n"
+    rb"((?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)"
 )
-#: What the start of a request the front door may take looks like (so far).
-_START = re.compile(rb"[A-Z]{1,20}( (/[^\x00-\x20\x7f]*( (H(T(T(P(/(1(\.(1(\r(\n)?)?)?)?)?)?)?)?)?)?)?)?)?\Z")
+
+
+def _prefixes(text: bytes) -> bytes:
+    """A pattern for every non-empty prefix of ``text``."""
+    pattern = b""
+    for char in reversed(text):
+        pattern = re.escape(bytes([char])) + (b"(?:" + pattern + b")?" if pattern else b"")
+    return pattern
+
+
+#: What the start of a head the front door may take looks like (so far): a request line in the
+#: making matches it exactly when it can still become one that ``_HEAD`` matches, so a head
+#: split across packets is decided as it would be in one piece.
+_START = re.compile(
+    rb"(?:" + b"|".join(_prefixes(method) for method in METHODS) + rb"|(?:" + b"|".join(METHODS) + rb")"
+    rb" (?:" + _TARGET + rb"(?: (?:" + _prefixes(b"HTTP/1.1\r\n") + rb")?)?)?)\Z"
+)
+#: Headers aiohttp refuses to see twice (400); one Host is required.
+_SINGLETONS = frozenset(name.lower().encode() for name in SINGLETON_HEADERS)
+#: Headers whose presence sends the request to aiohttp (Proxy-Connection: llhttp reads it as
+#: Connection, its pure Python parser does not).
+_HAND_OFF = frozenset(
+    {b"transfer-encoding", b"expect", b"upgrade", b"proxy-connection", b"sec-websocket-key1"}
+)
 #: Request headers the front door reads; all other lines are forwarded as they are.
 _READ = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length", b"authorization"}
-#: Headers whose presence sends the request to aiohttp.
-_HAND_OFF = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+#: Headers the loop in :func:`parse_request_head` looks at.
+_SPECIAL = _READ | _HAND_OFF | _SINGLETONS
 _DROP_OUT = HOP_BY_HOP | {"content-length"}
 
 
@@ -83,12 +116,12 @@ class RequestHead:
     lines: list[bytes]  # header lines to forward, each with its CRLF
     length: int  # Content-Length (0 when absent)
     keep_alive: bool
-    token: str | None  # the bearer token presented, if any
+    token: bytes | None  # the bearer token presented, if any
 
 
 def parse_request_head(block: bytes) -> RequestHead | None:
     """The head (up to and including the last header's CRLF), or None when the front door does
-    not take it."""
+    not take it: then aiohttp reads it, and answers as it would have without the front door."""
     match = _HEAD.fullmatch(block)
     if match is None:
         return None
@@ -97,40 +130,57 @@ def parse_request_head(block: bytes) -> RequestHead | None:
         return None  # over aiohttp's limits: it answers 400
     lines: list[bytes] = []
     length = -1
-    keep_alive = True
-    token: str | None = None
+    seen: set[bytes] = set()
+    authorizations: list[bytes] = []
     named_tokens: set[bytes] = set()
+    previous = 0  # the length of the previous header's name
     start = 0
     while start < len(fields):
         end = fields.index(b"\r\n", start) + 2
         line = fields[start:end]
-        if end - start > _MAX_LINE + 2:
-            return None
         start = end
-        name, _, value = line.partition(b":")
+        name, _, value = line.partition(b":")  # the value with its CRLF
+        # aiohttp's C parser counts the previous header's name with this header's name and value.
+        if previous + len(name) + len(value) > _MAX_LINE + 2:
+            return None
+        previous = len(name)
         lname = name.lower()
+        if lname not in _SPECIAL:
+            lines.append(line)
+            continue
+        if lname in _HAND_OFF or (lname in _SINGLETONS and lname in seen):
+            return None
+        seen.add(lname)
         if lname not in _READ:
             lines.append(line)
         elif lname == b"content-length":
             value = value.strip()
-            if length >= 0 or not value.isdigit():
-                return None  # repeated or not a number: aiohttp's to judge
+            if not value.isdigit() or len(value) > 18:
+                return None  # not a plain number: aiohttp's to judge
             length = int(value)
-        elif lname in _HAND_OFF:
-            return None
         elif lname == b"connection":
+            if not value.isascii():
+                return None  # aiohttp reads these tokens as text: not always the same
             named_tokens.update(t.strip().lower() for t in value.split(b","))
         elif lname == b"authorization":
             lines.append(line)
-            scheme, _, rest = value.strip().partition(b" ")
-            if scheme.lower() == b"bearer" and rest.strip():
-                token = rest.strip().decode("latin-1")
+            authorizations.append(value[:-2])
+    if b"host" not in seen or refusal(target, authorizations) is not None:
+        return None  # aiohttp answers 400
+    keep_alive = True
     if named_tokens:
         keep_alive = b"close" not in named_tokens
         named = named_tokens - {b"close", b"keep-alive", b""}
         if named:  # headers named in Connection are hop-by-hop too
             lines = [line for line in lines if line.partition(b":")[0].lower() not in named]
+    token = bearer_token(authorizations[0]) if authorizations else None
     return RequestHead(method, target, lines, max(length, 0), keep_alive, token)
+
+
+def routed_as_is(path: bytes) -> bool:
+    """Whether aiohttp's router sees ``path`` as it is: no ``%`` it would decode, no ``/.`` or
+    leading ``//`` it would normalise (into one of the proxy's own paths, say)."""
+    return b"%" not in path and b"/." not in path and not path.startswith(b"//")
 
 
 class Front:
@@ -165,9 +215,7 @@ class Front:
         if (
             path in self.own_paths
             or path.startswith(self.admin_prefixes)
-            or b"%" in path
-            or b"/." in path
-            or path.startswith(b"//")
+            or not routed_as_is(path)
             or head.length > self.max_body
         ):
             return False
@@ -218,6 +266,9 @@ class FrontProtocol(asyncio.Protocol):
         self._buf = b""
         self._body_wanted = 0
         self._body_ready: asyncio.Future[None] | None = None
+        self._body_seen = 0.0  # when the last piece of the body being read came (loop time)
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._close_after = False  # the current request asked for Connection: close
         self._reading = True
         self._write_paused = False
         self._writable: asyncio.Future[None] | None = None
@@ -237,6 +288,7 @@ class FrontProtocol(asyncio.Protocol):
         if self.task is None:
             self._next()
         elif self._body_ready is not None:
+            self._body_seen = self.loop.time()  # a pause in the body starts again (--client-timeout)
             if len(self._buf) >= self._body_wanted and not self._body_ready.done():
                 self._body_ready.set_result(None)
         elif len(self._buf) > MAX_BUFFERED and self._reading:
@@ -308,12 +360,13 @@ class FrontProtocol(asyncio.Protocol):
 
     async def _serve(self, head: RequestHead) -> None:
         keep_alive = head.keep_alive
+        self._close_after = not keep_alive  # the answer then says Connection: close
         self._answered = self._relay_started = False
         try:
             body = await self._read_body(head.length) if head.length else None
             keep_alive = await self._forward(head, body) and keep_alive
         except ProxyError as exc:  # raised before any of the answer was written
-            keep_alive = keep_alive and exc.status < 500 and exc.status != 408
+            keep_alive = keep_alive and not closes_connection(exc)
             self._write(exc.raw(close=not keep_alive))
         except asyncio.CancelledError:
             keep_alive = False  # the client went away, or the proxy is shutting down
@@ -336,17 +389,32 @@ class FrontProtocol(asyncio.Protocol):
             self._next()  # a pipelined request
 
     async def _read_body(self, length: int) -> bytes:
+        """The body (``length`` bytes). ``--client-timeout`` is the longest pause allowed between
+        two pieces of it (then 408), as on the aiohttp path (``proxy.body_pieces``)."""
         if len(self._buf) < length:
             self._body_wanted = length
             self._body_ready = self.loop.create_future()
+            self._body_seen = self.loop.time()
+            self._body_timer = self.loop.call_later(self.front.passthrough.client_timeout, self._body_paused)
             try:
-                await asyncio.wait_for(self._body_ready, self.front.passthrough.client_timeout)
-            except asyncio.TimeoutError:
-                raise body_stalled(self.front.passthrough.client_timeout) from None
+                await self._body_ready
             finally:
                 self._body_ready = None
+                self._body_timer.cancel()
         body, self._buf = self._buf[:length], self._buf[length:]
         return body
+
+    def _body_paused(self) -> None:
+        """The pause timer of :meth:`_read_body`: a 408 once no piece came for the timeout."""
+        ready = self._body_ready
+        if ready is None or ready.done():
+            return
+        timeout = self.front.passthrough.client_timeout
+        due = self._body_seen + timeout
+        if self.loop.time() < due:
+            self._body_timer = self.loop.call_at(due, self._body_paused)
+        else:
+            ready.set_exception(body_stalled(timeout))
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -465,6 +533,8 @@ class FrontProtocol(asyncio.Protocol):
             drop = drop | connection_tokens(answer.headers)
         parts = [f"HTTP/1.1 {answer.status} {answer.reason}\r\n"]
         parts.extend(line + "\r\n" for line in answer.lines if line.partition(":")[0].lower() not in drop)
+        if self._close_after:
+            parts.append("Connection: close\r\n")
         if chunked:
             parts.append("Transfer-Encoding: chunked\r\n")
         elif answer.length is not None:

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterable
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from aic_vllm_proxy.errors import BadRequest, UpstreamError, body_stalled, body_too_large
+from aic_vllm_proxy.errors import BadRequest, ProxyError, UpstreamError, body_stalled, body_too_large
 from aic_vllm_proxy.supervisor import Supervisor
 from aic_vllm_proxy.upstream import (
     HIGH_WATER,
@@ -127,6 +127,39 @@ def upstream_head(
     return b"".join(parts)
 
 
+async def body_pieces(request: web.Request, timeout: float, limit: int) -> AsyncIterator[bytes]:
+    """A request body as it arrives. ``timeout`` (``--client-timeout``) is the longest pause
+    allowed between two pieces (408 after it), not a deadline for the whole body; more than
+    ``limit`` bytes in all is a 413."""
+    content = request.content
+    seen = 0
+    while True:
+        if content.is_eof():  # all of it has arrived: no pause to time
+            piece = await content.readany()
+        else:
+            try:
+                piece = await asyncio.wait_for(content.readany(), timeout)
+            except asyncio.TimeoutError:
+                raise body_stalled(timeout) from None
+        if not piece:
+            return
+        seen += len(piece)
+        if seen > limit:
+            raise body_too_large(limit)
+        yield piece
+
+
+async def read_body(request: web.Request, timeout: float, limit: int) -> bytes:
+    """A whole request body, read as :func:`body_pieces` says."""
+    return b"".join([piece async for piece in body_pieces(request, timeout, limit)])
+
+
+def closes_connection(exc: ProxyError) -> bool:
+    """Whether an error answer ends the client's connection, on both HTTP paths: a 408 does
+    (the rest of the body may still come, and must not be read as a next request)."""
+    return exc.status == 408
+
+
 def sse_error_event(message: str) -> bytes:
     """The SSE event that tells a streaming client vLLM broke off (OpenAI's error shape)."""
     event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
@@ -190,7 +223,7 @@ class Passthrough:
             except BaseException:
                 conn.abort()
                 raise
-        small = await self._read_small(request, length or 0) if request.body_exists else None
+        small = await self._read_small(request) if request.body_exists else None
         head = self._head(request, length=None if small is None else len(small), chunked=False)
         return await self.exchange(head, small, no_body=no_body)
 
@@ -270,30 +303,13 @@ class Passthrough:
             chunked=chunked,
         )
 
-    async def _read_small(self, request: web.Request, length: int) -> bytes:
+    async def _read_small(self, request: web.Request) -> bytes:
         """A small body, whole (so it can be re-sent on a stale connection)."""
-        if request.content.total_bytes >= length:
-            return await request.read()  # already received: no timer needed
-        try:
-            return await asyncio.wait_for(request.read(), self.client_timeout)
-        except asyncio.TimeoutError:
-            raise body_stalled(self.client_timeout) from None
+        return await read_body(request, self.client_timeout, self.max_body_size)
 
-    async def _stream_body(self, request: web.Request) -> AsyncIterator[bytes]:
+    def _stream_body(self, request: web.Request) -> AsyncIterator[bytes]:
         """A large or chunked body, passed upstream as it arrives, within the size limit."""
-        content = request.content
-        seen = 0
-        while True:
-            try:
-                chunk = await asyncio.wait_for(content.readany(), self.client_timeout)
-            except asyncio.TimeoutError:
-                raise body_stalled(self.client_timeout) from None
-            if not chunk:
-                return
-            seen += len(chunk)
-            if seen > self.max_body_size:
-                raise body_too_large(self.max_body_size)
-            yield chunk
+        return body_pieces(request, self.client_timeout, self.max_body_size)
 
     def _unreachable(self, exc: BaseException) -> UpstreamError:
         sup = self.supervisor

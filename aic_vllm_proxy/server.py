@@ -4,19 +4,72 @@ front door (``front.py``), like ``web.run_app`` but with that site.
 On a signal: the listening socket closes, idle connections close, requests in flight get up to
 ``drain_timeout`` seconds, then the application's cleanup runs (vLLM is stopped and its whole
 process tree is gone before the process exits).
+A malformed request head (aiohttp answers 400 and closes the connection) is logged in one line,
+at most :data:`MalformedRequests.burst` lines per :data:`MalformedRequests.window` seconds
+(:class:`MalformedRequests`), instead of aiohttp's ERROR with a traceback for each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from aic_vllm_proxy.app import SERVER_OPTIONS
 from aic_vllm_proxy.front import front_site
 
 log = logging.getLogger(__name__)
+
+
+class MalformedRequests(logging.Filter):
+    """A filter for aiohttp's server logger: what it logs about a request head it could not
+    parse (an ``HttpProcessingError``, answered 400) becomes one WARNING line without a
+    traceback, and at most ``burst`` such lines are let through per ``window`` seconds; the
+    first line of the next window says how many were left out. Everything else passes as it is
+    (a failure inside the proxy keeps its traceback)."""
+
+    def __init__(
+        self, burst: int = 10, window: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window = window
+        self._clock = clock
+        self._window_start = -window
+        self._logged = 0
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        now = self._clock()
+        note = ""
+        if now - self._window_start >= self.window:
+            if self._suppressed:
+                note = f" ({self._suppressed} more in the last {self.window:g} s not logged)"
+            self._window_start, self._logged, self._suppressed = now, 0, 0
+        if self._logged >= self.burst:
+            self._suppressed += 1
+            return False
+        self._logged += 1
+        detail = " ".join(str(exc.message).split()).removesuffix(" ^")
+        detail = "".join(c if c.isprintable() else repr(c)[1:-1] for c in detail[:300])
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "a client"
+        record.msg = "malformed request from %s (400): %s%s"
+        record.args = (remote, detail, note)
+        record.exc_info = record.exc_text = None
+        record.levelno = min(record.levelno, logging.WARNING)
+        record.levelname = logging.getLevelName(record.levelno)
+        return True
+
+
+#: The one filter on aiohttp's server logger (installed by :func:`make_runner`).
+MALFORMED_REQUESTS = MalformedRequests()
 
 
 def make_runner(
@@ -27,6 +80,9 @@ def make_runner(
     drain_timeout: float,
     handle_signals: bool = False,
 ) -> web.AppRunner:
+    server_log = logging.getLogger("aiohttp.server")
+    if MALFORMED_REQUESTS not in server_log.filters:
+        server_log.addFilter(MALFORMED_REQUESTS)
     return web.AppRunner(
         app,
         handle_signals=handle_signals,

@@ -2,7 +2,8 @@
 front of the bundled vLLM simulator, always run as a real subprocess.
 
 - ``make_proxy(**settings)`` -> :class:`ProxyHandle`: the aiohttp app served on a free loopback
-  port inside the test's event loop, with ``handler_cancellation`` as in production.
+  port inside the test's event loop, with ``handler_cancellation`` as in production; behind the
+  front door, or with ``access_log=True`` by aiohttp alone (as ``--access-log`` does).
 - ``spawn_proxy(*args, env=...)`` -> :class:`ProxyProcess`: ``python -m aic_vllm_proxy serve``
   as a child process (for signal tests).
 - ``SIM``: the ``--vllm-command`` that runs the simulator with this interpreter.
@@ -13,6 +14,7 @@ Every vLLM process group a test created is killed at teardown, so nothing leaks 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -104,10 +106,17 @@ async def make_proxy(tmp_path: Path, vllm_groups: set[int]) -> AsyncIterator[Cal
         settings = settings_for(tmp_path, **overrides)
         app = create_app(settings, extra_plugins=extra_plugins)
         keepalive = min(75.0, settings.client_timeout)
-        runner = make_runner(app, access_log=None, keepalive_timeout=keepalive, drain_timeout=1.0)
+        # access_log=True: aiohttp serves every request, without the front door (as in cli.py).
+        access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
+        runner = make_runner(app, access_log=access_log, keepalive_timeout=keepalive, drain_timeout=1.0)
         await runner.setup()
         site = await start_site(
-            runner, settings.host, settings.port, keepalive_timeout=keepalive, drain_timeout=1.0
+            runner,
+            settings.host,
+            settings.port,
+            keepalive_timeout=keepalive,
+            drain_timeout=1.0,
+            front=access_log is None,
         )
         runners.append(runner)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))

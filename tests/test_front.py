@@ -244,10 +244,10 @@ def test_parse_request_head() -> None:
         b"/v1/x?y=1",
         12,
         True,
-        "k1",
+        b"k1",
     )
     assert head.lines == [b"X-Keep: 1\r\n", b"Authorization: Bearer k1\r\n"]
-    closing = parse_request_head(b"GET / HTTP/1.1\r\nConnection: close\r\n")
+    closing = parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n")
     assert closing is not None and not closing.keep_alive and closing.length == 0
     for refused in (
         b"GET / HTTP/1.0\r\n",
