@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -196,27 +197,35 @@ def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> N
             settings.host,
             settings.port,
         )
-    log.info(
-        "aic-vllm-proxy %s on http://%s:%d, vLLM at %s (command: %s); no model loaded until POST /switch",
-        __version__,
-        settings.host,
-        settings.port,
-        settings.vllm_base,
-        settings.vllm_command,
-    )
+
+    def listening() -> None:
+        log.info(
+            "aic-vllm-proxy %s on http://%s:%d, vLLM at %s (command: %s); no model loaded until POST /switch",
+            __version__,
+            settings.host,
+            settings.port,
+            settings.vllm_base,
+            settings.vllm_command,
+        )
+
     loop = _new_loop()
     asyncio.set_event_loop(loop)
-    server.run(
-        app,
-        loop,
-        host=settings.host,
-        port=settings.port,
-        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        drain_timeout=settings.drain_timeout,  # in-flight requests may finish on SIGTERM
-        # A connection must bring a whole request head within this time (slow headers), and an
-        # idle keep-alive connection is closed after it.
-        keepalive_timeout=min(75.0, settings.client_timeout),
-    )
+    try:
+        server.run(
+            app,
+            loop,
+            host=settings.host,
+            port=settings.port,
+            access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+            drain_timeout=settings.drain_timeout,  # in-flight requests may finish on SIGTERM
+            # A connection must bring a whole request head within this time (slow headers), and
+            # an idle keep-alive connection is closed after it.
+            keepalive_timeout=min(75.0, settings.client_timeout),
+            listening=listening,
+        )
+    except server.CannotListen as exc:
+        log.error("%s", exc)  # one line, no traceback
+        sys.exit(1)
 
 
 def _serve(options: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ at most :data:`MalformedRequests.burst` lines per :data:`MalformedRequests.windo
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -121,6 +122,17 @@ async def start_site(
     return site
 
 
+class CannotListen(Exception):
+    """The daemon's own port cannot be listened on; the message says why in one line."""
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> CannotListen:
+    if exc.errno == errno.EADDRINUSE:
+        return CannotListen(f"port {port} is in use: another aic-vllm-proxy?")
+    reason = exc.strerror or str(exc)
+    return CannotListen(f"cannot listen on {host}:{port}: {reason}")
+
+
 async def _serve(
     app: web.Application,
     *,
@@ -129,6 +141,7 @@ async def _serve(
     access_log: logging.Logger | None,
     keepalive_timeout: float,
     drain_timeout: float,
+    listening: Callable[[], None] | None = None,
 ) -> None:
     runner = make_runner(
         app,
@@ -139,14 +152,19 @@ async def _serve(
     )
     await runner.setup()
     try:
-        await start_site(
-            runner,
-            host,
-            port,
-            keepalive_timeout=keepalive_timeout,
-            drain_timeout=drain_timeout,
-            front=access_log is None,
-        )
+        try:
+            await start_site(
+                runner,
+                host,
+                port,
+                keepalive_timeout=keepalive_timeout,
+                drain_timeout=drain_timeout,
+                front=access_log is None,
+            )
+        except OSError as exc:
+            raise cannot_listen(host, port, exc) from None
+        if listening is not None:
+            listening()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
@@ -161,8 +179,10 @@ def run(
     access_log: logging.Logger | None,
     keepalive_timeout: float,
     drain_timeout: float,
+    listening: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until a signal, then shut down in order and close ``loop``."""
+    """Serve until a signal, then shut down in order and close ``loop``. ``listening`` is called
+    once the port listens; :class:`CannotListen` is raised (after the cleanup) if it cannot."""
     main = loop.create_task(
         _serve(
             app,
@@ -171,6 +191,7 @@ def run(
             access_log=access_log,
             keepalive_timeout=keepalive_timeout,
             drain_timeout=drain_timeout,
+            listening=listening,
         )
     )
     try:
