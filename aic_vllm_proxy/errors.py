@@ -14,6 +14,18 @@ from aic_vllm_proxy.models import ErrorBody, ErrorDetail, ProcessState
 _STATUSES = {status.value for status in HTTPStatus}
 
 
+def sentences(*parts: str | None) -> str:
+    """Join message parts as sentences: each ends with one full stop (none added after ``.``,
+    ``!`` or ``?``), empty parts are left out. ``sentences("X failed.", "Retry")`` is
+    ``"X failed. Retry."``, never ``"X failed.. Retry."``."""
+    done = []
+    for part in parts:
+        text = (part or "").strip()
+        if text:
+            done.append(text if text.endswith((".", "!", "?")) else text + ".")
+    return " ".join(done)
+
+
 class ProxyError(Exception):
     """An error with an HTTP status and an OpenAI error ``type``; raise it from any handler."""
 

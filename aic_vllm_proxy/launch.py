@@ -7,6 +7,8 @@
   proxy dies, even by SIGKILL.
 - :meth:`Launch.terminate` is the only way a group is stopped: SIGTERM to the group, wait, SIGKILL
   to the group, and wait until no process of it is left.
+- :func:`child_env` is vLLM's environment (the proxy's, without its secrets);
+  :func:`port_is_free` checks vLLM's port before a launch.
 
 The supervisor decides *when*; this module knows *how*. Nothing here blocks the event loop.
 """
@@ -15,16 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from aic_vllm_proxy.config import Settings
+from aic_vllm_proxy.config import ENV_PREFIX, Settings
 from aic_vllm_proxy.procgroup import group_alive, signal_group
 from aic_vllm_proxy.spec import ModelSpec
 
@@ -113,8 +119,22 @@ async def spawn_vllm(argv: list[str], log_file: BinaryIO, env: dict[str, str]) -
     )
 
 
-def child_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
+#: Words that make one of the proxy's variables (``AIC_VLLM_PROXY_*``) a secret: its keys, the
+#: keys file, the client's key. Secrets never reach vLLM's environment.
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
+
+
+def is_proxy_secret(name: str) -> bool:
+    upper = name.upper()
+    return upper.startswith(ENV_PREFIX) and any(word in upper for word in SECRET_WORDS)
+
+
+def child_env(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """vLLM's environment: the proxy's (``environ``, default ``os.environ``) without the proxy's
+    secrets, because any code running in vLLM (a model's remote code, a vLLM plugin) can read
+    it; vLLM's own variables (``VLLM_API_KEY``, ``HF_TOKEN``, ...) pass."""
+    source = os.environ if environ is None else environ
+    env = {name: value for name, value in source.items() if not is_proxy_secret(name)}
     env.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach the file as they are written
     if env.get("VLLM_PORT") == str(settings.vllm_port):
         # VLLM_PORT is vLLM's internal port, not its HTTP port: the same value breaks start-up.
@@ -138,10 +158,38 @@ def describe_exit(code: int | None) -> str:
     return f"status {code}"
 
 
-def last_error_line(lines: list[str]) -> str:
-    """The most telling line of a failed start: the last error-looking line, else the last line."""
-    for line in reversed(lines):
-        low = line.lower()
-        if "error" in low or "exception" in low or "invalid" in low or "unrecognized" in low:
-            return line.strip()
-    return lines[-1].strip() if lines else ""
+def port_taken_message(port: int) -> str:
+    """Why a switch fails when something else has vLLM's port (``--vllm-port``)."""
+    return f"vLLM port {port} is in use by another process"
+
+
+def host_addresses(host: str, port: int) -> list[str]:
+    """The addresses ``host`` (``--vllm-host``) stands for. Blocking (name resolution)."""
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """False if something already has ``host:port``: a trial bind with ``SO_REUSEADDR``, as vLLM
+    binds (so connections of a stopped vLLM lingering in TIME_WAIT do not count, a listener
+    does). Other errors (a host that is not local) are left for vLLM to report. Blocking."""
+    try:
+        targets = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return True
+    for family, kind, proto, _, address in targets:
+        with socket.socket(family, kind, proto) as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                trial.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return False
+    return True

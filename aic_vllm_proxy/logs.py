@@ -1,12 +1,17 @@
 """vLLM log files: one per launch, read from the end for tails, streamed for the whole file,
-followed live like ``tail -f``. All file I/O runs in worker threads, never in the event loop."""
+followed live like ``tail -f``. All file I/O runs in worker threads, never in the event loop.
+
+:func:`root_cause` finds, in the log of a failed start, the line that says why (vLLM prints it
+long before its last line), and :func:`failure_tail` makes a log tail that shows it."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
@@ -131,3 +136,129 @@ async def follow(
         if not writing:
             return
         await asyncio.sleep(poll)
+
+
+# --------------------------------------------------------------------- why a start failed
+
+#: vLLM's record header, ``(EngineCore pid=7) ERROR 12-03 13:00:00 [core.py:1510] `` (the
+#: process part is missing outside vLLM's child processes in some versions); ANSI colours too.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PROCESS = re.compile(r"\((?P<process>[^()]*? pid=\d+)\) ")
+_RECORD = re.compile(
+    r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[[^\]]*\] ?"
+)
+#: The last line of a Python traceback: ``ValueError: ...``, ``torch.OutOfMemoryError: ...``
+#: (a dotted name with a lower-case letter: uvicorn's ``INFO:`` is not one).
+_EXCEPTION = re.compile(r"(?P<name>[A-Za-z_][\w.]*)(?::(?: .*)?)?")
+#: Exceptions that only point at the real one, printed earlier by another process.
+_POINTER = re.compile(r"see (?:the )?(?:root cause|stack trace)|(?:root cause|stack trace) above", re.I)
+_BARE_ENDINGS = ("Error", "Exception", "Interrupt", "Exit", "Iteration")
+_TRACEBACK = "Traceback (most recent call last):"
+_FATAL = (None, "ERROR", "CRITICAL")  # a traceback logged at INFO or WARNING was survived
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One log line taken apart: who wrote it, at what level, and the message."""
+
+    process: str  # "EngineCore pid=7"; "" for unprefixed output (tracebacks on stderr, uvicorn)
+    level: str | None  # vLLM's level, None for unprefixed output
+    text: str  # the message without vLLM's prefixes
+
+
+def parse_line(line: str) -> LogLine:
+    """Strip vLLM's ``(PROCESS pid=N)`` and ``LEVEL MM-DD HH:MM:SS [file.py:N]`` prefixes."""
+    text = _ANSI.sub("", line).rstrip()
+    process = ""
+    match = _PROCESS.match(text)
+    if match:
+        process, text = match.group("process"), text[match.end() :]
+    record = _RECORD.match(text)
+    level = None
+    if record:
+        level, text = record.group("level"), text[record.end() :]
+    return LogLine(process, level, text)
+
+
+@dataclass(frozen=True)
+class RootCause:
+    """The line that says why vLLM failed: ``text`` (prefixes stripped; an indented line that
+    continues the exception message is joined to it) from ``lines[index : index + count]``."""
+
+    text: str
+    index: int
+    count: int = 1
+
+
+def _is_exception(text: str) -> bool:
+    """``Name: message`` or a bare ``NameError``, where the name has a lower-case letter."""
+    match = _EXCEPTION.fullmatch(text)
+    if match is None or not any(c.islower() for c in match.group("name")):
+        return False
+    return ":" in text or match.group("name").endswith(_BARE_ENDINGS)
+
+
+def _exceptions(lines: Sequence[str]) -> list[RootCause]:
+    """The last line of every traceback that was fatal (not logged at INFO/WARNING), in order.
+    Tracebacks are followed per process, so that lines of two processes may interleave."""
+    parsed = [parse_line(line) for line in lines]
+    open_tracebacks: set[str] = set()
+    found: list[RootCause] = []
+    for i, line in enumerate(parsed):
+        if line.text == _TRACEBACK:
+            if line.level in _FATAL:
+                open_tracebacks.add(line.process)
+            continue
+        if line.process not in open_tracebacks or not line.text or line.text[0].isspace():
+            continue
+        if not _is_exception(line.text):
+            continue  # another line of that process (e.g. "Process EngineCore:"): still open
+        open_tracebacks.discard(line.process)
+        text, count = line.text, 1
+        after = parsed[i + 1] if i + 1 < len(parsed) else None
+        # "ValidationError: 1 validation error for ModelConfig" says why on the next line.
+        if after is not None and after.process == line.process and after.text[:1].isspace():
+            detail = after.text.strip()
+            if detail and not detail.startswith("File "):
+                text, count = f"{text}{' ' if text.endswith(':') else ': '}{detail}", 2
+        found.append(RootCause(text, i, count))
+    return found
+
+
+def _looks_like_error(text: str) -> bool:
+    low = text.lower()
+    return any(word in low for word in ("error", "exception", "invalid", "unrecognized"))
+
+
+def root_cause(lines: Sequence[str]) -> RootCause | None:
+    """Why a vLLM start failed, from its log: the exception of the earliest fatal traceback (the
+    EngineCore's or a worker's, not the API server's "Engine core initialization failed. See root
+    cause above"), else the first ERROR record, else the last error-looking line (argparse's
+    ``vllm: error: ...``), else the last line. ``None`` for an empty log. Pure: lines in, no I/O."""
+    exceptions = _exceptions(lines)
+    real = [cause for cause in exceptions if not _POINTER.search(cause.text)]
+    if real or exceptions:
+        return (real or exceptions)[0]
+    parsed = [parse_line(line) for line in lines]
+    for i, line in enumerate(parsed):
+        if line.level in ("ERROR", "CRITICAL") and line.text.strip():
+            return RootCause(line.text.strip(), i)
+    for i in range(len(parsed) - 1, -1, -1):
+        if _looks_like_error(parsed[i].text):
+            return RootCause(parsed[i].text.strip(), i)
+    for i in range(len(parsed) - 1, -1, -1):
+        if parsed[i].text.strip():
+            return RootCause(parsed[i].text.strip(), i)
+    return None
+
+
+def failure_tail(lines: Sequence[str], cause: RootCause | None, n: int) -> list[str]:
+    """The last ``n`` lines; when the root cause's lines come before them, those lines first and
+    a marker line for what is left out, so that a tail always shows the cause."""
+    start = max(len(lines) - n, 0)
+    if cause is None or cause.index >= start:
+        return list(lines[start:])
+    end = cause.index + cause.count
+    skipped = start - end
+    marker = [f"[... {skipped} more line{'s' if skipped != 1 else ''} ...]"] if skipped > 0 else []
+    return [*lines[cause.index : min(end, start)], *marker, *lines[start:]]

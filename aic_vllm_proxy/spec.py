@@ -79,14 +79,29 @@ class ModelSpec:
         return any(names_flag(word, flag) for word in self.args)
 
     @property
+    def served_names(self) -> tuple[str, ...]:
+        """The names of ``--served-model-name`` (vLLM lists each in ``/v1/models``), read as
+        vLLM reads them (``--served_model_name``, ``=value``, several words); the last one given
+        wins. Empty when the spec gives none (vLLM then names the model itself)."""
+        names: tuple[str, ...] = ()
+        for i, word in enumerate(self.args):
+            if not names_flag(word, "--served-model-name"):
+                continue
+            if "=" in word:
+                names = (word.split("=", 1)[1],)
+                continue
+            values = []
+            for value in self.args[i + 1 :]:
+                if value.startswith("-"):
+                    break
+                values.append(value)
+            names = tuple(values)
+        return names
+
+    @property
     def served_name(self) -> str:
         """The name clients put in ``"model"``: the first ``--served-model-name`` or the model."""
-        for i, word in enumerate(self.args):
-            if word == "--served-model-name" and i + 1 < len(self.args):
-                return self.args[i + 1]
-            if word.startswith("--served-model-name="):
-                return word.split("=", 1)[1]
-        return self.model
+        return next(iter(self.served_names), self.model)
 
     @property
     def key(self) -> tuple[str, ...]:

@@ -77,6 +77,8 @@ class ProcessStateMachine:
         """Move to ``to`` (which must be allowed from the current state) and update ``fields``.
 
         Entering STARTING begins a new launch: the previous launch's details are cleared.
+        Entering STOPPED clears ``error`` and ``exit_code`` unless ``fields`` set them (the exit
+        code of the process a stop ended).
         """
         snapshot = await self.transition_if(None, to, **fields)
         assert snapshot is not None
@@ -99,7 +101,8 @@ class ProcessStateMachine:
             elif to is S.READY:
                 base = replace(base, ready_at=_now(), error=None)
             elif to is S.STOPPED:
-                base = replace(base, pid=None)
+                # Nothing runs: a failure before the stop is history, not the current state.
+                base = replace(base, pid=None, error=None, exit_code=None)
             self._snapshot = replace(base, state=to, **fields)  # type: ignore[arg-type]
             self._changed.notify_all()
             return self._snapshot

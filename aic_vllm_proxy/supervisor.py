@@ -17,16 +17,26 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, NoReturn
 
 import aiohttp
 from yarl import URL
 
 from aic_vllm_proxy import __version__, prober
 from aic_vllm_proxy.config import Settings
-from aic_vllm_proxy.errors import ModelUnavailable, ProxyError, SwitchFailed
+from aic_vllm_proxy.errors import ModelUnavailable, ProxyError, SwitchFailed, sentences
 from aic_vllm_proxy.hooks import HookContext
-from aic_vllm_proxy.launch import Launch, api_key_of, child_env, describe_exit, last_error_line, spawn_vllm
-from aic_vllm_proxy.logs import name_with_pid, open_launch_log, tail_lines_async
+from aic_vllm_proxy.launch import (
+    Launch,
+    api_key_of,
+    child_env,
+    describe_exit,
+    host_addresses,
+    port_is_free,
+    port_taken_message,
+    spawn_vllm,
+)
+from aic_vllm_proxy.logs import failure_tail, name_with_pid, open_launch_log, root_cause, tail_lines_async
 from aic_vllm_proxy.models import HookReport, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.plugins import HookFailed, HookRunner, HookVeto
 from aic_vllm_proxy.spec import ModelSpec
@@ -35,6 +45,12 @@ from aic_vllm_proxy.state import ProcessStateMachine, Snapshot
 log = logging.getLogger(__name__)
 S = ProcessState
 LOG_TAIL_LINES = 40
+#: How much of a failed start's log is searched for the root cause (from the end).
+ROOT_CAUSE_LINES = 5000
+#: What to do after a switch failed because vLLM's port was taken.
+PORT_TAKEN_ADVICE = (
+    "Stop that process (another aic-vllm-proxy's vLLM?) or give this proxy another --vllm-port"
+)
 
 
 @dataclass
@@ -187,8 +203,10 @@ class Supervisor:
             return snap
         if snap.state is S.FAILED:
             raise ModelUnavailable(
-                f"No model is available: {snap.error or 'vLLM failed'}. "
-                "Load a model with POST /switch (see GET /logs/tail for vLLM's output).",
+                sentences(
+                    f"No model is available: {snap.error or 'vLLM failed'}",
+                    "Load a model with POST /switch (see GET /logs/tail for vLLM's output)",
+                ),
                 state=snap.state,
                 headers={"Retry-After": "30"},
             )
@@ -305,9 +323,10 @@ class Supervisor:
             )
         except HookVeto as veto:
             raise ProxyError(
-                f"Switch to {spec.model} refused by plugin {veto.report.plugin}: "
-                f"{veto.report.message}. "
-                + (f"{current!r} is still loaded." if current else "Nothing was loaded."),
+                sentences(
+                    f"Switch to {spec.model} refused by plugin {veto.report.plugin}: {veto.report.message}",
+                    f"{current!r} is still loaded" if current else "Nothing was loaded",
+                ),
                 status=409,
                 type="switch_vetoed",
             ) from None
@@ -331,14 +350,17 @@ class Supervisor:
                     self.base,
                     launch.exited,
                     interval=self.settings.probe_interval,
+                    target=await self._target(launch),
                     headers=launch.upstream_headers,
                 ),
                 self.settings.ready_timeout,
             )
         except prober.ProcessExited:
-            raise await self._start_failed(launch, reports, timed_out=False) from None
+            raise await self._start_failed(launch, reports, failure="start_failed") from None
         except asyncio.TimeoutError:
-            raise await self._start_failed(launch, reports, timed_out=True) from None
+            raise await self._start_failed(launch, reports, failure="start_timeout") from None
+        except prober.PortTaken:
+            raise await self._start_failed(launch, reports, failure="port_taken") from None
         except asyncio.CancelledError:
             await launch.terminate(grace=min(self.settings.stop_timeout, 5.0))
             raise
@@ -362,28 +384,49 @@ class Supervisor:
             hook_reports=reports,
         )
 
-    async def _start_failed(
-        self, launch: Launch, reports: list[HookReport], *, timed_out: bool
-    ) -> SwitchFailed:
+    async def _target(self, launch: Launch) -> prober.Target:
+        """What readiness waits for: this launch's group listening on vLLM's port, serving its model."""
+        settings = self.settings
+        addresses = await asyncio.to_thread(host_addresses, settings.vllm_host, settings.vllm_port)
+        return prober.Target(
+            pgid=launch.pgid,
+            port=settings.vllm_port,
+            addresses=tuple(addresses),
+            model=launch.spec.model,
+            served_names=launch.spec.served_names,
+        )
+
+    async def _start_failed(self, launch: Launch, reports: list[HookReport], *, failure: str) -> SwitchFailed:
+        """Stop what is left of a launch that did not become ready, say why (state FAILED,
+        on_failure hooks) and return the error for the switch. ``failure``: "start_failed" (it
+        exited), "start_timeout" or "port_taken" (another process listens on vLLM's port)."""
         spec = launch.spec
         await launch.terminate(grace=self.settings.stop_timeout)
-        tail = await self._log_tail(launch.log_path)
-        if timed_out:
-            message = (
+        exit_code = launch.exit_code
+        if failure == "start_timeout":
+            tail = await self._log_tail(launch.log_path)
+            cause = (
                 f"{spec.model} was not ready after {self.settings.ready_timeout:g} s "
-                "(--ready-timeout), so vLLM was stopped. Raise the timeout if the model needs "
-                "longer to load; the log tail shows how far it got."
+                "(--ready-timeout), so vLLM was stopped"
             )
+            advice = "Raise the timeout if the model needs longer to load; the log tail shows how far it got"
             status = 504
-        else:
-            reason = last_error_line(tail)
-            message = (
-                f"vLLM exited with {describe_exit(launch.exit_code)} while starting {spec.model}"
-                + (f": {reason}" if reason else "")
-                + ". Check the model name and arguments; the log tail has the details."
+        elif failure == "port_taken":
+            tail = await self._log_tail(launch.log_path)
+            cause, advice, status, exit_code = (
+                port_taken_message(self.settings.vllm_port),
+                PORT_TAKEN_ADVICE,
+                409,
+                None,
             )
+        else:
+            tail, reason = await self._failure_tail(launch.log_path)
+            cause = f"vLLM exited with {describe_exit(exit_code)} while starting {spec.model}" + (
+                f": {reason}" if reason else ""
+            )
+            advice = "Check the model name and arguments; the log tail has the details"
             status = 500
-        await self.machine.transition(S.FAILED, exit_code=launch.exit_code, error=message, pid=None)
+        await self.machine.transition(S.FAILED, exit_code=exit_code, error=cause, pid=None)
         if self._launch is launch:
             self._launch = None
         reports += await self.hooks.call(
@@ -391,20 +434,29 @@ class Supervisor:
                 "on_failure",
                 new_spec=spec.raw,
                 pid=launch.pgid,
-                failure="start_timeout" if timed_out else "start_failed",
-                error=message,
-                exit_code=launch.exit_code,
+                failure="start_timeout" if failure == "start_timeout" else "start_failed",
+                error=cause,
+                exit_code=exit_code,
                 log_tail=tail,
             )
         )
         self.hook_reports = [r for r in reports if not r.ok or r.message]
-        return SwitchFailed(message, exit_code=launch.exit_code, log_tail=tail, status=status)
+        return SwitchFailed(sentences(cause, advice), exit_code=exit_code, log_tail=tail, status=status)
 
     async def _log_tail(self, path: Path) -> list[str]:
         try:
             return await tail_lines_async(path, LOG_TAIL_LINES)
         except OSError:
             return []
+
+    async def _failure_tail(self, path: Path) -> tuple[list[str], str]:
+        """The log tail of a failed start, which always shows the root cause, and that cause."""
+        try:
+            lines = await tail_lines_async(path, ROOT_CAUSE_LINES)
+        except OSError:
+            return [], ""
+        cause = root_cause(lines)
+        return failure_tail(lines, cause, LOG_TAIL_LINES), cause.text if cause else ""
 
     async def _start(self, spec: ModelSpec) -> Launch:
         """Launch vLLM for ``spec`` (state STARTING); raise :class:`SwitchFailed` if it cannot run."""
@@ -417,15 +469,20 @@ class Supervisor:
             S.STARTING, model_spec=spec.raw, model=spec.served_name, log_path=str(path)
         )
         try:
-            process = await spawn_vllm(argv, handle, child_env(self.settings))
-        except OSError as exc:
-            message = (
-                f"cannot run {argv[0]!r}: {exc.strerror or exc}. Install vLLM in this environment "
-                "or point --vllm-command (AIC_VLLM_PROXY_VLLM_COMMAND) at it."
-            )
-            handle.write(f"# {message}\n".encode())
-            await self.machine.transition(S.FAILED, error=message)
-            raise SwitchFailed(message, log_tail=[message], status=500) from exc
+            # Something else on vLLM's port (another daemon's vLLM) would answer for this launch.
+            if not await asyncio.to_thread(port_is_free, self.settings.vllm_host, self.settings.vllm_port):
+                await self._not_started(
+                    handle, port_taken_message(self.settings.vllm_port), PORT_TAKEN_ADVICE, 409
+                )
+            try:
+                process = await spawn_vllm(argv, handle, child_env(self.settings))
+            except OSError as exc:
+                cause = f"cannot run {argv[0]!r}: {exc.strerror or exc}"
+                advice = (
+                    "Install vLLM in this environment "
+                    "or point --vllm-command (AIC_VLLM_PROXY_VLLM_COMMAND) at it"
+                )
+                await self._not_started(handle, cause, advice, 500)
         finally:
             handle.close()  # the child has its own copy
         # Registered before any other await: a cancelled switch must still find and stop it.
@@ -448,6 +505,13 @@ class Supervisor:
         log.info("started vLLM pid %d: %s (log %s)", process.pid, spec.raw, path)
         return launch
 
+    async def _not_started(self, log_file: BinaryIO, cause: str, advice: str, status: int) -> NoReturn:
+        """vLLM could not even be started: say so in its log, mark the state failed, raise."""
+        message = sentences(cause, advice)
+        log_file.write(f"# {message}\n".encode())
+        await self.machine.transition(S.FAILED, error=cause)
+        raise SwitchFailed(message, log_tail=[message], status=status)
+
     async def _watch_exit(self, launch: Launch) -> None:
         """Record the exit; if nobody asked for it, the model has died: say so and clean up."""
         code = await launch.process.wait()
@@ -457,7 +521,7 @@ class Supervisor:
             return
         message = (
             f"vLLM ({launch.spec.model}, pid {launch.pgid}) exited with {describe_exit(code)} "
-            "after it was ready; its engine may have died. Load a model again with POST /switch."
+            "after it was ready; its engine may have died"
         )
         snap = await self.machine.transition_if(
             frozenset({S.READY}), S.FAILED, exit_code=code, error=message, pid=None
@@ -527,10 +591,7 @@ class Supervisor:
             ok = await prober.healthy(self._session(), self.base, launch.upstream_headers)
             bad = bad + 1 if ok is False else 0
             if bad >= 2:
-                message = (
-                    f"vLLM ({launch.spec.model}) answers 503 on /health: its engine has died. "
-                    "Load a model again with POST /switch."
-                )
+                message = f"vLLM ({launch.spec.model}) answers 503 on /health: its engine has died"
                 if await self.machine.transition_if(frozenset({S.READY}), S.FAILED, error=message):
                     self.admitting = False
                     log.error("%s", message)

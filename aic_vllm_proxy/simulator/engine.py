@@ -31,6 +31,55 @@ from .logfmt import PY_SITE, ProcessLog, traceback_text
 
 PROCESS_TITLE = "VLLM::EngineCore"
 
+OOM_MESSAGE = (
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+    "a total capacity of 79.19 GiB of which 1.06 GiB is free. Including non-PyTorch "
+    "memory, this process has 78.12 GiB memory in use. Of the allocated memory 76.50 GiB is "
+    "allocated by PyTorch, and 112.45 MiB is reserved by PyTorch but unallocated. If reserved "
+    "but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+    "to avoid fragmentation.  See documentation for Memory Management  "
+    "(https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)"
+)
+_STDLIB = f"/usr/lib/python3.{sys.version_info[1]}"
+_CORE = f"{PY_SITE}/vllm/v1/engine/core.py"
+_OTEL = f"{PY_SITE}/vllm/tracing/otel.py"
+#: The EngineCore process's own frames (multiprocessing), before vLLM's.
+_PROCESS_FRAMES = [
+    (f"{_STDLIB}/multiprocessing/process.py", 314, "_bootstrap", "self.run()"),
+    (f"{_STDLIB}/multiprocessing/process.py", 108, "run", "self._target(*self._args, **self._kwargs)"),
+]
+_V1 = f"{PY_SITE}/vllm/v1"
+_EXECUTOR = f"{PY_SITE}/vllm/model_executor"
+#: Where loading the weights runs out of memory (single GPU: the model loads in the EngineCore).
+_LOAD_FRAMES = [
+    (_CORE, 1482, "run_engine_core", "engine_core = EngineCoreProc(*args, engine_index=dp_rank, **kwargs)"),
+    (_OTEL, 175, "sync_wrapper", "return func(*args, **kwargs)"),
+    (_CORE, 1194, "__init__", "super().__init__("),
+    (_CORE, 118, "__init__", "self.model_executor = executor_class(vllm_config)"),
+    (f"{_V1}/executor/abstract.py", 109, "__init__", "self._init_executor()"),
+    (f"{_V1}/executor/uniproc_executor.py", 52, "_init_executor", "self.driver_worker.load_model()"),
+    (
+        f"{_V1}/worker/gpu_worker.py", 323, "load_model",
+        "self.model_runner.load_model(eep_scale_up=eep_scale_up)",
+    ),
+    (f"{_V1}/worker/gpu_model_runner.py", 4210, "load_model", "self.model = model_loader.load_model("),
+    (f"{_EXECUTOR}/model_loader/base_loader.py", 55, "load_model", "model = initialize_model("),
+    (
+        f"{_EXECUTOR}/model_loader/utils.py", 57, "initialize_model",
+        "return model_class(vllm_config=vllm_config, prefix=prefix)",
+    ),
+    (f"{_EXECUTOR}/models/llama.py", 598, "__init__", "self.model = self._init_model("),
+    (
+        f"{_EXECUTOR}/models/llama.py", 647, "_init_model",
+        "return LlamaModel(vllm_config=vllm_config, prefix=prefix)",
+    ),
+    (
+        f"{_EXECUTOR}/layers/vocab_parallel_embedding.py", 274, "__init__",
+        "self.quant_method.create_weights(",
+    ),
+    (f"{PY_SITE}/torch/utils/_device.py", 104, "__torch_function__", "return func(*args, **kwargs)"),
+]  # fmt: skip
+
 
 def set_process_name(name: str) -> None:
     """Set /proc/self/comm (what ps and top show); cmdline is left alone."""
@@ -127,42 +176,17 @@ class Engine:
         )
 
     def _fail_load(self) -> None:
-        message = (
-            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
-            "a total capacity of 79.19 GiB of which 1.06 GiB is free. Including non-PyTorch "
-            "memory, this process has 78.12 GiB memory in use."
-        )
-        tb = traceback_text(
-            [
-                (
-                    f"{PY_SITE}/vllm/v1/engine/core.py",
-                    699,
-                    "run_engine_core",
-                    "engine_core = EngineCoreProc(*args, **kwargs)",
-                ),
-                (
-                    f"{PY_SITE}/vllm/v1/engine/core.py",
-                    498,
-                    "__init__",
-                    "super().__init__(vllm_config, executor_class, log_stats,",
-                ),
-                (
-                    f"{PY_SITE}/vllm/v1/engine/core.py",
-                    83,
-                    "__init__",
-                    "self.model_executor = executor_class(vllm_config)",
-                ),
-                (
-                    f"{PY_SITE}/vllm/model_executor/model_loader/default_loader.py",
-                    264,
-                    "load_weights",
-                    "loaded_weights = model.load_weights(",
-                ),
-            ],
-            message,
-        )
+        """CUDA out of memory while loading, as vLLM 0.32 reports it: the EngineCore logs the
+        traceback (every line with its ERROR header), prints it again on stderr as its process
+        ends, and exits 1; the API server then prints its own traceback ("Engine core
+        initialization failed. See root cause above"), so the cause is far from the last line."""
+        tb = traceback_text(_LOAD_FRAMES, OOM_MESSAGE)
         self.log.error("core.py:1510", "EngineCore failed to start.\n" + tb)
-        self.log.raw("Process EngineCore:\n" + tb)
+        process = traceback_text(
+            [*_PROCESS_FRAMES, (_CORE, 1514, "run_engine_core", "raise e"), *_LOAD_FRAMES],
+            OOM_MESSAGE,
+        )
+        self.log.raw("Process EngineCore:\n" + process)
         os._exit(1)
 
     def crash(self, reason: str = "CUDA error: an illegal memory access was encountered") -> None:

@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -235,14 +236,44 @@ def _bind_error(exc: OSError) -> str:
 
 
 def _engine_init_error(exit_code: int | None) -> str:
-    return traceback_text(
-        [
-            *_ENTRY_FRAMES,
-            (f"{PY_SITE}/vllm/v1/engine/core_client.py", 627, "__init__", "with launch_core_engines("),
-            (f"{PY_SITE}/vllm/v1/engine/utils.py", 1431, "wait_for_engine_startup", "raise RuntimeError("),
-        ],
-        "RuntimeError: Engine core initialization failed. See root cause above. "
-        f"Failed core proc(s): {{'EngineCore': {exit_code}}}",
+    """What the API server prints when its EngineCore died while starting (vLLM 0.32), then
+    Python's resource tracker's warning at exit."""
+    stdlib = f"/usr/lib/python3.{sys.version_info[1]}"
+    client = f"{PY_SITE}/vllm/v1/engine/core_client.py"
+    otel = f"{PY_SITE}/vllm/tracing/otel.py"
+    async_llm = f"{PY_SITE}/vllm/v1/engine/async_llm.py"
+    frames = [
+        *_ENTRY_FRAMES[:3],
+        (f"{PY_SITE}/uvloop/__init__.py", 92, "run", "return runner.run(wrapper())"),
+        (f"{stdlib}/asyncio/runners.py", 118, "run", "return self._loop.run_until_complete(task)"),
+        (f"{PY_SITE}/uvloop/__init__.py", 48, "wrapper", "return await main"),
+        _ENTRY_FRAMES[3],
+        (_ENTRY, 195, "run_server_worker", "async with build_async_engine_client("),
+        (f"{stdlib}/contextlib.py", 210, "__aenter__", "return await anext(self.gen)"),
+        (_ENTRY, 61, "build_async_engine_client", "async with build_async_engine_client_from_engine_args("),
+        (f"{stdlib}/contextlib.py", 210, "__aenter__", "return await anext(self.gen)"),
+        (_ENTRY, 95, "build_async_engine_client_from_engine_args", "async_llm = AsyncLLM.from_vllm_config("),
+        (async_llm, 255, "from_vllm_config", "return cls("),
+        (async_llm, 184, "__init__", "self.engine_core = EngineCoreClient.make_async_mp_client("),
+        (otel, 175, "sync_wrapper", "return func(*args, **kwargs)"),
+        (client, 167, "make_async_mp_client", "return AsyncMPClient("),
+        (otel, 175, "sync_wrapper", "return func(*args, **kwargs)"),
+        (client, 1120, "__init__", "super().__init__("),
+        (client, 682, "__init__", "with launch_core_engines("),
+        (f"{stdlib}/contextlib.py", 144, "__exit__", "next(self.gen)"),
+        (f"{PY_SITE}/vllm/v1/engine/utils.py", 1351, "launch_core_engines", "wait_for_engine_startup("),
+        (f"{PY_SITE}/vllm/v1/engine/utils.py", 1431, "wait_for_engine_startup", "raise RuntimeError("),
+    ]
+    tracker = f"{stdlib}/multiprocessing/resource_tracker.py"
+    return (
+        traceback_text(
+            frames,
+            "RuntimeError: Engine core initialization failed. See root cause above. "
+            f"Failed core proc(s): {{'EngineCore': {exit_code}}}",
+        )
+        + f"\n{tracker}:254: UserWarning: resource_tracker: There appear to be 1 leaked "
+        "shared_memory objects to clean up at shutdown\n"
+        "  warnings.warn('resource_tracker: There appear to be %d '"
     )
 
 
@@ -499,8 +530,8 @@ async def _main(args: argparse.Namespace) -> int:
     if outcome != "ready":
         sock.close()
         if outcome == "dead":
+            await engine.terminate(0.0)  # reap it (it is exiting): its exit code is reported
             log.raw(_engine_init_error(engine.returncode()))
-            await engine.terminate(0.0)
             return 1
         await engine.terminate(float(args.shutdown_timeout), log)
         return 0

@@ -15,9 +15,10 @@ on fails the ``real`` half.
 Starting real vLLM takes 20-30 s on two cores, so one daemon serves the whole module and the
 tests run in order, each building on the state the previous one left (each first makes sure the
 model it needs is loaded, so a failure does not cascade). Launches of real vLLM: an unknown flag
-and a missing path (each fails after vLLM's ~9 s of imports), the tiny model (stopped with
-``/stop``), MiniLM (its engine killed), the tiny model again (killed with the proxy). The real half
-takes about 100 s; see docs/real-vllm.md.
+and a missing path (each fails after vLLM's ~9 s of imports), a context too long for the KV cache
+(fails in the EngineCore after ~60-90 s), the tiny model (stopped with ``/stop``), MiniLM (its
+engine killed), the tiny model again (killed with the proxy). The real half takes about 200 s; see
+docs/real-vllm.md.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import signal
 import threading
 import time
@@ -276,6 +278,33 @@ def test_missing_model_path_fails_with_exit_1(proxy: ProxyRun, backend: Backend)
         log, f"model   {missing}", "non-default args: {", "Traceback (most recent call last):", last
     )
     assert proxy.status()["state"] == "failed"
+    assert wait_until(lambda: nothing_left(proxy), 10), proxy.leftovers()
+
+
+def test_engine_failure_names_its_root_cause(proxy: ProxyRun, backend: Backend) -> None:
+    """A start that fails in the EngineCore for lack of memory: vLLM's last line is the API
+    server's "Engine core initialization failed. See root cause above"; the switch error names the
+    cause instead (real vLLM: a 10M-token context needs ~4.8 GiB of KV cache, 1 GiB is there;
+    the simulator: CUDA out of memory), and its log tail starts with that line."""
+    if backend.real:
+        overrides = json.dumps({"max_position_embeddings": 10_000_000})
+        args = ("--enforce-eager", "--hf-overrides", shlex.quote(overrides), "--max-model-len", "10000000")
+        cause = "ValueError: To serve at least one request with the model's max seq len (10000000)"
+    else:
+        args, cause = ("--sim-fail-during-load",), "torch.OutOfMemoryError: CUDA out of memory."
+    started = time.monotonic()
+    code, body = proxy.switch(backend.spec(backend.tiny, *args), timeout=backend.ready_timeout + 60)
+    FIGURES[f"{backend.name}: engine failure reported after (s)"] = time.monotonic() - started
+    assert code == 500, body
+    error = body["error"]
+    assert error["exit_code"] == 1, error
+    assert f"vLLM exited with status 1 while starting {backend.tiny}: {cause}" in error["message"], error
+    assert "Engine core initialization failed" not in error["message"]
+    tail = error["log_tail"]
+    assert cause in tail[0] and tail[1].startswith("[... ") and tail[1].endswith(" more lines ...]"), tail[:2]
+    log = launch_logs(proxy)[-1].read_text()
+    assert in_order(log, cause, "RuntimeError: Engine core initialization failed. See root cause above.")
+    assert cause in proxy.status()["error"]
     assert wait_until(lambda: nothing_left(proxy), 10), proxy.leftovers()
 
 
