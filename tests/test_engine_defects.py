@@ -62,10 +62,16 @@ def port_message(port: int) -> str:
     return f"vLLM port {port} is in use by another process"
 
 
-async def stop_and_check(proxy: Any, *pgids: int) -> None:
-    """POST /stop, then no process of the given groups is left."""
+def launched(proxy: Any) -> set[int]:
+    """The process groups of every vLLM the proxy launched (its logs are ``<time>_pid-<pid>.log``)."""
+    return {int(path.stem.rsplit("_pid-", 1)[1]) for path in Path(proxy.settings.log_dir).glob("*_pid-*.log")}
+
+
+async def stop_and_check(proxy: Any) -> None:
+    """POST /stop, then no process of any group the proxy launched is left."""
     async with proxy.session.post(proxy.url + "/stop") as resp:
         assert resp.status == 200
+    pgids = launched(proxy)
     assert await async_wait_until(lambda: not any(group_members(pgid) for pgid in pgids), 15), pgids
 
 
@@ -264,7 +270,7 @@ async def test_readiness_waits_until_the_launched_model_is_listed(make_proxy: An
     code, body = await asyncio.wait_for(switch, 30)
     assert code == 200, body
     assert (body["status"]["state"], body["status"]["model"]) == ("ready", "wanted")
-    await stop_and_check(proxy, pgid)
+    await stop_and_check(proxy)
 
 
 def test_readiness_rules_without_a_process() -> None:
@@ -436,6 +442,7 @@ async def test_out_of_memory_is_named_in_the_switch_error(make_proxy: Any) -> No
     assert tail[0] == lines[at] and tail[1].startswith("[... ") and tail[2:] == lines[-40:]
     status = await proxy.status()
     assert status["error"] == f"vLLM exited with status 1 while starting sim/oom: {OOM_MESSAGE}"
+    await stop_and_check(proxy)
 
 
 async def test_out_of_memory_through_the_python_client(make_proxy: Any) -> None:
@@ -450,6 +457,7 @@ async def test_out_of_memory_through_the_python_client(make_proxy: Any) -> None:
             )
     assert info.value.exit_code == 1
     assert "torch.OutOfMemoryError: CUDA out of memory" in info.value.message
+    await stop_and_check(proxy)
 
 
 # ------------------------------------------------------------------- 14: the daemon's own port
@@ -493,7 +501,6 @@ async def test_a_stopped_failure_is_not_the_current_state(
 ) -> None:
     proxy = await make_proxy(ready_timeout=60)
     code, body = await proxy.switch(spec)
-    pgid = (body.get("status") or {}).get("pid")
     if state is None:
         assert code == 500, body
     else:  # ready, then dies
@@ -506,7 +513,7 @@ async def test_a_stopped_failure_is_not_the_current_state(
         assert resp.status == 503
         message = (await resp.json())["error"]["message"]
     assert ".." not in message and message.count("POST /switch") == 1, message
-    await stop_and_check(proxy, *([pgid] if pgid else []))
+    await stop_and_check(proxy)
     stopped = await proxy.status()
     assert stopped["state"] == "stopped", stopped
     assert (stopped["error"], stopped["exit_code"], stopped["running"]) == (None, None, False), stopped
@@ -522,6 +529,7 @@ async def test_failure_messages_are_clean_sentences(make_proxy: Any, tmp_path: P
     assert "Use `repo_type` argument if needed. Check the model name" in message, message
     assert ".." not in message, message
     assert sentences("X failed.", None, "Retry", "Sure?") == "X failed. Retry. Sure?"
+    await stop_and_check(proxy)
 
 
 # ------------------------------------------------------------------------ stand-in vLLM
