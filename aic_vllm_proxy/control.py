@@ -19,7 +19,7 @@ from aic_vllm_proxy import __version__
 from aic_vllm_proxy.catalog import CatalogInfo, PolicyError, resolve
 from aic_vllm_proxy.errors import BadRequest, ProxyError, body_too_large
 from aic_vllm_proxy.keys import PLUGINS, SETTINGS, SUPERVISOR
-from aic_vllm_proxy.logs import follow, iter_file, parse_lines_param, tail_lines_async
+from aic_vllm_proxy.logs import follow, iter_file, parse_lines_param, tail_lines_async, tail_with_cause
 from aic_vllm_proxy.models import PluginList, SwitchRequest, to_json
 from aic_vllm_proxy.proxy import read_body
 from aic_vllm_proxy.spec import SpecError
@@ -147,13 +147,19 @@ async def logs_current(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/logs/tail")
 async def logs_tail(request: web.Request) -> web.Response:
-    """Exactly the last ``lines`` lines (default 200), read from the end of the file."""
+    """Exactly the last ``lines`` lines (default 200), read from the end of the file. With
+    ``cause=1``, a failure's root cause comes first when it is further up (a marker line says
+    how many lines are left out), as in a failed switch's ``log_tail``."""
     try:
         lines = parse_lines_param(request.query.get("lines"))
     except ValueError as exc:
         raise BadRequest(str(exc), param="lines") from None
+    cause = request.query.get("cause", "0")
+    if cause not in ("0", "1"):
+        raise BadRequest("cause must be 0 or 1", param="cause")
     path = _log_path(request)
-    text = "\n".join(await tail_lines_async(path, lines))
+    tail = (await tail_with_cause(path, lines))[0] if cause == "1" else await tail_lines_async(path, lines)
+    text = "\n".join(tail)
     return web.Response(text=text + "\n" if text else "", content_type="text/plain")
 
 

@@ -262,3 +262,15 @@ def failure_tail(lines: Sequence[str], cause: RootCause | None, n: int) -> list[
     skipped = start - end
     marker = [f"[... {skipped} more line{'s' if skipped != 1 else ''} ...]"] if skipped > 0 else []
     return [*lines[cause.index : min(end, start)], *marker, *lines[start:]]
+
+
+#: How far back from the end of a log the root cause of a failure is looked for.
+ROOT_CAUSE_LINES = 5000
+
+
+async def tail_with_cause(path: Path, n: int) -> tuple[list[str], RootCause | None]:
+    """The last ``n`` lines of a log, preceded by its root cause's lines when they come earlier
+    (:func:`failure_tail`), and that cause (None when the log shows no failure)."""
+    lines = await tail_lines_async(path, max(n, ROOT_CAUSE_LINES))
+    cause = root_cause(lines)
+    return failure_tail(lines, cause, n), cause

@@ -36,7 +36,7 @@ from aic_vllm_proxy.launch import (
     port_taken_message,
     spawn_vllm,
 )
-from aic_vllm_proxy.logs import failure_tail, name_with_pid, open_launch_log, root_cause, tail_lines_async
+from aic_vllm_proxy.logs import name_with_pid, open_launch_log, tail_lines_async, tail_with_cause
 from aic_vllm_proxy.models import HookReport, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.plugins import HookFailed, HookRunner, HookVeto
 from aic_vllm_proxy.spec import ModelSpec
@@ -45,8 +45,6 @@ from aic_vllm_proxy.state import ProcessStateMachine, Snapshot
 log = logging.getLogger(__name__)
 S = ProcessState
 LOG_TAIL_LINES = 40
-#: How much of a failed start's log is searched for the root cause (from the end).
-ROOT_CAUSE_LINES = 5000
 #: What to do after a switch failed because vLLM's port was taken.
 PORT_TAKEN_ADVICE = (
     "Stop that process (another aic-vllm-proxy's vLLM?) or give this proxy another --vllm-port"
@@ -452,11 +450,10 @@ class Supervisor:
     async def _failure_tail(self, path: Path) -> tuple[list[str], str]:
         """The log tail of a failed start, which always shows the root cause, and that cause."""
         try:
-            lines = await tail_lines_async(path, ROOT_CAUSE_LINES)
+            tail, cause = await tail_with_cause(path, LOG_TAIL_LINES)
         except OSError:
             return [], ""
-        cause = root_cause(lines)
-        return failure_tail(lines, cause, LOG_TAIL_LINES), cause.text if cause else ""
+        return tail, cause.text if cause else ""
 
     async def _start(self, spec: ModelSpec) -> Launch:
         """Launch vLLM for ``spec`` (state STARTING); raise :class:`SwitchFailed` if it cannot run."""

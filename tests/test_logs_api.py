@@ -132,6 +132,24 @@ async def test_log_of_a_failed_start_stays_readable(make_proxy: Any) -> None:
     assert len(text.splitlines()) == 5 and "unrecognized arguments: --bogus" in text
 
 
+async def test_tail_with_the_root_cause(make_proxy: Any) -> None:
+    """``cause=1``: the root cause of a failed start comes first when it is further up than
+    the last N lines (vLLM prints it 50+ lines before its last line)."""
+    proxy = await make_proxy()
+    code, body = await proxy.switch(f"sim/oom {FAST} --sim-fail-during-load")
+    assert code == 500, body
+    _, _, plain = await get(proxy, "/logs/tail?lines=10")
+    assert b"CUDA out of memory" not in plain and len(plain.splitlines()) == 10
+    code, _, tail = await get(proxy, "/logs/tail?lines=10&cause=1")
+    assert code == 200
+    lines = tail.decode().splitlines()
+    assert "CUDA out of memory" in lines[0] and re.fullmatch(r"\[\.\.\. \d+ more lines \.\.\.\]", lines[1])
+    assert lines[-10:] == plain.decode().splitlines()
+    assert body["error"]["log_tail"][0] == lines[0]  # the same tail as the switch's answer
+    code, _, _ = await get(proxy, "/logs/tail?lines=10&cause=yes")
+    assert code == 400
+
+
 async def test_stream_follows_until_the_process_ends(make_proxy: Any) -> None:
     proxy, path = await loaded(make_proxy)
     with open(path, "ab") as handle:

@@ -14,11 +14,11 @@ from aic_vllm_proxy.client.calls import (
     FINAL_LINES_WAIT,
     FOLLOW_FROM_LINES,
     READY_LINES_WAIT,
-    TAIL_LINES,
     T,
     _Call,
     _catalog_call,
     _ClientBase,
+    _failure_tail_call,
     _health_call,
     _logs_call,
     _plugins_call,
@@ -189,5 +189,5 @@ class AsyncVLLMProxyClient(_ClientBase):
         tail: list[str] = []
         if not outcome.ok and outcome.has_log:
             with contextlib.suppress(ProxyError):
-                tail = (await self.logs(TAIL_LINES)).splitlines()
+                tail = await self._send(_failure_tail_call())
         return self._conclude(watch, outcome, tail)

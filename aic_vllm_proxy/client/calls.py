@@ -230,6 +230,13 @@ def _logs_call(lines: int | None) -> _Call[str]:
     return _Call("GET", "/logs/tail", _text, params={"lines": lines})
 
 
+def _failure_tail_call() -> _Call[list[str]]:
+    """The last lines of a failed launch's log, its root cause first when it is further up."""
+    return _Call(
+        "GET", "/logs/tail", lambda r: _text(r).splitlines(), params={"lines": TAIL_LINES, "cause": 1}
+    )
+
+
 def _plugins_call() -> _Call[list[PluginInfo]]:
     parse = _json_as(PluginList)
     return _Call("GET", "/plugins", lambda response: parse(response).plugins)

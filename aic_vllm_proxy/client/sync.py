@@ -17,11 +17,11 @@ from aic_vllm_proxy.client.calls import (
     FINAL_LINES_WAIT,
     FOLLOW_FROM_LINES,
     READY_LINES_WAIT,
-    TAIL_LINES,
     T,
     _Call,
     _catalog_call,
     _ClientBase,
+    _failure_tail_call,
     _health_call,
     _logs_call,
     _plugins_call,
@@ -290,5 +290,5 @@ class VLLMProxyClient(_ClientBase):
         tail: list[str] = []
         if not outcome.ok and outcome.has_log:
             with contextlib.suppress(ProxyError):
-                tail = self.logs(TAIL_LINES).splitlines()
+                tail = self._send(_failure_tail_call())
         return self._conclude(watch, outcome, tail)
