@@ -20,8 +20,12 @@ application's; the front door only takes the fast path where it is the same.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import re
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +66,8 @@ _MAX_LINE = 8190
 _MAX_FIELDS = 126
 #: Stop reading a connection when this much of a next (pipelined) request waits.
 MAX_BUFFERED = 256 * 1024
+#: SO_LINGER on, 0 s: closing the socket resets the connection.
+_RESET = struct.pack("ii", 1, 0)
 
 # What the front door takes is a strict subset of what aiohttp (llhttp, strict, and its pure
 # Python parser) accepts and reads the same way; anything doubtful goes to aiohttp, which then
@@ -202,12 +208,16 @@ class Front:
         self.admin_prefixes = tuple(prefix.encode() for prefix in ADMIN_PREFIXES)
         self.max_body = min(passthrough.max_body_size, RETRYABLE_BODY)
         self.keepalive_timeout = keepalive_timeout
-        self.connections: set[FrontProtocol] = set()
+        #: How long a client may leave what was written to it untaken (see :class:`ClientConnection`).
+        self.client_timeout = passthrough.client_timeout
+        self.connections: set[FrontProtocol] = set()  # served here
+        self.aiohttp_connections: set[AiohttpConnection] = set()  # aiohttp's
         self.closing = False
         #: Requests served here and requests handed to aiohttp (for tests and curiosity).
         self.served = 0
         self.handed_off = 0
         self._sweeper: asyncio.TimerHandle | None = None
+        self._all_gone: asyncio.Future[None] | None = None  # set by gone() during shutdown
 
     def takes(self, head: RequestHead) -> bool:
         """Whether the front door serves this request itself."""
@@ -229,38 +239,144 @@ class Front:
     def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
+    def aiohttp_connection(self) -> AiohttpConnection:
+        """A new connection for aiohttp's request handler (watched like the front door's)."""
+        return AiohttpConnection(self, self.fallback())
+
+    def gone(self, conn: FrontProtocol) -> None:
+        """``conn`` is no longer the front door's (closed, or handed to aiohttp)."""
+        self.connections.discard(conn)
+        if not self.connections and self._all_gone is not None and not self._all_gone.done():
+            self._all_gone.set_result(None)
+
     def _sweep(self) -> None:
-        """Close connections idle (or bringing a request head) for longer than the keep-alive
-        timeout: one timer for all of them instead of one per request."""
-        deadline = time.monotonic() - self.keepalive_timeout
+        """Once a second, one timer for all connections instead of one per request: abort those
+        whose client has not taken what was written to it for the client timeout
+        (:class:`ClientConnection`), and close those idle (or bringing a request head) for longer
+        than the keep-alive timeout."""
+        now = time.monotonic()
+        stalled, idle = now - self.client_timeout, now - self.keepalive_timeout
         for conn in list(self.connections):
-            if conn.task is None and conn.idle_since < deadline:
+            if conn.stalled_since(now) < stalled:
+                conn.close(abort=True)
+            elif conn.task is None and conn.idle_since < idle:
                 conn.close()
+        for other in list(self.aiohttp_connections):  # aiohttp closes its idle ones itself
+            if other.stalled_since(now) < stalled:
+                other.close(abort=True)
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
     async def shutdown(self, timeout: float) -> None:
-        """Close idle connections, let requests in flight finish (up to ``timeout``), then cut
-        the rest."""
+        """Close idle connections, let requests in flight finish and closed connections take
+        their last answers (up to ``timeout``; the sweep goes on meanwhile), then cut the rest.
+        aiohttp's connections are aiohttp's to shut down."""
         self.closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
         for conn in list(self.connections):
             if conn.task is None:
                 conn.close()
-        tasks = [conn.task for conn in self.connections if conn.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+        if self.connections:
+            self._all_gone = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_gone, timeout)
         for conn in list(self.connections):
             conn.close(abort=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
 
-class FrontProtocol(asyncio.Protocol):
-    """One client connection, until it is closed or handed to aiohttp."""
+class ClientConnection(asyncio.Protocol):
+    """What the sweep needs of every client connection: its transport, and since when its client
+    has left what was written to it untaken (:meth:`stalled_since`).
+
+    A client that does not read makes the transport pause writing (``pause_writing``) until it
+    has taken most of it (``resume_writing``); a polite ``close()`` waits for the same. A client
+    that takes nothing for the client timeout would otherwise hold its connection, and what is
+    buffered for it, for ever: the sweep aborts it."""
 
     def __init__(self, front: Front) -> None:
         self.front = front
-        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self._stalled_since = math.inf  # when writes paused (or a close began) without progress since
+
+    def pause_writing(self) -> None:
+        self._stalled_since = time.monotonic()
+
+    def resume_writing(self) -> None:
+        self._stalled_since = math.inf
+
+    def stalled_since(self, now: float) -> float:
+        """Since when the client has taken nothing it was sent (``inf``: it is not behind)."""
+        transport = self.transport
+        if self._stalled_since == math.inf and transport is not None and transport.is_closing():
+            self._stalled_since = now  # a close waiting for the client to take the rest
+        return self._stalled_since
+
+    def close(self, *, abort: bool = False) -> None:
+        """Close after what was written has gone out, or ``abort``: drop it and reset the
+        connection (what the kernel still holds for the client is dropped too)."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not abort:
+            transport.close()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        transport.abort()
+
+
+class AiohttpConnection(ClientConnection):
+    """A connection served by aiohttp's request handler (``handler``): handed off by the front
+    door, or every connection when the front door is left out (``--access-log``). Passes every
+    event on to the handler; only watches for a client that does not read (aiohttp's ``drain()``
+    waits for such a client for ever)."""
+
+    def __init__(self, front: Front, handler: asyncio.Protocol) -> None:
+        super().__init__(front)
+        self.handler = handler
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        self.front.aiohttp_connections.add(self)
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.aiohttp_connections.discard(self)
+        self.handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.handler.resume_writing()
+
+    def paused_since(self, since: float) -> None:
+        """The transport paused writing (at ``since``) before this connection was aiohttp's: tell
+        the handler, or its ``drain()`` would not wait (the transport does not pause twice)."""
+        self.pause_writing()
+        self._stalled_since = since
+
+
+class FrontProtocol(ClientConnection):
+    """One client connection, until it is closed or handed to aiohttp.
+
+    Back-pressure: while the transport has paused writing (the client is not taking its
+    answers), vLLM's answer being relayed is held (``UpstreamConnection.hold``), the client is
+    not read from (its pipelined requests stay in the kernel) and no next request is started."""
+
+    def __init__(self, front: Front) -> None:
+        super().__init__(front)
+        self.loop = asyncio.get_running_loop()
         self.task: asyncio.Task[None] | None = None
         self.idle_since = time.monotonic()
         self._buf = b""
@@ -291,34 +407,49 @@ class FrontProtocol(asyncio.Protocol):
             self._body_seen = self.loop.time()  # a pause in the body starts again (--client-timeout)
             if len(self._buf) >= self._body_wanted and not self._body_ready.done():
                 self._body_ready.set_result(None)
-        elif len(self._buf) > MAX_BUFFERED and self._reading:
-            self._reading = False  # a pipelined request piles up: wait for this response
-            assert self.transport is not None
-            self.transport.pause_reading()
+        elif len(self._buf) > MAX_BUFFERED:
+            self._pause_reading()  # a pipelined request piles up: wait for this response
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.front.connections.discard(self)
+        self.front.gone(self)
         if self.task is not None:
             self.task.cancel()  # drops the upstream connection: vLLM aborts the request
         self._wake_writer()
 
     def pause_writing(self) -> None:
+        super().pause_writing()
         self._write_paused = True
         if self._relaying is not None:
             self._relaying.hold()  # stop reading from vLLM until the client has taken this
+        self._pause_reading()  # and from the client: its next requests wait in the kernel
 
     def resume_writing(self) -> None:
+        super().resume_writing()
         self._write_paused = False
         self._wake_writer()
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.task is None:
+            self._resume_reading()
+            if self._buf:
+                self._next()  # the pipelined request that waited for the client
+        elif len(self._buf) <= MAX_BUFFERED:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if self._reading and self.transport is not None:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self.transport is not None:
+            self._reading = True
+            self.transport.resume_reading()
 
     def _wake_writer(self) -> None:
         writable, self._writable = self._writable, None
         if writable is not None and not writable.done():
             writable.set_result(None)
-
-    def close(self, *, abort: bool = False) -> None:
-        if self.transport is not None:
-            self.transport.abort() if abort else self.transport.close()
 
     # ------------------------------------------------------------ requests
 
@@ -339,6 +470,8 @@ class FrontProtocol(asyncio.Protocol):
         if head is None or not self.front.takes(head):
             self._hand_off()
             return
+        if self._write_paused:
+            return  # the client has not taken the last answer yet: resume_writing comes back here
         self._buf = buf[end + 4 :]
         self.front.served += 1
         self.task = self.loop.create_task(self._serve(head))
@@ -347,13 +480,15 @@ class FrontProtocol(asyncio.Protocol):
         """From now on aiohttp serves this connection, starting with the bytes buffered here."""
         transport = self.transport
         assert transport is not None
-        self.front.connections.discard(self)
+        self.front.gone(self)
         self.front.handed_off += 1
-        handler = self.front.fallback()
+        handler = self.front.aiohttp_connection()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if self._write_paused:
+            handler.paused_since(self._stalled_since)
         if not self._reading:
-            transport.resume_reading()
+            transport.resume_reading()  # aiohttp has limits of its own for what it reads
         data, self._buf = self._buf, b""
         if data:
             handler.data_received(data)
@@ -381,12 +516,10 @@ class FrontProtocol(asyncio.Protocol):
             self.idle_since = time.monotonic()
             if not keep_alive or self.front.closing:
                 self.close()
-            elif not self._reading:
-                self._reading = True
-                assert self.transport is not None
-                self.transport.resume_reading()
+            elif not self._write_paused:
+                self._resume_reading()
         if self._buf and self.transport is not None and not self.transport.is_closing():
-            self._next()  # a pipelined request
+            self._next()  # a pipelined request (not before the client takes this answer)
 
     async def _read_body(self, length: int) -> bytes:
         """The body (``length`` bytes). ``--client-timeout`` is the longest pause allowed between
@@ -544,7 +677,9 @@ class FrontProtocol(asyncio.Protocol):
 
 
 class FrontSite(web.TCPSite):
-    """A TCP site whose connections start at the front door (see the module's docstring)."""
+    """A TCP site whose connections start at the front door (see the module's docstring); with
+    ``lean=False`` every connection is aiohttp's from the start (watched all the same:
+    :class:`AiohttpConnection`)."""
 
     def __init__(
         self,
@@ -555,18 +690,22 @@ class FrontSite(web.TCPSite):
         *,
         backlog: int = 128,
         drain_timeout: float = 60.0,
+        lean: bool = True,
     ) -> None:
         super().__init__(runner, host, port, backlog=backlog)
         self.front = front
         self.drain_timeout = drain_timeout
+        self.lean = lean
 
     async def start(self) -> None:
         runner = self._runner
         runner._reg_site(self)
         loop = asyncio.get_running_loop()
         front = self.front
+        protocol: Callable[[], asyncio.Protocol]
+        protocol = (lambda: FrontProtocol(front)) if self.lean else front.aiohttp_connection
         self._server = await loop.create_server(
-            lambda: FrontProtocol(front),
+            protocol,
             self._host,
             self._port,
             backlog=self._backlog,
@@ -589,11 +728,13 @@ def front_site(
     keepalive_timeout: float,
     drain_timeout: float,
     backlog: int = 128,
+    lean: bool = True,
 ) -> FrontSite:
-    """The listening site for an application made by ``app.create_app`` (after ``runner.setup()``)."""
+    """The listening site for an application made by ``app.create_app`` (after ``runner.setup()``);
+    ``lean=False`` leaves the front door out (every request through aiohttp)."""
     app = runner.app
     server = runner.server
     assert server is not None, "call runner.setup() first"
     own_paths = set(control.methods_by_path())
     front = Front(app[PASSTHROUGH], app[KEYS], server, own_paths, keepalive_timeout=keepalive_timeout)
-    return FrontSite(runner, front, host, port, backlog=backlog, drain_timeout=drain_timeout)
+    return FrontSite(runner, front, host, port, backlog=backlog, drain_timeout=drain_timeout, lean=lean)

@@ -104,20 +104,18 @@ async def start_site(
     front: bool = True,
     backlog: int = 1024,
 ) -> web.TCPSite:
-    """Listen on host:port. With an access log the front door is left out, so that every
-    request goes through aiohttp and is logged."""
-    site: web.TCPSite
-    if front:
-        site = front_site(
-            runner,
-            host,
-            port,
-            keepalive_timeout=keepalive_timeout,
-            drain_timeout=drain_timeout,
-            backlog=backlog,
-        )
-    else:
-        site = web.TCPSite(runner, host, port, backlog=backlog)
+    """Listen on host:port. With an access log the front door is left out (``front=False``), so
+    that every request goes through aiohttp and is logged; its connections are still watched for
+    clients that do not read (``front.AiohttpConnection``)."""
+    site = front_site(
+        runner,
+        host,
+        port,
+        keepalive_timeout=keepalive_timeout,
+        drain_timeout=drain_timeout,
+        backlog=backlog,
+        lean=front,
+    )
     await site.start()
     return site
 

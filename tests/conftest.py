@@ -121,7 +121,7 @@ async def make_proxy(tmp_path: Path, vllm_groups: set[int]) -> AsyncIterator[Cal
         runners.append(runner)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         sessions.append(session)
-        front = site.front if isinstance(site, FrontSite) else None
+        front = site.front if isinstance(site, FrontSite) and site.lean else None  # no front door: None
         return ProxyHandle(f"http://127.0.0.1:{settings.port}", app, settings, session, vllm_groups, front)
 
     yield start

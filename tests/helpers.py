@@ -265,6 +265,17 @@ def echo_upstream_main(argv: list[str]) -> None:
     async def stream_progress(request: web.Request) -> web.Response:
         return web.json_response(streamed)
 
+    blobs = {"count": 0}
+
+    async def blob(request: web.Request) -> web.Response:
+        """``/blob?size=N``: N bytes with a Content-Length, head and body in one write (as vLLM
+        sends a small answer); ``/blob/count`` says how many were asked for."""
+        blobs["count"] += 1
+        return web.Response(body=b"b" * int(request.query.get("size", "30000")))
+
+    async def blob_count(request: web.Request) -> web.Response:
+        return web.json_response(blobs)
+
     async def echo(request: web.Request) -> web.StreamResponse:
         if request.path == "/early":
             # Answer before reading the body and close, like an auth check that rejects a big
@@ -317,6 +328,8 @@ def echo_upstream_main(argv: list[str]) -> None:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stream", stream)
     app.router.add_get("/stream/progress", stream_progress)
+    app.router.add_get("/blob", blob)
+    app.router.add_get("/blob/count", blob_count)
     app.router.add_route("*", "/{tail:.*}", echo)
     print(f"echo upstream for {served} on {opts['host']}:{opts['port']}", flush=True)
     web.run_app(
