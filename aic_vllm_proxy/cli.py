@@ -124,7 +124,10 @@ SERVE_OPTIONS: list[Callable[[F], F]] = [
     _opt("restart-backoff", type=float, help="Seconds before the first restart (doubles).  [default: 5]"),
     _opt("max-body-size", type=int, help="Largest request body in bytes.  [default: 104857600]"),
     _opt(
-        "client-timeout", type=float, help="Seconds a client may pause while sending a body.  [default: 60]"
+        "client-timeout",
+        type=float,
+        help="Seconds a client may pause while sending a body (408) or while not reading its answer "
+        "(cut off).  [default: 60]",
     ),
     click.option(
         "--plugin",

@@ -112,7 +112,9 @@ class Settings(BaseModel):
         default=100 * 1024 * 1024, gt=0, description="Largest request body in bytes (413 beyond)."
     )
     client_timeout: float = Field(
-        default=60.0, gt=0, description="Seconds a client may pause while sending a request body."
+        default=60.0,
+        gt=0,
+        description="Seconds a client may pause while sending a body (408) or not read its answer (cut).",
     )
 
     @field_validator("vllm_command")
