@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import click
+from pydantic.fields import FieldInfo
 
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.config import (
     ENV_PREFIX,
+    NOT_OPTIONS,
     OPTION_FIELDS,
     ConfigError,
     Settings,
@@ -38,96 +40,90 @@ def _env(name: str) -> str:
     return ENV_PREFIX + name.upper().replace("-", "_")
 
 
-def _opt(name: str, **kwargs: Any) -> Callable[[F], F]:
-    return click.option(f"--{name}", envvar=_env(name), show_envvar=True, default=None, **kwargs)
+#: The option of each field spelled unlike it (``admin_keys`` -> ``admin_key``).
+OPTION_NAMES = {field: option for option, field in OPTION_FIELDS.items()}
 
 
-SERVE_OPTIONS: list[Callable[[F], F]] = [
-    _opt("host", help="Address to listen on.  [default: 0.0.0.0]"),
-    _opt("port", type=int, help="Port to listen on.  [default: 8224]"),
-    _opt(
-        "vllm-command", help="How to run vLLM (split like a shell, never run by one).  [default: vllm serve]"
+def option_name(field: str) -> str:
+    """``vllm_port`` -> ``--vllm-port``; ``admin_keys`` -> ``--admin-key``."""
+    return "--" + OPTION_NAMES.get(field, field).replace("_", "-")
+
+
+def default_text(field: FieldInfo) -> str | None:
+    """A setting's default as ``--help`` and the README show it; None when it is "nothing"
+    (no value, an empty list, off)."""
+    value = field.default
+    if value is None or value is False or value == ():
+        return None
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+class _CommaSeparated(click.types.StringParamType):
+    """A list option's type: its environment variable holds comma-separated values."""
+
+    envvar_list_splitter = ","
+
+
+def _names(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """A list option's values: each given value split at commas (``--admin-key a,b --admin-key c``)."""
+    return tuple(name for value in values for name in names_list(value) or ())
+
+
+def _value_type(annotation: Any) -> Any:
+    """The type a field holds, without ``| None``."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = [arg for arg in get_args(annotation) if arg is not type(None)]
+    return annotation
+
+
+def setting_option(name: str) -> Callable[[F], F]:
+    """The option of the :class:`Settings` field ``name``: its type, description and default, and
+    an environment variable ``AIC_VLLM_PROXY_<OPTION>``. Not given, its value is None (or ``()``)
+    so that the file and the default stay below it."""
+    field = Settings.model_fields[name]
+    option = option_name(name)
+    envvar = _env(option[2:])
+    help_text = field.description or ""
+    kind = _value_type(field.annotation)
+    if kind is bool:
+        return click.option(
+            f"{option}/--no-{option[2:]}", name, default=None, envvar=envvar, show_envvar=True, help=help_text
+        )
+    extra: dict[str, Any] = {}
+    if get_origin(kind) is tuple:
+        help_text += " Repeatable, or comma-separated."
+        extra = {"multiple": True, "type": _CommaSeparated(), "callback": _names}
+    elif get_origin(kind) is Literal:
+        extra = {"type": click.Choice([str(arg) for arg in get_args(kind)], case_sensitive=False)}
+    elif kind is Path:
+        extra = {"type": click.Path(path_type=Path)}
+    elif kind in (int, float, str):
+        extra = {"type": kind}
+    else:
+        raise TypeError(f"no option type for Settings.{name} ({kind}): add it to config.NOT_OPTIONS?")
+    shown = default_text(field)
+    if shown is not None:
+        help_text += f"  [default: {shown}]"
+    return click.option(option, name, default=None, envvar=envvar, show_envvar=True, help=help_text, **extra)
+
+
+#: The options that are not settings: they choose the file, preset ``vllm_command``, add modules.
+COMMAND_LINE_ONLY: list[Callable[[F], F]] = [
+    click.option(
+        "--config",
+        envvar=_env("config"),
+        show_envvar=True,
+        default=None,
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="TOML file with a [proxy] table and [plugins.<name>] tables.",
     ),
     click.option(
         "--simulator",
         is_flag=True,
         default=False,
         help="Run the bundled vLLM simulator instead of vLLM (no GPU needed).",
-    ),
-    _opt("vllm-host", help="Loopback address vLLM listens on.  [default: 127.0.0.1]"),
-    _opt("vllm-port", type=int, help="Port vLLM listens on.  [default: 8225]"),
-    _opt("log-dir", type=click.Path(path_type=Path), help="Where vLLM logs go.  [default: logs/vllm]"),
-    _opt("ready-timeout", type=float, help="Seconds a model may take to load.  [default: 1800]"),
-    _opt("stop-timeout", type=float, help="Seconds from SIGTERM to SIGKILL.  [default: 15]"),
-    _opt(
-        "request-wait-timeout",
-        type=float,
-        help="Seconds a request waits for a switch in progress.  [default: 600]",
-    ),
-    _opt("health-interval", type=float, help="Seconds between health checks (0: off).  [default: 5]"),
-    _opt("hook-timeout", type=float, help="Seconds one plugin hook call may take.  [default: 60]"),
-    _opt(
-        "log-level",
-        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-        help="Log level of the proxy.  [default: info]",
-    ),
-    click.option(
-        "--access-log/--no-access-log",
-        default=None,
-        envvar=_env("access-log"),
-        show_envvar=True,
-        help="Log every request (costs a little per request).",
-    ),
-    _opt(
-        "config",
-        type=click.Path(path_type=Path, dir_okay=False),
-        help="TOML file with a [proxy] table and [plugins.<name>] tables.",
-    ),
-    _opt("enable-plugin", help="Only load these plugins (comma-separated entry-point names)."),
-    _opt("disable-plugin", help="Do not load these plugins (comma-separated)."),
-    click.option(
-        "--admin-key",
-        "admin_key",
-        multiple=True,
-        help=f"A key that may do everything (repeatable; env {ENV_PREFIX}ADMIN_KEY, comma-separated).",
-    ),
-    click.option(
-        "--api-key",
-        "api_key",
-        multiple=True,
-        help=f"A key for the API and /status only (repeatable; env {ENV_PREFIX}API_KEY, comma-separated).",
-    ),
-    _opt(
-        "keys-file",
-        type=click.Path(path_type=Path, dir_okay=False),
-        help="File of 'admin KEY' / 'user KEY' lines.",
-    ),
-    _opt(
-        "model-policy",
-        type=click.Choice(["open", "catalog"]),
-        help="open: any spec; catalog: only the config's [models.*] entries.  [default: open]",
-    ),
-    _opt(
-        "allow-flag", help="vLLM flags to take off the deny-list (comma-separated), e.g. --trust-remote-code."
-    ),
-    _opt(
-        "drain-timeout",
-        type=float,
-        help="Seconds in-flight requests may take to finish before a stop.  [default: 30]",
-    ),
-    _opt("max-waiting", type=int, help="Requests that may wait for a model at once.  [default: 1000]"),
-    _opt("vllm-shutdown-timeout", type=float, help="Pass --shutdown-timeout N to vLLM (vLLM >= 0.18)."),
-    _opt(
-        "restart", type=click.Choice(["off", "on-failure"]), help="Restart a model that died.  [default: off]"
-    ),
-    _opt("max-restarts", type=int, help="Restarts in a row before giving up.  [default: 3]"),
-    _opt("restart-backoff", type=float, help="Seconds before the first restart (doubles).  [default: 5]"),
-    _opt("max-body-size", type=int, help="Largest request body in bytes.  [default: 104857600]"),
-    _opt(
-        "client-timeout",
-        type=float,
-        help="Seconds a client may pause while sending a body (408) or while not reading its answer "
-        "(cut off).  [default: 60]",
     ),
     click.option(
         "--plugin",
@@ -136,6 +132,10 @@ SERVE_OPTIONS: list[Callable[[F], F]] = [
         metavar="MODULE[:ATTR]",
         help="Also load this module as a plugin (repeatable).",
     ),
+]
+
+SERVE_OPTIONS: list[Callable[[F], F]] = COMMAND_LINE_ONLY + [
+    setting_option(name) for name in Settings.model_fields if name not in NOT_OPTIONS
 ]
 
 
@@ -152,17 +152,7 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
     options.pop("plugin_modules", None)
     if options.pop("simulator", False) and not options.get("vllm_command"):
         options["vllm_command"] = simulator_command()
-    for option, field in OPTION_FIELDS.items():
-        options[field] = _values(options.pop(option, None), option)
     return build_settings(config, options)
-
-
-def _values(given: str | tuple[str, ...] | None, option: str) -> tuple[str, ...] | None:
-    """A list option's values: repeated options as given, one comma-separated value split; a
-    repeatable option not given falls back to its comma-separated environment variable."""
-    if isinstance(given, tuple):
-        return given or names_list(os.environ.get(_env(option)))
-    return names_list(given)
 
 
 def _is_loopback(host: str) -> bool:

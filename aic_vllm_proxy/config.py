@@ -1,5 +1,9 @@
 """Settings: command-line options > ``AIC_VLLM_PROXY_<NAME>`` environment variables > TOML file > defaults.
 
+:class:`Settings` is the one description of the daemon's settings: its fields (type, default,
+description) are the command-line options (``cli.py`` builds them from it), except the fields
+named in :data:`NOT_OPTIONS`; :data:`OPTION_FIELDS` names the options spelled unlike their field.
+
 The TOML file (``--config``) has a ``[proxy]`` table with the same names as the options
 (underscores), and a ``[plugins.<name>]`` table per plugin for that plugin's own settings::
 
@@ -22,9 +26,9 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from aic_vllm_proxy.catalog import DEFAULT_DENIED_FLAGS, CatalogEntry
 
@@ -53,7 +57,7 @@ class Settings(BaseModel):
     )
     vllm_host: str = Field(default="127.0.0.1", description="Loopback address vLLM listens on.")
     vllm_port: int = Field(default=8225, ge=1, le=65535, description="Port vLLM listens on.")
-    log_dir: Path = Field(default=Path("logs/vllm"), description="One log file per vLLM launch.")
+    log_dir: Path = Field(default=Path("logs/vllm"), description="Where vLLM's logs go, one file per launch.")
     ready_timeout: float = Field(
         default=1800.0, gt=0, description="Seconds a launch may take to become ready."
     )
@@ -71,8 +75,10 @@ class Settings(BaseModel):
     probe_interval: float = Field(
         default=0.05, gt=0, description="Seconds between readiness probes while vLLM starts."
     )
-    log_level: str = Field(default="info", description="debug, info, warning or error.")
-    access_log: bool = Field(default=False, description="Log every request (costs a little).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="The proxy's own log level."
+    )
+    access_log: bool = Field(default=False, description="Log every request (costs a little per request).")
     plugins_enable: tuple[str, ...] = Field(
         default=(), description="Only these plugins (entry-point names); empty: all installed."
     )
@@ -91,7 +97,9 @@ class Settings(BaseModel):
     denied_flags: tuple[str, ...] = Field(
         default=DEFAULT_DENIED_FLAGS, description="vLLM flags refused in free-form specs."
     )
-    allowed_flags: tuple[str, ...] = Field(default=(), description="Flags taken off the deny-list.")
+    allowed_flags: tuple[str, ...] = Field(
+        default=(), description="vLLM flags taken off the deny-list, e.g. --trust-remote-code."
+    )
     models: dict[str, CatalogEntry] = Field(default_factory=dict, description="The catalogue.")
     # --- graceful switching and limits
     drain_timeout: float = Field(
@@ -107,7 +115,9 @@ class Settings(BaseModel):
         default="off", description="Restart a model that died after it was ready."
     )
     max_restarts: int = Field(default=3, ge=0, description="Restarts in a row before giving up.")
-    restart_backoff: float = Field(default=5.0, ge=0, description="Seconds before the first restart.")
+    restart_backoff: float = Field(
+        default=5.0, ge=0, description="Seconds before the first restart (doubles each time)."
+    )
     max_body_size: int = Field(
         default=100 * 1024 * 1024, gt=0, description="Largest request body in bytes (413 beyond)."
     )
@@ -128,12 +138,13 @@ class Settings(BaseModel):
             raise ValueError("vllm_command is empty; the default is 'vllm serve'")
         return value
 
-    @field_validator("log_level")
+    @field_validator("*", mode="before")
     @classmethod
-    def _known_level(cls, value: str) -> str:
-        value = value.lower()
-        if value not in {"debug", "info", "warning", "error"}:
-            raise ValueError("log_level must be debug, info, warning or error")
+    def _choices_in_any_case(cls, value: Any, info: ValidationInfo) -> Any:
+        """A choice (``log_level``, ``restart``, ...) is taken in any case, as its option is."""
+        field = cls.model_fields[info.field_name] if info.field_name else None
+        if isinstance(value, str) and field is not None and get_origin(field.annotation) is Literal:
+            return value.lower()
         return value
 
     @property
@@ -160,8 +171,13 @@ class Settings(BaseModel):
         return merged
 
 
-#: Options whose settings field is spelled differently (the option takes one name, possibly
-#: comma-separated; the field holds them all). A ``[proxy]`` key may use either spelling.
+#: Settings that are not command-line options (nor environment variables): the file's own
+#: tables and path, and tuning that only the ``[proxy]`` table sets.
+NOT_OPTIONS = frozenset({"plugin_settings", "config_file", "models", "denied_flags", "probe_interval"})
+
+#: Options whose settings field is spelled differently (the option takes one name, or several
+#: comma-separated, and may be repeated; the field holds them all). A ``[proxy]`` key may use
+#: either spelling.
 OPTION_FIELDS: dict[str, str] = {
     "allow_flag": "allowed_flags",
     "admin_key": "admin_keys",
