@@ -4,8 +4,10 @@ A plugin is a module (or any object) with functions marked ``@hookimpl`` whose n
 hooks below. Each receives one argument, ``ctx`` (a :class:`HookContext`). A hook may be a
 plain function or an ``async def``: async hooks are awaited on the event loop, plain ones run
 in a worker thread so that they never block proxied traffic. Every call is bounded by the
-proxy's ``--hook-timeout``. Plugins are installed as entry points in the group
-``aic_vllm_proxy.hooks`` and loaded when the daemon starts (see ``plugins.py``)::
+proxy's ``--hook-timeout``. A generator, and pluggy's ``hookwrapper=True`` / ``wrapper=True``
+implementations, are refused when the plugin is loaded: each hook is called on its own.
+Plugins are installed as entry points in the group ``aic_vllm_proxy.hooks`` and loaded when
+the daemon starts (see ``plugins.py``)::
 
     # pyproject.toml of a site package
     [project.entry-points."aic_vllm_proxy.hooks"]
@@ -125,4 +127,10 @@ class HookSpecs:
         ``ctx.exit_code`` and ``ctx.log_tail`` say what happened. Typical use: alerting."""
 
 
-HOOK_NAMES = ("pre_switch", "post_switch", "pre_stop", "post_stop", "on_failure")
+def _declared_hooks() -> tuple[str, ...]:
+    specs = pluggy.PluginManager(PROJECT)
+    return tuple(name for name in vars(HookSpecs) if specs.parse_hookspec_opts(HookSpecs, name) is not None)
+
+
+#: The hooks, in the order :class:`HookSpecs` declares them.
+HOOK_NAMES = _declared_hooks()

@@ -42,6 +42,35 @@ def _hooks_of(pm: pluggy.PluginManager, plugin: object) -> list[str]:
     return sorted(caller.name for caller in pm.get_hookcallers(plugin) or [] if caller.name in HOOK_NAMES)
 
 
+def _unsupported(function: Any, wrapper: bool) -> str | None:
+    """Why :class:`HookRunner` cannot call this implementation, or None. It calls each one
+    on its own and awaits or runs what it returns, so a wrapper, which pluggy would run around
+    the others, or a generator, whose body would never run, would be reported ok unrun."""
+    if wrapper:
+        return "is a hookwrapper/wrapper, which aic_vllm_proxy does not support"
+    if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
+        return "is a generator (it yields), so its body would never run"
+    return None
+
+
+def _register(pm: pluggy.PluginManager, name: str, plugin: object, source: str) -> list[str]:
+    """Register ``plugin`` as ``name``; its hooks. Refused with :class:`PluginLoadError` when
+    pluggy refuses it or a hook is one :class:`HookRunner` cannot call."""
+    try:
+        pm.register(plugin, name=name)
+    except Exception as exc:
+        raise PluginLoadError(f"plugin {name!r} ({source}) failed to load: {exc}") from exc
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            why = _unsupported(impl.function, impl.hookwrapper or impl.wrapper)
+            if impl.plugin is plugin and why:
+                raise PluginLoadError(
+                    f"plugin {name!r} ({source}): its {caller.name} hook {why}; "
+                    "write a plain function or an async def"
+                )
+    return _hooks_of(pm, plugin)
+
+
 def load_plugins(
     settings: Settings, extra: Iterable[tuple[str, object]] = ()
 ) -> tuple[pluggy.PluginManager, list[PluginInfo]]:
@@ -60,13 +89,14 @@ def load_plugins(
             continue
         try:
             plugin = ep.load()
-            pm.register(plugin, name=ep.name)
         except Exception as exc:
             raise PluginLoadError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
-        infos.append(PluginInfo(name=ep.name, version=version, hooks=_hooks_of(pm, plugin), source=ep.value))
+        hooks = _register(pm, ep.name, plugin, ep.value)
+        infos.append(PluginInfo(name=ep.name, version=version, hooks=hooks, source=ep.value))
     for name, plugin in extra:
-        pm.register(plugin, name=name)
-        infos.append(PluginInfo(name=name, hooks=_hooks_of(pm, plugin), source=repr(plugin)))
+        infos.append(
+            PluginInfo(name=name, hooks=_register(pm, name, plugin, repr(plugin)), source=repr(plugin))
+        )
     missing = enable - {info.name for info in infos}
     if missing:
         raise PluginLoadError(
