@@ -10,7 +10,9 @@ The catalogue comes from the config file::
 
 ``/switch {"model_spec": "llama-8b"}`` (or an alias) loads that entry. With the policy ``catalog``
 only catalogue entries may be loaded; with ``open`` (the default) any spec may, except that flags
-on the deny-list (``--trust-remote-code`` unless allowed) are refused in specs users write.
+on the deny-list (``--trust-remote-code`` unless allowed) are refused in specs users write, in
+every spelling vLLM reads as them (``--trust_remote_code``, ``--trust-remote``: the flag scanner
+of :mod:`aic_vllm_proxy.spec`, through ``ModelSpec.has_flag``).
 """
 
 from __future__ import annotations

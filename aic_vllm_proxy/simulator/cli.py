@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import re
 import sys
 import time
@@ -19,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from . import VLLM_VERSION
-from .vllm_flags import FLAGS
+from .vllm_flags import FLAGS, normalize_argv
 
 SUBCOMMANDS = (
     "chat",
@@ -244,56 +243,6 @@ def _model_first(args: list[str], warn: Callable[[str], None]) -> list[str]:
             "`vllm serve`. i.e. `vllm serve <model> --<arg> <value>`."
         )
     return args
-
-
-def normalize_argv(args: Sequence[str]) -> list[str]:
-    """vLLM's ``FlexibleArgumentParser`` rewriting: ``--max_model_len`` is
-    ``--max-model-len``; ``-O3`` is ``--optimization-level 3``; dotted keys
-    (``--compilation-config.mode 3``, ``-cc.mode=3``) are merged into one JSON value."""
-    out: list[str] = []
-    for i, arg in enumerate(args):
-        if arg.startswith("--"):
-            key, sep, value = arg.partition("=")
-            head, dot, tail = key[2:].partition(".")
-            out.append("--" + head.replace("_", "-") + dot + tail + sep + value)
-        elif arg.startswith("-O") and arg != "-O":
-            out += ["--optimization-level", arg[3:] if arg[2] == "=" else arg[2:]]
-        elif arg == "-O" and i + 1 < len(args) and args[i + 1] in {"0", "1", "2", "3"}:
-            out.append("--optimization-level")
-        else:
-            out.append(arg)
-    merged: dict[str, dict[str, Any]] = {}
-    result: list[str] = []
-    skip = False
-    for i, arg in enumerate(out):
-        if skip:
-            skip = False
-            continue
-        if not (arg.startswith("-") and "." in arg.split("=", 1)[0]) or arg[1:2].isdigit():
-            result.append(arg)
-            continue
-        if "=" in arg:
-            arg, text = arg.split("=", 1)
-        else:
-            text = out[i + 1] if i + 1 < len(out) else ""
-            skip = True
-        if arg.endswith("+"):
-            arg, text = arg[:-1], json.dumps(text.split(","))
-        option, *keys = arg.split(".")
-        try:
-            parsed: Any = json.loads(text)
-        except ValueError:
-            parsed = text
-        node = merged.setdefault(option, {})
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        if isinstance(parsed, list) and isinstance(node.get(keys[-1]), list):
-            node[keys[-1]] += parsed
-        else:
-            node[keys[-1]] = parsed
-    for option, config in merged.items():
-        result += [option, json.dumps(config)]
-    return result
 
 
 def parse_args(argv: Sequence[str], warn: Callable[[str], None] | None = None) -> argparse.Namespace:

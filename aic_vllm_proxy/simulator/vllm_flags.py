@@ -6,8 +6,19 @@ Each row: (option strings, kind, choices, default as printed by ``--help``). Kin
 Defaults longer than 60 characters (whole config objects) are shown as ``"..."``.
 
 The simulator accepts all of them, so that any real flag passes and any other is
-rejected by argparse exactly as vLLM rejects it.
+rejected by argparse exactly as vLLM rejects it. The proxy's flag scanner
+(``aic_vllm_proxy.spec``) reads model specs with the same table, so that it finds a flag
+in every spelling vLLM accepts (abbreviations need the full list).
+
+``normalize_argv`` is vLLM's rewriting of the command line before argparse sees it,
+shared by the simulator and the scanner.
 """
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
 
 FLAGS: tuple[tuple[str, str, tuple[str, ...] | None, str], ...] = (
     ("--aggregate-engine-logging", "flag", None, "False"),
@@ -537,3 +548,53 @@ FLAGS: tuple[tuple[str, str, tuple[str, ...] | None, str], ...] = (
     ("--watermark-config", "value", None, "None"),
     ("--weight-transfer-config", "value", None, "None"),
 )
+
+
+def normalize_argv(args: Sequence[str]) -> list[str]:
+    """vLLM's ``FlexibleArgumentParser`` rewriting: ``--max_model_len`` is
+    ``--max-model-len``; ``-O3`` is ``--optimization-level 3``; dotted keys
+    (``--compilation-config.mode 3``, ``-cc.mode=3``) are merged into one JSON value."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            key, sep, value = arg.partition("=")
+            head, dot, tail = key[2:].partition(".")
+            out.append("--" + head.replace("_", "-") + dot + tail + sep + value)
+        elif arg.startswith("-O") and arg != "-O":
+            out += ["--optimization-level", arg[3:] if arg[2] == "=" else arg[2:]]
+        elif arg == "-O" and i + 1 < len(args) and args[i + 1] in {"0", "1", "2", "3"}:
+            out.append("--optimization-level")
+        else:
+            out.append(arg)
+    merged: dict[str, dict[str, Any]] = {}
+    result: list[str] = []
+    skip = False
+    for i, arg in enumerate(out):
+        if skip:
+            skip = False
+            continue
+        if not (arg.startswith("-") and "." in arg.split("=", 1)[0]) or arg[1:2].isdigit():
+            result.append(arg)
+            continue
+        if "=" in arg:
+            arg, text = arg.split("=", 1)
+        else:
+            text = out[i + 1] if i + 1 < len(out) else ""
+            skip = True
+        if arg.endswith("+"):
+            arg, text = arg[:-1], json.dumps(text.split(","))
+        option, *keys = arg.split(".")
+        try:
+            parsed: Any = json.loads(text)
+        except ValueError:
+            parsed = text
+        node = merged.setdefault(option, {})
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        if isinstance(parsed, list) and isinstance(node.get(keys[-1]), list):
+            node[keys[-1]] += parsed
+        else:
+            node[keys[-1]] = parsed
+    for option, config in merged.items():
+        result += [option, json.dumps(config)]
+    return result

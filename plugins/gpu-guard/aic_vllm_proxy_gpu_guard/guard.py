@@ -4,7 +4,7 @@ memory it needs, and whose processes hold what."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,44 +91,27 @@ class GuardConfig:
         )
 
 
-def _flag(args: Iterable[str], names: tuple[str, ...]) -> str | None:
-    """The value of the last of ``names`` in ``args`` (``--a-b v``, ``--a_b=v``, ``-x v``)."""
-    words = list(args)
-    value: str | None = None
-    for i, word in enumerate(words):
-        name, eq, given = word.partition("=")
-        if name.startswith("--"):
-            name = "--" + name[2:].replace("_", "-")
-        if name not in names:
-            continue
-        if eq:
-            value = given
-        elif i + 1 < len(words):
-            value = words[i + 1]
-    return value
-
-
-def _int_flag(spec: ModelSpec, names: tuple[str, ...]) -> int:
-    value = _flag(spec.args, names)
+def _int_flag(spec: ModelSpec, flag: str) -> int:
+    value = spec.flag_value(flag)  # in any spelling vLLM reads (-tp 2, --tensor_parallel_size=2, ...)
     if value is None:
         return 1
     try:
         return max(1, int(value))
     except ValueError:
-        raise ConfigProblem(f"{names[0]} in the model spec must be an integer, not {value!r}") from None
+        raise ConfigProblem(f"{flag} in the model spec must be an integer, not {value!r}") from None
 
 
 def gpus_needed(spec: ModelSpec) -> int:
     """How many GPUs vLLM takes: tensor x pipeline x data parallel size."""
     return (
-        _int_flag(spec, ("--tensor-parallel-size", "-tp"))
-        * _int_flag(spec, ("--pipeline-parallel-size", "-pp"))
-        * _int_flag(spec, ("--data-parallel-size", "-dp"))
+        _int_flag(spec, "--tensor-parallel-size")
+        * _int_flag(spec, "--pipeline-parallel-size")
+        * _int_flag(spec, "--data-parallel-size")
     )
 
 
 def utilization(spec: ModelSpec) -> float:
-    value = _flag(spec.args, ("--gpu-memory-utilization",))
+    value = spec.flag_value("--gpu-memory-utilization")
     if value is None:
         return DEFAULT_UTILIZATION
     try:

@@ -101,6 +101,9 @@ def test_gpus_needed_and_utilization_from_the_spec() -> None:
     assert gpus_needed(ModelSpec.parse("m --tensor-parallel-size 2 --data-parallel-size 2")) == 4
     assert utilization(ModelSpec.parse("m")) == 0.9
     assert utilization(ModelSpec.parse("m --gpu-memory-utilization=0.5")) == 0.5
+    # Every spelling vLLM reads (one flag scanner, aic_vllm_proxy.spec): prefixes and aliases too.
+    assert gpus_needed(ModelSpec.parse("m --tensor-parallel 2 -pp=2 --data_parallel_size 2")) == 8
+    assert utilization(ModelSpec.parse("m --device-memory-utilization 0.5")) == 0.5
 
 
 def test_visible_gpus_follow_cuda_rules() -> None:
