@@ -31,6 +31,7 @@ from typing import Any, Literal, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from aic_vllm_proxy.catalog import DEFAULT_DENIED_FLAGS, CatalogEntry
+from aic_vllm_proxy.spec import flag_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -149,7 +150,10 @@ class Settings(BaseModel):
 
     @property
     def effective_denied_flags(self) -> tuple[str, ...]:
-        return tuple(flag for flag in self.denied_flags if flag not in self.allowed_flags)
+        """The deny-list less the allowed flags, each compared by its main spelling
+        (``--trust_remote_code`` allows ``--trust-remote-code``)."""
+        allowed = {flag_name(flag) for flag in self.allowed_flags}
+        return tuple(flag for flag in self.denied_flags if flag_name(flag) not in allowed)
 
     @property
     def vllm_argv(self) -> list[str]:

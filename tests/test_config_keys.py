@@ -62,3 +62,13 @@ def test_wrong_key_is_one_clear_line(tmp_path: Path) -> None:
     assert "\n" not in message and "pydantic" not in message
     assert "allow_flags: no such setting" in message
     assert "port:" in message and "'abc'" in message
+
+
+def test_allowed_flag_in_any_spelling() -> None:
+    """``--allow-flag`` names a flag as vLLM would read it, like the deny-list it edits."""
+    for spelling in ("--trust-remote-code", "--trust_remote_code"):
+        assert (
+            "--trust-remote-code"
+            not in build_settings(None, {"allowed_flags": (spelling,)}).effective_denied_flags
+        )
+    assert "--trust-remote-code" in build_settings(None, {}).effective_denied_flags

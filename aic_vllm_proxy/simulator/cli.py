@@ -100,8 +100,6 @@ def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
             elif kind == "list0":
                 kwargs["nargs"] = "*"
         parser.add_argument(*options, **kwargs)
-    # Accepted for older command lines (removed from vLLM 0.32).
-    parser.add_argument("--disable-log-requests", action="store_true", default=False)
 
 
 def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
