@@ -8,7 +8,8 @@ front of the bundled vLLM simulator, always run as a real subprocess.
   as a child process (for signal tests).
 - ``SIM``: the ``--vllm-command`` that runs the simulator with this interpreter.
 
-Every vLLM process group a test created is killed at teardown, so nothing leaks between tests.
+Every test ends with no process group left (``no_process_group_left``): a group the test or its
+proxies started that is still alive after its fixtures ended fails the test, and is killed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,26 +30,51 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import SIM, free_port, kill_group_now, wait_until
+from helpers import SESSION_MARKER, SIM, Alive, free_port, reap_left_behind, session_alive, wait_until
 
 from aic_vllm_proxy.app import create_app
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.front import Front, FrontSite
 from aic_vllm_proxy.keys import SUPERVISOR
-from aic_vllm_proxy.procgroup import group_alive
 from aic_vllm_proxy.server import make_runner, start_site
 from aic_vllm_proxy.supervisor import Supervisor
 
+#: This session's value of the marker every process the tests start inherits (helpers.py).
+SESSION = os.environ[SESSION_MARKER] = uuid.uuid4().hex
+#: How long a group may take to go after a test's fixtures ended (one may still be stopping).
+GROUP_GRACE = float(os.environ.get("AIC_PROXY_TEST_GROUP_GRACE", "15"))
+
 
 @pytest.fixture
-def vllm_groups() -> Iterator[set[int]]:
-    """Process groups of vLLM launches; every one still alive at teardown is killed (and the
-    test fails, since the proxy should have cleaned it up — unless it was marked expected)."""
-    groups: set[int] = set()
-    yield groups
-    for pgid in groups:
-        if group_alive(pgid):
-            kill_group_now(pgid)
+def vllm_groups() -> set[int]:
+    """Process groups of vLLM launches the test knows of: ``no_process_group_left`` checks them
+    too (beside every group it finds by the session's marker)."""
+    return set()
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left(vllm_groups: set[int]) -> Iterator[None]:
+    """Every test ends with no process group left that it (or a proxy it ran) started: one
+    still alive after the test's fixtures ended (and a grace period for one being stopped) is
+    killed, and the test fails, naming it. Groups of a module's daemon are checked when the
+    module ends (``no_process_group_left_by_module``)."""
+    before = session_alive(SESSION)
+    yield
+    fail_if_left(before, vllm_groups, "the test")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_group_left_by_module() -> Iterator[None]:
+    """The same check over a whole module, after its module-wide fixtures (daemons) ended."""
+    before = session_alive(SESSION)
+    yield
+    fail_if_left(before, (), "the module")
+
+
+def fail_if_left(before: Alive, named: Collection[int], who: str) -> None:
+    left = reap_left_behind(before, SESSION, named, wait=GROUP_GRACE)
+    if left:
+        pytest.fail(f"process groups left behind by {who} (killed now):\n" + "\n".join(left), pytrace=False)
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,122 @@ async def async_wait_until(predicate: Callable[[], bool], timeout: float, interv
 def kill_group_now(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------- processes left behind
+
+#: The environment variable that marks every process a test session starts (conftest.py sets it
+#: to a value of its own at start-up): the daemons, the vLLM they launch and its children, the
+#: watchdogs. A process keeps its environment when it is orphaned or leaves its process group,
+#: so ``/proc`` finds all of them, and only this session's (other sessions have other values).
+SESSION_MARKER = "AIC_PROXY_TEST_SESSION"
+
+
+@dataclass(frozen=True)
+class Proc:
+    """A live process as ``/proc`` shows it; ``mark`` is the value of the environment variable
+    asked for in :func:`processes` (None without it)."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    comm: str
+    cmdline: str
+    mark: str | None
+
+    @property
+    def is_vllm_child(self) -> bool:
+        """vLLM's EngineCore and workers name themselves ``VLLM::...``."""
+        return self.comm.startswith("VLLM::") or self.cmdline.startswith("VLLM::")
+
+
+def processes(marker: str) -> list[Proc]:
+    """Every live (non-zombie) process we may read, with the value of ``marker`` it inherited."""
+    found: list[Proc] = []
+    prefix = marker.encode() + b"="
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        base = f"/proc/{entry}"
+        try:
+            with open(f"{base}/stat", "rb") as handle:
+                stat = handle.read()
+            with open(f"{base}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+            with open(f"{base}/environ", "rb") as handle:
+                environ = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) < 3 or fields[0] in (b"Z", b"X"):
+            continue
+        values = [item[len(prefix) :] for item in environ.split(b"\0") if item.startswith(prefix)]
+        mark = values[0].decode(errors="replace") if values else None
+        comm = stat[stat.find(b"(") + 1 : stat.rfind(b")")].decode(errors="replace")
+        text = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+        found.append(Proc(int(entry), int(fields[1]), int(fields[2]), comm, text, mark))
+    return found
+
+
+@dataclass(frozen=True)
+class Alive:
+    """What of a test session was alive at one moment: its process groups (other than this
+    process's own) and all its pids."""
+
+    groups: dict[int, list[Proc]]
+    pids: frozenset[int]
+
+
+def session_alive(session: str) -> Alive:
+    own = os.getpgrp()
+    mine = [proc for proc in processes(SESSION_MARKER) if proc.mark == session]
+    groups: dict[int, list[Proc]] = {}
+    for proc in mine:
+        if proc.pgid != own:
+            groups.setdefault(proc.pgid, []).append(proc)
+    return Alive(groups, frozenset(proc.pid for proc in mine))
+
+
+def new_groups(before: Alive, session: str, named: Collection[int] = ()) -> dict[int, list[Proc]]:
+    """The session's process groups alive now that were not alive at ``before``, and the groups
+    in ``named`` that are still alive.
+
+    A new group is not counted while the process that started it was alive at ``before`` and
+    still runs (it is not this process): that is a daemon of a wider fixture (a module's), which
+    answers for its groups when that fixture ends. This process runs ``make_proxy``'s proxies,
+    which are the test's own: what they started must be gone."""
+    now = session_alive(session)
+    left: dict[int, list[Proc]] = {}
+    for pgid, members in now.groups.items():
+        leader = next((proc for proc in members if proc.pid == pgid), None)
+        held = leader is not None and leader.ppid != os.getpid() and leader.ppid in before.pids
+        if pgid not in before.groups and not held:
+            left[pgid] = members
+    for pgid in named:
+        if pgid not in left and group_alive(pgid):
+            left[pgid] = now.groups.get(pgid, [])
+    return left
+
+
+def reap_left_behind(before: Alive, session: str, named: Collection[int] = (), wait: float = 15) -> list[str]:
+    """Wait up to ``wait`` seconds for the groups :func:`new_groups` finds to go (one may still
+    be stopping), SIGKILL what is left, and describe each group that had to be killed."""
+    left: dict[int, list[Proc]] = {}
+
+    def gone() -> bool:
+        nonlocal left
+        left = new_groups(before, session, named)
+        return not left
+
+    if wait_until(gone, wait, interval=0.1):
+        return []
+    for pgid in left:
+        kill_group_now(pgid)
+    return [
+        f"group {pgid}: "
+        + ("; ".join(f"{proc.pid} {proc.cmdline or proc.comm}" for proc in members) or "unmarked")
+        for pgid, members in sorted(left.items())
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from helpers import (
     CHAT,
     FAST,
@@ -424,12 +423,3 @@ async def test_simultaneous_switches_end_with_one_vllm(make_proxy: Any, vllm_gro
     async with proxy.session.get(proxy.url + "/v1/models") as resp:
         assert resp.status == 200
         assert [m["id"] for m in (await resp.json())["data"]] == [final["model"]]
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_groups(vllm_groups: set[int]) -> Any:
-    """Every test here must leave no vLLM process group behind (the fixture kills leftovers,
-    this makes them a failure)."""
-    yield
-    left = [pgid for pgid in vllm_groups if group_members(pgid)]
-    assert not left or wait_until(lambda: not any(group_members(p) for p in left), 15), left

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import SIM, Daemon, free_port, port_open
+from helpers import SIM, Daemon, Proc, free_port, port_open, processes
 
 REPO = Path(__file__).resolve().parents[2]
 MAKE_TINY = REPO / "tests" / "realvllm" / "make_tiny_model.py"
@@ -200,51 +200,9 @@ def real_backend(vllm: Path, tmp: Path, tiny: Path, minilm: Path) -> Backend:
 # -------------------------------------------------------------------------------- processes
 
 
-@dataclass
-class Proc:
-    pid: int
-    pgid: int
-    comm: str
-    cmdline: str
-    run: str | None  # the test-run marker in its environment
-
-    @property
-    def is_vllm_child(self) -> bool:
-        """vLLM's EngineCore and workers name themselves ``VLLM::...``."""
-        return self.comm.startswith("VLLM::") or self.cmdline.startswith("VLLM::")
-
-
-def processes() -> list[Proc]:
-    """Every live (non-zombie) process we may read, with the test-run marker it inherited."""
-    found: list[Proc] = []
-    prefix = MARKER.encode() + b"="
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        base = f"/proc/{entry}"
-        try:
-            with open(f"{base}/stat", "rb") as handle:
-                stat = handle.read()
-            with open(f"{base}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-            with open(f"{base}/environ", "rb") as handle:
-                environ = handle.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) < 3 or fields[0] in (b"Z", b"X"):
-            continue
-        values = [item[len(prefix) :] for item in environ.split(b"\0") if item.startswith(prefix)]
-        run = values[0].decode(errors="replace") if values else None
-        comm = stat[stat.find(b"(") + 1 : stat.rfind(b")")].decode(errors="replace")
-        text = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
-        found.append(Proc(int(entry), int(fields[2]), comm, text, run))
-    return found
-
-
 def marked(run: str) -> list[Proc]:
     """The live processes started under the test-run marker ``run``."""
-    return [p for p in processes() if p.run == run and p.pid != os.getpid()]
+    return [p for p in processes(MARKER) if p.mark == run and p.pid != os.getpid()]
 
 
 def kill_marked(run: str) -> list[Proc]:
