@@ -615,12 +615,19 @@ def chat_request(
     }
 
 
-async def wait_state(proxy: Any, state: str, timeout: float = 20) -> dict[str, Any]:
-    """Poll the proxy's /status until its state is ``state`` (asserting it gets there)."""
+async def wait_status(
+    proxy: Any, done: Callable[[dict[str, Any]], bool], timeout: float = 20
+) -> dict[str, Any]:
+    """Poll the proxy's /status until ``done(status)`` (asserting it gets there)."""
     deadline = time.monotonic() + timeout
     status: dict[str, Any] = await proxy.status()
-    while status["state"] != state and time.monotonic() < deadline:
+    while not done(status) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
         status = await proxy.status()
-    assert status["state"] == state, status
+    assert done(status), status
     return status
+
+
+async def wait_state(proxy: Any, state: str, timeout: float = 20) -> dict[str, Any]:
+    """Poll the proxy's /status until its state is ``state`` (asserting it gets there)."""
+    return await wait_status(proxy, lambda status: status["state"] == state, timeout)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import FAST, SIM, free_port
+from helpers import FAST, SIM, async_wait_until, free_port
 
 from aic_vllm_proxy.client import (
     API_KEY_ENV,
@@ -598,12 +598,12 @@ async def test_log_stream_follows_and_ends_with_the_process(make_proxy: Any) -> 
                 received.append(line)
 
         task = asyncio.create_task(follow())
-        await asyncio.sleep(0.5)
+        assert await async_wait_until(lambda: len(received) >= 4, 30), received
         assert received[:4] == tail  # starts with the last N lines, then follows
         assert not task.done()  # still following: vLLM runs
         await client.stop()
         await asyncio.wait_for(task, 10)  # ends cleanly once vLLM has exited
-        assert len(received) >= 4
+        assert len(received) > 4, received  # it followed: vLLM's shutdown lines came after the tail
 
         with pytest.raises(ProxyError) as info:
             async for _ in client.follow_logs(lines=0):

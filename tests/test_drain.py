@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from helpers import (
     CHAT,
     FAST,
@@ -25,6 +26,8 @@ from helpers import (
     sse_data,
     wait_until,
 )
+
+from aic_vllm_proxy.hooks import HookContext, hookimpl
 
 
 async def open_stream(session: aiohttp.ClientSession, url: str, model: str, tokens: int) -> Any:
@@ -198,11 +201,17 @@ async def test_waiting_is_bounded_in_number_and_time(make_proxy: Any) -> None:
 # ------------------------------------------------------------------------------- restarts
 
 
-async def test_restart_on_failure_with_backoff_and_limit(make_proxy: Any, vllm_groups: set[int]) -> None:
+async def test_restart_on_failure_with_backoff_and_limit(
+    make_proxy: Any, vllm_groups: set[int], caplog: pytest.LogCaptureFixture
+) -> None:
     proxy = await make_proxy(restart="on-failure", max_restarts=2, restart_backoff=0.3, health_interval=0)
     spec = f"m --sim-engine-die-after 0.5 --sim-dead-exit-delay 0.1 {QUICK}"
     port = proxy.settings.vllm_port
     restarts_seen: list[int] = []
+
+    def gave_up() -> bool:  # the restart policy's decision after the third death: no restart
+        return any(r.getMessage().startswith("not restarting m: ") for r in caplog.records)
+
     with GroupMonitor(port) as monitor:
         status, body = await proxy.switch(spec)
         assert status == 200, body
@@ -210,12 +219,13 @@ async def test_restart_on_failure_with_backoff_and_limit(make_proxy: Any, vllm_g
         while time.monotonic() < deadline:
             status_now = await proxy.status()
             restarts_seen.append(status_now["restarts"])
-            # The count goes up when a restart is scheduled; done = the third launch died too.
-            if len(monitor.seen) == 3 and status_now["state"] == "failed" and not sim_groups(port):
+            # The count goes up when a restart is scheduled; done = the third launch died too
+            # and the policy decided not to restart it (so no third restart can come).
+            if gave_up() and status_now["state"] == "failed" and not sim_groups(port):
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(1.5)  # no third restart comes
         final = await proxy.status()
+    assert gave_up(), [r.getMessage() for r in caplog.records]
     vllm_groups.update(monitor.seen)
     assert final["state"] == "failed" and final["restarts"] == 2, final
     assert 1 in restarts_seen and 2 in restarts_seen
@@ -227,18 +237,28 @@ async def test_restart_on_failure_with_backoff_and_limit(make_proxy: Any, vllm_g
     assert status == 200 and body["status"]["restarts"] == 0, body
 
 
+class OnFailure:
+    """An ``on_failure`` hook that does nothing. Its report in ``/status`` says the supervisor has
+    handled a death: it stores the reports and applies the restart policy in one step, and a
+    restart it schedules counts in ``restarts`` at once."""
+
+    @hookimpl
+    def on_failure(self, ctx: HookContext) -> None:
+        pass
+
+
 async def test_no_restart_by_default(make_proxy: Any, vllm_groups: set[int]) -> None:
-    proxy = await make_proxy(health_interval=0)
+    proxy = await make_proxy(health_interval=0, extra_plugins=[("on-failure", OnFailure())])
     status, body = await proxy.switch(f"m --sim-engine-die-after 0.5 --sim-dead-exit-delay 0.1 {QUICK}")
     assert status == 200, body
-    status_now: dict[str, Any] = {}
-    for _ in range(200):
-        status_now = await proxy.status()
-        if status_now["state"] == "failed":
-            break
+    after: dict[str, Any] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = await proxy.status()
+        if [r["hook"] for r in after["hook_reports"]] == ["on_failure"]:
+            break  # the death is handled: a restart would have been scheduled by now
         await asyncio.sleep(0.05)
-    await asyncio.sleep(1.5)
-    after = await proxy.status()
+    assert [r["hook"] for r in after["hook_reports"]] == ["on_failure"], after
     assert after["state"] == "failed" and after["restarts"] == 0 and after["pid"] is None, after
     assert not sim_groups(proxy.settings.vllm_port)
 

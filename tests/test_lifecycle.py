@@ -157,8 +157,9 @@ async def test_stop_right_after_a_background_switch(make_proxy: Any) -> None:
     assert code == 202, body
     async with proxy.session.post(proxy.url + "/stop") as resp:
         assert resp.status == 200
-    await asyncio.sleep(1.0)  # anything still scheduled would have launched by now
     status = await proxy.status()
+    # Nothing is left that could launch: no switch is running or queued (a stop cancels them).
+    assert status["switching"] is False and status["target_model_spec"] is None, status
     assert (status["state"], status["running"], status["pid"]) == ("stopped", False, None), status
     assert proxy.supervisor.launch is None
 

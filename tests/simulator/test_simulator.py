@@ -67,6 +67,24 @@ def alive(pid: int) -> bool:
     return _stat(pid) is not None
 
 
+def _status(pid: int) -> dict[str, str]:
+    """The fields of ``/proc/<pid>/status`` (none once the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def _threads(pid: int) -> int:
+    return int(_status(pid).get("Threads", "0"))
+
+
+def _ignores(pid: int, sig: signal.Signals) -> bool:
+    """True when the kernel discards ``sig`` for ``pid`` as it is sent (SIG_IGN)."""
+    return bool(int(_status(pid)["SigIgn"], 16) >> (sig - 1) & 1)
+
+
 class Sim:
     """One simulator process started with ``serve MODEL ARGS`` on a free port."""
 
@@ -352,10 +370,15 @@ def test_sigkill_of_api_server_orphans_the_engine(start: Callable[..., Sim]) -> 
     sim = start(*FAST)
     sim.wait_healthy()
     engine = sim.engine_pid()
+    threads = _threads(engine)
     sim.proc.kill()
     sim.wait_exit()
-    time.sleep(0.5)
-    assert alive(engine)  # like vLLM: the EngineCore outlives a SIGKILLed API server
+    # The engine has seen its input from the API server end (the thread reading it is over)...
+    deadline = time.monotonic() + 10
+    while _threads(engine) >= threads and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _threads(engine) < threads or not alive(engine)
+    assert alive(engine)  # ...and goes on, like vLLM: the EngineCore outlives a SIGKILLed API server
     stat = _stat(engine)
     assert stat is not None and stat[0] != sim.pid and stat[1] == sim.pid
     sim.kill_group()
@@ -369,8 +392,9 @@ def test_ignore_sigterm(start: Callable[..., Sim]) -> None:
     sim = start(*FAST, "--sim-ignore-sigterm")
     sim.wait_healthy()
     engine = sim.engine_pid()
+    # Both ignore SIGTERM (SIG_IGN): the kernel discards it as it is sent, nothing runs later.
+    assert _ignores(sim.pid, signal.SIGTERM) and _ignores(engine, signal.SIGTERM)
     os.killpg(sim.pid, signal.SIGTERM)
-    time.sleep(0.5)
     assert sim.proc.poll() is None and alive(engine)
     assert sim.health() == 200
 
