@@ -350,7 +350,7 @@ async def test_unknown_flag_fails_within_seconds(make_proxy: Any) -> None:
     started = time.monotonic()
     code, body = await proxy.switch(f"sim/m --bogus {FAST}")
     elapsed = time.monotonic() - started
-    assert 500 <= code < 600, body
+    assert code == 500, body  # vLLM exited (or could not run): a server-side failure
     assert elapsed < 10, elapsed  # the exit is noticed at once, not after --ready-timeout
     error = body["error"]
     assert error["exit_code"] == 2
@@ -372,7 +372,7 @@ async def test_missing_model_path_exits_1(make_proxy: Any, tmp_path: Path) -> No
     proxy = await make_proxy(ready_timeout=60)
     started = time.monotonic()
     code, body = await proxy.switch(f"{tmp_path}/no/such/model {FAST}")
-    assert 500 <= code < 600, body
+    assert code == 500, body  # vLLM exited (or could not run): a server-side failure
     assert time.monotonic() - started < 10
     assert body["error"]["exit_code"] == 1
     assert any("/no/such/model" in line for line in body["error"]["log_tail"])
@@ -384,7 +384,7 @@ async def test_engine_failure_during_load(make_proxy: Any) -> None:
     proxy = await make_proxy(ready_timeout=60)
     started = time.monotonic()
     code, body = await proxy.switch(f"sim/oom --sim-fail-during-load {FAST}")
-    assert 500 <= code < 600, body
+    assert code == 500, body  # vLLM exited (or could not run): a server-side failure
     assert time.monotonic() - started < 10
     assert body["error"]["exit_code"] == 1
     assert body["error"]["log_tail"]
@@ -413,7 +413,7 @@ async def test_ready_timeout_kills_the_group(make_proxy: Any) -> None:
     finally:
         watcher.cancel()
     elapsed = time.monotonic() - started
-    assert code in (503, 504), body
+    assert code == 504, body  # not ready within --ready-timeout
     assert 2 <= elapsed < 10, elapsed
     message = body["error"]["message"]
     assert "not ready after 2 s" in message and "stopped" in message
@@ -430,7 +430,7 @@ async def test_missing_vllm_binary(make_proxy: Any) -> None:
     proxy = await make_proxy(vllm_command="/nonexistent/vllm serve")
     started = time.monotonic()
     code, body = await proxy.switch("some/model")
-    assert 500 <= code < 600, body
+    assert code == 500, body  # vLLM exited (or could not run): a server-side failure
     assert time.monotonic() - started < 5
     message = body["error"]["message"]
     assert "/nonexistent/vllm" in message and "No such file" in message
