@@ -78,9 +78,11 @@ def fail_if_left(before: Alive, named: Collection[int], who: str) -> None:
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
+    """The proxy's settings for a test. Port 0: the kernel picks a free port as the proxy listens
+    (no race with other processes). vLLM's port must be known before vLLM starts: a free one."""
     values: dict[str, Any] = {
         "host": "127.0.0.1",
-        "port": free_port(),
+        "port": 0,
         "vllm_command": SIM,
         "vllm_port": free_port(),
         "log_dir": tmp_path / "logs",
@@ -97,7 +99,7 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
 class ProxyHandle:
     url: str
     app: web.Application
-    settings: Settings
+    settings: Settings  # the app's, with the port it listens on (the app's say 0 if it was 0)
     session: aiohttp.ClientSession
     groups: set[int] = field(default_factory=set)
     front: Front | None = None  # the front door of its listening site (front.py)
@@ -146,6 +148,8 @@ async def make_proxy(tmp_path: Path, vllm_groups: set[int]) -> AsyncIterator[Cal
             front=access_log is None,
         )
         runners.append(runner)
+        if settings.port == 0:
+            settings = settings.model_copy(update={"port": runner.addresses[0][1]})
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         sessions.append(session)
         front = site.front if isinstance(site, FrontSite) and site.lean else None  # no front door: None
