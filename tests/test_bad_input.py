@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from helpers import FAST, metric_total, raw_exchange, sse_data, wait_status
 
 CHAT = "/v1/chat/completions"
@@ -143,6 +144,7 @@ async def test_body_over_the_limit_on_control_routes(make_proxy: Any) -> None:
 # ------------------------------------------------------------------------------- specs
 
 
+@pytest.mark.slow
 async def test_shell_metacharacters_are_never_interpreted(make_proxy: Any, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     proxy, pid = await loaded(make_proxy)

@@ -449,6 +449,7 @@ async def test_async_client_every_method(make_proxy: Any) -> None:
             await client.wait_until_ready(timeout=5)
 
 
+@pytest.mark.slow
 async def test_sync_client_switch_again_force_and_background(make_proxy: Any) -> None:
     proxy = await make_proxy()
     out = io.StringIO()
@@ -503,6 +504,7 @@ def launched_log(lines: list[str]) -> Path:
     return Path(path)
 
 
+@pytest.mark.slow
 async def test_progress_shows_what_tells_progress_not_the_whole_log(make_proxy: Any) -> None:
     proxy = await make_proxy()
     lines: list[str] = []
@@ -569,6 +571,7 @@ async def test_bad_argument_fails_fast_with_the_tail_shown(make_proxy: Any) -> N
     client.close()
 
 
+@pytest.mark.slow
 async def test_wait_timeout_leaves_the_switch_going(make_proxy: Any) -> None:
     proxy = await make_proxy()
     client = VLLMProxyClient(proxy.url, progress=False)
@@ -716,6 +719,7 @@ async def test_sync_client_inside_a_running_event_loop(spawn_proxy: Any) -> None
         assert proxy.stop().state is S.STOPPED
 
 
+@pytest.mark.slow
 def test_examples_run_against_the_simulator(spawn_proxy: Any) -> None:
     daemon = spawn_proxy("--vllm-command", f"{SIM} {FAST}")
     env = {**os.environ, "AIC_VLLM_PROXY_URL": daemon.url}

@@ -168,6 +168,7 @@ async def test_vllm_shutdown_timeout_is_passed_to_vllm(make_proxy: Any) -> None:
 # ------------------------------------------------------------------------------- waiting
 
 
+@pytest.mark.slow
 async def test_waiting_is_bounded_in_number_and_time(make_proxy: Any) -> None:
     proxy = await make_proxy(max_waiting=2, request_wait_timeout=2.5)
     spec = "m --sim-import-delay 0 --sim-load-delay 4"
@@ -201,6 +202,7 @@ async def test_waiting_is_bounded_in_number_and_time(make_proxy: Any) -> None:
 # ------------------------------------------------------------------------------- restarts
 
 
+@pytest.mark.slow
 async def test_restart_on_failure_with_backoff_and_limit(
     make_proxy: Any, vllm_groups: set[int], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -266,6 +268,7 @@ async def test_no_restart_by_default(make_proxy: Any, vllm_groups: set[int]) -> 
 # ------------------------------------------------------------------------------- proxy SIGTERM
 
 
+@pytest.mark.slow
 async def test_proxy_sigterm_stops_accepting_drains_stops_vllm_and_exits_0(
     spawn_proxy: Any, vllm_groups: set[int], tmp_path: Path
 ) -> None:

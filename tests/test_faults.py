@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from helpers import (
     CHAT,
     FAST,
@@ -74,6 +75,7 @@ def assert_openai_error(body: dict[str, Any], status: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- switch storm
 
 
+@pytest.mark.slow
 async def test_100_switches_under_concurrent_load(
     make_proxy: Any, vllm_groups: set[int], tmp_path: Path
 ) -> None:
@@ -392,6 +394,7 @@ async def test_proxy_sigkilled_during_streaming(spawn_proxy: Any, vllm_groups: s
 # ------------------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.slow
 async def test_simultaneous_switches_end_with_one_vllm(make_proxy: Any, vllm_groups: set[int]) -> None:
     proxy = await make_proxy()
     specs = [f"model-{name} {QUICK}" for name in "abc"]

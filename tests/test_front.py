@@ -385,7 +385,7 @@ async def test_whole_chunks_go_straight_to_the_client_transport() -> None:
         await closing.wait()
 
 
-@pytest.mark.parametrize("gap", [0, 0.0002])
+@pytest.mark.parametrize("gap", [0, pytest.param(0.0002, marks=pytest.mark.slow)])
 async def test_a_stalled_stream_reader_pauses_vllm(make_proxy: Any, gap: float) -> None:
     """Back-pressure: a client that stops reading a stream of many chunks makes the proxy stop
     reading from vLLM (vLLM's writes then wait), so the proxy holds only socket buffers; when the

@@ -82,6 +82,7 @@ def count(url: str, path: str, key: str) -> int:
 # ------------------------------------------------------------ the daemon as a separate process
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("access_log", [False, True], ids=["front-door", "access-log"])
 @pytest.mark.parametrize("then_stream", [False, True], ids=["blobs", "blobs-then-stream"])
 def test_a_client_that_never_reads_costs_bounded_memory_and_is_cut(
@@ -149,6 +150,7 @@ async def blobs_served(proxy: Any) -> int:
         return int((await resp.json())["count"])
 
 
+@pytest.mark.slow
 async def test_a_hand_off_while_writes_are_paused_keeps_aiohttp_waiting(make_proxy: Any) -> None:
     """The front door's answer fills the client's buffers (writes pause), and the next request,
     already read, goes to aiohttp (HTTP/1.0): aiohttp must know that writes are paused, or its
@@ -186,6 +188,7 @@ async def test_a_hand_off_while_writes_are_paused_keeps_aiohttp_waiting(make_pro
     assert was_cut, "the connection was never cut"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("handed_off", [False, True], ids=["front-door", "aiohttp"])
 async def test_a_close_that_waits_for_a_client_that_never_reads_is_cut(
     make_proxy: Any, handed_off: bool

@@ -149,6 +149,7 @@ def splits(data: bytes) -> list[list[bytes]]:
     return [[data], [data[:2], data[2:end], data[end:]], [data[: end - 3], data[end - 3 :]]]
 
 
+@pytest.mark.slow
 async def test_the_same_bytes_get_the_same_answer_on_both_paths(make_proxy: Any) -> None:
     """Every case of items 5-7, whole and split across packets: the same status line (and the
     same ``Connection: close``) from the front door and from aiohttp alone; what aiohttp
@@ -293,6 +294,7 @@ def _split_points(data: bytes) -> list[int]:
     )
 
 
+@pytest.mark.slow
 def test_the_front_door_takes_only_what_aiohttp_reads_the_same_way() -> None:
     """For every head the front door takes, both of aiohttp's parsers (llhttp in C, and the
     pure Python one) accept it, however it is split, and read the same method, target, routing
@@ -364,6 +366,7 @@ def test_the_issues_heads_are_not_taken() -> None:
 # ------------------------------------------------------------------------------ --client-timeout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 async def test_client_timeout_is_the_pause_between_two_pieces(make_proxy: Any, path: str) -> None:
     """A body trickled at one byte per 0.3 s (3 s in all) with --client-timeout 1 is served; a

@@ -286,6 +286,7 @@ async def test_early_answer_during_a_large_upload_is_relayed(
     assert json.loads(body)["error"]["message"] == "rejected early"
 
 
+@pytest.mark.slow
 async def test_slow_reader_of_a_large_response(sim: Daemon) -> None:
     """A 6 MB answer to a client that stalls before reading: back-pressure pauses reading from
     vLLM, nothing is lost, and the pooled vLLM connection then serves the next request (it must
@@ -637,6 +638,7 @@ async def test_crash_mid_stream_through_the_openai_client(make_proxy: Any) -> No
 # ------------------------------------------------------------------------ idle keep-alive
 
 
+@pytest.mark.slow
 async def test_idle_upstream_connections_never_break_requests(
     sim: Daemon, echo: Daemon, make_proxy: Any
 ) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import FAST, SIM, group_members, process_exists, wait_state
 
 STATUS_FIELDS = {
@@ -258,6 +259,7 @@ async def test_malformed_switch_requests_change_nothing(make_proxy: Any) -> None
     assert len(log_files(proxy)) == 1
 
 
+@pytest.mark.slow
 async def test_switch_without_waiting(make_proxy: Any) -> None:
     proxy = await make_proxy()
     spec = "sim/bg --served-model-name bg --sim-import-delay 0.05 --sim-load-delay 4"
@@ -290,6 +292,7 @@ async def test_identical_concurrent_switches_launch_once(make_proxy: Any) -> Non
     assert len(log_files(proxy)) == 1
 
 
+@pytest.mark.slow
 async def test_concurrent_switches_are_serialised(make_proxy: Any) -> None:
     proxy = await make_proxy()
     seen: set[int] = set()

@@ -599,6 +599,7 @@ async def test_errors(shared: Sim) -> None:
         assert error["param"] == "input_tokens" and "maximum context length is 64" in error["message"]
 
 
+@pytest.mark.slow
 async def test_huge_image_body(shared: Sim) -> None:
     """A 201 MiB request (a base64 image) is accepted; an image counts as one token."""
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 201 * 2**20}}
