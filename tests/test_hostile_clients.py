@@ -130,9 +130,13 @@ def front_door_connection(front: Front, sock: socket.socket) -> FrontProtocol:
     raise AssertionError("no front door connection for this client")
 
 
-async def front_door_client(proxy: Any) -> tuple[socket.socket, FrontProtocol]:
-    """A never reading client whose first request (read) went through the front door, and the
-    front door's connection for it."""
+async def front_door_client(make_proxy: Any) -> tuple[Any, socket.socket, FrontProtocol, asyncio.Transport]:
+    """A proxy in this process in front of the echo upstream, a never reading client whose first
+    request (read) went through the front door, the front door's connection for it and its
+    transport."""
+    proxy = await make_proxy(vllm_command=ECHO, client_timeout=CLIENT_TIMEOUT)
+    status, body = await proxy.switch("echo-model")
+    assert status == 200, body
     served = proxy.front.served
     sock = never_reading_client(proxy.settings.port)
     sock.setblocking(True)
@@ -142,7 +146,9 @@ async def front_door_client(proxy: Any) -> tuple[socket.socket, FrontProtocol]:
     while not answer.endswith(b"\r\n\r\n" + b"b" * 10):
         answer += await asyncio.to_thread(sock.recv, 4096)
     assert proxy.front.served == served + 1
-    return sock, front_door_connection(proxy.front, sock)
+    conn = front_door_connection(proxy.front, sock)
+    assert isinstance(conn.transport, asyncio.Transport)
+    return proxy, sock, conn, conn.transport
 
 
 async def blobs_served(proxy: Any) -> int:
@@ -158,12 +164,7 @@ async def test_a_hand_off_while_writes_are_paused_keeps_aiohttp_waiting(make_pro
     is aborted after the client timeout. The answers are pipelined one at a time until the
     kernel holds all it takes; the proxy's high-water mark is then set to what waits in its
     buffer, so that the next answer is the one that pauses writing."""
-    proxy = await make_proxy(vllm_command=ECHO, client_timeout=CLIENT_TIMEOUT)
-    status, body = await proxy.switch("echo-model")
-    assert status == 200, body
-    sock, conn = await front_door_client(proxy)
-    transport = conn.transport
-    assert transport is not None
+    proxy, sock, conn, transport = await front_door_client(make_proxy)
     try:
         for _ in range(2000):
             served = proxy.front.served + 1
@@ -197,12 +198,7 @@ async def test_a_close_that_waits_for_a_client_that_never_reads_is_cut(
     pause) for a client that never reads: the connection is closed when idle for the keep-alive
     timeout (by the front door, or by aiohttp after a hand-off), and that close would wait for
     ever; it is aborted after the client timeout."""
-    proxy = await make_proxy(vllm_command=ECHO, client_timeout=CLIENT_TIMEOUT)
-    status, body = await proxy.switch("echo-model")
-    assert status == 200, body
-    sock, conn = await front_door_client(proxy)
-    transport = conn.transport
-    assert transport is not None
+    proxy, sock, _, transport = await front_door_client(make_proxy)
     try:
         transport.set_write_buffer_limits(high=1 << 30)  # never pause: the answers wait in the proxy
         first = b"GET /blob?size=30000 HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"
