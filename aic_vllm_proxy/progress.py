@@ -5,13 +5,12 @@ summary).
 Nothing here does I/O on the network: the sync and the async client feed a :class:`SwitchWatch`
 with the status answers and log lines they fetch, each in its own way, and it tells them when
 to open the log stream and when the switch has succeeded or failed. Only :mod:`pydantic` models
-are imported, so this works with the ``client`` extra alone.
+and the pure :mod:`aic_vllm_proxy.spec` are imported, so this works with the ``client`` extra alone.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from aic_vllm_proxy.models import ProcessState, Status, SwitchResult
+from aic_vllm_proxy.spec import ModelSpec, SpecError
 
 S = ProcessState
 
@@ -63,23 +63,27 @@ def _stream_sink(stream: Writable | None) -> Sink:
     return show
 
 
-def spec_words(spec: str | None) -> tuple[str, ...] | None:
-    """A spec as the words vLLM gets (so quoting and spacing do not matter), as the proxy compares."""
-    if spec is None:
-        return None
+def _parsed(spec: str) -> ModelSpec | None:
     try:
-        return tuple(shlex.split(spec))
-    except ValueError:
-        return (spec,)
+        return ModelSpec.parse(spec)
+    except SpecError:  # a spec the proxy would refuse: it is never the one loaded
+        return None
 
 
 def same_spec(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and spec_words(a) == spec_words(b)
+    """The same launch, as the proxy compares specs (:attr:`ModelSpec.key`: quoting and spacing
+    do not matter); a spec the proxy cannot parse is only the same as itself, word for word."""
+    if a is None or b is None:
+        return False
+    parsed_a, parsed_b = _parsed(a), _parsed(b)
+    if parsed_a is None or parsed_b is None:
+        return a.split() == b.split()
+    return parsed_a.key == parsed_b.key
 
 
 def model_of(spec: str) -> str:
-    words = spec_words(spec)
-    return words[0] if words else spec
+    parsed = _parsed(spec)
+    return parsed.model if parsed is not None else spec
 
 
 # ------------------------------------------------------------------ the log filter

@@ -14,9 +14,12 @@
 :class:`VLLMProxyClient` (``sync.py``) is synchronous and never touches an event loop, so it
 works inside Jupyter (where one is already running). :class:`AsyncVLLMProxyClient` (``aio.py``)
 has the same methods for ``await``. Both share the request building, error handling
-(``calls.py``, ``errors.py``) and switch-following logic (:mod:`aic_vllm_proxy.progress`); only
-the few lines that do I/O differ. What they return for the proxy's status and for a switch
-(``views.py``) is at once the JSON dict of the answer and the typed object.
+(``calls.py``, ``errors.py``) and switch-following logic (:mod:`aic_vllm_proxy.progress`): a
+switch or a wait is written once in ``calls.py`` as a plan of steps (calls, waits, the log
+stream) that each client's one driver carries out, so only the few lines that do I/O differ.
+Specs are compared and catalogue names looked up by the proxy's own pure modules
+(:mod:`aic_vllm_proxy.spec`, :mod:`aic_vllm_proxy.catalog`). What they return for the proxy's
+status and for a switch (``views.py``) is at once the JSON dict of the answer and the typed object.
 
 A switch never waits on one long HTTP request: it asks the proxy to start the switch
 (``POST /switch`` with ``"wait": false``), then polls ``GET /status`` and follows the new vLLM

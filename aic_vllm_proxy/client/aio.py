@@ -4,33 +4,67 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
 import httpx
 
 from aic_vllm_proxy.client.calls import (
-    FINAL_LINES_WAIT,
-    FOLLOW_FROM_LINES,
-    READY_LINES_WAIT,
     T,
     _Call,
     _catalog_call,
     _ClientBase,
-    _failure_tail_call,
+    _CloseLog,
     _health_call,
+    _log_stream_request,
     _logs_call,
+    _model_name_call,
+    _OpenLog,
+    _Plan,
     _plugins_call,
     _start_switch_call,
     _status_call,
+    _Steps,
     _stop_call,
-    catalog_spec,
+    _Wait,
 )
-from aic_vllm_proxy.client.errors import ProxyError, ProxyUnreachable
+from aic_vllm_proxy.client.errors import ProxyError
 from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
-from aic_vllm_proxy.models import PluginInfo, ProcessState
-from aic_vllm_proxy.progress import Outcome, ProgressArg, SwitchWatch
+from aic_vllm_proxy.models import PluginInfo
+from aic_vllm_proxy.progress import ProgressArg
+
+
+class _LogTask:
+    """Follows the log stream in a task, each line handed to ``show``."""
+
+    def __init__(self, lines: AsyncIterator[str], show: Callable[[str], None]) -> None:
+        self._arrived = asyncio.Event()
+        self._task = asyncio.create_task(self._pipe(lines, show))
+
+    async def _pipe(self, lines: AsyncIterator[str], show: Callable[[str], None]) -> None:
+        with contextlib.suppress(ProxyError):  # no stream: /status tells the rest
+            async for line in lines:
+                show(line)
+                self._arrived.set()
+
+    async def wait(self, seconds: float, until: Callable[[], bool]) -> None:
+        """Until the stream ends, ``until()`` is true after a line, or ``seconds`` have passed."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while not until() and not self._task.done():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            arrived = asyncio.ensure_future(self._arrived.wait())
+            await asyncio.wait({self._task, arrived}, timeout=remaining)
+            arrived.cancel()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
 
 # ------------------------------------------------------------------- async client
 
@@ -57,13 +91,35 @@ class AsyncVLLMProxyClient(_ClientBase):
 
     async def _send(self, call: _Call[T]) -> T:
         try:
-            response = await self._http.request(
-                call.method, call.path, json=call.json, params=call.params, timeout=self._call_timeout(call)
-            )
+            response = await self._http.request(**self._request(call))
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
-        self._check(response)
-        return call.parse(response)
+        return self._answer(call, response)
+
+    async def _run(self, plan: _Plan[T]) -> T:
+        """Carry out a plan's steps (see ``calls.py``); the log stream is read by a task."""
+        steps = _Steps(plan)
+        log: _LogTask | None = None
+        try:
+            while (step := steps.next()) is not None:
+                try:
+                    if isinstance(step, _Call):
+                        steps.done(await self._send(step))
+                    elif isinstance(step, _OpenLog):
+                        log = _LogTask(self.follow_logs(step.lines), step.show)
+                    elif isinstance(step, _Wait) and log is not None and step.to_end:
+                        await log.wait(step.seconds, step.until)
+                    elif isinstance(step, _Wait):
+                        await asyncio.sleep(step.seconds)
+                    elif isinstance(step, _CloseLog) and log is not None:
+                        await log.stop()
+                        log = None
+                except BaseException as exc:  # thrown into the plan, which handles it or not
+                    steps.done(error=exc)
+        finally:
+            if log is not None:
+                await log.stop()
+        return steps.result
 
     async def status(self) -> StatusDict:
         """See :meth:`VLLMProxyClient.status`."""
@@ -73,8 +129,7 @@ class AsyncVLLMProxyClient(_ClientBase):
         return await self._send(_health_call())
 
     async def model_name(self) -> str | None:
-        status = (await self.status()).as_model()
-        return status.model if status.state is ProcessState.READY else None
+        return await self._send(_model_name_call())
 
     async def switch(
         self,
@@ -87,17 +142,7 @@ class AsyncVLLMProxyClient(_ClientBase):
         verbose: bool | None = None,
     ) -> SwitchResultDict:
         """See :meth:`VLLMProxyClient.switch`."""
-        spec = self.spec_for(model, args)
-        before = (await self.status()).as_model()
-        loads = await self._catalog_lookup(spec)
-        watch = self._watch(spec, before, progress, timeout, loads=loads, verbose=verbose)
-        watch.begin()
-        try:
-            await self._send(_start_switch_call(spec, force))
-        except ProxyError as exc:
-            watch.show(f"FAILED: {exc.message}")
-            raise
-        return SwitchResultDict(watch.result(await self._follow(watch)))
+        return await self._run(self._switch_plan(model, args, force, timeout, progress, verbose))
 
     async def start_switch(
         self, model: str, args: str | Sequence[str] | None = None, *, force: bool = False
@@ -111,8 +156,7 @@ class AsyncVLLMProxyClient(_ClientBase):
         progress: ProgressArg | None = False,
         verbose: bool | None = None,
     ) -> StatusDict:
-        watch = self._watch(None, (await self.status()).as_model(), progress, timeout, verbose=verbose)
-        return StatusDict((await self._follow(watch)).status)
+        return await self._run(self._wait_plan(timeout, progress, verbose))
 
     async def stop(self, *, force: bool = False) -> StatusDict:
         return await self._send(_stop_call(force))
@@ -120,25 +164,13 @@ class AsyncVLLMProxyClient(_ClientBase):
     async def catalog(self) -> dict[str, Any]:
         return await self._send(_catalog_call())
 
-    async def _catalog_lookup(self, spec: str) -> str | None:
-        if len(spec.split()) != 1:
-            return None
-        try:
-            return catalog_spec(spec, await self.catalog())
-        except ProxyUnreachable:
-            raise
-        except ProxyError:
-            return None
-
     async def logs(self, lines: int | None = None) -> str:
         return await self._send(_logs_call(lines))
 
     async def follow_logs(self, lines: int = 50) -> AsyncIterator[str]:
         """See :meth:`VLLMProxyClient.follow_logs`."""
         try:
-            async with self._http.stream(
-                "GET", "/logs/stream", params={"lines": lines}, timeout=httpx.Timeout(self.timeout, read=None)
-            ) as response:
+            async with self._http.stream(**_log_stream_request(lines, self.timeout)) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     self._check(response)
@@ -149,45 +181,3 @@ class AsyncVLLMProxyClient(_ClientBase):
 
     async def plugins(self) -> list[PluginInfo]:
         return await self._send(_plugins_call())
-
-    async def _pipe_log(self, watch: SwitchWatch, ready_line: asyncio.Event) -> None:
-        with contextlib.suppress(ProxyError):
-            async for line in self.follow_logs(FOLLOW_FROM_LINES):
-                watch.log(line)
-                if watch.ready_line_seen:
-                    ready_line.set()
-
-    async def _follow(self, watch: SwitchWatch) -> Outcome:
-        reader: asyncio.Task[None] | None = None
-        ready_line = asyncio.Event()
-        try:
-            while True:
-                outcome = watch.observe((await self.status()).as_model())
-                if outcome is not None:
-                    break
-                if watch.timed_out():
-                    raise self._timeout_error(watch)
-                if reader is None and watch.sink is not None and watch.wants_log(watch.last):
-                    reader = asyncio.create_task(self._pipe_log(watch, ready_line))
-                await asyncio.sleep(self.poll_interval)
-                watch.tick()
-            if reader is not None and not outcome.ok:
-                # A failed vLLM has exited: its stream ends once its last lines are sent.
-                await asyncio.wait({reader}, timeout=FINAL_LINES_WAIT)
-            elif reader is not None:  # ready: its last start-up lines may still be on their way
-                waiting = asyncio.ensure_future(ready_line.wait())
-                await asyncio.wait({reader, waiting}, timeout=READY_LINES_WAIT)
-                waiting.cancel()
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            watch.interrupted()
-            raise
-        finally:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-        tail: list[str] = []
-        if not outcome.ok and outcome.has_log:
-            with contextlib.suppress(ProxyError):
-                tail = await self._send(_failure_tail_call())
-        return self._conclude(watch, outcome, tail)

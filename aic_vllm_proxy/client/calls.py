@@ -3,16 +3,19 @@ the base class with the methods that do no I/O."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shlex
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from aic_vllm_proxy.catalog import CatalogEntry, resolve
 from aic_vllm_proxy.client.errors import (
     AuthenticationError,
     PermissionDeniedError,
@@ -22,7 +25,7 @@ from aic_vllm_proxy.client.errors import (
     UnknownModelError,
     WaitTimeout,
 )
-from aic_vllm_proxy.client.views import StatusDict
+from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
 from aic_vllm_proxy.models import (
     ErrorBody,
     ErrorDetail,
@@ -32,6 +35,7 @@ from aic_vllm_proxy.models import (
     Status,
 )
 from aic_vllm_proxy.progress import Outcome, ProgressArg, SwitchWatch, make_sink
+from aic_vllm_proxy.spec import SpecError
 
 if TYPE_CHECKING:
     import openai
@@ -262,16 +266,123 @@ def _catalog_call() -> _Call[dict[str, Any]]:
     return _Call("GET", "/models/catalog", _json_dict)
 
 
+def _model_name_call() -> _Call[str | None]:
+    def ready_model(response: httpx.Response) -> str | None:
+        status = _status_answer(response).as_model()
+        return status.model if status.state is ProcessState.READY else None
+
+    return _Call("GET", "/status", ready_model)
+
+
+def _log_stream_request(lines: int, timeout: float) -> dict[str, Any]:
+    """The request of ``GET /logs/stream`` (no read timeout: a line may take long to come)."""
+    return {
+        "method": "GET",
+        "url": "/logs/stream",
+        "params": {"lines": lines},
+        "timeout": httpx.Timeout(timeout, read=None),
+    }
+
+
+# ------------------------------------------------------------------ plans of steps
+#
+# What a longer method does (switch, wait_until_ready) is written once, as a generator that
+# yields steps and gets each step's answer back: a _Call (answer: its parsed result), or one of
+# the steps below about the log stream (answer: None). A step that fails is thrown into the plan
+# at its yield, so the plan handles errors as if it had done the I/O itself. The sync and async
+# clients each have one driver (``_run``) that carries the steps out.
+
+
+@dataclass(frozen=True)
+class _OpenLog:
+    """Follow ``GET /logs/stream`` from its last ``lines`` lines, each line handed to ``show``."""
+
+    show: Callable[[str], None]
+    lines: int = FOLLOW_FROM_LINES
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """Let ``seconds`` pass while the log's lines are shown; with ``to_end``, stop earlier once
+    the log stream has ended or ``until()`` is true (checked after each line)."""
+
+    seconds: float
+    to_end: bool = False
+    until: Callable[[], bool] = _never
+
+
+@dataclass(frozen=True)
+class _CloseLog:
+    """Stop following the log stream (the driver also does this when the plan ends)."""
+
+
+_Step = _Call[Any] | _OpenLog | _Wait | _CloseLog
+#: A plan that returns a ``T``.
+_Plan = Generator[_Step, Any, T]
+
+
+def _ask(call: _Call[T]) -> _Plan[T]:
+    """One call, as a step of a plan: ``answer = yield from _ask(call)``."""
+    answer: T = yield call
+    return answer
+
+
+class _Steps(Generic[T]):
+    """A plan carried out one step at a time: the driver does :meth:`next`'s step and hands its
+    answer (or its exception) back with :meth:`done`; :attr:`result` once ``next()`` is None."""
+
+    def __init__(self, plan: _Plan[T]) -> None:
+        self._plan = plan
+        self._answer: Any = None
+        self._error: BaseException | None = None
+        self.result: T
+
+    def next(self) -> _Step | None:
+        answer, error = self._answer, self._error
+        self._answer = self._error = None
+        try:
+            return self._plan.send(answer) if error is None else self._plan.throw(error)
+        except StopIteration as end:
+            self.result = end.value
+            return None
+
+    def done(self, answer: Any = None, error: BaseException | None = None) -> None:
+        self._answer, self._error = answer, error
+
+
+def _catalog_lookup(spec: str) -> _Plan[str | None]:
+    """The spec the proxy loads for ``spec`` when it names a catalogue entry (else None)."""
+    if len(spec.split()) != 1:
+        return None
+    try:
+        catalog = yield from _ask(_catalog_call())
+    except ProxyUnreachable:
+        raise
+    except ProxyError:  # no catalogue (an older proxy) or not allowed to see it
+        return None
+    return catalog_spec(spec, catalog)
+
+
 def catalog_spec(name: str, catalog: Mapping[str, Any]) -> str | None:
     """The spec the proxy loads for the one-word ``name`` of a catalogue entry (or alias), as
-    listed by ``GET /models/catalog``; None when it is not one."""
-    entries = catalog.get("models")
-    if not isinstance(entries, dict) or len(name.split()) != 1:
+    listed by ``GET /models/catalog``; None when it is not one. The lookup is the proxy's own
+    (:func:`aic_vllm_proxy.catalog.resolve`); entries this client cannot read are passed over."""
+    listed = catalog.get("models")
+    if not isinstance(listed, dict):
         return None
-    for key, entry in entries.items():
-        if isinstance(entry, dict) and (name == key or name in (entry.get("aliases") or ())):
-            return f"{shlex.quote(str(entry.get('model')))} {entry.get('args') or ''}".strip()
-    return None
+    entries: dict[str, CatalogEntry] = {}
+    for key, entry in listed.items():
+        with contextlib.suppress(ValidationError):
+            entries[str(key)] = CatalogEntry.model_validate(entry)
+    try:
+        spec, entry_name = resolve(name, entries, policy="open", denied_flags=())
+    except SpecError:
+        return None
+    return spec.raw if entry_name is not None else None
 
 
 def _switch_error(outcome: Outcome, tail: list[str], base_url: str, *, switching: bool) -> ProxyError:
@@ -346,6 +457,21 @@ class _ClientBase:
             "timeout": self._call_timeout(_status_call()),
         }
 
+    def _request(self, call: _Call[Any]) -> dict[str, Any]:
+        """The arguments of ``httpx`` ``request()`` for ``call``."""
+        return {
+            "method": call.method,
+            "url": call.path,
+            "json": call.json,
+            "params": call.params,
+            "timeout": self._call_timeout(call),
+        }
+
+    def _answer(self, call: _Call[T], response: httpx.Response) -> T:
+        """The parsed answer to ``call``, or its :class:`ProxyError`."""
+        self._check(response)
+        return call.parse(response)
+
     def _check(self, response: httpx.Response) -> None:
         """Raise the :class:`ProxyError` for an error answer."""
         if response.status_code >= 400:
@@ -375,6 +501,66 @@ class _ClientBase:
         if spec is None:
             return SwitchWatch(None, before, sink=sink, timeout=timeout, verbose=every_line)
         return SwitchWatch(loads or spec, before, sink=sink, timeout=timeout, label=spec, verbose=every_line)
+
+    def _switch_plan(
+        self,
+        model: str,
+        args: str | Sequence[str] | None,
+        force: bool,
+        timeout: float | None,
+        progress: ProgressArg | None,
+        verbose: bool | None,
+    ) -> _Plan[SwitchResultDict]:
+        spec = self.spec_for(model, args)
+        before = (yield from _ask(_status_call())).as_model()
+        loads = yield from _catalog_lookup(spec)
+        watch = self._watch(spec, before, progress, timeout, loads=loads, verbose=verbose)
+        watch.begin()
+        try:
+            yield from _ask(_start_switch_call(spec, force))
+        except ProxyError as exc:
+            watch.show(f"FAILED: {exc.message}")  # e.g. a spec the proxy's policy refuses
+            raise
+        return SwitchResultDict(watch.result((yield from self._follow_plan(watch))))
+
+    def _wait_plan(
+        self, timeout: float | None, progress: ProgressArg | None, verbose: bool | None
+    ) -> _Plan[StatusDict]:
+        before = (yield from _ask(_status_call())).as_model()
+        watch = self._watch(None, before, progress, timeout, verbose=verbose)
+        return StatusDict((yield from self._follow_plan(watch)).status)
+
+    def _follow_plan(self, watch: SwitchWatch) -> _Plan[Outcome]:
+        """Poll ``/status`` until the switch (or the wait) is over, following the new launch's
+        log while progress is shown; raise the failure with the log's tail."""
+        following = False
+        try:
+            while True:
+                outcome = watch.observe((yield from _ask(_status_call())).as_model())
+                if outcome is not None:
+                    break
+                if watch.timed_out():
+                    raise self._timeout_error(watch)
+                if not following and watch.sink is not None and watch.wants_log(watch.last):
+                    following = True
+                    yield _OpenLog(watch.log)
+                yield _Wait(self.poll_interval)
+                watch.tick()
+            if following and not outcome.ok:
+                # A failed vLLM has exited: its stream ends once its last lines are sent.
+                yield _Wait(FINAL_LINES_WAIT, to_end=True)
+            elif following:  # ready: its last start-up lines may still be on their way
+                yield _Wait(READY_LINES_WAIT, to_end=True, until=lambda: watch.ready_line_seen)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            watch.interrupted()
+            raise
+        if following:
+            yield _CloseLog()
+        tail: list[str] = []
+        if not outcome.ok and outcome.has_log:
+            with contextlib.suppress(ProxyError):
+                tail = yield from _ask(_failure_tail_call())
+        return self._conclude(watch, outcome, tail)
 
     def _timeout_error(self, watch: SwitchWatch) -> WaitTimeout:
         status = watch.last

@@ -14,26 +14,27 @@ from typing import Any
 import httpx
 
 from aic_vllm_proxy.client.calls import (
-    FINAL_LINES_WAIT,
-    FOLLOW_FROM_LINES,
-    READY_LINES_WAIT,
     T,
     _Call,
     _catalog_call,
     _ClientBase,
-    _failure_tail_call,
+    _CloseLog,
     _health_call,
+    _log_stream_request,
     _logs_call,
+    _model_name_call,
+    _OpenLog,
+    _Plan,
     _plugins_call,
     _start_switch_call,
     _status_call,
+    _Steps,
     _stop_call,
-    catalog_spec,
+    _Wait,
 )
-from aic_vllm_proxy.client.errors import ProxyError, ProxyUnreachable
 from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
-from aic_vllm_proxy.models import PluginInfo, ProcessState
-from aic_vllm_proxy.progress import Outcome, ProgressArg, SwitchWatch
+from aic_vllm_proxy.models import PluginInfo
+from aic_vllm_proxy.progress import ProgressArg
 
 # -------------------------------------------------------------------- sync client
 
@@ -42,10 +43,11 @@ class _LogThread:
     """Follows ``GET /logs/stream`` in a thread and hands the lines over through a queue, so
     they are printed by the caller's thread (which is what Jupyter attaches output to)."""
 
-    def __init__(self, open_client: Callable[[], httpx.Client], lines: int) -> None:
+    def __init__(self, open_client: Callable[[], httpx.Client], step: _OpenLog) -> None:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self._open_client = open_client
-        self._params = {"lines": lines}
+        self._show = step.show
+        self._request = _log_stream_request(step.lines, 10.0)
         self._response: httpx.Response | None = None
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aic-vllm-proxy-log", daemon=True)
@@ -55,9 +57,7 @@ class _LogThread:
         try:
             with (
                 self._open_client() as http,
-                http.stream(
-                    "GET", "/logs/stream", params=self._params, timeout=httpx.Timeout(10.0, read=None)
-                ) as response,
+                http.stream(**self._request) as response,
             ):
                 self._response = response
                 if response.status_code != 200 or self._stopped.is_set():
@@ -69,9 +69,7 @@ class _LogThread:
         finally:
             self.lines.put(None)
 
-    def pump(
-        self, show: Callable[[str], None], seconds: float, until: Callable[[], bool] = lambda: False
-    ) -> bool:
+    def pump(self, seconds: float, until: Callable[[], bool]) -> bool:
         """Show the lines that arrive within ``seconds`` (or until ``until()`` is true after one);
         False once the stream has ended."""
         deadline = time.monotonic() + seconds
@@ -86,7 +84,7 @@ class _LogThread:
             if line is None:
                 self.lines.put(None)  # keep the end mark for later calls
                 return False
-            show(line)
+            self._show(line)
         return True
 
     def stop(self) -> None:
@@ -138,13 +136,35 @@ class VLLMProxyClient(_ClientBase):
 
     def _send(self, call: _Call[T]) -> T:
         try:
-            response = self._http.request(
-                call.method, call.path, json=call.json, params=call.params, timeout=self._call_timeout(call)
-            )
+            response = self._http.request(**self._request(call))
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
-        self._check(response)
-        return call.parse(response)
+        return self._answer(call, response)
+
+    def _run(self, plan: _Plan[T]) -> T:
+        """Carry out a plan's steps (see ``calls.py``); the log stream is read by a thread."""
+        steps = _Steps(plan)
+        log: _LogThread | None = None
+        try:
+            while (step := steps.next()) is not None:
+                try:
+                    if isinstance(step, _Call):
+                        steps.done(self._send(step))
+                    elif isinstance(step, _OpenLog):
+                        log = _LogThread(lambda: httpx.Client(**self._http_options()), step)
+                    elif isinstance(step, _Wait):
+                        ended = log is None or not log.pump(step.seconds, step.until)
+                        if ended and not step.to_end:
+                            time.sleep(step.seconds)  # no stream (any more): just wait
+                    elif isinstance(step, _CloseLog) and log is not None:
+                        log.stop()
+                        log = None
+                except BaseException as exc:  # thrown into the plan, which handles it or not
+                    steps.done(error=exc)
+        finally:
+            if log is not None:
+                log.stop()
+        return steps.result
 
     # ----------------------------------------------------------------- the API
 
@@ -159,8 +179,7 @@ class VLLMProxyClient(_ClientBase):
 
     def model_name(self) -> str | None:
         """The model name to use in requests, when a model is ready; else None."""
-        status = self.status().as_model()
-        return status.model if status.state is ProcessState.READY else None
+        return self._send(_model_name_call())
 
     def switch(
         self,
@@ -185,17 +204,7 @@ class VLLMProxyClient(_ClientBase):
             loaded (nothing restarted), ``load_seconds`` is how long loading took.
         :raises SwitchError: vLLM failed to start (the message ends with its log tail).
         """
-        spec = self.spec_for(model, args)
-        before = self.status().as_model()
-        loads = self._catalog_lookup(spec)
-        watch = self._watch(spec, before, progress, timeout, loads=loads, verbose=verbose)
-        watch.begin()
-        try:
-            self._send(_start_switch_call(spec, force))
-        except ProxyError as exc:
-            watch.show(f"FAILED: {exc.message}")  # e.g. a spec the proxy's policy refuses
-            raise
-        return SwitchResultDict(watch.result(self._follow(watch)))
+        return self._run(self._switch_plan(model, args, force, timeout, progress, verbose))
 
     def start_switch(
         self, model: str, args: str | Sequence[str] | None = None, *, force: bool = False
@@ -215,8 +224,7 @@ class VLLMProxyClient(_ClientBase):
         :raises SwitchError: the model failed. :raises ProxyError: nothing is loaded.
         :raises WaitTimeout: still not ready after ``timeout`` seconds (None: no limit).
         """
-        watch = self._watch(None, self.status().as_model(), progress, timeout, verbose=verbose)
-        return StatusDict(self._follow(watch).status)
+        return self._run(self._wait_plan(timeout, progress, verbose))
 
     def stop(self, *, force: bool = False) -> StatusDict:
         """Stop vLLM (the whole process tree); a no-op when nothing runs.
@@ -229,16 +237,6 @@ class VLLMProxyClient(_ClientBase):
         """``GET /models/catalog``: the proxy's model policy and its catalogue of named models."""
         return self._send(_catalog_call())
 
-    def _catalog_lookup(self, spec: str) -> str | None:
-        if len(spec.split()) != 1:
-            return None
-        try:
-            return catalog_spec(spec, self.catalog())
-        except ProxyUnreachable:
-            raise
-        except ProxyError:  # no catalogue (an older proxy) or not allowed to see it
-            return None
-
     def logs(self, lines: int | None = None) -> str:
         """The current vLLM log: the whole file, or its last ``lines`` lines."""
         return self._send(_logs_call(lines))
@@ -246,9 +244,7 @@ class VLLMProxyClient(_ClientBase):
     def follow_logs(self, lines: int = 50) -> Iterator[str]:
         """The last ``lines`` lines, then each new line as vLLM writes it, until vLLM exits."""
         try:
-            with self._http.stream(
-                "GET", "/logs/stream", params={"lines": lines}, timeout=httpx.Timeout(self.timeout, read=None)
-            ) as response:
+            with self._http.stream(**_log_stream_request(lines, self.timeout)) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._check(response)
@@ -259,36 +255,3 @@ class VLLMProxyClient(_ClientBase):
     def plugins(self) -> list[PluginInfo]:
         """The proxy's plugins (name, version, hooks, enabled)."""
         return self._send(_plugins_call())
-
-    # --------------------------------------------------------- following a switch
-
-    def _follow(self, watch: SwitchWatch) -> Outcome:
-        reader: _LogThread | None = None
-        try:
-            while True:
-                outcome = watch.observe(self.status().as_model())
-                if outcome is not None:
-                    break
-                if watch.timed_out():
-                    raise self._timeout_error(watch)
-                if reader is None and watch.sink is not None and watch.wants_log(watch.last):
-                    reader = _LogThread(lambda: httpx.Client(**self._http_options()), FOLLOW_FROM_LINES)
-                if reader is None or not reader.pump(watch.log, self.poll_interval):
-                    time.sleep(self.poll_interval)  # no stream (any more): just poll
-                watch.tick()
-            if reader is not None and not outcome.ok:
-                # A failed vLLM has exited: its stream ends once its last lines are sent.
-                reader.pump(watch.log, FINAL_LINES_WAIT)
-            elif reader is not None:  # ready: its last start-up lines may still be on their way
-                reader.pump(watch.log, READY_LINES_WAIT, until=lambda: watch.ready_line_seen)
-        except KeyboardInterrupt:
-            watch.interrupted()
-            raise
-        finally:
-            if reader is not None:
-                reader.stop()
-        tail: list[str] = []
-        if not outcome.ok and outcome.has_log:
-            with contextlib.suppress(ProxyError):
-                tail = self._send(_failure_tail_call())
-        return self._conclude(watch, outcome, tail)
