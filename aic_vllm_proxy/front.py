@@ -676,65 +676,12 @@ class FrontProtocol(ClientConnection):
         return "".join(parts).encode("latin-1")
 
 
-class FrontSite(web.TCPSite):
-    """A TCP site whose connections start at the front door (see the module's docstring); with
-    ``lean=False`` every connection is aiohttp's from the start (watched all the same:
-    :class:`AiohttpConnection`)."""
-
-    def __init__(
-        self,
-        runner: web.BaseRunner,
-        front: Front,
-        host: str,
-        port: int,
-        *,
-        backlog: int = 128,
-        drain_timeout: float = 60.0,
-        lean: bool = True,
-    ) -> None:
-        super().__init__(runner, host, port, backlog=backlog)
-        self.front = front
-        self.drain_timeout = drain_timeout
-        self.lean = lean
-
-    async def start(self) -> None:
-        runner = self._runner
-        runner._reg_site(self)
-        loop = asyncio.get_running_loop()
-        front = self.front
-        protocol: Callable[[], asyncio.Protocol]
-        protocol = (lambda: FrontProtocol(front)) if self.lean else front.aiohttp_connection
-        self._server = await loop.create_server(
-            protocol,
-            self._host,
-            self._port,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
-        )
-        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
-        front.start()
-
-    async def stop(self) -> None:
-        await super().stop()
-        await self.front.shutdown(self.drain_timeout)
-
-
-def front_site(
-    runner: web.AppRunner,
-    host: str,
-    port: int,
-    *,
-    keepalive_timeout: float,
-    drain_timeout: float,
-    backlog: int = 128,
-    lean: bool = True,
-) -> FrontSite:
-    """The listening site for an application made by ``app.create_app`` (after ``runner.setup()``);
-    ``lean=False`` leaves the front door out (every request through aiohttp)."""
+def make_front(runner: web.AppRunner, *, keepalive_timeout: float) -> Front:
+    """The front door for an application made by ``app.create_app``, after ``runner.setup()``
+    (``runner.server``, aiohttp's request handler factory, serves what is handed off). The
+    listening socket is ``server.Listener``'s."""
     app = runner.app
     server = runner.server
     assert server is not None, "call runner.setup() first"
     own_paths = set(control.methods_by_path())
-    front = Front(app[PASSTHROUGH], app[KEYS], server, own_paths, keepalive_timeout=keepalive_timeout)
-    return FrontSite(runner, front, host, port, backlog=backlog, drain_timeout=drain_timeout, lean=lean)
+    return Front(app[PASSTHROUGH], app[KEYS], server, own_paths, keepalive_timeout=keepalive_timeout)

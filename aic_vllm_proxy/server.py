@@ -1,5 +1,7 @@
-"""Runs the daemon's application until SIGINT or SIGTERM: aiohttp's ``AppRunner`` behind the
-front door (``front.py``), like ``web.run_app`` but with that site.
+"""Runs the daemon's application until SIGINT or SIGTERM, like ``web.run_app``: aiohttp's
+``AppRunner`` starts and cleans up the application, and the daemon owns its listening socket
+(:class:`Listener`, asyncio's ``create_server``; no aiohttp site) whose connections start at the
+front door (``front.py``).
 
 On a signal: the listening socket closes, idle connections close, requests in flight get up to
 ``drain_timeout`` seconds, then the application's cleanup runs (vLLM is stopped and its whole
@@ -21,7 +23,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from aic_vllm_proxy.app import SERVER_OPTIONS
-from aic_vllm_proxy.front import front_site
+from aic_vllm_proxy.front import AiohttpConnection, Front, FrontProtocol, make_front
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,48 @@ def make_runner(
     )
 
 
-async def start_site(
+class Listener:
+    """The daemon's listening socket, its own (``loop.create_server``), for an application whose
+    runner is set up. Each connection starts at the front door; with ``lean=False`` (an access
+    log) every connection is aiohttp's from the start, still watched for clients that do not
+    read (``front.AiohttpConnection``). :meth:`stop` before the runner's ``cleanup()``."""
+
+    def __init__(
+        self, runner: web.AppRunner, *, keepalive_timeout: float, drain_timeout: float, lean: bool = True
+    ) -> None:
+        self.front: Front = make_front(runner, keepalive_timeout=keepalive_timeout)
+        self.drain_timeout = drain_timeout
+        self.lean = lean
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int, *, backlog: int = 1024) -> None:
+        """Listen on host:port (port 0: one the kernel picks, see :attr:`port`); ``OSError`` if
+        it cannot."""
+        front = self.front
+        protocol: Callable[[], FrontProtocol | AiohttpConnection]
+        protocol = (lambda: FrontProtocol(front)) if self.lean else front.aiohttp_connection
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(protocol, host, port, backlog=backlog, reuse_address=True)
+        front.start()
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the kernel gave for port 0)."""
+        assert self._server is not None and self._server.sockets, "not listening"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Close the listening socket, then the front door's connections: idle ones at once,
+        requests in flight get up to ``drain_timeout`` (aiohttp's connections are the runner's
+        ``cleanup()``'s, with the same timeout)."""
+        if self._server is None:
+            return
+        self._server.close()  # no wait_closed(): it would wait for every connection to end
+        self._server = None
+        await self.front.shutdown(self.drain_timeout)
+
+
+async def listen(
     runner: web.AppRunner,
     host: str,
     port: int,
@@ -103,21 +146,13 @@ async def start_site(
     drain_timeout: float,
     front: bool = True,
     backlog: int = 1024,
-) -> web.TCPSite:
-    """Listen on host:port. With an access log the front door is left out (``front=False``), so
-    that every request goes through aiohttp and is logged; its connections are still watched for
-    clients that do not read (``front.AiohttpConnection``)."""
-    site = front_site(
-        runner,
-        host,
-        port,
-        keepalive_timeout=keepalive_timeout,
-        drain_timeout=drain_timeout,
-        backlog=backlog,
-        lean=front,
-    )
-    await site.start()
-    return site
+) -> Listener:
+    """Listen on host:port for ``runner``'s application (after ``runner.setup()``). With an access
+    log the front door is left out (``front=False``), so that every request goes through aiohttp
+    and is logged."""
+    listener = Listener(runner, keepalive_timeout=keepalive_timeout, drain_timeout=drain_timeout, lean=front)
+    await listener.start(host, port, backlog=backlog)
+    return listener
 
 
 class CannotListen(Exception):
@@ -149,23 +184,20 @@ async def _serve(
         handle_signals=True,  # SIGINT/SIGTERM raise GracefulExit out of the loop
     )
     await runner.setup()
+    listener = Listener(
+        runner, keepalive_timeout=keepalive_timeout, drain_timeout=drain_timeout, lean=access_log is None
+    )
     try:
         try:
-            await start_site(
-                runner,
-                host,
-                port,
-                keepalive_timeout=keepalive_timeout,
-                drain_timeout=drain_timeout,
-                front=access_log is None,
-            )
+            await listener.start(host, port)
         except OSError as exc:
             raise cannot_listen(host, port, exc) from None
         if listening is not None:
             listening()
         await asyncio.Event().wait()
     finally:
-        await runner.cleanup()
+        await listener.stop()  # the socket closes and requests in flight finish first
+        await runner.cleanup()  # then aiohttp's connections, then the app's cleanup (vLLM stops)
 
 
 def run(

@@ -34,9 +34,9 @@ from helpers import SESSION_MARKER, SIM, Alive, free_port, reap_left_behind, ses
 
 from aic_vllm_proxy.app import create_app
 from aic_vllm_proxy.config import Settings
-from aic_vllm_proxy.front import Front, FrontSite
+from aic_vllm_proxy.front import Front
 from aic_vllm_proxy.keys import SUPERVISOR
-from aic_vllm_proxy.server import make_runner, start_site
+from aic_vllm_proxy.server import Listener, listen, make_runner
 from aic_vllm_proxy.supervisor import Supervisor
 
 #: This session's value of the marker every process the tests start inherits (helpers.py).
@@ -128,7 +128,7 @@ class ProxyHandle:
 @pytest.fixture
 async def make_proxy(tmp_path: Path, vllm_groups: set[int]) -> AsyncIterator[Callable[..., Any]]:
     """Start the proxy app on a real socket in this event loop; stopped (with vLLM) at teardown."""
-    runners: list[web.AppRunner] = []
+    runners: list[tuple[web.AppRunner, Listener]] = []
     sessions: list[aiohttp.ClientSession] = []
 
     async def start(*, extra_plugins: Any = (), **overrides: Any) -> ProxyHandle:
@@ -139,7 +139,7 @@ async def make_proxy(tmp_path: Path, vllm_groups: set[int]) -> AsyncIterator[Cal
         access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
         runner = make_runner(app, access_log=access_log, keepalive_timeout=keepalive, drain_timeout=1.0)
         await runner.setup()
-        site = await start_site(
+        listener = await listen(
             runner,
             settings.host,
             settings.port,
@@ -147,18 +147,19 @@ async def make_proxy(tmp_path: Path, vllm_groups: set[int]) -> AsyncIterator[Cal
             drain_timeout=1.0,
             front=access_log is None,
         )
-        runners.append(runner)
+        runners.append((runner, listener))
         if settings.port == 0:
-            settings = settings.model_copy(update={"port": runner.addresses[0][1]})
+            settings = settings.model_copy(update={"port": listener.port})
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         sessions.append(session)
-        front = site.front if isinstance(site, FrontSite) and site.lean else None  # no front door: None
+        front = listener.front if listener.lean else None  # no front door: None
         return ProxyHandle(f"http://127.0.0.1:{settings.port}", app, settings, session, vllm_groups, front)
 
     yield start
     for session in sessions:
         await session.close()
-    for runner in runners:
+    for runner, listener in runners:
+        await listener.stop()
         await runner.cleanup()
 
 

@@ -1,0 +1,137 @@
+"""The daemon owns its listening socket (``server.Listener``, asyncio's ``create_server``) and
+uses no private attribute of aiohttp's (issue 12): an upgrade of aiohttp within the bound in
+pyproject.toml cannot break it by renaming one.
+
+- ``test_no_aiohttp_private_attribute_is_used``: a scan of the package's syntax trees for an
+  attribute of aiohttp's own spelled with a leading underscore (``runner._reg_site``,
+  ``site._host``, ...), on any object, or on ``self`` in a subclass of an aiohttp class.
+- ``test_listens_on_port_0_and_serves_health``: a real socket on the port the kernel gave, with
+  the front door and without it (``--access-log``).
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+import aic_vllm_proxy
+
+PACKAGE = Path(aic_vllm_proxy.__file__).parent
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_names(tree: ast.AST) -> Iterator[str]:
+    """Private names a module defines or reaches for: attributes, methods, slots."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            yield node.attr
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _private(node.name):
+            yield node.name
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _private(node.value):
+            yield node.value  # __slots__ entries
+
+
+def aiohttp_private_names() -> set[str]:
+    root = Path(aiohttp.__file__).parent
+    names: set[str] = set()
+    for path in root.glob("*.py"):
+        names.update(_private_names(ast.parse(path.read_text(encoding="utf-8"))))
+    return names
+
+
+def _aiohttp_aliases(tree: ast.Module) -> set[str]:
+    """Names a module binds to aiohttp or to something imported from it."""
+    aliases: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update(
+                (a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("aiohttp")
+            )
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("aiohttp"):
+            aliases.update(a.asname or a.name for a in node.names)
+    return aliases
+
+
+def _root(node: ast.expr) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def aiohttp_private_uses(source: str, private: set[str]) -> list[str]:
+    """``line: expression`` for each use in ``source`` of an aiohttp private name: on an object
+    other than ``self``/``cls``, or on ``self`` in a class with an aiohttp base."""
+    tree = ast.parse(source)
+    aliases = _aiohttp_aliases(tree)
+    found: list[str] = []
+
+    def visit(node: ast.AST, in_aiohttp_subclass: bool) -> None:
+        if isinstance(node, ast.ClassDef):
+            in_aiohttp_subclass = any(_root(base) in aliases for base in node.bases)
+        if isinstance(node, ast.Attribute) and node.attr in private:
+            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if in_aiohttp_subclass or not on_self:
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_aiohttp_subclass)
+
+    visit(tree, False)
+    return found
+
+
+#: The FrontSite this replaced (as it was), to show that the scan sees what it must.
+_OLD_SITE = """
+from aiohttp import web
+
+class FrontSite(web.TCPSite):
+    async def start(self) -> None:
+        runner = self._runner
+        runner._reg_site(self)
+        self._server = await loop.create_server(protocol, self._host, self._port, backlog=self._backlog)
+"""
+
+
+def test_the_scan_sees_aiohttp_private_attributes() -> None:
+    uses = aiohttp_private_uses(_OLD_SITE, aiohttp_private_names())
+    assert [use.split(": ")[1] for use in uses] == [
+        "self._runner",
+        "runner._reg_site",
+        "self._server",
+        "self._host",
+        "self._port",
+        "self._backlog",
+    ]
+
+
+def test_no_aiohttp_private_attribute_is_used() -> None:
+    private = aiohttp_private_names()
+    found = {
+        str(path.relative_to(PACKAGE)): uses
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (uses := aiohttp_private_uses(path.read_text(encoding="utf-8"), private))
+    }
+    assert found == {}
+
+
+@pytest.mark.parametrize("access_log", [False, True], ids=["front-door", "aiohttp-only"])
+async def test_listens_on_port_0_and_serves_health(make_proxy: Callable[..., Any], access_log: bool) -> None:
+    proxy = await make_proxy(port=0, access_log=access_log)
+    port = proxy.settings.port
+    assert port != 0
+    assert (proxy.front is None) == access_log
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 30)
+    try:
+        writer.write(b"GET /proxy/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
