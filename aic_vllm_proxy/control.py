@@ -8,9 +8,10 @@ never shadows vLLM. The proxy's own liveness check is ``GET /proxy/health``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+import os
+from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -121,27 +122,37 @@ async def catalog(request: web.Request) -> web.Response:
     return _json(info.model_dump(mode="json"))
 
 
-def _log_path(request: web.Request) -> Path:
-    """The current launch's log file, or a 404 that says there is none yet."""
+@contextlib.contextmanager
+def _open_log(request: web.Request) -> Iterator[int]:
+    """The current launch's log file, opened (a descriptor), or a 404 that says there is none
+    yet. Its name is read and opened in one step of the event loop, so a log that gets its
+    final name meanwhile (``Supervisor._start``) is still the one read."""
     path = request.app[SUPERVISOR].current_log()
-    if path is None or not path.exists():
+    try:
+        fd = os.open(path, os.O_RDONLY) if path is not None else -1
+    except FileNotFoundError:
+        fd = -1
+    if fd < 0:
         raise ProxyError(
             "No vLLM log yet: no model has been started. Load one with POST /switch.",
             status=404,
             type="not_found_error",
         )
-    return path
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 @routes.get("/logs/current")
 async def logs_current(request: web.Request) -> web.StreamResponse:
     """The whole current log, streamed from the file (never read into memory whole)."""
-    path = _log_path(request)
-    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-    await response.prepare(request)
-    async for chunk in iter_file(path):
-        await response.write(chunk)
-    await response.write_eof()
+    with _open_log(request) as fd:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        async for chunk in iter_file(fd):
+            await response.write(chunk)
+        await response.write_eof()
     return response
 
 
@@ -157,8 +168,8 @@ async def logs_tail(request: web.Request) -> web.Response:
     cause = request.query.get("cause", "0")
     if cause not in ("0", "1"):
         raise BadRequest("cause must be 0 or 1", param="cause")
-    path = _log_path(request)
-    tail = (await tail_with_cause(path, lines))[0] if cause == "1" else await tail_lines_async(path, lines)
+    with _open_log(request) as fd:
+        tail = (await tail_with_cause(fd, lines))[0] if cause == "1" else await tail_lines_async(fd, lines)
     text = "\n".join(tail)
     return web.Response(text=text + "\n" if text else "", content_type="text/plain")
 
@@ -171,14 +182,14 @@ async def logs_stream(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise BadRequest(str(exc), param="lines") from None
     supervisor = request.app[SUPERVISOR]
-    path = _log_path(request)
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
-    async for chunk in follow(path, lines, lambda: supervisor.log_is_live(path)):
-        await response.write(chunk)
-    await response.write_eof()
+    with _open_log(request) as fd:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        async for chunk in follow(fd, lines, lambda: supervisor.log_is_live(fd)):
+            await response.write(chunk)
+        await response.write_eof()
     return response
 
 

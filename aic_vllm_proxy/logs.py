@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeAlias
 
 CHUNK = 64 * 1024
 MAX_TAIL_LINES = 100_000
@@ -39,12 +39,23 @@ def open_launch_log(log_dir: Path, argv: list[str]) -> tuple[Path, BinaryIO]:
     return path, handle
 
 
-def name_with_pid(path: Path, pid: int) -> Path:
-    """Rename ``<time>_starting-...log`` to ``<time>_pid-<pid>.log``. Blocking."""
+def link_with_pid(path: Path, pid: int) -> Path:
+    """Give ``<time>_starting-...log`` its final name ``<time>_pid-<pid>.log`` as a second name
+    (a hard link): the caller publishes the new name, then unlinks the old one, so that a
+    reader never finds the published name missing. Blocking."""
     stamp = path.name.split("_", 1)[0]
     target = path.with_name(f"{stamp}_pid-{pid}.log")
-    path.rename(target)
+    os.link(path, target)
     return target
+
+
+#: A log to read: its path, or a descriptor opened on it (``os.open``), which goes on reading
+#: the same file whatever its name becomes. Descriptors are not closed here.
+LogFile: TypeAlias = Path | int
+
+
+def _open(source: LogFile) -> BinaryIO:
+    return open(source, "rb", closefd=not isinstance(source, int))
 
 
 def parse_lines_param(raw: str | None, default: int = 200) -> int:
@@ -60,10 +71,10 @@ def parse_lines_param(raw: str | None, default: int = 200) -> int:
     return value
 
 
-def _read_tail_block(path: Path, n: int) -> tuple[int, bytes]:
+def _read_tail_block(path: LogFile, n: int) -> tuple[int, bytes]:
     """Read backwards from the end until the block holds the last ``n`` lines (or the whole
     file); return where the block starts and the block. Blocking."""
-    with open(path, "rb") as handle:
+    with _open(path) as handle:
         pos = handle.seek(0, os.SEEK_END)
         data = b""
         # A file that ends with a newline has one more separator than lines.
@@ -75,7 +86,7 @@ def _read_tail_block(path: Path, n: int) -> tuple[int, bytes]:
     return pos, data
 
 
-def tail_lines(path: Path, n: int) -> list[str]:
+def tail_lines(path: LogFile, n: int) -> list[str]:
     """The last ``n`` lines of ``path``, reading backwards so a huge file costs nothing. Blocking."""
     _, data = _read_tail_block(path, n)
     if not data:
@@ -87,17 +98,17 @@ def tail_lines(path: Path, n: int) -> list[str]:
     return lines[-n:]
 
 
-async def tail_lines_async(path: Path, n: int) -> list[str]:
+async def tail_lines_async(path: LogFile, n: int) -> list[str]:
     return await asyncio.to_thread(tail_lines, path, n)
 
 
-def _read_at(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb") as handle:
+def _read_at(path: LogFile, offset: int, size: int) -> bytes:
+    with _open(path) as handle:
         handle.seek(offset)
         return handle.read(size)
 
 
-async def iter_file(path: Path, start: int = 0) -> AsyncIterator[bytes]:
+async def iter_file(path: LogFile, start: int = 0) -> AsyncIterator[bytes]:
     """The file from ``start`` to its current end, in chunks, without holding it in memory."""
     offset = start
     while True:
@@ -108,7 +119,7 @@ async def iter_file(path: Path, start: int = 0) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _tail_offset(path: Path, n: int) -> int:
+def _tail_offset(path: LogFile, n: int) -> int:
     """Byte offset where the last ``n`` lines of ``path`` begin. Blocking."""
     pos, data = _read_tail_block(path, n)
     cut = len(data) - (1 if data.endswith(b"\n") else 0)
@@ -120,7 +131,7 @@ def _tail_offset(path: Path, n: int) -> int:
 
 
 async def follow(
-    path: Path,
+    path: LogFile,
     lines: int,
     still_writing: Callable[[], bool],
     poll: float = 0.1,
@@ -268,7 +279,7 @@ def failure_tail(lines: Sequence[str], cause: RootCause | None, n: int) -> list[
 ROOT_CAUSE_LINES = 5000
 
 
-async def tail_with_cause(path: Path, n: int) -> tuple[list[str], RootCause | None]:
+async def tail_with_cause(path: LogFile, n: int) -> tuple[list[str], RootCause | None]:
     """The last ``n`` lines of a log, preceded by its root cause's lines when they come earlier
     (:func:`failure_tail`), and that cause (None when the log shows no failure)."""
     lines = await tail_lines_async(path, max(n, ROOT_CAUSE_LINES))

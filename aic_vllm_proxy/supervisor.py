@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from aic_vllm_proxy.launch import (
     port_taken_message,
     spawn_vllm,
 )
-from aic_vllm_proxy.logs import name_with_pid, open_launch_log, tail_lines_async, tail_with_cause
+from aic_vllm_proxy.logs import link_with_pid, open_launch_log, tail_lines_async, tail_with_cause
 from aic_vllm_proxy.models import HookReport, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.plugins import HookFailed, HookRunner, HookVeto
 from aic_vllm_proxy.spec import ModelSpec
@@ -129,10 +130,16 @@ class Supervisor:
         path = self.machine.snapshot.log_path
         return Path(path) if path else None
 
-    def log_is_live(self, path: Path) -> bool:
-        """True while the process writing ``path`` may still write to it."""
+    def log_is_live(self, fd: int) -> bool:
+        """True while the process writing the log open at ``fd`` may still write to it."""
         launch = self._launch
-        return launch is not None and launch.log_path == path and not launch.exited.is_set()
+        if launch is None or launch.exited.is_set():
+            return False
+        try:
+            current, own = os.stat(launch.log_path), os.fstat(fd)
+        except OSError:
+            return False
+        return (current.st_dev, current.st_ino) == (own.st_dev, own.st_ino)
 
     # --------------------------------------------------------- proxied traffic
 
@@ -495,8 +502,13 @@ class Supervisor:
         self._launch = launch
         self._spawn(self._watch_exit(launch), into=self._watchers)
         await launch.start_guard(grace=min(self.settings.stop_timeout, 5.0))
-        launch.log_path = path = await asyncio.to_thread(name_with_pid, path, process.pid)
+        # The log's final name is published before its first name goes: a reader that opens the
+        # published name (control routes) always finds it.
+        first, path = path, await asyncio.to_thread(link_with_pid, path, process.pid)
+        launch.log_path = path
         await self.machine.update(pid=process.pid, log_path=str(path))
+        with contextlib.suppress(OSError):
+            first.unlink()
         if self.settings.health_interval > 0:
             self._spawn(self._watch_health(launch))
         log.info("started vLLM pid %d: %s (log %s)", process.pid, spec.raw, path)

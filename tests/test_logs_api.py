@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from pathlib import Path
@@ -174,3 +175,48 @@ async def test_stream_follows_until_the_process_ends(make_proxy: Any) -> None:
     # The stopped launch's log stays readable.
     code, _, tail = await get(proxy, "/logs/tail?lines=1")
     assert code == 200 and tail.decode().splitlines() == path.read_text().splitlines()[-1:]
+
+
+async def test_logs_read_while_launches_get_their_final_name(make_proxy: Any) -> None:
+    """A log file gets its final name (``_pid-N``) once vLLM's pid is known. Readers that ask
+    for the log around that moment get the log (200) or "no log yet" (404), never a 500 (a
+    name read, then gone before it was opened)."""
+    proxy = await make_proxy(health_interval=0)
+    answers: list[int] = []
+    done = asyncio.Event()
+
+    async def read_logs() -> None:
+        while not done.is_set():
+            for path in ("/logs/tail?lines=3", "/logs/stream?lines=1", "/logs/current"):
+                async with proxy.session.get(proxy.url + path) as resp:
+                    if path.startswith("/logs/stream"):
+                        await asyncio.wait_for(resp.content.readany(), 30)
+                    else:
+                        await resp.read()
+                    answers.append(resp.status)
+
+    readers = [asyncio.ensure_future(read_logs()) for _ in range(3)]
+    try:
+        for i in range(4):
+            code, body = await proxy.switch(f"sim/name{i} {QUIET}")
+            assert code == 200, body
+    finally:
+        done.set()
+        await asyncio.gather(*readers)
+    assert answers and set(answers) <= {200, 404}, sorted(set(answers))
+
+
+def test_a_log_opened_before_it_is_renamed_reads_on(tmp_path: Path) -> None:
+    from aic_vllm_proxy.logs import link_with_pid, open_launch_log, tail_lines
+
+    path, handle = open_launch_log(tmp_path, ["vllm", "serve", "m"])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        final = link_with_pid(path, 1234)
+        path.unlink()
+        handle.write(b"after the rename\n")
+        handle.close()
+        assert final.name.endswith("_pid-1234.log") and not path.exists()
+        assert tail_lines(fd, 1) == ["after the rename"] == tail_lines(final, 1)
+    finally:
+        os.close(fd)
