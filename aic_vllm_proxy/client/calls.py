@@ -58,7 +58,7 @@ TAIL_LINES = 40
 #: After a failed start, how long to wait for the last log lines to arrive.
 FINAL_LINES_WAIT = 3.0
 #: After a successful start, how long to wait for the log lines up to vLLM's "ready" line.
-READY_LINES_WAIT = 1.0
+READY_LINES_WAIT = 3.0  # ends as soon as the line is seen; a loaded machine may need more than 1 s
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
