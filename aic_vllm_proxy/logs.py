@@ -27,7 +27,7 @@ def _stamp() -> str:
 def open_launch_log(log_dir: Path, argv: list[str]) -> tuple[Path, BinaryIO]:
     """Create the log file of a new launch, with a header line that has the command.
 
-    Its name gets the pid once it is known (:func:`name_with_pid`). Blocking: call it in a thread.
+    Its name gets the pid once it is known (:func:`link_with_pid`). Blocking: call it in a thread.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     stamp = _stamp()

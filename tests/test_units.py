@@ -22,7 +22,7 @@ from aic_vllm_proxy.logs import (
     _tail_offset,
     follow,
     iter_file,
-    name_with_pid,
+    link_with_pid,
     open_launch_log,
     parse_lines_param,
     tail_lines,
@@ -398,7 +398,9 @@ class TestLogs:
         assert header.startswith("# aic-vllm-proxy ")
         assert header.endswith("launching: " + shlex.join(argv))
         assert rest == "child output\n"
-        renamed = name_with_pid(path, 4242)
+        renamed = link_with_pid(path, 4242)
+        assert path.exists() and path.samefile(renamed)  # both names until the first one goes
+        path.unlink()
         assert not path.exists()
         assert renamed.name == path.name.split("_", 1)[0] + "_pid-4242.log"
         assert renamed.read_text().startswith("# aic-vllm-proxy ")
