@@ -191,12 +191,12 @@ def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> N
             settings.port,
         )
 
-    def listening() -> None:
+    def listening(port: int) -> None:
         log.info(
             "aic-vllm-proxy %s on http://%s:%d, vLLM at %s (command: %s); no model loaded until POST /switch",
             __version__,
             settings.host,
-            settings.port,
+            port,
             settings.vllm_base,
             settings.vllm_command,
         )

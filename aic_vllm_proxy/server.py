@@ -174,7 +174,7 @@ async def _serve(
     access_log: logging.Logger | None,
     keepalive_timeout: float,
     drain_timeout: float,
-    listening: Callable[[], None] | None = None,
+    listening: Callable[[int], None] | None = None,
 ) -> None:
     runner = make_runner(
         app,
@@ -193,7 +193,7 @@ async def _serve(
         except OSError as exc:
             raise cannot_listen(host, port, exc) from None
         if listening is not None:
-            listening()
+            listening(listener.port)
         await asyncio.Event().wait()
     finally:
         await listener.stop()  # the socket closes and requests in flight finish first
@@ -209,10 +209,11 @@ def run(
     access_log: logging.Logger | None,
     keepalive_timeout: float,
     drain_timeout: float,
-    listening: Callable[[], None] | None = None,
+    listening: Callable[[int], None] | None = None,
 ) -> None:
     """Serve until a signal, then shut down in order and close ``loop``. ``listening`` is called
-    once the port listens; :class:`CannotListen` is raised (after the cleanup) if it cannot."""
+    with the port once it listens (the one the kernel picked for port 0); :class:`CannotListen`
+    is raised (after the cleanup) if it cannot."""
     main = loop.create_task(
         _serve(
             app,

@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import re
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
+from helpers import SIM, free_port
 
 import aic_vllm_proxy
 
@@ -135,3 +141,28 @@ async def test_listens_on_port_0_and_serves_health(make_proxy: Callable[..., Any
     finally:
         writer.close()
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+def test_the_daemon_on_port_0_says_which_port_it_got(tmp_path: Path) -> None:
+    """``--port 0``: the kernel picks the port, and the daemon's listening line names that port
+    (not 0), so that a user can reach it."""
+    out = tmp_path / "daemon.out"
+    argv = [
+        sys.executable, "-m", "aic_vllm_proxy", "serve", "--host", "127.0.0.1", "--port", "0",
+        "--vllm-port", str(free_port()), "--vllm-command", SIM, "--log-dir", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    with open(out, "wb") as handle:
+        process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        found = None
+        while found is None and time.monotonic() < deadline and process.poll() is None:
+            found = re.search(r" on http://127\.0\.0\.1:(\d+), vLLM at ", out.read_text(errors="replace"))
+            time.sleep(0.05)
+        assert found is not None, out.read_text(errors="replace")
+        port = int(found.group(1))
+        assert port != 0
+        assert httpx.get(f"http://127.0.0.1:{port}/proxy/health", timeout=30).status_code == 200
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
