@@ -27,7 +27,7 @@ from types import FrameType
 from typing import Any
 
 from . import VLLM_VERSION
-from .logfmt import PY_SITE, ProcessLog, traceback_text
+from .logfmt import OTEL, PY_SITE, STDLIB, ProcessLog, traceback_text
 
 PROCESS_TITLE = "VLLM::EngineCore"
 
@@ -40,20 +40,18 @@ OOM_MESSAGE = (
     "to avoid fragmentation.  See documentation for Memory Management  "
     "(https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)"
 )
-_STDLIB = f"/usr/lib/python3.{sys.version_info[1]}"
 _CORE = f"{PY_SITE}/vllm/v1/engine/core.py"
-_OTEL = f"{PY_SITE}/vllm/tracing/otel.py"
 #: The EngineCore process's own frames (multiprocessing), before vLLM's.
 _PROCESS_FRAMES = [
-    (f"{_STDLIB}/multiprocessing/process.py", 314, "_bootstrap", "self.run()"),
-    (f"{_STDLIB}/multiprocessing/process.py", 108, "run", "self._target(*self._args, **self._kwargs)"),
+    (f"{STDLIB}/multiprocessing/process.py", 314, "_bootstrap", "self.run()"),
+    (f"{STDLIB}/multiprocessing/process.py", 108, "run", "self._target(*self._args, **self._kwargs)"),
 ]
 _V1 = f"{PY_SITE}/vllm/v1"
 _EXECUTOR = f"{PY_SITE}/vllm/model_executor"
 #: Where loading the weights runs out of memory (single GPU: the model loads in the EngineCore).
 _LOAD_FRAMES = [
     (_CORE, 1482, "run_engine_core", "engine_core = EngineCoreProc(*args, engine_index=dp_rank, **kwargs)"),
-    (_OTEL, 175, "sync_wrapper", "return func(*args, **kwargs)"),
+    (OTEL, 175, "sync_wrapper", "return func(*args, **kwargs)"),
     (_CORE, 1194, "__init__", "super().__init__("),
     (_CORE, 118, "__init__", "self.model_executor = executor_class(vllm_config)"),
     (f"{_V1}/executor/abstract.py", 109, "__init__", "self._init_executor()"),

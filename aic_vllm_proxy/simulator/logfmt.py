@@ -27,6 +27,9 @@ _LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRI
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 PY_SITE = f"/usr/local/lib/python3.{sys.version_info[1]}/dist-packages"
+#: The standard library and vLLM's tracing wrapper, as tracebacks name them.
+STDLIB = f"/usr/lib/python3.{sys.version_info[1]}"
+OTEL = f"{PY_SITE}/vllm/tracing/otel.py"
 """Where the fake tracebacks pretend vLLM is installed."""
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import socket
-import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from aiohttp import web
 from . import VLLM_VERSION
 from .cli import non_default_args
 from .engine_client import EngineProcess
-from .logfmt import PY_SITE, ProcessLog, traceback_text, uvicorn_level_number
+from .logfmt import OTEL, PY_SITE, STDLIB, ProcessLog, traceback_text, uvicorn_level_number
 from .server import build_app, routes_of
 from .state import ENGINE_DEAD_MESSAGE, SimConfig, SimState
 
@@ -238,33 +237,31 @@ def _bind_error(exc: OSError) -> str:
 def _engine_init_error(exit_code: int | None) -> str:
     """What the API server prints when its EngineCore died while starting (vLLM 0.32), then
     Python's resource tracker's warning at exit."""
-    stdlib = f"/usr/lib/python3.{sys.version_info[1]}"
     client = f"{PY_SITE}/vllm/v1/engine/core_client.py"
-    otel = f"{PY_SITE}/vllm/tracing/otel.py"
     async_llm = f"{PY_SITE}/vllm/v1/engine/async_llm.py"
     frames = [
         *_ENTRY_FRAMES[:3],
         (f"{PY_SITE}/uvloop/__init__.py", 92, "run", "return runner.run(wrapper())"),
-        (f"{stdlib}/asyncio/runners.py", 118, "run", "return self._loop.run_until_complete(task)"),
+        (f"{STDLIB}/asyncio/runners.py", 118, "run", "return self._loop.run_until_complete(task)"),
         (f"{PY_SITE}/uvloop/__init__.py", 48, "wrapper", "return await main"),
         _ENTRY_FRAMES[3],
         (_ENTRY, 195, "run_server_worker", "async with build_async_engine_client("),
-        (f"{stdlib}/contextlib.py", 210, "__aenter__", "return await anext(self.gen)"),
+        (f"{STDLIB}/contextlib.py", 210, "__aenter__", "return await anext(self.gen)"),
         (_ENTRY, 61, "build_async_engine_client", "async with build_async_engine_client_from_engine_args("),
-        (f"{stdlib}/contextlib.py", 210, "__aenter__", "return await anext(self.gen)"),
+        (f"{STDLIB}/contextlib.py", 210, "__aenter__", "return await anext(self.gen)"),
         (_ENTRY, 95, "build_async_engine_client_from_engine_args", "async_llm = AsyncLLM.from_vllm_config("),
         (async_llm, 255, "from_vllm_config", "return cls("),
         (async_llm, 184, "__init__", "self.engine_core = EngineCoreClient.make_async_mp_client("),
-        (otel, 175, "sync_wrapper", "return func(*args, **kwargs)"),
+        (OTEL, 175, "sync_wrapper", "return func(*args, **kwargs)"),
         (client, 167, "make_async_mp_client", "return AsyncMPClient("),
-        (otel, 175, "sync_wrapper", "return func(*args, **kwargs)"),
+        (OTEL, 175, "sync_wrapper", "return func(*args, **kwargs)"),
         (client, 1120, "__init__", "super().__init__("),
         (client, 682, "__init__", "with launch_core_engines("),
-        (f"{stdlib}/contextlib.py", 144, "__exit__", "next(self.gen)"),
+        (f"{STDLIB}/contextlib.py", 144, "__exit__", "next(self.gen)"),
         (f"{PY_SITE}/vllm/v1/engine/utils.py", 1351, "launch_core_engines", "wait_for_engine_startup("),
         (f"{PY_SITE}/vllm/v1/engine/utils.py", 1431, "wait_for_engine_startup", "raise RuntimeError("),
     ]
-    tracker = f"{stdlib}/multiprocessing/resource_tracker.py"
+    tracker = f"{STDLIB}/multiprocessing/resource_tracker.py"
     return (
         traceback_text(
             frames,
