@@ -30,7 +30,7 @@ from aic_vllm_proxy.config import (
     names_list,
     simulator_command,
 )
-from aic_vllm_proxy.plugins import PluginLoadError, import_plugin
+from aic_vllm_proxy.hooks.runner import PluginLoadError, import_plugin
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("aic_vllm_proxy")
@@ -173,14 +173,14 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> None:
-    from aic_vllm_proxy import server
-    from aic_vllm_proxy.app import create_app
+    from aic_vllm_proxy.web import server
+    from aic_vllm_proxy.web.app import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from aic_vllm_proxy.auth import keyring_from
+    from aic_vllm_proxy.relay.auth import keyring_from
 
     app = create_app(settings, extra_plugins=extra_plugins)
     if not keyring_from(settings).enabled and not _is_loopback(settings.host):
@@ -252,7 +252,7 @@ def serve(**options: Any) -> None:
 
 
 def main() -> None:
-    from aic_vllm_proxy import client_cli
+    from aic_vllm_proxy.client import cli as client_cli
 
     client_cli.register(cli)
     cli(prog_name="aic-vllm-proxy")

@@ -17,7 +17,7 @@ arguments with the rules of vLLM's parser (``FlexibleArgumentParser``, an argpar
   ``-`` but is a negative number or holds a space is a value.
 
 Abbreviations need every option of ``vllm serve``: the table is the simulator's copy of vLLM
-0.32's flags (:mod:`aic_vllm_proxy.simulator.vllm_flags`), one definition for both.
+0.32's flags (:mod:`aic_vllm_proxy.vllm_flags`), one definition for both.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from aic_vllm_proxy.simulator.vllm_flags import FLAGS, normalize_argv
+from aic_vllm_proxy.vllm_flags import FLAGS, normalize_argv
 
 #: Flags the proxy sets itself: vLLM must listen where the proxy forwards to.
 PROXY_OWNED_FLAGS = ("--host", "--port", "--uds")

@@ -32,12 +32,12 @@ import pytest
 from aiohttp import web
 from helpers import SESSION_MARKER, SIM, Alive, free_port, reap_left_behind, session_alive, wait_until
 
-from aic_vllm_proxy.app import create_app
 from aic_vllm_proxy.config import Settings
-from aic_vllm_proxy.front import Front
-from aic_vllm_proxy.keys import SUPERVISOR
-from aic_vllm_proxy.server import Listener, listen, make_runner
-from aic_vllm_proxy.supervisor import Supervisor
+from aic_vllm_proxy.engine.supervisor import Supervisor
+from aic_vllm_proxy.relay.front import Front
+from aic_vllm_proxy.web.app import create_app
+from aic_vllm_proxy.web.appkeys import SUPERVISOR
+from aic_vllm_proxy.web.server import Listener, listen, make_runner
 
 #: This session's value of the marker every process the tests start inherits (helpers.py).
 SESSION = os.environ[SESSION_MARKER] = uuid.uuid4().hex

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aic_vllm_proxy.config import simulator_command
-from aic_vllm_proxy.procgroup import group_alive, group_members
+from aic_vllm_proxy.engine.procgroup import group_alive, group_members
 
 __all__ = ["group_alive", "group_members"]
 

@@ -38,8 +38,14 @@ from aic_vllm_proxy.client import (
     build_spec,
     catalog_spec,
 )
-from aic_vllm_proxy.models import ProcessState, Status
-from aic_vllm_proxy.progress import HEARTBEAT_SECONDS, WARNINGS_PER_SITE, LogFilter, SwitchWatch, make_sink
+from aic_vllm_proxy.client.progress import (
+    HEARTBEAT_SECONDS,
+    WARNINGS_PER_SITE,
+    LogFilter,
+    SwitchWatch,
+    make_sink,
+)
+from aic_vllm_proxy.schemas import ProcessState, Status
 
 S = ProcessState
 pytestmark = pytest.mark.timeout(120)
@@ -351,20 +357,19 @@ class TestLogFilter:
 
 def test_the_client_imports_no_server_code() -> None:
     code = (
-        "import sys, aic_vllm_proxy.client, aic_vllm_proxy.client_cli; "
+        "import sys, aic_vllm_proxy.client, aic_vllm_proxy.client.cli; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'aic_vllm_proxy')))"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     loaded = {name.strip("[]',") for name in run.stdout.split()}
     client_modules = {name for name in loaded if name.startswith("aic_vllm_proxy.client.")}
-    # The pure modules the proxy shares with it (spec.py reads vLLM's flag table beside the simulator).
+    # The pure modules the proxy shares with it (spec.py reads vLLM's flag table, vllm_flags.py).
     assert loaded - client_modules == {
-        "aic_vllm_proxy", "aic_vllm_proxy.client", "aic_vllm_proxy.client_cli",
-        "aic_vllm_proxy.models", "aic_vllm_proxy.progress", "aic_vllm_proxy.spec", "aic_vllm_proxy.catalog",
-        "aic_vllm_proxy.simulator", "aic_vllm_proxy.simulator.vllm_flags",
+        "aic_vllm_proxy", "aic_vllm_proxy.client", "aic_vllm_proxy.schemas", "aic_vllm_proxy.spec",
+        "aic_vllm_proxy.catalog", "aic_vllm_proxy.vllm_flags",
     }  # fmt: skip
     assert client_modules == {
-        f"aic_vllm_proxy.client.{m}" for m in ("aio", "calls", "errors", "sync", "views")
+        f"aic_vllm_proxy.client.{m}" for m in ("aio", "calls", "cli", "errors", "progress", "sync", "views")
     }
 
 

@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner, Result
 from helpers import FAST, Daemon, free_port, start_daemon
 
-from aic_vllm_proxy import client_cli
 from aic_vllm_proxy.cli import cli
+from aic_vllm_proxy.client import cli as client_cli
 
 pytestmark = pytest.mark.timeout(120)
 #: Environment variables of the client set to nothing, so the caller's shell cannot leak in.

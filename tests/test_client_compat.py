@@ -30,7 +30,7 @@ from aic_vllm_proxy.client import (
     SwitchResultDict,
     VLLMProxyClient,
 )
-from aic_vllm_proxy.models import Status, SwitchResult
+from aic_vllm_proxy.schemas import Status, SwitchResult
 
 S = ProcessState
 pytestmark = pytest.mark.timeout(120)

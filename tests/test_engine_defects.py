@@ -46,11 +46,11 @@ from helpers import (
 
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.config import Settings
+from aic_vllm_proxy.engine.launch import child_env, is_proxy_secret, port_is_free
+from aic_vllm_proxy.engine.logs import failure_tail, parse_line, root_cause
+from aic_vllm_proxy.engine.prober import Target, names_model, serves
+from aic_vllm_proxy.engine.procgroup import FOREIGN, NOBODY, OURS, port_listener
 from aic_vllm_proxy.errors import sentences
-from aic_vllm_proxy.launch import child_env, is_proxy_secret, port_is_free
-from aic_vllm_proxy.logs import failure_tail, parse_line, root_cause
-from aic_vllm_proxy.prober import Target, names_model, serves
-from aic_vllm_proxy.procgroup import FOREIGN, NOBODY, OURS, port_listener
 from aic_vllm_proxy.simulator.engine import OOM_MESSAGE
 from aic_vllm_proxy.spec import ModelSpec
 

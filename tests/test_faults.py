@@ -335,7 +335,7 @@ def _watchdogs(pgid: int) -> list[int]:
                     words = handle.read().split(b"\x00")
             except OSError:
                 continue
-            if b"aic_vllm_proxy.watchdog" in words and str(pgid).encode() in words:
+            if b"aic_vllm_proxy.engine.watchdog" in words and str(pgid).encode() in words:
                 found.append(int(entry))
     return found
 

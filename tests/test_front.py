@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from helpers import ECHO, FAST, sse_data
 
-from aic_vllm_proxy.front import parse_request_head
+from aic_vllm_proxy.relay.front import parse_request_head
 
 CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}'
 STREAM = b'{"model": "m", "prompt": "hi", "max_tokens": 5, "stream": true}'
@@ -310,7 +310,7 @@ def _dechunk(data: bytes) -> bytes:
 async def test_upstream_chunks_reach_the_client_as_plain_chunks(step: int) -> None:
     """Framed relaying (front door): vLLM's plain chunks pass as they are; odd framing
     (uppercase sizes, leading zeros, extensions, trailers) is re-framed; pieces split anywhere."""
-    from aic_vllm_proxy.upstream import UpstreamConnection
+    from aic_vllm_proxy.relay.upstream import UpstreamConnection
 
     payloads = [b"data: one\n\n", b"x" * 300, b"data: two\n\n", b"tail", b"data: [DONE]\n\n"]
     wire = (
@@ -338,7 +338,7 @@ async def test_upstream_chunks_reach_the_client_as_plain_chunks(step: int) -> No
 async def test_whole_chunks_go_straight_to_the_client_transport() -> None:
     """The fast path: a read that is exactly one plain chunk is written to the client's transport
     from data_received; anything else goes through the sink, in order; nothing after the end."""
-    from aic_vllm_proxy.upstream import UpstreamConnection
+    from aic_vllm_proxy.relay.upstream import UpstreamConnection
 
     plain = [b"%x\r\n%s\r\n" % (len(p), p) for p in (b"data: 1\n\n", b"data: 2\n\n", b"y" * 4000)]
     odd = [b"%X\r\n%s\r\n" % (12, b"data: ODD!\n\n"), b"0b;e=1\r\ndata: ext\n\n\r\n"]

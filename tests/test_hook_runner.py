@@ -17,10 +17,10 @@ import pytest
 from helpers import SIM
 from plugin_env import Dist, on_sys_path, top_level_modules, write_site
 
-from aic_vllm_proxy import hooks
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.hooks import HookContext, HookSpecs, hookimpl
-from aic_vllm_proxy.plugins import PluginLoadError, load_plugins
+from aic_vllm_proxy.hooks import specs as hooks
+from aic_vllm_proxy.hooks.runner import PluginLoadError, load_plugins
 
 WRAPPING_MODULE = """
 from aic_vllm_proxy.hooks import hookimpl

@@ -26,8 +26,8 @@ import pytest
 from helpers import FAST, async_wait_until, free_port, wait_until
 from plugin_env import REPO, Dist, on_sys_path, plugin, top_level_modules, write_site
 
-from aic_vllm_proxy import hooks
 from aic_vllm_proxy.hooks import HookContext, Veto, hookimpl
+from aic_vllm_proxy.hooks import specs as hooks
 
 DOCS = REPO / "docs" / "hooks.md"
 SPEC_A = f"org/model-a {FAST}"
@@ -457,7 +457,7 @@ allowed_models = ["org/*"]
 
 
 BEGIN, END = (
-    "<!-- BEGIN hook reference: generated from aic_vllm_proxy/hooks.py -->",
+    "<!-- BEGIN hook reference: generated from aic_vllm_proxy/hooks/specs.py -->",
     "<!-- END hook reference -->",
 )
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from helpers import ECHO, async_wait_until, wait_until
 
-from aic_vllm_proxy.front import Front, FrontProtocol
+from aic_vllm_proxy.relay.front import Front, FrontProtocol
 
 #: Seconds a client may leave its answers untaken (also the keep-alive timeout: see cli.py).
 CLIENT_TIMEOUT = 3

@@ -207,7 +207,7 @@ async def test_logs_read_while_launches_get_their_final_name(make_proxy: Any) ->
 
 
 def test_a_log_opened_before_it_is_renamed_reads_on(tmp_path: Path) -> None:
-    from aic_vllm_proxy.logs import link_with_pid, open_launch_log, tail_lines
+    from aic_vllm_proxy.engine.logs import link_with_pid, open_launch_log, tail_lines
 
     path, handle = open_launch_log(tmp_path, ["vllm", "serve", "m"])
     fd = os.open(path, os.O_RDONLY)

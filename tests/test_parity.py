@@ -25,10 +25,10 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParserC, HttpRequestParserPy
 from helpers import FAST
 
-from aic_vllm_proxy.auth import bearer_token
-from aic_vllm_proxy.front import _START, METHODS, parse_request_head, routed_as_is
-from aic_vllm_proxy.proxy import request_head, upstream_head
-from aic_vllm_proxy.server import MALFORMED_REQUESTS, MalformedRequests
+from aic_vllm_proxy.relay.auth import bearer_token
+from aic_vllm_proxy.relay.front import _START, METHODS, parse_request_head, routed_as_is
+from aic_vllm_proxy.relay.passthrough import request_head, upstream_head
+from aic_vllm_proxy.web.server import MALFORMED_REQUESTS, MalformedRequests
 
 ADMIN, USER = "admin-key", "user-key"
 KEYS = {"admin_keys": (ADMIN,), "api_keys": (USER,)}

@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from aic_vllm_proxy import cli as cli_module
 from aic_vllm_proxy.config import ConfigError, Settings, build_settings, read_config_file, simulator_command
-from aic_vllm_proxy.logs import (
+from aic_vllm_proxy.engine.logs import (
     CHUNK,
     MAX_TAIL_LINES,
     _tail_offset,
@@ -27,10 +27,10 @@ from aic_vllm_proxy.logs import (
     parse_lines_param,
     tail_lines,
 )
-from aic_vllm_proxy.models import ProcessState, SwitchRequest
-from aic_vllm_proxy.proxy import HOP_BY_HOP, _filtered
+from aic_vllm_proxy.engine.state import TRANSITIONS, InvalidTransition, ProcessStateMachine
+from aic_vllm_proxy.relay.passthrough import HOP_BY_HOP, _filtered
+from aic_vllm_proxy.schemas import ProcessState, SwitchRequest
 from aic_vllm_proxy.spec import PROXY_OWNED_FLAGS, ModelSpec, SpecError
-from aic_vllm_proxy.state import TRANSITIONS, InvalidTransition, ProcessStateMachine
 
 S = ProcessState
 

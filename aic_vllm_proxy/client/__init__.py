@@ -14,7 +14,7 @@
 :class:`VLLMProxyClient` (``sync.py``) is synchronous and never touches an event loop, so it
 works inside Jupyter (where one is already running). :class:`AsyncVLLMProxyClient` (``aio.py``)
 has the same methods for ``await``. Both share the request building, error handling
-(``calls.py``, ``errors.py``) and switch-following logic (:mod:`aic_vllm_proxy.progress`): a
+(``calls.py``, ``errors.py``) and switch-following logic (:mod:`aic_vllm_proxy.client.progress`): a
 switch or a wait is written once in ``calls.py`` as a plan of steps (calls, waits, the log
 stream) that each client's one driver carries out, so only the few lines that do I/O differ.
 Specs are compared and catalogue names looked up by the proxy's own pure modules
@@ -39,7 +39,7 @@ from aic_vllm_proxy.client.errors import (
 )
 from aic_vllm_proxy.client.sync import VLLMProxyClient
 from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
-from aic_vllm_proxy.models import ProcessState, Status, SwitchResult
+from aic_vllm_proxy.schemas import ProcessState, Status, SwitchResult
 
 __all__ = [
     "API_KEY_ENV",

@@ -25,8 +25,9 @@ from aic_vllm_proxy.client.errors import (
     UnknownModelError,
     WaitTimeout,
 )
+from aic_vllm_proxy.client.progress import Outcome, ProgressArg, SwitchWatch, make_sink
 from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
-from aic_vllm_proxy.models import (
+from aic_vllm_proxy.schemas import (
     ErrorBody,
     ErrorDetail,
     PluginInfo,
@@ -34,7 +35,6 @@ from aic_vllm_proxy.models import (
     ProcessState,
     Status,
 )
-from aic_vllm_proxy.progress import Outcome, ProgressArg, SwitchWatch, make_sink
 from aic_vllm_proxy.spec import SpecError
 
 if TYPE_CHECKING:

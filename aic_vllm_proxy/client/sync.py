@@ -32,9 +32,9 @@ from aic_vllm_proxy.client.calls import (
     _stop_call,
     _Wait,
 )
+from aic_vllm_proxy.client.progress import ProgressArg
 from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
-from aic_vllm_proxy.models import PluginInfo
-from aic_vllm_proxy.progress import ProgressArg
+from aic_vllm_proxy.schemas import PluginInfo
 
 # -------------------------------------------------------------------- sync client
 

@@ -4,7 +4,7 @@ The first client returned the JSON of ``GET /status`` as a dict, and notebooks w
 ``st["model_spec"]``, ``st.get("running")`` and ``json.dumps(st)``. :class:`StatusDict` and
 :class:`SwitchResultDict` are read-only dicts of the JSON fields (enums as their strings,
 datetimes as ISO strings, exactly as the proxy sends them), whose attributes are the typed
-values of the pydantic model (``st.state`` is a :class:`~aic_vllm_proxy.models.ProcessState`,
+values of the pydantic model (``st.state`` is a :class:`~aic_vllm_proxy.schemas.ProcessState`,
 ``st.started_at`` a :class:`~datetime.datetime`). ``print()`` shows a few readable lines.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
 from pydantic import BaseModel
 
-from aic_vllm_proxy.models import ProcessState, Status, SwitchResult, to_json
+from aic_vllm_proxy.schemas import ProcessState, Status, SwitchResult, to_json
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -125,7 +125,7 @@ def status_lines(status: Status) -> list[str]:
 
 class StatusDict(JsonView[Status]):
     """``GET /status``: a read-only dict of its JSON fields whose attributes are typed (see
-    :class:`~aic_vllm_proxy.models.Status`): ``st["state"] == "ready"``, ``st.state is
+    :class:`~aic_vllm_proxy.schemas.Status`): ``st["state"] == "ready"``, ``st.state is
     ProcessState.READY``."""
 
     __slots__ = ()
@@ -135,7 +135,7 @@ class StatusDict(JsonView[Status]):
 
 
 class SwitchResultDict(JsonView[SwitchResult]):
-    """The result of a switch (see :class:`~aic_vllm_proxy.models.SwitchResult`); ``result["status"]``
+    """The result of a switch (see :class:`~aic_vllm_proxy.schemas.SwitchResult`); ``result["status"]``
     and ``result.status`` are the same :class:`StatusDict`."""
 
     __slots__ = ()

@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
+from aic_vllm_proxy.vllm_flags import FLAGS, normalize_argv
+
 from . import VLLM_VERSION
-from .vllm_flags import FLAGS, normalize_argv
 
 SUBCOMMANDS = (
     "chat",

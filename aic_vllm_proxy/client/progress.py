@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from aic_vllm_proxy.models import ProcessState, Status, SwitchResult
+from aic_vllm_proxy.schemas import ProcessState, Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec, SpecError
 
 S = ProcessState

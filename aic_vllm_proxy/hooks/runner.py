@@ -3,7 +3,7 @@
 Loading is explicit: :func:`load_plugins` is called when the daemon starts, never at import
 time. Calls go through :class:`HookRunner`, which awaits async hooks, runs plain ones in a
 thread (so they cannot block the event loop), bounds each call with a timeout and turns the
-outcome into :class:`~aic_vllm_proxy.models.HookReport` entries.
+outcome into :class:`~aic_vllm_proxy.schemas.HookReport` entries.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import pluggy
 
 from aic_vllm_proxy.config import Settings
-from aic_vllm_proxy.hooks import (
+from aic_vllm_proxy.hooks.specs import (
     ENTRY_POINT_GROUP,
     HOOK_NAMES,
     PROJECT,
@@ -29,7 +29,7 @@ from aic_vllm_proxy.hooks import (
     HookSpecs,
     Veto,
 )
-from aic_vllm_proxy.models import HookReport, PluginInfo
+from aic_vllm_proxy.schemas import HookReport, PluginInfo
 
 log = logging.getLogger(__name__)
 

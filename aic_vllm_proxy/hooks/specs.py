@@ -7,7 +7,7 @@ in a worker thread so that they never block proxied traffic. Every call is bound
 proxy's ``--hook-timeout``. A generator, and pluggy's ``hookwrapper=True`` / ``wrapper=True``
 implementations, are refused when the plugin is loaded: each hook is called on its own.
 Plugins are installed as entry points in the group ``aic_vllm_proxy.hooks`` and loaded when
-the daemon starts (see ``plugins.py``)::
+the daemon starts (see :mod:`aic_vllm_proxy.hooks.runner`)::
 
     # pyproject.toml of a site package
     [project.entry-points."aic_vllm_proxy.hooks"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from aic_vllm_proxy.auth import KeyRing
 from aic_vllm_proxy.config import Settings
-from aic_vllm_proxy.models import PluginInfo
-from aic_vllm_proxy.plugins import HookRunner
-from aic_vllm_proxy.proxy import Passthrough
-from aic_vllm_proxy.supervisor import Supervisor
-from aic_vllm_proxy.upstream import UpstreamPool
+from aic_vllm_proxy.engine.supervisor import Supervisor
+from aic_vllm_proxy.hooks.runner import HookRunner
+from aic_vllm_proxy.relay.auth import KeyRing
+from aic_vllm_proxy.relay.passthrough import Passthrough
+from aic_vllm_proxy.relay.upstream import UpstreamPool
+from aic_vllm_proxy.schemas import PluginInfo
 
 SETTINGS = web.AppKey("settings", Settings)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)  # probes, hooks

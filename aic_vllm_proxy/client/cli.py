@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from aic_vllm_proxy.models import ProcessState
+from aic_vllm_proxy.schemas import ProcessState
 
 if TYPE_CHECKING:  # the client needs the `client` extra: imported only when a command runs
     from aic_vllm_proxy.client import VLLMProxyClient

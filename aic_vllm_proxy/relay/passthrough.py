@@ -19,14 +19,15 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from aic_vllm_proxy.errors import BadRequest, ProxyError, UpstreamError, body_stalled, body_too_large
-from aic_vllm_proxy.supervisor import Supervisor
-from aic_vllm_proxy.upstream import (
+from aic_vllm_proxy.engine.supervisor import Supervisor
+from aic_vllm_proxy.errors import EngineError
+from aic_vllm_proxy.relay.errors import BadRequest, ProxyError, UpstreamError, body_stalled, body_too_large
+from aic_vllm_proxy.relay.upstream import (
     HIGH_WATER,
     OnHead,
     ResponseHead,
@@ -179,8 +180,10 @@ class Passthrough:
         strip_authorization: bool = False,
         max_body_size: int = 100 * 1024 * 1024,
         client_timeout: float = 60.0,
+        http_error: Callable[[EngineError], ProxyError],
     ) -> None:
         self.wait_timeout = wait_timeout
+        self.http_error = http_error  # the web plane's table: an engine error as an HTTP answer
         self.strip_authorization = strip_authorization  # the proxy's own key stays here
         self.max_body_size = max_body_size
         self.client_timeout = client_timeout
@@ -190,6 +193,13 @@ class Passthrough:
         self.supervisor = supervisor
         self.pool = pool
 
+    async def wait_for_model(self) -> None:
+        """Wait (bounded) until a model takes requests, or raise the HTTP answer saying why not."""
+        try:
+            await self.supervisor.wait_for_model(self.wait_timeout)
+        except EngineError as exc:
+            raise self.http_error(exc) from None
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         sup = self.supervisor
         if not request.raw_path.startswith("/"):
@@ -198,7 +208,7 @@ class Passthrough:
         if length is not None and length > self.max_body_size:
             raise body_too_large(self.max_body_size, length)
         if not sup.serving:
-            await sup.wait_for_model(self.wait_timeout)
+            await self.wait_for_model()
         sup.request_started()
         try:
             conn, head = await self._send(request, length)

@@ -18,12 +18,12 @@ from pydantic import ValidationError
 
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.catalog import CatalogInfo, PolicyError, resolve
-from aic_vllm_proxy.errors import BadRequest, ProxyError, body_too_large
-from aic_vllm_proxy.keys import PLUGINS, SETTINGS, SUPERVISOR
-from aic_vllm_proxy.logs import follow, iter_file, parse_lines_param, tail_lines_async, tail_with_cause
-from aic_vllm_proxy.models import PluginList, SwitchRequest, to_json
-from aic_vllm_proxy.proxy import read_body
+from aic_vllm_proxy.engine.logs import follow, iter_file, parse_lines_param, tail_lines_async, tail_with_cause
+from aic_vllm_proxy.relay.errors import BadRequest, ProxyError, body_too_large
+from aic_vllm_proxy.relay.passthrough import read_body
+from aic_vllm_proxy.schemas import PluginList, SwitchRequest, to_json
 from aic_vllm_proxy.spec import SpecError
+from aic_vllm_proxy.web.appkeys import PLUGINS, SETTINGS, SUPERVISOR
 
 routes = web.RouteTableDef()
 

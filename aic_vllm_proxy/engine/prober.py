@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from aic_vllm_proxy import procgroup
+from aic_vllm_proxy.engine import procgroup
 
 log = logging.getLogger(__name__)
 

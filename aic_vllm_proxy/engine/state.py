@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from aic_vllm_proxy.models import ProcessState
+from aic_vllm_proxy.schemas import ProcessState
 
 S = ProcessState
 

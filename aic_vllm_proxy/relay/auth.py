@@ -24,7 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from aic_vllm_proxy.config import ConfigError, Settings
-from aic_vllm_proxy.errors import BadRequest, ProxyError
+from aic_vllm_proxy.relay.errors import BadRequest, ProxyError
 
 #: Paths anyone may call: the proxy's liveness check.
 PUBLIC_PATHS = frozenset({"/proxy/health"})

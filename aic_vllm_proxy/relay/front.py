@@ -31,14 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from aiohttp import web
 from aiohttp.http_parser import SINGLETON_HEADERS
 
-from aic_vllm_proxy import control
-from aic_vllm_proxy.auth import ADMIN_PREFIXES, KeyRing, bearer_token, refusal
-from aic_vllm_proxy.errors import ProxyError, body_stalled
-from aic_vllm_proxy.keys import KEYS, PASSTHROUGH
-from aic_vllm_proxy.proxy import (
+from aic_vllm_proxy.relay.auth import ADMIN_PREFIXES, KeyRing, bearer_token, refusal
+from aic_vllm_proxy.relay.errors import ProxyError, body_stalled
+from aic_vllm_proxy.relay.passthrough import (
     HOP_BY_HOP,
     RETRYABLE_BODY,
     Passthrough,
@@ -47,7 +44,7 @@ from aic_vllm_proxy.proxy import (
     sse_error_event,
     upstream_head,
 )
-from aic_vllm_proxy.upstream import (
+from aic_vllm_proxy.relay.upstream import (
     LAST_CHUNK,
     ResponseHead,
     UpstreamClosed,
@@ -561,7 +558,7 @@ class FrontProtocol(ClientConnection):
             # A stop or switch began since the head was read (the body may have taken a while):
             # wait for the model like the application does, or answer 503. Never send a request
             # to a vLLM that is draining for a stop.
-            await sup.wait_for_model(passthrough.wait_timeout)
+            await passthrough.wait_for_model()
         upstream_head = self._upstream_head(head, body)  # vLLM's own key may have changed
         sup.request_started()  # no await since the check: the drain before a stop counts this
         try:
@@ -674,14 +671,3 @@ class FrontProtocol(ClientConnection):
             parts.append(f"Content-Length: {answer.length}\r\n")
         parts.append("\r\n")
         return "".join(parts).encode("latin-1")
-
-
-def make_front(runner: web.AppRunner, *, keepalive_timeout: float) -> Front:
-    """The front door for an application made by ``app.create_app``, after ``runner.setup()``
-    (``runner.server``, aiohttp's request handler factory, serves what is handed off). The
-    listening socket is ``server.Listener``'s."""
-    app = runner.app
-    server = runner.server
-    assert server is not None, "call runner.setup() first"
-    own_paths = set(control.methods_by_path())
-    return Front(app[PASSTHROUGH], app[KEYS], server, own_paths, keepalive_timeout=keepalive_timeout)

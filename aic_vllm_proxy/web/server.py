@@ -22,8 +22,10 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from aic_vllm_proxy.app import SERVER_OPTIONS
-from aic_vllm_proxy.front import AiohttpConnection, Front, FrontProtocol, make_front
+from aic_vllm_proxy.relay.front import AiohttpConnection, Front, FrontProtocol
+from aic_vllm_proxy.web import control
+from aic_vllm_proxy.web.app import SERVER_OPTIONS
+from aic_vllm_proxy.web.appkeys import KEYS, PASSTHROUGH
 
 log = logging.getLogger(__name__)
 
@@ -238,3 +240,14 @@ def run(
         loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+
+
+def make_front(runner: web.AppRunner, *, keepalive_timeout: float) -> Front:
+    """The front door for an application made by ``web.app.create_app``, after ``runner.setup()``
+    (``runner.server``, aiohttp's request handler factory, serves what is handed off). The
+    listening socket is the :class:`Listener`'s."""
+    app = runner.app
+    server = runner.server
+    assert server is not None, "call runner.setup() first"
+    own_paths = set(control.methods_by_path())
+    return Front(app[PASSTHROUGH], app[KEYS], server, own_paths, keepalive_timeout=keepalive_timeout)

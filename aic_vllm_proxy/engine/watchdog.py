@@ -1,6 +1,6 @@
 """A tiny guard process that kills vLLM's process group if the proxy dies without stopping it.
 
-The supervisor starts one per launch: ``python -m aic_vllm_proxy.watchdog PGID GRACE`` in a
+The supervisor starts one per launch: ``python -m aic_vllm_proxy.engine.watchdog PGID GRACE`` in a
 session of its own, with the read end of a pipe as standard input. The proxy keeps the write
 end; the kernel closes it however the proxy ends, SIGKILL included. On end-of-file the watchdog
 sends SIGTERM to the group, waits up to GRACE seconds, then SIGKILLs whatever is left. When the
@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from aic_vllm_proxy.procgroup import group_alive, kill_group
+from aic_vllm_proxy.engine.procgroup import group_alive, kill_group
 
 
 def main(argv: list[str]) -> int:

@@ -1,7 +1,7 @@
 """The supervisor: when the one vLLM process is started, watched, switched and stopped.
 
 - Switches and stops are serialised by one lock; the process state lives in
-  :class:`~aic_vllm_proxy.state.ProcessStateMachine` and changes nowhere else.
+  :class:`~aic_vllm_proxy.engine.state.ProcessStateMachine` and changes nowhere else.
 - A switch: pre_switch hooks, drain and stop the old model, launch (``launch.py``: its own
   process group, its own log file, a watchdog), probe until ready (``prober.py``), post_switch.
 - Proxied requests wait here (bounded) while no model is admitting requests.
@@ -23,11 +23,10 @@ from typing import BinaryIO, NoReturn
 import aiohttp
 from yarl import URL
 
-from aic_vllm_proxy import __version__, prober
+from aic_vllm_proxy import __version__
 from aic_vllm_proxy.config import Settings
-from aic_vllm_proxy.errors import ModelUnavailable, ProxyError, SwitchFailed, sentences
-from aic_vllm_proxy.hooks import HookContext
-from aic_vllm_proxy.launch import (
+from aic_vllm_proxy.engine import prober
+from aic_vllm_proxy.engine.launch import (
     Launch,
     api_key_of,
     child_env,
@@ -37,11 +36,23 @@ from aic_vllm_proxy.launch import (
     port_taken_message,
     spawn_vllm,
 )
-from aic_vllm_proxy.logs import link_with_pid, open_launch_log, tail_lines_async, tail_with_cause
-from aic_vllm_proxy.models import HookReport, ProcessState, Status, SwitchResult
-from aic_vllm_proxy.plugins import HookFailed, HookRunner, HookVeto
+from aic_vllm_proxy.engine.logs import link_with_pid, open_launch_log, tail_lines_async, tail_with_cause
+from aic_vllm_proxy.engine.state import ProcessStateMachine, Snapshot
+from aic_vllm_proxy.errors import (
+    EngineError,
+    ModelUnavailable,
+    StartFailure,
+    SwitchCancelled,
+    SwitchFailed,
+    SwitchHookFailed,
+    SwitchVetoed,
+    Unavailable,
+    sentences,
+)
+from aic_vllm_proxy.hooks.runner import HookFailed, HookRunner, HookVeto
+from aic_vllm_proxy.hooks.specs import HookContext
+from aic_vllm_proxy.schemas import HookReport, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec
-from aic_vllm_proxy.state import ProcessStateMachine, Snapshot
 
 log = logging.getLogger(__name__)
 S = ProcessState
@@ -188,7 +199,7 @@ class Supervisor:
                 raise ModelUnavailable(
                     f"Too many requests are already waiting for a model ({self.waiting}; the limit "
                     "is --max-waiting). Retry in a little while.",
-                    headers={"Retry-After": "5"},
+                    why=Unavailable.TOO_MANY_WAITING,
                     state=snap.state,
                 )
             self.waiting += 1
@@ -199,7 +210,7 @@ class Supervisor:
                 raise ModelUnavailable(
                     f"Timed out after {timeout:g} s waiting for {target} to finish loading. "
                     "Retry later, or check GET /status and GET /logs/tail.",
-                    headers={"Retry-After": "10"},
+                    why=Unavailable.LOAD_TIMEOUT,
                     state=self.machine.state,
                 ) from None
             finally:
@@ -212,12 +223,13 @@ class Supervisor:
                     f"No model is available: {snap.error or 'vLLM failed'}",
                     "Load a model with POST /switch (see GET /logs/tail for vLLM's output)",
                 ),
+                why=Unavailable.FAILED,
                 state=snap.state,
-                headers={"Retry-After": "30"},
             )
         raise ModelUnavailable(
             'No model is loaded. Load one with POST /switch {"model_spec": "MODEL [ARGS]"} '
             "(or proxy.switch(...) from the Python client).",
+            why=Unavailable.NOTHING_LOADED,
             state=snap.state,
         )
 
@@ -236,11 +248,9 @@ class Supervisor:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.cancelled():  # the switch itself was cancelled: by a stop or the shutdown
-                raise ProxyError(
+                raise SwitchCancelled(
                     f"The switch to {spec.model} was cancelled: a stop was requested while it was "
-                    "in progress.",
-                    status=409,
-                    type="switch_cancelled",
+                    "in progress."
                 ) from None
             raise
 
@@ -257,7 +267,7 @@ class Supervisor:
                 self._pending.remove(spec)
                 self._pending.insert(0, spec)
                 result = await self._switch_locked(spec, force=force)
-        except ProxyError as exc:
+        except EngineError as exc:
             self.last_switch_error = exc.message
             raise
         except asyncio.CancelledError:
@@ -278,7 +288,7 @@ class Supervisor:
             self._pending.remove(spec)
             try:
                 await self.switch(spec, force=force)
-            except ProxyError as exc:
+            except EngineError as exc:
                 log.warning("background switch to %s failed: %s", spec.model, exc.message)
 
         self._spawn(run())
@@ -327,20 +337,16 @@ class Supervisor:
                 self._context("pre_switch", old_spec=current, new_spec=spec.raw, pid=running)
             )
         except HookVeto as veto:
-            raise ProxyError(
+            raise SwitchVetoed(
                 sentences(
                     f"Switch to {spec.model} refused by plugin {veto.report.plugin}: {veto.report.message}",
                     f"{current!r} is still loaded" if current else "Nothing was loaded",
-                ),
-                status=409,
-                type="switch_vetoed",
+                )
             ) from None
         except HookFailed as failed:
-            raise ProxyError(
+            raise SwitchHookFailed(
                 f"Switch to {spec.model} not done: the pre_switch hook of plugin "
-                f"{failed.report.plugin} failed ({failed.report.message}). Nothing was changed.",
-                status=500,
-                type="hook_failed",
+                f"{failed.report.plugin} failed ({failed.report.message}). Nothing was changed."
             ) from None
         drained = cut = 0
         if self._launch is not None or self.machine.state is S.FAILED:
@@ -361,11 +367,11 @@ class Supervisor:
                 self.settings.ready_timeout,
             )
         except prober.ProcessExited:
-            raise await self._start_failed(launch, reports, failure="start_failed") from None
+            raise await self._start_failed(launch, reports, failure=StartFailure.EXITED) from None
         except asyncio.TimeoutError:
-            raise await self._start_failed(launch, reports, failure="start_timeout") from None
+            raise await self._start_failed(launch, reports, failure=StartFailure.TIMEOUT) from None
         except prober.PortTaken:
-            raise await self._start_failed(launch, reports, failure="port_taken") from None
+            raise await self._start_failed(launch, reports, failure=StartFailure.PORT_TAKEN) from None
         except asyncio.CancelledError:
             await launch.terminate(grace=min(self.settings.stop_timeout, 5.0))
             raise
@@ -401,36 +407,31 @@ class Supervisor:
             served_names=launch.spec.served_names,
         )
 
-    async def _start_failed(self, launch: Launch, reports: list[HookReport], *, failure: str) -> SwitchFailed:
+    async def _start_failed(
+        self, launch: Launch, reports: list[HookReport], *, failure: StartFailure
+    ) -> SwitchFailed:
         """Stop what is left of a launch that did not become ready, say why (state FAILED,
         on_failure hooks) and return the error for the switch. ``failure``: "start_failed" (it
-        exited), "start_timeout" or "port_taken" (another process listens on vLLM's port)."""
+        exited), TIMEOUT or PORT_TAKEN (another process listens on vLLM's port)."""
         spec = launch.spec
         await launch.terminate(grace=self.settings.stop_timeout)
         exit_code = launch.exit_code
-        if failure == "start_timeout":
+        if failure is StartFailure.TIMEOUT:
             tail = await self._log_tail(launch.log_path)
             cause = (
                 f"{spec.model} was not ready after {self.settings.ready_timeout:g} s "
                 "(--ready-timeout), so vLLM was stopped"
             )
             advice = "Raise the timeout if the model needs longer to load; the log tail shows how far it got"
-            status = 504
-        elif failure == "port_taken":
+        elif failure is StartFailure.PORT_TAKEN:
             tail = await self._log_tail(launch.log_path)
-            cause, advice, status, exit_code = (
-                port_taken_message(self.settings.vllm_port),
-                PORT_TAKEN_ADVICE,
-                409,
-                None,
-            )
+            cause, advice, exit_code = port_taken_message(self.settings.vllm_port), PORT_TAKEN_ADVICE, None
         else:
             tail, reason = await self._failure_tail(launch.log_path)
             cause = f"vLLM exited with {describe_exit(exit_code)} while starting {spec.model}" + (
                 f": {reason}" if reason else ""
             )
             advice = "Check the model name and arguments; the log tail has the details"
-            status = 500
         await self.machine.transition(S.FAILED, exit_code=exit_code, error=cause, pid=None)
         if self._launch is launch:
             self._launch = None
@@ -439,14 +440,14 @@ class Supervisor:
                 "on_failure",
                 new_spec=spec.raw,
                 pid=launch.pgid,
-                failure="start_timeout" if failure == "start_timeout" else "start_failed",
+                failure="start_timeout" if failure is StartFailure.TIMEOUT else "start_failed",
                 error=cause,
                 exit_code=exit_code,
                 log_tail=tail,
             )
         )
         self.hook_reports = [r for r in reports if not r.ok or r.message]
-        return SwitchFailed(sentences(cause, advice), exit_code=exit_code, log_tail=tail, status=status)
+        return SwitchFailed(sentences(cause, advice), failure=failure, exit_code=exit_code, log_tail=tail)
 
     async def _log_tail(self, path: Path) -> list[str]:
         try:
@@ -476,7 +477,10 @@ class Supervisor:
             # Something else on vLLM's port (another daemon's vLLM) would answer for this launch.
             if not await asyncio.to_thread(port_is_free, self.settings.vllm_host, self.settings.vllm_port):
                 await self._not_started(
-                    handle, port_taken_message(self.settings.vllm_port), PORT_TAKEN_ADVICE, 409
+                    handle,
+                    port_taken_message(self.settings.vllm_port),
+                    PORT_TAKEN_ADVICE,
+                    StartFailure.PORT_TAKEN,
                 )
             try:
                 process = await spawn_vllm(argv, handle, child_env(self.settings))
@@ -486,7 +490,7 @@ class Supervisor:
                     "Install vLLM in this environment "
                     "or point --vllm-command (AIC_VLLM_PROXY_VLLM_COMMAND) at it"
                 )
-                await self._not_started(handle, cause, advice, 500)
+                await self._not_started(handle, cause, advice, StartFailure.CANNOT_RUN)
         finally:
             handle.close()  # the child has its own copy
         # Registered before any other await: a cancelled switch must still find and stop it.
@@ -514,12 +518,14 @@ class Supervisor:
         log.info("started vLLM pid %d: %s (log %s)", process.pid, spec.raw, path)
         return launch
 
-    async def _not_started(self, log_file: BinaryIO, cause: str, advice: str, status: int) -> NoReturn:
+    async def _not_started(
+        self, log_file: BinaryIO, cause: str, advice: str, failure: StartFailure
+    ) -> NoReturn:
         """vLLM could not even be started: say so in its log, mark the state failed, raise."""
         message = sentences(cause, advice)
         log_file.write(f"# {message}\n".encode())
         await self.machine.transition(S.FAILED, error=cause)
-        raise SwitchFailed(message, log_tail=[message], status=status)
+        raise SwitchFailed(message, failure=failure, log_tail=[message])
 
     async def _watch_exit(self, launch: Launch) -> None:
         """Record the exit; if nobody asked for it, the model has died: say so and clean up."""
@@ -581,7 +587,7 @@ class Supervisor:
                 return  # someone loaded or stopped a model meanwhile
             try:
                 await self.switch(spec, force=True, restart=True)
-            except ProxyError as exc:
+            except EngineError as exc:
                 log.error("restart of %s failed: %s", spec.model, exc.message)
                 self._maybe_restart(spec)
 

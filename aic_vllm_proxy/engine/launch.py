@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from aic_vllm_proxy.config import ENV_PREFIX, Settings
-from aic_vllm_proxy.procgroup import group_alive, signal_group
+from aic_vllm_proxy.engine.procgroup import group_alive, signal_group
 from aic_vllm_proxy.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Launch:
             self.guard = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "aic_vllm_proxy.watchdog",
+                "aic_vllm_proxy.engine.watchdog",
                 str(self.pgid),
                 str(grace),
                 stdin=read_fd,

@@ -13,15 +13,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from aic_vllm_proxy import control
-from aic_vllm_proxy.auth import KeyRing, authorize, check_request, keyring_from
 from aic_vllm_proxy.config import Settings
-from aic_vllm_proxy.errors import ProxyError, http_exception_response
-from aic_vllm_proxy.keys import HOOKS, KEYS, PASSTHROUGH, PLUGINS, POOL, SETTINGS, SUPERVISOR, UPSTREAM
-from aic_vllm_proxy.plugins import HookRunner, load_plugins
-from aic_vllm_proxy.proxy import Passthrough, closes_connection
-from aic_vllm_proxy.supervisor import Supervisor
-from aic_vllm_proxy.upstream import UpstreamPool
+from aic_vllm_proxy.engine.supervisor import Supervisor
+from aic_vllm_proxy.errors import EngineError
+from aic_vllm_proxy.hooks.runner import HookRunner, load_plugins
+from aic_vllm_proxy.relay.auth import KeyRing, authorize, check_request, keyring_from
+from aic_vllm_proxy.relay.errors import ProxyError
+from aic_vllm_proxy.relay.passthrough import Passthrough, closes_connection
+from aic_vllm_proxy.relay.upstream import UpstreamPool
+from aic_vllm_proxy.web import control
+from aic_vllm_proxy.web.appkeys import HOOKS, KEYS, PASSTHROUGH, PLUGINS, POOL, SETTINGS, SUPERVISOR, UPSTREAM
+from aic_vllm_proxy.web.errors import http_error, http_exception_response
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -74,6 +76,8 @@ def _guard(handler: Handler, keys: KeyRing) -> Handler:
             if keys.enabled:
                 authorize(keys, request)
             return await handler(request)
+        except EngineError as exc:
+            return http_error(exc).response()
         except ProxyError as exc:
             if closes_connection(exc):
                 return await _last_answer(request, exc.response())
@@ -113,6 +117,7 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
         strip_authorization=keys.enabled,
         max_body_size=settings.max_body_size,
         client_timeout=settings.client_timeout,
+        http_error=http_error,
     )
     app[PASSTHROUGH] = passthrough
     app[KEYS] = keys

@@ -1,0 +1,12 @@
+"""The engine: one vLLM process and everything that keeps it honest.
+
+- ``state``      the state machine (every state and allowed transition, as data)
+- ``supervisor`` orchestration: switch, stop, drain, restart policy, health watch
+- ``launch``     the command line, environment and process of one launch
+- ``prober``     readiness (the listener is ours, ``/health``, ``/v1/models``)
+- ``procgroup``  process groups: signal, kill, who listens on a port
+- ``watchdog``   a separate process that kills the group if the daemon dies
+- ``logs``       launch logs: naming, tails, the root cause of a failed start
+
+No HTTP statuses here: the engine raises :mod:`aic_vllm_proxy.errors`.
+"""

@@ -1,0 +1,8 @@
+"""The data plane: every request that is not the proxy's own goes to vLLM from here.
+
+- ``front``       the front door: a lean HTTP/1.1 protocol for the common request
+- ``passthrough`` the aiohttp adapter: everything the front door hands off
+- ``upstream``    the pool of connections to vLLM and its response parser
+- ``auth``        API keys and roles, read the same way on both paths
+- ``errors``      HTTP error answers in the OpenAI shape
+"""
