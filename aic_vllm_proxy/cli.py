@@ -180,10 +180,10 @@ def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> N
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from aic_vllm_proxy.relay.auth import keyring_from
+    from aic_vllm_proxy.web.appkeys import KEYS
 
-    app = create_app(settings, extra_plugins=extra_plugins)
-    if not keyring_from(settings).enabled and not _is_loopback(settings.host):
+    app = create_app(settings, extra_plugins=extra_plugins)  # reads the keys file, once
+    if not app[KEYS].enabled and not _is_loopback(settings.host):
         log.warning(
             "listening on %s without authentication: anyone who can reach port %d can switch "
             "models; bind to 127.0.0.1 or restrict access to the node",
@@ -204,18 +204,7 @@ def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> N
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     try:
-        server.run(
-            app,
-            loop,
-            host=settings.host,
-            port=settings.port,
-            access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-            drain_timeout=settings.drain_timeout,  # in-flight requests may finish on SIGTERM
-            # A connection must bring a whole request head within this time (slow headers), and
-            # an idle keep-alive connection is closed after it.
-            keepalive_timeout=min(75.0, settings.client_timeout),
-            listening=listening,
-        )
+        server.run(app, loop, listening=listening)
     except server.CannotListen as exc:
         log.error("%s", exc)  # one line, no traceback
         sys.exit(1)

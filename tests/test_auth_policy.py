@@ -4,8 +4,10 @@ socket (in this process, or as ``python -m aic_vllm_proxy serve``) in front of r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +218,25 @@ def test_keys_from_options_environment_and_file(spawn_proxy: Any, tmp_path: Path
     proxy = spawn_proxy("--admin-key", "cli-a", "--admin-key", "cli-b", "--api-key", "cli-u", env=env)
     roles = {key: _role_of(proxy.url, key) for key in ("cli-a", "cli-b", "cli-u", "env-admin-1")}
     assert roles == {"cli-a": "admin", "cli-b": "admin", "cli-u": "user", "env-admin-1": "none"}
+
+
+def test_keys_file_is_read_once(spawn_proxy: Any, tmp_path: Path) -> None:
+    """``--keys-file <(pass show node-keys)``: a pipe can be read once. The daemon reads the file
+    once and comes up with its keys (read twice, the second open would wait for a writer and
+    the daemon would never listen)."""
+    fifo = tmp_path / "keys.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "w") as pipe:  # waits for the daemon to open it
+            pipe.write("admin piped-admin\n")
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    proxy = spawn_proxy("--keys-file", str(fifo))
+    writer.join(10)
+    assert not writer.is_alive()
+    assert (_role_of(proxy.url, "piped-admin"), _role_of(proxy.url, None)) == ("admin", "none")
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aic_vllm_proxy.relay.front import AiohttpConnection, Front, FrontProtocol
 from aic_vllm_proxy.web import control
 from aic_vllm_proxy.web.app import SERVER_OPTIONS
-from aic_vllm_proxy.web.appkeys import KEYS, PASSTHROUGH
+from aic_vllm_proxy.web.appkeys import KEYS, PASSTHROUGH, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -206,24 +206,23 @@ def run(
     app: web.Application,
     loop: asyncio.AbstractEventLoop,
     *,
-    host: str,
-    port: int,
-    access_log: logging.Logger | None,
-    keepalive_timeout: float,
-    drain_timeout: float,
     listening: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve until a signal, then shut down in order and close ``loop``. ``listening`` is called
-    with the port once it listens (the one the kernel picked for port 0); :class:`CannotListen`
-    is raised (after the cleanup) if it cannot."""
+    """Serve ``app`` as its settings say (host, port, access log, client timeout, drain) until a
+    signal, then shut down in order and close ``loop``. ``listening`` is called with the port
+    once it listens (the one the kernel picked for port 0); :class:`CannotListen` is raised
+    (after the cleanup) if it cannot."""
+    settings = app[SETTINGS]
     main = loop.create_task(
         _serve(
             app,
-            host=host,
-            port=port,
-            access_log=access_log,
-            keepalive_timeout=keepalive_timeout,
-            drain_timeout=drain_timeout,
+            host=settings.host,
+            port=settings.port,
+            access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+            # A connection must bring a whole request head within this time (slow headers), and
+            # an idle keep-alive connection is closed after it.
+            keepalive_timeout=min(75.0, settings.client_timeout),
+            drain_timeout=settings.drain_timeout,  # in-flight requests may finish on SIGTERM
             listening=listening,
         )
     )
