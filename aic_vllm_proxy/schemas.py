@@ -23,6 +23,7 @@ class ProcessState(str, Enum):
     STOPPED = "stopped"  #: no vLLM process
     STARTING = "starting"  #: launched, weights loading, not answering yet
     READY = "ready"  #: `/health` and `/v1/models` answered: requests are forwarded
+    DRAINING = "draining"  #: a stop or switch lets the requests in flight finish; new ones wait
     STOPPING = "stopping"  #: being stopped (SIGTERM sent, waiting for the process tree)
     FAILED = "failed"  #: failed to start, or died after it was ready
 
@@ -83,6 +84,11 @@ class Status(BaseModel):
     switching: bool = Field(default=False, description="A switch is queued or in progress.")
     target_model_spec: str | None = Field(
         default=None, description="The spec a queued or running switch is loading."
+    )
+    pending_model_specs: list[str] = Field(
+        default_factory=list,
+        description="The specs of the switches queued or in progress, in order: the first is "
+        "target_model_spec (being loaded), the others wait for it.",
     )
     in_flight: int = Field(default=0, description="Proxied requests being served right now.")
     hook_reports: list[HookReport] = Field(default_factory=list)

@@ -78,7 +78,7 @@ async def test_switch_drains_in_flight_requests(make_proxy: Any) -> None:
     started = time.monotonic()
     switch = asyncio.ensure_future(proxy.switch(f"model-b {FAST}"))
     # The drain has begun when the proxy stops admitting requests to model-a.
-    assert await async_wait_until(lambda: not proxy.supervisor.admitting, 10)
+    assert await async_wait_until(lambda: not proxy.supervisor.serving, 10)
     assert (await proxy.status())["in_flight"] == 2
     # model-b does not exist on model-a's vLLM (404): a 200 proves this request waited for model-b.
     late = asyncio.ensure_future(

@@ -159,6 +159,7 @@ PATHS = {
     S.STOPPED: [],
     S.STARTING: [S.STARTING],
     S.READY: [S.STARTING, S.READY],
+    S.DRAINING: [S.STARTING, S.READY, S.DRAINING],
     S.STOPPING: [S.STARTING, S.READY, S.STOPPING],
     S.FAILED: [S.STARTING, S.FAILED],
 }
@@ -258,13 +259,14 @@ class TestStateMachine:
         snap = await machine.wait_for(lambda s: s.state is S.STOPPED, 0.5)
         assert snap.state is S.STOPPED
 
-    async def test_poke_reevaluates_outside_state(self) -> None:
+    async def test_waiters_wake_when_the_pending_switches_change(self) -> None:
         machine = ProcessStateMachine()
-        flag = {"go": False}
-        waiter = asyncio.ensure_future(machine.wait_for(lambda s: flag["go"], 5))
+        spec = ModelSpec.parse("m")
+        machine.queue_switch(spec)
+        waiter = asyncio.ensure_future(machine.wait_for(lambda s: not s.switching, 5))
         await asyncio.sleep(0.01)
-        flag["go"] = True
-        await machine.poke()
+        assert not waiter.done()
+        machine.end_switch(spec)
         assert (await asyncio.wait_for(waiter, 1)).state is S.STOPPED
 
 

@@ -299,7 +299,7 @@ class SwitchWatch:
         if self.spec is None or same_spec(status.model_spec, self.spec):
             return
         if (
-            status.state is S.READY
+            status.state in (S.READY, S.DRAINING)
             and status.switching
             and status.in_flight
             and "drain" not in self._announced
@@ -311,7 +311,7 @@ class SwitchWatch:
             self.show(f"stopping {status.model_spec}")
 
     def _settled(self, status: Status) -> Outcome | None:
-        if status.switching or status.state in (S.STARTING, S.STOPPING):
+        if status.switching or status.state in (S.STARTING, S.DRAINING, S.STOPPING):
             return None
         if status.state is S.READY:
             return Outcome(True, status, f"{status.model} is ready")

@@ -169,7 +169,7 @@ class VLLMProxyClient(_ClientBase):
     # ----------------------------------------------------------------- the API
 
     def status(self) -> StatusDict:
-        """What the proxy runs: ``state`` (stopped/starting/ready/stopping/failed), ``model``, ...
+        """What the proxy runs: ``state`` (stopped/starting/ready/draining/stopping/failed), ``model``, ...
         as a read-only dict of the JSON ``GET /status`` answer with typed attributes."""
         return self._send(_status_call())
 

@@ -103,7 +103,7 @@ def status_lines(status: Status) -> list[str]:
         rows.append(("pid", str(status.pid)))
     if status.started_at:
         started = status.started_at.isoformat(timespec="seconds")
-        if status.ready_at and status.state is ProcessState.READY:
+        if status.ready_at and status.state in (ProcessState.READY, ProcessState.DRAINING):
             load = (status.ready_at - status.started_at).total_seconds()
             started += f"  (ready after {load:.1f} s)"
         rows.append(("started", started))

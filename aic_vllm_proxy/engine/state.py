@@ -1,34 +1,50 @@
 """The life of the one managed vLLM process as an explicit state machine.
 
-Every change of state goes through :meth:`ProcessStateMachine.transition`, under one lock,
-and only along :data:`TRANSITIONS`. Waiters (proxied requests during a switch, the
-``/switch`` handler) are woken on every change.
+Everything the supervisor knows about the process and the switches asked of it is one
+:class:`Snapshot`: the state, the launch's details and the switches queued or being loaded
+(``pending``). Only :class:`ProcessStateMachine` replaces it: a state change goes along
+:data:`TRANSITIONS` only (:meth:`~ProcessStateMachine.transition`); the pending list changes
+through :meth:`~ProcessStateMachine.queue_switch`, :meth:`~ProcessStateMachine.start_switch`
+and :meth:`~ProcessStateMachine.end_switch`. Each change is one synchronous step on the event
+loop (nothing is awaited between reading the snapshot and replacing it), so changes never
+interleave: that step is the machine's lock. After each change the waiters
+(:meth:`~ProcessStateMachine.wait_for`) look again and every subscriber
+(:meth:`~ProcessStateMachine.subscribe`) gets one :class:`StateEvent`.
 
 ::
 
-    STOPPED ──► STARTING ──► READY ──► STOPPING ──► STOPPED
-       ▲           │  │        │          ▲  │
-       │           │  └────────┴─► FAILED ┘  │ (a failed or stuck process is still stopped)
-       └───────────┴──────────────── ◄───────┘
+    STOPPED ──► STARTING ──► READY ──► DRAINING ──► STOPPING ──► STOPPED
+    STARTING ──► STOPPING                 (a start given up: a stop, a failed switch's clean-up)
+    READY ──► STOPPING                    (nothing in flight to drain, or force)
+    STARTING | READY | DRAINING | STOPPING ──► FAILED
+    FAILED ──► STARTING | STOPPING | STOPPED
+
+READY is the only state in which requests are forwarded. DRAINING: a stop or switch is waiting
+for the requests in flight to finish (``--drain-timeout``); new ones wait for the next model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from enum import Enum
 
 from aic_vllm_proxy.schemas import ProcessState
+from aic_vllm_proxy.spec import ModelSpec
 
+log = logging.getLogger(__name__)
 S = ProcessState
 
 #: The allowed transitions; anything else is a bug and raises :class:`InvalidTransition`.
 TRANSITIONS: dict[ProcessState, frozenset[ProcessState]] = {
     S.STOPPED: frozenset({S.STARTING}),
     S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING}),
-    S.READY: frozenset({S.STOPPING, S.FAILED}),
+    S.READY: frozenset({S.DRAINING, S.STOPPING, S.FAILED}),
+    S.DRAINING: frozenset({S.STOPPING, S.FAILED}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED}),
 }
@@ -44,7 +60,8 @@ def _now() -> datetime:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything known about the current (or last) launch, replaced as a whole on change."""
+    """Everything known about the current (or last) launch and the switches asked for, replaced
+    as a whole on change."""
 
     state: ProcessState = S.STOPPED
     pid: int | None = None
@@ -56,6 +73,39 @@ class Snapshot:
     exit_code: int | None = None
     error: str | None = None
     launched_monotonic: float | None = None
+    #: The switches queued or under way, in order; the one being loaded comes first.
+    pending: tuple[ModelSpec, ...] = ()
+
+    @property
+    def switching(self) -> bool:
+        return bool(self.pending)
+
+
+class EventKind(str, Enum):
+    """What a :class:`StateEvent` reports."""
+
+    TRANSITION = "transition"  #: the state changed (``old`` and ``new`` differ)
+    PENDING = "pending"  #: a switch was queued, began loading or ended
+    UPDATE = "update"  #: details of the current state changed (the pid once known, the log's name)
+
+
+@dataclass(frozen=True)
+class StateEvent:
+    """One change of the machine, as its subscribers see it."""
+
+    kind: EventKind
+    old: ProcessState
+    new: ProcessState
+    snapshot: Snapshot  #: the snapshot after the change
+    at: datetime = field(default_factory=_now)  #: wall clock (UTC)
+    monotonic: float = field(default_factory=time.monotonic)
+
+
+#: A subscriber: called synchronously after every change; it must not block nor change the machine.
+Subscriber = Callable[[StateEvent], None]
+
+#: Fields that only the machine's own methods change.
+_OWN_FIELDS = frozenset({"state", "pending"})
 
 
 class ProcessStateMachine:
@@ -63,7 +113,8 @@ class ProcessStateMachine:
 
     def __init__(self) -> None:
         self._snapshot = Snapshot()
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()  # set (and replaced) on every change
+        self._subscribers: list[Subscriber] = []
 
     @property
     def snapshot(self) -> Snapshot:
@@ -72,6 +123,8 @@ class ProcessStateMachine:
     @property
     def state(self) -> ProcessState:
         return self._snapshot.state
+
+    # ------------------------------------------------------------------ changes
 
     async def transition(self, to: ProcessState, **fields: object) -> Snapshot:
         """Move to ``to`` (which must be allowed from the current state) and update ``fields``.
@@ -89,42 +142,95 @@ class ProcessStateMachine:
     ) -> Snapshot | None:
         """Like :meth:`transition`, but do nothing and return None unless the current state is in
         ``only_from`` (for observers that race with a switch, such as the exit watcher)."""
-        async with self._changed:
-            current = self._snapshot.state
-            if only_from is not None and current not in only_from:
-                return None
-            if to not in TRANSITIONS[current]:
-                raise InvalidTransition(f"vLLM process cannot go from {current.value} to {to.value}")
-            base = self._snapshot
-            if to is S.STARTING:
-                base = Snapshot(started_at=_now(), launched_monotonic=time.monotonic())
-            elif to is S.READY:
-                base = replace(base, ready_at=_now(), error=None)
-            elif to is S.STOPPED:
-                # Nothing runs: a failure before the stop is history, not the current state.
-                base = replace(base, pid=None, error=None, exit_code=None)
-            self._snapshot = replace(base, state=to, **fields)  # type: ignore[arg-type]
-            self._changed.notify_all()
-            return self._snapshot
+        _check_fields(fields)
+        current = self._snapshot.state
+        if only_from is not None and current not in only_from:
+            return None
+        if to not in TRANSITIONS[current]:
+            raise InvalidTransition(f"vLLM process cannot go from {current.value} to {to.value}")
+        base = self._snapshot
+        if to is S.STARTING:
+            base = Snapshot(started_at=_now(), launched_monotonic=time.monotonic(), pending=base.pending)
+        elif to is S.READY:
+            base = replace(base, ready_at=_now(), error=None)
+        elif to is S.STOPPED:
+            # Nothing runs: a failure before the stop is history, not the current state.
+            base = replace(base, pid=None, error=None, exit_code=None)
+        return self._change(EventKind.TRANSITION, replace(base, state=to, **fields))  # type: ignore[arg-type]
 
     async def update(self, **fields: object) -> Snapshot:
         """Change details of the current state (e.g. the pid once known), not the state."""
-        async with self._changed:
-            self._snapshot = replace(self._snapshot, **fields)  # type: ignore[arg-type]
-            self._changed.notify_all()
+        _check_fields(fields)
+        return self._change(EventKind.UPDATE, replace(self._snapshot, **fields))  # type: ignore[arg-type]
+
+    def queue_switch(self, spec: ModelSpec) -> Snapshot:
+        """A switch to ``spec`` was asked for: it is pending (last in line) from now on."""
+        return self._change(
+            EventKind.PENDING, replace(self._snapshot, pending=(*self._snapshot.pending, spec))
+        )
+
+    def start_switch(self, spec: ModelSpec) -> Snapshot:
+        """The queued switch to ``spec`` (this very object) is being done: it comes first."""
+        rest = _without(self._snapshot.pending, spec)
+        return self._change(EventKind.PENDING, replace(self._snapshot, pending=(spec, *rest)))
+
+    def end_switch(self, spec: ModelSpec) -> Snapshot:
+        """The switch to ``spec`` (this very object) is over, however it ended (no change, and
+        no event, when it is not pending)."""
+        pending = _without(self._snapshot.pending, spec)
+        if pending is self._snapshot.pending:
             return self._snapshot
+        return self._change(EventKind.PENDING, replace(self._snapshot, pending=pending))
+
+    def _change(self, kind: EventKind, snapshot: Snapshot) -> Snapshot:
+        """Replace the snapshot, wake the waiters, tell the subscribers. Synchronous: the lock."""
+        old, self._snapshot = self._snapshot, snapshot
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        event = StateEvent(kind, old.state, snapshot.state, snapshot)
+        for subscriber in tuple(self._subscribers):
+            try:
+                subscriber(event)
+            except Exception:  # a subscriber never breaks a change
+                log.exception("state event subscriber %r failed on %s", subscriber, kind.value)
+        return snapshot
+
+    # --------------------------------------------------------------- observers
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback`` with a :class:`StateEvent` after every change; returns the call that
+        unsubscribes it. Callbacks run synchronously in the changing step: they must be quick,
+        must not block and must not change the machine; one that raises is logged and skipped."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
 
     async def wait_for(self, predicate: Callable[[Snapshot], bool], timeout: float | None) -> Snapshot:
-        """Wait until ``predicate(snapshot)`` is true; raise :class:`TimeoutError` after ``timeout``."""
+        """Wait until ``predicate(snapshot)`` is true; raise :class:`TimeoutError` after ``timeout``.
+        The predicate is looked at again after every change of the snapshot."""
 
         async def _wait() -> Snapshot:
-            async with self._changed:
-                await self._changed.wait_for(lambda: predicate(self._snapshot))
-                return self._snapshot
+            while not predicate(self._snapshot):
+                await self._changed.wait()
+            return self._snapshot
 
         return await asyncio.wait_for(_wait(), timeout)
 
-    async def poke(self) -> None:
-        """Wake the waiters without a change (their predicates may read other state)."""
-        async with self._changed:
-            self._changed.notify_all()
+
+def _check_fields(fields: dict[str, object]) -> None:
+    own = _OWN_FIELDS.intersection(fields)
+    if own:
+        raise TypeError(f"{', '.join(sorted(own))} change only through the machine's own methods")
+
+
+def _without(pending: tuple[ModelSpec, ...], spec: ModelSpec) -> tuple[ModelSpec, ...]:
+    """``pending`` without the entry that is ``spec`` itself (an equal spec queued twice is two
+    switches)."""
+    for index, queued in enumerate(pending):
+        if queued is spec:
+            return pending[:index] + pending[index + 1 :]
+    return pending

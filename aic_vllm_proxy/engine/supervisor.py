@@ -1,10 +1,11 @@
 """The supervisor: when the one vLLM process is started, watched, switched and stopped.
 
-- Switches and stops are serialised by one lock; the process state lives in
-  :class:`~aic_vllm_proxy.engine.state.ProcessStateMachine` and changes nowhere else.
+- Switches and stops are serialised by one lock; the process state and the switches pending
+  live in :class:`~aic_vllm_proxy.engine.state.ProcessStateMachine` and change nowhere else.
 - A switch: pre_switch hooks, drain and stop the old model, launch (``launch.py``: its own
   process group, its own log file, a watchdog), probe until ready (``prober.py``), post_switch.
-- Proxied requests wait here (bounded) while no model is admitting requests.
+- Proxied requests wait here (bounded) while no model is ready (READY is the only state in
+  which requests are taken; DRAINING lets those in flight finish before a stop).
 - An exit nobody asked for marks the model failed, cleans up its tree and may restart it.
 """
 
@@ -63,6 +64,11 @@ PORT_TAKEN_ADVICE = (
 )
 
 
+def _cancelled_by_stop(spec: ModelSpec) -> str:
+    """``last_switch_error`` of a switch that a stop cancelled."""
+    return f"the switch to {spec.model} was cancelled by a stop"
+
+
 @dataclass
 class StopOutcome:
     """What stopping a model did: hook reports, requests drained and cut at the deadline."""
@@ -88,7 +94,6 @@ class Supervisor:
         self._session = session
         self._lock = asyncio.Lock()  # one switch or stop at a time
         self._launch: Launch | None = None
-        self._pending: list[ModelSpec] = []  # switches queued or running
         self._tasks: set[asyncio.Task[object]] = set()  # background switches, health checks
         self._switches: set[asyncio.Task[SwitchResult]] = set()  # switches under way or queued
         self.last_switch_error: str | None = None
@@ -97,7 +102,6 @@ class Supervisor:
         self.hook_reports: list[HookReport] = []
         self.in_flight = 0  # proxied requests admitted and not finished
         self.waiting = 0  # proxied requests waiting for a model
-        self.admitting = False  # True while ready and not draining for a stop
         self._idle = asyncio.Event()
         self._idle.set()
         self.restarts = 0  # automatic restarts in a row (restart policy)
@@ -106,7 +110,8 @@ class Supervisor:
 
     @property
     def switching(self) -> bool:
-        return bool(self._pending)
+        """A switch is queued or in progress (``Snapshot.pending``)."""
+        return self.machine.snapshot.switching
 
     @property
     def launch(self) -> Launch | None:
@@ -128,8 +133,9 @@ class Supervisor:
             ready_at=snap.ready_at,
             exit_code=snap.exit_code,
             error=snap.error,
-            switching=self.switching,
-            target_model_spec=self._pending[0].raw if self._pending else None,
+            switching=snap.switching,
+            target_model_spec=snap.pending[0].raw if snap.pending else None,
+            pending_model_specs=[spec.raw for spec in snap.pending],
             in_flight=self.in_flight,
             hook_reports=self.hook_reports,
             restarts=self.restarts,
@@ -180,8 +186,8 @@ class Supervisor:
 
     @property
     def serving(self) -> bool:
-        """A model is ready and taking requests (not draining for a stop)."""
-        return self.machine.state is S.READY and self.admitting
+        """A model is ready and taking requests: the state is READY (not DRAINING for a stop)."""
+        return self.machine.state is S.READY
 
     async def wait_for_model(self, timeout: float) -> Snapshot:
         """Wait (bounded) until a model is ready; raise :class:`ModelUnavailable` otherwise."""
@@ -190,9 +196,7 @@ class Supervisor:
             return snap
 
         def settled(s: Snapshot) -> bool:
-            return (s.state is S.READY and self.admitting) or (
-                not self.switching and s.state in (S.STOPPED, S.FAILED)
-            )
+            return s.state is S.READY or (not s.switching and s.state in (S.STOPPED, S.FAILED))
 
         if not settled(snap):
             if self.waiting >= self.settings.max_waiting:
@@ -206,7 +210,8 @@ class Supervisor:
             try:
                 snap = await self.machine.wait_for(settled, timeout)
             except asyncio.TimeoutError:
-                target = self._pending[0].model if self._pending else "the model"
+                pending = self.machine.snapshot.pending
+                target = pending[0].model if pending else "the model"
                 raise ModelUnavailable(
                     f"Timed out after {timeout:g} s waiting for {target} to finish loading. "
                     "Retry later, or check GET /status and GET /logs/tail.",
@@ -240,11 +245,50 @@ class Supervisor:
 
         ``force`` restarts even the same spec and skips the drain; ``restart`` marks an automatic
         restart by the restart policy (which does not reset the restart count)."""
-        task = asyncio.ensure_future(self._run_switch(spec, force=force, restart=restart))
+        return await self._outcome(self._begin_switch(spec, force=force, restart=restart), spec)
+
+    def switch_in_background(self, spec: ModelSpec, *, force: bool = False) -> None:
+        """Start a switch and return; it is pending in ``/status`` from this call on, and its
+        outcome shows there."""
+        task = self._begin_switch(spec, force=force, restart=False)
+
+        async def run() -> None:
+            try:
+                await self._outcome(task, spec)
+            except EngineError as exc:
+                log.warning("background switch to %s failed: %s", spec.model, exc.message)
+
+        self._spawn(run())
+
+    def _begin_switch(self, spec: ModelSpec, *, force: bool, restart: bool) -> asyncio.Task[SwitchResult]:
+        """Register a switch (pending in the snapshot from this very step: synchronous, so no
+        ``/status`` in between can miss it) and start the task that runs it."""
+        if not restart:
+            self.restarts = 0
+        self.last_switch_error = None
+        self.machine.queue_switch(spec)
+        ran = False
+
+        async def run() -> SwitchResult:
+            nonlocal ran
+            ran = True
+            return await self._run_switch(spec, force=force)
+
+        def never_ran(_: object) -> None:
+            if not ran:  # cancelled (by a stop) before it began: _run_switch did not clean up
+                self.last_switch_error = _cancelled_by_stop(spec)
+                self.machine.end_switch(spec)
+
+        task = asyncio.ensure_future(run())
         self._switches.add(task)
         task.add_done_callback(self._switches.discard)
+        task.add_done_callback(never_ran)
+        return task
+
+    async def _outcome(self, task: asyncio.Task[SwitchResult], spec: ModelSpec) -> SwitchResult:
+        """The result of a switch's task. Shielded: a caller that goes away (a client hanging up)
+        does not abandon the switch."""
         try:
-            # Shielded: a caller that goes away (a client hanging up) does not abandon the switch.
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.cancelled():  # the switch itself was cancelled: by a stop or the shutdown
@@ -254,44 +298,23 @@ class Supervisor:
                 ) from None
             raise
 
-    async def _run_switch(self, spec: ModelSpec, *, force: bool, restart: bool) -> SwitchResult:
+    async def _run_switch(self, spec: ModelSpec, *, force: bool) -> SwitchResult:
         started = time.monotonic()
-        if not restart:
-            self.restarts = 0
-        self._pending.append(spec)
-        self.last_switch_error = None
-        await self.machine.poke()
         try:
             async with self._lock:
-                # The spec being loaded comes first in the list for /status.
-                self._pending.remove(spec)
-                self._pending.insert(0, spec)
+                self.machine.start_switch(spec)  # the spec being loaded comes first in /status
                 result = await self._switch_locked(spec, force=force)
         except EngineError as exc:
             self.last_switch_error = exc.message
             raise
         except asyncio.CancelledError:
-            self.last_switch_error = f"the switch to {spec.model} was cancelled by a stop"
+            self.last_switch_error = _cancelled_by_stop(spec)
             raise
         finally:
-            self._pending.remove(spec)
-            await self.machine.poke()
+            self.machine.end_switch(spec)
         result.total_seconds = round(time.monotonic() - started, 3)
         result.status = self.status()
         return result
-
-    def switch_in_background(self, spec: ModelSpec, *, force: bool = False) -> None:
-        """Start a switch and return; its outcome shows in ``/status``."""
-        self._pending.append(spec)  # visible at once in /status
-
-        async def run() -> None:
-            self._pending.remove(spec)
-            try:
-                await self.switch(spec, force=force)
-            except EngineError as exc:
-                log.warning("background switch to %s failed: %s", spec.model, exc.message)
-
-        self._spawn(run())
 
     def _spawn(self, coro: Awaitable[object], into: set[asyncio.Task[object]] | None = None) -> None:
         tasks = self._tasks if into is None else into
@@ -378,8 +401,6 @@ class Supervisor:
         load_seconds = time.monotonic() - (self.machine.snapshot.launched_monotonic or 0.0)
         model = ready.models[0] if ready.models else spec.served_name
         await self.machine.transition(S.READY, model=model)
-        self.admitting = True
-        await self.machine.poke()
         log.info("%s is ready after %.1f s (pid %d)", spec.model, load_seconds, launch.process.pid)
         reports += await self.hooks.call(
             self._context("post_switch", old_spec=current, new_spec=spec.raw, pid=launch.pgid)
@@ -539,7 +560,7 @@ class Supervisor:
             "after it was ready; its engine may have died"
         )
         snap = await self.machine.transition_if(
-            frozenset({S.READY}), S.FAILED, exit_code=code, error=message, pid=None
+            frozenset({S.READY, S.DRAINING}), S.FAILED, exit_code=code, error=message, pid=None
         )
         if snap is None:
             if self.machine.state is S.FAILED:  # already marked by the health check
@@ -547,7 +568,6 @@ class Supervisor:
             else:
                 return  # a switch or stop is handling it
         log.error("%s", message)
-        self.admitting = False
         self._cut_upstreams()
         await launch.terminate(grace=self.settings.stop_timeout)
         if self._launch is launch:
@@ -608,7 +628,6 @@ class Supervisor:
             if bad >= 2:
                 message = f"vLLM ({launch.spec.model}) answers 503 on /health: its engine has died"
                 if await self.machine.transition_if(frozenset({S.READY}), S.FAILED, error=message):
-                    self.admitting = False
                     log.error("%s", message)
                 return
 
@@ -630,16 +649,16 @@ class Supervisor:
         launch = self._launch
         if launch is None:  # nothing runs; settle a state left by a failed or cancelled start
             state = self.machine.state
-            if state in (S.STARTING, S.READY):
+            if state in (S.STARTING, S.READY, S.DRAINING):
                 await self.machine.transition(S.STOPPING)
             if state is not S.STOPPED:
                 await self.machine.transition(S.STOPPED)
             return StopOutcome()
-        # New requests now wait for the next model; in-flight ones may finish (the drain).
-        self.admitting = False
-        await self.machine.poke()
         outcome = StopOutcome()
         if drain and self.in_flight and not launch.exited.is_set():
+            # New requests now wait for the next model; in-flight ones may finish (the drain).
+            if self.machine.state is S.READY:
+                await self.machine.transition(S.DRAINING)
             before = self.in_flight
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
