@@ -11,9 +11,11 @@ import time
 from typing import Any
 
 import pytest
+from aiohttp import web
 from helpers import ECHO, FAST, sse_data
 
 from aic_vllm_proxy.relay.front import parse_request_head
+from aic_vllm_proxy.web import control
 
 CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}'
 STREAM = b'{"model": "m", "prompt": "hi", "max_tokens": 5, "stream": true}'
@@ -151,6 +153,40 @@ async def test_what_the_front_door_does_not_take_goes_to_aiohttp(
         assert json.loads(body)["state"] == "ready", body  # the proxy's /status
     elif expected == 404:
         assert json.loads(body) == {"detail": "Not Found"}, body  # vLLM's own 404
+
+
+async def test_a_control_route_with_a_variable_is_aiohttps(
+    make_proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which paths are the proxy's own is decided once, from the route table: a control route
+    with a variable (a test-only ``/test-only/{name}``) is handed to aiohttp, which serves it,
+    not passed to vLLM by the front door (which would answer vLLM's 404)."""
+    table = web.RouteTableDef()
+    for route in control.routes:
+        if isinstance(route, web.RouteDef):
+            table.route(route.method, route.path, **route.kwargs)(route.handler)
+
+    @table.get("/test-only/{name}")
+    async def test_only(request: web.Request) -> web.Response:
+        return web.json_response({"name": request.match_info["name"]})
+
+    monkeypatch.setattr(control, "routes", table)
+    proxy = await loaded(make_proxy)
+    front = proxy.front
+    reader, writer = await connect(proxy)
+    handed, served = front.handed_off, front.served
+    writer.write(get("/test-only/abc"))
+    status, _, body = await read_response(reader)
+    assert (status, json.loads(body)) == (200, {"name": "abc"}), body
+    assert (front.handed_off, front.served) == (handed + 1, served)
+    writer.close()
+    # And a path the route's pattern does not match is still vLLM's, through the front door.
+    reader, writer = await connect(proxy)
+    writer.write(get("/test-only/abc/def"))
+    status, _, body = await read_response(reader)
+    assert status == 404 and json.loads(body) == {"detail": "Not Found"}, body
+    assert (front.handed_off, front.served) == (handed + 1, served + 1)
+    writer.close()
 
 
 async def test_pipelined_requests_are_answered_in_order(make_proxy: Any) -> None:

@@ -44,6 +44,7 @@ from aic_vllm_proxy.relay.passthrough import (
     sse_error_event,
     upstream_head,
 )
+from aic_vllm_proxy.relay.routes import OwnRoutes
 from aic_vllm_proxy.relay.upstream import (
     LAST_CHUNK,
     ResponseHead,
@@ -194,14 +195,14 @@ class Front:
         passthrough: Passthrough,
         keys: KeyRing,
         fallback: Callable[[], asyncio.Protocol],
-        own_paths: set[str],
+        routes: OwnRoutes,
         *,
         keepalive_timeout: float,
     ) -> None:
         self.passthrough = passthrough
         self.keys = keys
         self.fallback = fallback
-        self.own_paths = frozenset(path.encode() for path in own_paths)
+        self.routes = routes  # the proxy's own paths: aiohttp's (its router serves them)
         self.admin_prefixes = tuple(prefix.encode() for prefix in ADMIN_PREFIXES)
         self.max_body = min(passthrough.max_body_size, RETRYABLE_BODY)
         self.keepalive_timeout = keepalive_timeout
@@ -220,7 +221,7 @@ class Front:
         """Whether the front door serves this request itself."""
         path = head.target.partition(b"?")[0]
         if (
-            path in self.own_paths
+            self.routes.owns(path)
             or path.startswith(self.admin_prefixes)
             or not routed_as_is(path)
             or head.length > self.max_body

@@ -21,6 +21,7 @@ from aic_vllm_proxy.catalog import CatalogInfo, PolicyError, resolve
 from aic_vllm_proxy.engine.logs import follow, iter_file, parse_lines_param, tail_lines_async, tail_with_cause
 from aic_vllm_proxy.relay.errors import BadRequest, ProxyError, body_too_large
 from aic_vllm_proxy.relay.passthrough import read_body
+from aic_vllm_proxy.relay.routes import OwnRoutes
 from aic_vllm_proxy.schemas import PluginList, SwitchRequest, to_json
 from aic_vllm_proxy.spec import SpecError
 from aic_vllm_proxy.web.appkeys import PLUGINS, SETTINGS, SUPERVISOR
@@ -207,6 +208,12 @@ def methods_by_path() -> dict[str, list[str]]:
                 {route.method, "HEAD"} if route.method == "GET" else {route.method}
             )
     return {path: sorted(methods) for path, methods in found.items()}
+
+
+def own_routes() -> OwnRoutes:
+    """The matcher for the proxy's own paths (any method: a wrong one is the 405 of
+    :func:`method_not_allowed`), handed to the front door, which leaves them to aiohttp."""
+    return OwnRoutes(methods_by_path())
 
 
 def method_not_allowed(

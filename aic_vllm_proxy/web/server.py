@@ -248,5 +248,6 @@ def make_front(runner: web.AppRunner, *, keepalive_timeout: float) -> Front:
     app = runner.app
     server = runner.server
     assert server is not None, "call runner.setup() first"
-    own_paths = set(control.methods_by_path())
-    return Front(app[PASSTHROUGH], app[KEYS], server, own_paths, keepalive_timeout=keepalive_timeout)
+    return Front(
+        app[PASSTHROUGH], app[KEYS], server, control.own_routes(), keepalive_timeout=keepalive_timeout
+    )
