@@ -45,6 +45,7 @@ from aic_vllm_proxy.client.progress import (
     SwitchWatch,
     make_sink,
 )
+from aic_vllm_proxy.client.views import status_lines
 from aic_vllm_proxy.schemas import ProcessState, Status
 
 S = ProcessState
@@ -177,6 +178,21 @@ class TestSwitchWatch:
         assert done is not None and done.ok
         nothing = watch.observe(st(S.STOPPED))
         assert nothing is not None and not nothing.ok and "No model is loaded" in nothing.message
+
+    def test_draining(self) -> None:
+        """The state "draining" (issue 12): a switch draining the old model is under way (the drain
+        is announced); a stop draining is not a ready model for a wait."""
+        watch, lines = self.watch("b", st(S.READY, "a", T0, model="a"))
+        assert watch.observe(st(S.DRAINING, "a", T0, switching=True, in_flight=3)) is None
+        assert [line.split("] ", 1)[1] for line in lines] == [
+            "waiting for 3 in-flight request(s) of a to finish"
+        ]
+        waiting, _ = self.watch(None, st(S.READY, "a", T0, model="a"))
+        assert waiting.observe(st(S.DRAINING, "a", T0, model="a", in_flight=1)) is None
+        gone = waiting.observe(st(S.STOPPED, "a"))
+        assert gone is not None and not gone.ok and "No model is loaded" in gone.message
+        shown = "\n".join(status_lines(st(S.DRAINING, "a", T0, model="a", ready_at=T1, in_flight=1)))
+        assert "state:" in shown and "draining" in shown and "ready after 300.0 s" in shown
 
     def test_heartbeat_and_timeout(self) -> None:
         now = [0.0]

@@ -27,6 +27,7 @@ from helpers import (
     wait_until,
 )
 
+from aic_vllm_proxy.engine.state import EventKind, StateEvent
 from aic_vllm_proxy.hooks import HookContext, hookimpl
 
 
@@ -75,11 +76,15 @@ async def test_switch_drains_in_flight_requests(make_proxy: Any) -> None:
     assert status == 200, body
     old_pid = body["status"]["pid"]
     streams = [await open_stream(proxy.session, proxy.url, "model-a", 40) for _ in range(2)]
+    changes: list[StateEvent] = []
+    proxy.supervisor.machine.subscribe(changes.append)
     started = time.monotonic()
     switch = asyncio.ensure_future(proxy.switch(f"model-b {FAST}"))
     # The drain has begun when the proxy stops admitting requests to model-a.
     assert await async_wait_until(lambda: not proxy.supervisor.serving, 10)
-    assert (await proxy.status())["in_flight"] == 2
+    during = await proxy.status()
+    assert during["in_flight"] == 2
+    assert during["state"] == "draining" and during["switching"] is True, during  # issue 12
     # model-b does not exist on model-a's vLLM (404): a 200 proves this request waited for model-b.
     late = asyncio.ensure_future(
         proxy.session.post(proxy.url + CHAT, json=chat_request("model-b", stream=False))
@@ -96,6 +101,12 @@ async def test_switch_drains_in_flight_requests(make_proxy: Any) -> None:
         assert (await resp.json())["model"] == "model-b"
     assert not group_members(old_pid)
     assert time.monotonic() - started < 60
+    # One event per transition, in the order of the switch (issue 12).
+    moves = [(e.old.value, e.new.value) for e in changes if e.kind is EventKind.TRANSITION]
+    assert moves == [
+        ("ready", "draining"), ("draining", "stopping"), ("stopping", "stopped"),
+        ("stopped", "starting"), ("starting", "ready"),
+    ], moves  # fmt: skip
 
 
 async def test_drain_deadline_cuts_what_is_left(make_proxy: Any) -> None:

@@ -7,6 +7,7 @@ process with an engine child in its process group.
 from __future__ import annotations
 
 import asyncio
+import json
 import shlex
 import time
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import Any
 
 import pytest
 from helpers import FAST, SIM, group_members, process_exists, wait_state
+from test_front import get, post, read_response
+
+from aic_vllm_proxy.schemas import Status
+from aic_vllm_proxy.spec import ModelSpec
 
 STATUS_FIELDS = {
     "running", "pid", "model_spec", "vllm_base", "log_path", "state", "model", "started_at",
@@ -271,6 +276,64 @@ async def test_switch_without_waiting(make_proxy: Any) -> None:
     status = await wait_state(proxy, "ready")
     assert status["model"] == "bg" and status["running"] is True
     assert status["switching"] is False and status["target_model_spec"] is None
+
+
+async def test_a_background_switch_is_in_status_at_once(make_proxy: Any) -> None:
+    """POST /switch with "wait": false answers 202 once the switch is registered: the very next
+    GET /status (pipelined behind it on the same connection) says switching and lists it, and
+    what /status answers never says switching: false until the new model is ready. Before issue
+    12 the switch left the list for a moment before its task put it back; a client polling then
+    read "one is ready, nothing switching" as "the switch to two did not happen"."""
+    proxy = await make_proxy()
+    code, body = await proxy.switch(f"sim/one --served-model-name one {FAST}")
+    assert code == 200, body
+    spec = f"sim/two --served-model-name two {FAST}"
+    gaps: list[Status] = []
+    registered = asyncio.Event()
+
+    async def watch() -> None:
+        # At every step of the event loop (the proxy runs in this one): what /status would answer.
+        while True:
+            status = proxy.supervisor.status()
+            if status.switching:
+                registered.set()
+            elif registered.is_set():
+                if status.state.value == "ready" and status.model == "two":
+                    return
+                gaps.append(status)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.settings.port)
+        request = json.dumps({"model_spec": spec, "wait": False}).encode()
+        writer.write(post("/switch", request) + get("/status"))
+        accepted, after = await read_response(reader), await read_response(reader)
+        writer.close()
+        assert accepted[0] == 202, accepted
+        status = json.loads(after[2])
+        assert status["switching"] is True and status["target_model_spec"] == spec, status
+        assert status["pending_model_specs"] == [spec], status
+        await asyncio.wait_for(watcher, 60)
+    finally:
+        watcher.cancel()
+    assert gaps == [], gaps[:3]
+    final = await proxy.status()
+    assert final["model"] == "two" and final["state"] == "ready", final
+    assert final["switching"] is False and final["pending_model_specs"] == [], final
+
+
+async def test_a_stop_cancels_a_background_switch_that_has_not_begun(make_proxy: Any) -> None:
+    """A stop in the same step of the event loop as a background switch (nothing awaited in
+    between) cancels it although its task never ran: it leaves the pending list, and nothing
+    loads after the stop (before issue 12 the stop did not see it; it stayed listed and ran)."""
+    proxy = await make_proxy()
+    supervisor = proxy.supervisor
+    supervisor.switch_in_background(ModelSpec.parse(f"sim/late --served-model-name late {FAST}"))
+    status = await supervisor.stop()
+    assert status.state.value == "stopped" and status.switching is False, status
+    assert status.pending_model_specs == [] and not supervisor.launch, status
+    assert "cancelled by a stop" in (status.last_switch_error or ""), status
 
 
 async def test_failing_switch_without_waiting_shows_in_status(make_proxy: Any) -> None:
