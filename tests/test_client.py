@@ -516,6 +516,25 @@ async def test_progress_follows_the_new_launch_only(make_proxy: Any) -> None:
     assert "model-b is ready after" in lines[-1]
 
 
+async def test_switches_queued_in_order_and_a_wait_for_the_last(make_proxy: Any) -> None:
+    """Two background switches: both are listed at once, in order (issue 12), and a wait goes on
+    past the first model's ready while the second is still pending, then switch() to a model
+    queued behind a load is followed to its own end."""
+    proxy = await make_proxy()
+    slow, quick = f"model-a {FAST} --sim-load-delay 1", f"model-b {FAST}"
+    async with AsyncVLLMProxyClient(proxy.url, progress=False) as client:
+        await client.start_switch("model-a", f"{FAST} --sim-load-delay 1")
+        second = await client.start_switch("model-b", FAST)
+        assert second.switching and second.target_model_spec == slow
+        assert second.pending_model_specs == [slow, quick], second
+        ready = await client.wait_until_ready(timeout=60)
+        assert ready.state is S.READY and ready.model == "model-b" and not ready.pending_model_specs
+        await client.start_switch("model-a", f"{FAST} --sim-load-delay 1")
+        result = await client.switch("model-c", FAST)  # queued behind model-a's load
+        assert result.changed and result.status.model == "model-c", result
+        assert result.status.state is S.READY and result.status.pending_model_specs == []
+
+
 def launched_log(lines: list[str]) -> Path:
     """The log file named by the progress line "vLLM started (pid N), log PATH", checked to be the
     final name (with the pid)."""
