@@ -150,6 +150,26 @@ async def test_a_failing_subscriber_is_logged_and_breaks_nothing(caplog: pytest.
     assert "subscriber bug" in caplog.text and "failed" in caplog.text
 
 
+async def test_a_subscriber_cannot_change_the_machine_inside_a_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Changes never nest: one made from inside another (here by a subscriber) is refused with
+    ConcurrentChange (logged as that subscriber's failure), and the first change stands alone."""
+    machine = ProcessStateMachine()
+    spec = ModelSpec.parse("m")
+    seen: list[StateEvent] = []
+
+    def meddler(event: StateEvent) -> None:
+        machine.queue_switch(spec)
+
+    machine.subscribe(meddler)
+    machine.subscribe(seen.append)
+    with caplog.at_level(logging.ERROR, logger="aic_vllm_proxy.engine.state"):
+        await machine.transition(S.STARTING)
+    assert machine.snapshot.pending == () and [(e.old, e.new) for e in seen] == [(S.STOPPED, S.STARTING)]
+    assert "ConcurrentChange" in caplog.text
+
+
 async def test_unsubscribe() -> None:
     machine = ProcessStateMachine()
     seen: list[StateEvent] = []

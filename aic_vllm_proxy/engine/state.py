@@ -6,8 +6,9 @@ Everything the supervisor knows about the process and the switches asked of it i
 :data:`TRANSITIONS` only (:meth:`~ProcessStateMachine.transition`); the pending list changes
 through :meth:`~ProcessStateMachine.queue_switch`, :meth:`~ProcessStateMachine.start_switch`
 and :meth:`~ProcessStateMachine.end_switch`. Each change is one synchronous step on the event
-loop (nothing is awaited between reading the snapshot and replacing it), so changes never
-interleave: that step is the machine's lock. After each change the waiters
+loop under the machine's lock (nothing is awaited between reading the snapshot and replacing
+it; a change attempted while another is under way, from a subscriber or another thread, is a
+bug and raises :class:`ConcurrentChange` instead of waiting). After each change the waiters
 (:meth:`~ProcessStateMachine.wait_for`) look again and every subscriber
 (:meth:`~ProcessStateMachine.subscribe`) gets one :class:`StateEvent`.
 
@@ -26,9 +27,11 @@ for the requests in flight to finish (``--drain-timeout``); new ones wait for th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from enum import Enum
@@ -52,6 +55,10 @@ TRANSITIONS: dict[ProcessState, frozenset[ProcessState]] = {
 
 class InvalidTransition(RuntimeError):
     pass
+
+
+class ConcurrentChange(RuntimeError):
+    """The machine was changed while a change was under way (a subscriber or another thread)."""
 
 
 def _now() -> datetime:
@@ -115,6 +122,7 @@ class ProcessStateMachine:
         self._snapshot = Snapshot()
         self._changed = asyncio.Event()  # set (and replaced) on every change
         self._subscribers: list[Subscriber] = []
+        self._lock = threading.Lock()  # held for each change; never waited for
 
     @property
     def snapshot(self) -> Snapshot:
@@ -143,47 +151,61 @@ class ProcessStateMachine:
         """Like :meth:`transition`, but do nothing and return None unless the current state is in
         ``only_from`` (for observers that race with a switch, such as the exit watcher)."""
         _check_fields(fields)
-        current = self._snapshot.state
-        if only_from is not None and current not in only_from:
-            return None
-        if to not in TRANSITIONS[current]:
-            raise InvalidTransition(f"vLLM process cannot go from {current.value} to {to.value}")
-        base = self._snapshot
-        if to is S.STARTING:
-            base = Snapshot(started_at=_now(), launched_monotonic=time.monotonic(), pending=base.pending)
-        elif to is S.READY:
-            base = replace(base, ready_at=_now(), error=None)
-        elif to is S.STOPPED:
-            # Nothing runs: a failure before the stop is history, not the current state.
-            base = replace(base, pid=None, error=None, exit_code=None)
-        return self._change(EventKind.TRANSITION, replace(base, state=to, **fields))  # type: ignore[arg-type]
+        with self._locked():
+            current = self._snapshot.state
+            if only_from is not None and current not in only_from:
+                return None
+            if to not in TRANSITIONS[current]:
+                raise InvalidTransition(f"vLLM process cannot go from {current.value} to {to.value}")
+            base = self._snapshot
+            if to is S.STARTING:
+                base = Snapshot(started_at=_now(), launched_monotonic=time.monotonic(), pending=base.pending)
+            elif to is S.READY:
+                base = replace(base, ready_at=_now(), error=None)
+            elif to is S.STOPPED:
+                # Nothing runs: a failure before the stop is history, not the current state.
+                base = replace(base, pid=None, error=None, exit_code=None)
+            return self._change(EventKind.TRANSITION, replace(base, state=to, **fields))  # type: ignore[arg-type]
 
     async def update(self, **fields: object) -> Snapshot:
         """Change details of the current state (e.g. the pid once known), not the state."""
         _check_fields(fields)
-        return self._change(EventKind.UPDATE, replace(self._snapshot, **fields))  # type: ignore[arg-type]
+        with self._locked():
+            return self._change(EventKind.UPDATE, replace(self._snapshot, **fields))  # type: ignore[arg-type]
 
     def queue_switch(self, spec: ModelSpec) -> Snapshot:
         """A switch to ``spec`` was asked for: it is pending (last in line) from now on."""
-        return self._change(
-            EventKind.PENDING, replace(self._snapshot, pending=(*self._snapshot.pending, spec))
-        )
+        with self._locked():
+            return self._change(
+                EventKind.PENDING, replace(self._snapshot, pending=(*self._snapshot.pending, spec))
+            )
 
     def start_switch(self, spec: ModelSpec) -> Snapshot:
         """The queued switch to ``spec`` (this very object) is being done: it comes first."""
-        rest = _without(self._snapshot.pending, spec)
-        return self._change(EventKind.PENDING, replace(self._snapshot, pending=(spec, *rest)))
+        with self._locked():
+            rest = _without(self._snapshot.pending, spec)
+            return self._change(EventKind.PENDING, replace(self._snapshot, pending=(spec, *rest)))
 
     def end_switch(self, spec: ModelSpec) -> Snapshot:
         """The switch to ``spec`` (this very object) is over, however it ended (no change, and
         no event, when it is not pending)."""
-        pending = _without(self._snapshot.pending, spec)
-        if pending is self._snapshot.pending:
-            return self._snapshot
-        return self._change(EventKind.PENDING, replace(self._snapshot, pending=pending))
+        with self._locked():
+            pending = _without(self._snapshot.pending, spec)
+            if pending is self._snapshot.pending:
+                return self._snapshot
+            return self._change(EventKind.PENDING, replace(self._snapshot, pending=pending))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if not self._lock.acquire(blocking=False):
+            raise ConcurrentChange("the vLLM state machine was changed while a change was under way")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _change(self, kind: EventKind, snapshot: Snapshot) -> Snapshot:
-        """Replace the snapshot, wake the waiters, tell the subscribers. Synchronous: the lock."""
+        """Replace the snapshot, wake the waiters, tell the subscribers (under the lock)."""
         old, self._snapshot = self._snapshot, snapshot
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
