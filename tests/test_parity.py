@@ -14,20 +14,31 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 from unittest import mock
 
 import pytest
-from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParserC, HttpRequestParserPy
-from helpers import FAST
+from helpers import ECHO, FAST, async_wait_until
+from test_hostile_clients import never_reading_client
 
 from aic_vllm_proxy.relay.auth import bearer_token
-from aic_vllm_proxy.relay.front import _START, METHODS, parse_request_head, routed_as_is
-from aic_vllm_proxy.relay.passthrough import request_head, upstream_head
+from aic_vllm_proxy.relay.flow import HIGH_WATER
+from aic_vllm_proxy.relay.front import (
+    _START,
+    METHODS,
+    AiohttpConnection,
+    ClientConnection,
+    FrontProtocol,
+    parse_request_head,
+    routed_as_is,
+)
+from aic_vllm_proxy.relay.headers import connection_tokens, request_head, upstream_head
+from aic_vllm_proxy.relay.upstream import UpstreamConnection
+from aic_vllm_proxy.web.appkeys import SUPERVISOR
 from aic_vllm_proxy.web.server import MALFORMED_REQUESTS, MalformedRequests
 
 ADMIN, USER = "admin-key", "user-key"
@@ -323,15 +334,12 @@ def test_the_front_door_takes_only_what_aiohttp_reads_the_same_way() -> None:
             assert message.should_close == (not front.keep_alive), block[:80]
             values = [v for n, v in message.raw_headers if n.lower() == b"authorization"]
             assert bearer_token(values[0] if values else None) == front.token
-            stand_in = SimpleNamespace(
-                method=message.method,
-                raw_path=message.path,
-                headers=message.headers,
-                raw_headers=message.raw_headers,
-            )
             length = front.length or None
             theirs = request_head(
-                cast(web.Request, stand_in),
+                message.method.encode(),
+                message.path.encode("utf-8", "surrogateescape"),
+                message.raw_headers,
+                connection_tokens(message.headers),
                 "vllm",
                 {},
                 strip_authorization=False,
@@ -441,3 +449,54 @@ def test_malformed_head_lines_are_rate_limited() -> None:
     assert "5 more in the last 10 s not logged" in message and "\\x1b" in message and "\n" not in message
     failure = record(RuntimeError("the proxy's own bug"))  # not a malformed head: kept whole
     assert limiter.filter(failure) and failure.exc_info is not None and failure.levelno == logging.ERROR
+
+
+# ------------------------------------------------------------------------ one flow control
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "target", ["/stream?events=2048&size=1024&gap=0.002", "/blob?size=1048576"], ids=["stream", "1MiB-answer"]
+)
+async def test_a_client_that_does_not_read_holds_vllm_at_one_water_mark(
+    make_proxy: Any, monkeypatch: pytest.MonkeyPatch, path: str, target: str
+) -> None:
+    """A client that reads nothing: on both paths the proxy stops reading vLLM's answer once
+    about ``flow.HIGH_WATER`` bytes wait for the client (not 64 KiB on one path and 256 KiB on
+    the other), for a stream and for an answer of 1 MiB with a Content-Length alike (relayed as
+    it comes, never read whole into the proxy's memory first)."""
+    conns: list[ClientConnection] = []
+    for cls in (FrontProtocol, AiohttpConnection):
+        made = cls.connection_made
+
+        def record(self: Any, transport: Any, made: Any = made) -> None:
+            # A small kernel buffer: what waits for the client is the proxy's to hold.
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            conns.append(self)
+            made(self, transport)
+
+        monkeypatch.setattr(cls, "connection_made", record)
+    waiting_at_hold: list[int] = []
+    hold = UpstreamConnection.hold
+
+    def recording_hold(self: UpstreamConnection) -> None:
+        sizes = [c.transport.get_write_buffer_size() for c in conns if c.transport is not None]
+        waiting_at_hold.append(max(sizes, default=0))
+        hold(self)
+
+    monkeypatch.setattr(UpstreamConnection, "hold", recording_hold)
+    proxy = await make_proxy(access_log=path == "aiohttp", vllm_command=ECHO)
+    status, body = await proxy.switch("echo")
+    assert status == 200, body
+    sock = never_reading_client(proxy.settings.port)
+    try:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target.encode())
+        assert await async_wait_until(lambda: bool(waiting_at_hold), 20), "vLLM's answer was never held"
+        # Held once the transport passed the high water mark, with at most one read from vLLM
+        # (up to 256 KiB) on top of it.
+        assert HIGH_WATER < waiting_at_hold[0] <= HIGH_WATER + 256 * 1024, waiting_at_hold
+        if target.startswith("/stream"):  # 1 KiB events 2 ms apart: a read holds a few of them
+            assert waiting_at_hold[0] <= HIGH_WATER + 32 * 1024, waiting_at_hold
+    finally:
+        sock.close()
+    assert await async_wait_until(lambda: proxy.app[SUPERVISOR].status().in_flight == 0, 20)

@@ -35,15 +35,9 @@ from aiohttp.http_parser import SINGLETON_HEADERS
 
 from aic_vllm_proxy.relay.auth import ADMIN_PREFIXES, KeyRing, bearer_token, refusal
 from aic_vllm_proxy.relay.errors import ProxyError, body_stalled
-from aic_vllm_proxy.relay.passthrough import (
-    HOP_BY_HOP,
-    RETRYABLE_BODY,
-    Passthrough,
-    closes_connection,
-    connection_tokens,
-    sse_error_event,
-    upstream_head,
-)
+from aic_vllm_proxy.relay.flow import set_water_marks
+from aic_vllm_proxy.relay.headers import HOP_BY_HOP, drops_authorization, response_head, upstream_head
+from aic_vllm_proxy.relay.passthrough import RETRYABLE_BODY, Passthrough, closes_connection, sse_error_event
 from aic_vllm_proxy.relay.routes import OwnRoutes
 from aic_vllm_proxy.relay.upstream import (
     LAST_CHUNK,
@@ -110,7 +104,6 @@ _HAND_OFF = frozenset(
 _READ = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length", b"authorization"}
 #: Headers the loop in :func:`parse_request_head` looks at.
 _SPECIAL = _READ | _HAND_OFF | _SINGLETONS
-_DROP_OUT = HOP_BY_HOP | {"content-length"}
 
 
 @dataclass(slots=True)
@@ -237,9 +230,10 @@ class Front:
     def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
-    def aiohttp_connection(self) -> AiohttpConnection:
-        """A new connection for aiohttp's request handler (watched like the front door's)."""
-        return AiohttpConnection(self, self.fallback())
+    def aiohttp_connection(self, *, handed_off: bool = False) -> AiohttpConnection:
+        """A new connection for aiohttp's request handler (watched like the front door's);
+        ``handed_off``: by the front door, whose transport it takes over as it is."""
+        return AiohttpConnection(self, self.fallback(), handed_off=handed_off)
 
     def gone(self, conn: FrontProtocol) -> None:
         """``conn`` is no longer the front door's (closed, or handed to aiohttp)."""
@@ -331,12 +325,15 @@ class AiohttpConnection(ClientConnection):
     event on to the handler; only watches for a client that does not read (aiohttp's ``drain()``
     waits for such a client for ever)."""
 
-    def __init__(self, front: Front, handler: asyncio.Protocol) -> None:
+    def __init__(self, front: Front, handler: asyncio.Protocol, *, handed_off: bool = False) -> None:
         super().__init__(front)
         self.handler = handler
+        self.handed_off = handed_off
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        if not self.handed_off:  # a handed-off transport has its water marks already
+            set_water_marks(transport)
         self.front.aiohttp_connections.add(self)
         self.handler.connection_made(transport)
 
@@ -395,6 +392,7 @@ class FrontProtocol(ClientConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        set_water_marks(transport)
         self.front.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -480,7 +478,7 @@ class FrontProtocol(ClientConnection):
         assert transport is not None
         self.front.gone(self)
         self.front.handed_off += 1
-        handler = self.front.aiohttp_connection()
+        handler = self.front.aiohttp_connection(handed_off=True)
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self._write_paused:
@@ -580,7 +578,7 @@ class FrontProtocol(ClientConnection):
         passthrough = self.front.passthrough
         supplied = passthrough.supervisor.upstream_headers()
         lines = head.lines
-        if passthrough.strip_authorization or supplied:
+        if drops_authorization(passthrough.strip_authorization, supplied):
             lines = [line for line in lines if line[:14].lower() != b"authorization:"]
         length = None if body is None else len(body)
         return upstream_head(
@@ -598,7 +596,9 @@ class FrontProtocol(ClientConnection):
         self._relay_started = True
         has_body = not is_head and answer.status not in (204, 304)
         self._relay_chunked = chunked = has_body and answer.length is None  # chunks for the client
-        pending = [self._response_head(answer, chunked or (is_head and answer.chunked))]
+        pending = [
+            response_head(answer, close=self._close_after, chunked=chunked or (is_head and answer.chunked))
+        ]
         self._answered = True
         conn.attach(pending.append)  # pieces come framed for the client (``framed=True``)
         if conn.complete:  # the whole answer came with its head: one write
@@ -657,18 +657,3 @@ class FrontProtocol(ClientConnection):
         if self._write_paused and self.transport is not None and not self.transport.is_closing():
             self._writable = self.loop.create_future()
             await self._writable
-
-    def _response_head(self, answer: ResponseHead, chunked: bool) -> bytes:
-        drop = _DROP_OUT
-        if "Connection" in answer.headers:
-            drop = drop | connection_tokens(answer.headers)
-        parts = [f"HTTP/1.1 {answer.status} {answer.reason}\r\n"]
-        parts.extend(line + "\r\n" for line in answer.lines if line.partition(":")[0].lower() not in drop)
-        if self._close_after:
-            parts.append("Connection: close\r\n")
-        if chunked:
-            parts.append("Transfer-Encoding: chunked\r\n")
-        elif answer.length is not None:
-            parts.append(f"Content-Length: {answer.length}\r\n")
-        parts.append("\r\n")
-        return "".join(parts).encode("latin-1")

@@ -5,8 +5,10 @@
   (vLLM closes idle ones after 5 s).
 - The response is relayed as vLLM writes it: each piece of body goes from the upstream
   connection's ``data_received`` straight to the client's transport (``upstream.py``), so an SSE
-  token reaches the client at once and costs one callback. Status, headers and error bodies pass
-  through unchanged. A slow client pauses reading from vLLM (back-pressure), nothing piles up.
+  token reaches the client at once and costs one callback; an answer with a Content-Length is
+  relayed the same way, never read whole first. Status, headers and error bodies pass through
+  (``headers.py``: the one header policy). A slow client pauses reading from vLLM at the water
+  marks of ``flow.py`` (back-pressure), the same as on the front door: nothing piles up.
 - A client that goes away cancels the handler (``handler_cancellation``), which drops the
   upstream connection, so vLLM aborts the generation.
 - An upstream that breaks off mid-response (vLLM crashed or was stopped) breaks the client's
@@ -19,16 +21,19 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.errors import EngineError
 from aic_vllm_proxy.relay.errors import BadRequest, ProxyError, UpstreamError, body_stalled, body_too_large
+from aic_vllm_proxy.relay.flow import over_high_water
+from aic_vllm_proxy.relay.headers import HOP_BY_HOP as HOP_BY_HOP  # re-exported (tests)
+from aic_vllm_proxy.relay.headers import connection_tokens, request_head, response_headers
+from aic_vllm_proxy.relay.headers import filtered as _filtered  # noqa: F401  (re-exported: tests)
 from aic_vllm_proxy.relay.upstream import (
-    HIGH_WATER,
     OnHead,
     ResponseHead,
     UpstreamClosed,
@@ -39,93 +44,9 @@ from aic_vllm_proxy.relay.upstream import (
 
 log = logging.getLogger(__name__)
 
-#: Headers that describe one connection, not the message: never forwarded either way.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "expect",
-    }
-)
-#: Request headers never copied as they are (Content-Length is set for the body sent upstream).
-_NOT_COPIED = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length"}
 #: Bodies up to this size are held so that a request can be retried on a stale connection.
 RETRYABLE_BODY = 1 << 20
-#: Responses up to this size (with a Content-Length) are read whole and sent in one write.
-SMALL_RESPONSE = 1 << 20
 UPSTREAM_ERRORS = (OSError, asyncio.TimeoutError, UpstreamClosed, UpstreamProtocolError)
-
-
-def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    """Header names listed in (every) ``Connection`` header: hop-by-hop too."""
-    return {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-        if token.strip()
-    }
-
-
-def _filtered(headers: CIMultiDict[str], extra_drop: Iterable[str] = ()) -> CIMultiDict[str]:
-    """``headers`` without hop-by-hop ones (and those named in their ``Connection``)."""
-    drop = HOP_BY_HOP | connection_tokens(headers) | set(extra_drop)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
-
-
-def request_head(
-    request: web.Request,
-    host_header: str,
-    supplied: dict[str, str],
-    *,
-    strip_authorization: bool,
-    length: int | None,
-    chunked: bool,
-) -> bytes:
-    """The upstream request line and headers, built from the client's raw header bytes."""
-    drop = _NOT_COPIED
-    if "Connection" in request.headers:
-        drop = drop | {token.encode() for token in connection_tokens(request.headers)}
-    if strip_authorization or supplied:
-        drop = drop | {b"authorization"}
-    lines = [
-        name + b": " + value + b"\r\n" for name, value in request.raw_headers if name.lower() not in drop
-    ]
-    target = request.raw_path.encode("utf-8", "surrogateescape")
-    return upstream_head(
-        request.method.encode(), target, host_header, lines, supplied, length=length, chunked=chunked
-    )
-
-
-def upstream_head(
-    method: bytes,
-    target: bytes,
-    host_header: str,
-    lines: Iterable[bytes],
-    supplied: dict[str, str],
-    *,
-    length: int | None,
-    chunked: bool = False,
-) -> bytes:
-    """A request head for vLLM: the request line, ``Host``, the client's header ``lines`` (each
-    with its CRLF, hop-by-hop ones already left out), vLLM's own ``supplied`` headers, and the
-    body's framing."""
-    parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, host_header.encode()), *lines]
-    parts.extend(f"{name}: {value}\r\n".encode() for name, value in supplied.items())
-    if chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    elif length is not None:
-        parts.append(b"Content-Length: %d\r\n" % length)
-    parts.append(b"\r\n")
-    return b"".join(parts)
 
 
 async def body_pieces(request: web.Request, timeout: float, limit: int) -> AsyncIterator[bytes]:
@@ -305,7 +226,10 @@ class Passthrough:
 
     def _head(self, request: web.Request, *, length: int | None, chunked: bool) -> bytes:
         return request_head(
-            request,
+            request.method.encode(),
+            request.raw_path.encode("utf-8", "surrogateescape"),
+            request.raw_headers,
+            connection_tokens(request.headers) if "Connection" in request.headers else (),
             self.pool.host_header,
             self.supervisor.upstream_headers(),
             strip_authorization=self.strip_authorization,
@@ -338,16 +262,9 @@ class Passthrough:
         unregister = self.supervisor.track_upstream(conn.abort)
         released = False
         try:
-            headers = _filtered(head.headers, ("content-length",))
-            if head.length is not None and head.length <= SMALL_RESPONSE and request.method != "HEAD":
-                try:
-                    body = await conn.read_all()
-                except UPSTREAM_ERRORS as exc:
-                    raise self._unreachable(exc) from exc
-                self.pool.release(conn)
-                released = True
-                return web.Response(status=head.status, reason=head.reason, headers=headers, body=body)
-            response = web.StreamResponse(status=head.status, reason=head.reason, headers=headers)
+            response = web.StreamResponse(
+                status=head.status, reason=head.reason, headers=response_headers(head)
+            )
             if head.length is not None:
                 response.content_length = head.length
             writer = await response.prepare(request)
@@ -366,7 +283,7 @@ class Passthrough:
                 else:
                     transport.write(piece)
 
-            conn.attach(sink, lambda: transport.get_write_buffer_size() > HIGH_WATER)
+            conn.attach(sink, partial(over_high_water, transport))  # = the transport paused writing
             try:
                 await conn.relay_rest(writer.drain)
             except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
@@ -377,6 +294,9 @@ class Passthrough:
             await response.write_eof()
             self.pool.release(conn)
             released = True
+            # As on the front door: no next request until the client has taken this answer
+            # (down to the low water mark).
+            await writer.drain()
             return response
         finally:
             unregister()

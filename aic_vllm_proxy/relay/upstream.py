@@ -24,8 +24,6 @@ from multidict import CIMultiDict
 
 MAX_HEAD = 64 * 1024
 LAST_CHUNK = b"0\r\n\r\n"
-#: Pause reading from vLLM when this much is waiting to be sent to a slow client.
-HIGH_WATER = 256 * 1024
 
 Sink = Callable[[bytes], None]
 OnHead = Callable[["UpstreamConnection", "ResponseHead"], None]

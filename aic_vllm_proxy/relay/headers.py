@@ -1,0 +1,141 @@
+"""The header policy of both HTTP paths, written once: what of a client's request head goes to
+vLLM, and what of vLLM's response head goes to the client.
+
+- Request: hop-by-hop headers (and those named in ``Connection``), ``Host`` (vLLM's is set) and
+  ``Content-Length`` (set for the body sent) are never copied; the proxy's own
+  ``Authorization`` is dropped when proxy keys are on or vLLM has a key of its own (which is
+  then supplied). The front door parses its head itself (``front.parse_request_head``) and
+  leaves the same headers out; :func:`request_head` reads aiohttp's raw headers.
+- Response: vLLM's header lines pass byte for byte, except hop-by-hop ones (and those named in
+  its ``Connection``) and ``Content-Length``/``Transfer-Encoding``, which each path sets for
+  the framing it writes (:func:`response_lines`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from aic_vllm_proxy.relay.upstream import ResponseHead
+
+#: Headers that describe one connection, not the message: never forwarded either way.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "expect",
+    }
+)
+#: Request headers never copied as they are (Content-Length is set for the body sent upstream).
+NOT_COPIED = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length"}
+#: Response headers never copied as they are (each path sets the framing it writes).
+_NOT_RELAYED = HOP_BY_HOP | {"content-length"}
+
+
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """Header names listed in (every) ``Connection`` header: hop-by-hop too."""
+    return {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    }
+
+
+def filtered(headers: CIMultiDict[str], extra_drop: Iterable[str] = ()) -> CIMultiDict[str]:
+    """``headers`` without hop-by-hop ones (and those named in their ``Connection``)."""
+    drop = HOP_BY_HOP | connection_tokens(headers) | set(extra_drop)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def drops_authorization(strip_authorization: bool, supplied: dict[str, str]) -> bool:
+    """Whether the client's ``Authorization`` stays here: it is the proxy's own key (keys on),
+    or vLLM's own key replaces it."""
+    return strip_authorization or bool(supplied)
+
+
+def request_head(
+    method: bytes,
+    target: bytes,
+    raw_headers: Iterable[tuple[bytes, bytes]],
+    connection: Iterable[str],
+    host_header: str,
+    supplied: dict[str, str],
+    *,
+    strip_authorization: bool,
+    length: int | None,
+    chunked: bool,
+) -> bytes:
+    """The upstream request head from a client's raw header fields (aiohttp's ``raw_headers``;
+    ``connection``: the header names its ``Connection`` lists)."""
+    drop = NOT_COPIED | {token.encode() for token in connection}
+    if drops_authorization(strip_authorization, supplied):
+        drop = drop | {b"authorization"}
+    lines = [name + b": " + value + b"\r\n" for name, value in raw_headers if name.lower() not in drop]
+    return upstream_head(method, target, host_header, lines, supplied, length=length, chunked=chunked)
+
+
+def upstream_head(
+    method: bytes,
+    target: bytes,
+    host_header: str,
+    lines: Iterable[bytes],
+    supplied: dict[str, str],
+    *,
+    length: int | None,
+    chunked: bool = False,
+) -> bytes:
+    """A request head for vLLM: the request line, ``Host``, the client's header ``lines`` (each
+    with its CRLF, hop-by-hop ones already left out), vLLM's own ``supplied`` headers, and the
+    body's framing."""
+    parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, host_header.encode()), *lines]
+    parts.extend(f"{name}: {value}\r\n".encode() for name, value in supplied.items())
+    if chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif length is not None:
+        parts.append(b"Content-Length: %d\r\n" % length)
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def response_lines(answer: ResponseHead) -> list[str]:
+    """vLLM's header lines that go to the client (as received, without CRLF)."""
+    drop = _NOT_RELAYED
+    if "Connection" in answer.headers:
+        drop = drop | connection_tokens(answer.headers)
+    return [line for line in answer.lines if line and line.partition(":")[0].lower() not in drop]
+
+
+def response_head(answer: ResponseHead, *, close: bool, chunked: bool) -> bytes:
+    """The client's response head, as bytes (the front door writes it itself): vLLM's status and
+    :func:`response_lines`, ``Connection: close`` when the connection ends after it, and the
+    framing of the body as the client gets it."""
+    parts = [f"HTTP/1.1 {answer.status} {answer.reason}\r\n"]
+    parts.extend(line + "\r\n" for line in response_lines(answer))
+    if close:
+        parts.append("Connection: close\r\n")
+    if chunked:
+        parts.append("Transfer-Encoding: chunked\r\n")
+    elif answer.length is not None:
+        parts.append(f"Content-Length: {answer.length}\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
+
+
+def response_headers(answer: ResponseHead) -> CIMultiDict[str]:
+    """:func:`response_lines` as headers for an aiohttp response (the same fields)."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in response_lines(answer):
+        name, _, value = line.partition(":")
+        headers.add(name, value.strip())
+    return headers
