@@ -7,6 +7,15 @@ The catalogue comes from the config file::
     args = "--max-model-len 8192 --gpu-memory-utilization 0.9"
     aliases = ["llama"]
     description = "Llama 3.1 8B, 8k context"
+    gpus = [0, 1]          # where it runs (default: all of the node's GPUs)
+    ttl = 600              # seconds idle before it is unloaded (0: never; default --default-ttl)
+    pinned = false         # true: never evicted (nor unloaded by its ttl)
+    preload = false        # true: loaded when the daemon starts
+
+``gpu_memory_utilization`` (the share of each of its GPUs it takes) defaults to the
+``--gpu-memory-utilization`` its ``args`` give, else vLLM's default; set as a key, it is passed
+to vLLM (:attr:`CatalogEntry.spec_text`). :class:`Footprint` is what a model takes on the node,
+resolved against the node's GPUs (:meth:`CatalogEntry.footprint`, :func:`spec_footprint`).
 
 ``/switch {"model_spec": "llama-8b"}`` (or an alias) loads that entry. With the policy ``catalog``
 only catalogue entries may be loaded; with ``open`` (the default) any spec may, except that flags
@@ -18,12 +27,58 @@ of :mod:`aic_vllm_proxy.spec`, through ``ModelSpec.has_flag``).
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from aic_vllm_proxy.spec import ModelSpec, SpecError
+from aic_vllm_proxy.vllm_flags import FLAGS
 
 DEFAULT_DENIED_FLAGS = ("--trust-remote-code",)
+UTILIZATION_FLAG = "--gpu-memory-utilization"
+#: vLLM's own default share of each GPU (``--help`` of vLLM 0.32 says 0.92), from the flag table.
+VLLM_DEFAULT_UTILIZATION = float(next(row[3] for row in FLAGS if row[0].split()[0] == UTILIZATION_FLAG))
+
+
+def spec_utilization(spec: ModelSpec) -> float:
+    """The share of each GPU vLLM takes for ``spec``: its ``--gpu-memory-utilization`` (in any
+    spelling vLLM reads), else vLLM's default. A value that is not a number in (0, 1] is a
+    :class:`SpecError` (vLLM refuses it too)."""
+    value = spec.flag_value(UTILIZATION_FLAG)
+    if value is None:
+        return VLLM_DEFAULT_UTILIZATION
+    return _share(value, f"{UTILIZATION_FLAG} {value!r}")
+
+
+def _share(value: str, what: str) -> float:
+    try:
+        share = float(value)
+    except ValueError:
+        share = float("nan")
+    if not 0 < share <= 1:  # NaN fails too
+        raise SpecError(f"{what} is not a share of the GPU in (0, 1], e.g. 0.45")
+    return share
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a model takes on the node and how long it may stay idle: its GPUs (empty when no GPU
+    set is known: it then needs the whole node, one model at a time), the share of each of them
+    (``gpu_memory_utilization``), its ``ttl`` in seconds (0: never unloaded for idling; always 0
+    when pinned), ``pinned`` (never evicted) and ``preload`` (loaded at start-up)."""
+
+    gpus: tuple[str, ...]
+    utilization: float
+    ttl: float = 0.0
+    pinned: bool = False
+    preload: bool = False
+
+
+def spec_footprint(spec: ModelSpec, node_gpus: Sequence[str], default_ttl: float) -> Footprint:
+    """The footprint of a free-form spec (not a catalogue entry): all of the node's GPUs, the
+    utilization its arguments give, ``--default-ttl``."""
+    return Footprint(gpus=tuple(node_gpus), utilization=spec_utilization(spec), ttl=default_ttl)
 
 
 class CatalogEntry(BaseModel):
@@ -35,6 +90,12 @@ class CatalogEntry(BaseModel):
     args: str = ""
     aliases: tuple[str, ...] = ()
     description: str = ""
+    #: GPU names as ``CUDA_VISIBLE_DEVICES`` takes them (see ``engine/gpus.py``); None: all.
+    gpus: tuple[str, ...] | None = None
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    ttl: float | None = Field(default=None, ge=0)
+    pinned: bool = False
+    preload: bool = False
 
     @field_validator("args", mode="before")
     @classmethod
@@ -43,9 +104,84 @@ class CatalogEntry(BaseModel):
             return shlex.join(str(v) for v in value)
         return value
 
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpu_names(cls, value: object) -> object:
+        """``[0, 1]``, ``["GPU-8f3c..."]`` or ``"0,1"`` -> ``("0", "1")``."""
+        if value is None:
+            return None
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError("give a list of GPU ids, e.g. [0, 1]")
+        names: list[str] = []
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise ValueError(f"{item!r} is not a GPU id (an index like 0, or a UUID like 'GPU-...')")
+            name = str(item).strip()
+            if not name or name.startswith("-"):
+                raise ValueError(f"{item!r} is not a GPU id (an index like 0, or a UUID like 'GPU-...')")
+            if name in names:
+                raise ValueError(f"GPU {name} is listed twice")
+            names.append(name)
+        if not names:
+            raise ValueError("is empty; leave it out to use all of the node's GPUs")
+        return tuple(names)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CatalogEntry:
+        given = self._args_utilization()
+        if given is not None:
+            share = _share(given, f"args give {UTILIZATION_FLAG} {given!r}, which")
+            if self.gpu_memory_utilization is not None and share != self.gpu_memory_utilization:
+                raise ValueError(
+                    f"gpu_memory_utilization = {self.gpu_memory_utilization} but args give "
+                    f"{UTILIZATION_FLAG} {given}: set it in one place"
+                )
+        if self.pinned and self.ttl:
+            raise ValueError(f"pinned = true and ttl = {self.ttl:g} contradict: a pinned model stays loaded")
+        return self
+
+    def _args_utilization(self) -> str | None:
+        """The ``--gpu-memory-utilization`` the args give (None: none, or args vLLM cannot read,
+        which the switch reports)."""
+        try:
+            return ModelSpec.parse(self._base_spec_text).flag_value(UTILIZATION_FLAG)
+        except SpecError:
+            return None
+
+    @property
+    def _base_spec_text(self) -> str:
+        return f"{shlex.quote(self.model)} {self.args}".strip()
+
     @property
     def spec_text(self) -> str:
-        return f"{shlex.quote(self.model)} {self.args}".strip()
+        """The spec this entry loads; ``gpu_memory_utilization`` set as a key is passed on as
+        ``--gpu-memory-utilization`` (unless ``args`` already say the same)."""
+        text = self._base_spec_text
+        if self.gpu_memory_utilization is not None and self._args_utilization() is None:
+            text += f" {UTILIZATION_FLAG} {self.gpu_memory_utilization!r}"
+        return text
+
+    def footprint(self, node_gpus: Sequence[str], default_ttl: float) -> Footprint:
+        """What this entry takes on a node with ``node_gpus`` (empty: none known). Raises
+        :class:`ValueError` (a :class:`SpecError` for bad args) naming the setting at fault."""
+        if self.gpus is not None:
+            unknown = [gpu for gpu in self.gpus if gpu not in node_gpus]
+            if unknown:
+                known = ", ".join(node_gpus) or "none known; give the node's GPUs with --gpus"
+                raise ValueError(
+                    f"gpus names GPU {', '.join(unknown)}, which is not one of the node's GPUs ({known})"
+                )
+        utilization = self.gpu_memory_utilization
+        if utilization is None:
+            utilization = spec_utilization(ModelSpec.parse(self.spec_text))
+        return Footprint(
+            gpus=tuple(node_gpus) if self.gpus is None else self.gpus,
+            utilization=utilization,
+            ttl=0.0 if self.pinned else (default_ttl if self.ttl is None else self.ttl),
+            pinned=self.pinned,
+            preload=self.preload,
+        )
 
 
 class CatalogInfo(BaseModel):
@@ -99,4 +235,16 @@ def resolve(
     return spec, None
 
 
-__all__ = ["DEFAULT_DENIED_FLAGS", "CatalogEntry", "CatalogInfo", "PolicyError", "SpecError", "resolve"]
+__all__ = [
+    "DEFAULT_DENIED_FLAGS",
+    "UTILIZATION_FLAG",
+    "VLLM_DEFAULT_UTILIZATION",
+    "CatalogEntry",
+    "CatalogInfo",
+    "Footprint",
+    "PolicyError",
+    "SpecError",
+    "resolve",
+    "spec_footprint",
+    "spec_utilization",
+]

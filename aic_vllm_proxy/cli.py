@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -30,6 +30,7 @@ from aic_vllm_proxy.config import (
     names_list,
     simulator_command,
 )
+from aic_vllm_proxy.engine.gpus import node_gpus
 from aic_vllm_proxy.hooks.runner import PluginLoadError, import_plugin
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -152,7 +153,16 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
     options.pop("plugin_modules", None)
     if options.pop("simulator", False) and not options.get("vllm_command"):
         options["vllm_command"] = simulator_command()
-    return build_settings(config, options)
+    return on_this_node(build_settings(config, options))
+
+
+def on_this_node(settings: Settings, environ: Mapping[str, str] | None = None) -> Settings:
+    """``settings`` with ``gpus`` set to the node's GPUs (``--gpus``, else what
+    :func:`~aic_vllm_proxy.engine.gpus.node_gpus` finds; empty: none known), the catalogue
+    checked against them (a :class:`ConfigError` names the entry and key at fault)."""
+    node = node_gpus(settings.gpus, environ)
+    settings.footprints(node)
+    return settings.model_copy(update={"gpus": node})
 
 
 def _is_loopback(host: str) -> bool:

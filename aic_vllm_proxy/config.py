@@ -30,8 +30,8 @@ from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from aic_vllm_proxy.catalog import DEFAULT_DENIED_FLAGS, CatalogEntry
-from aic_vllm_proxy.spec import flag_name
+from aic_vllm_proxy.catalog import DEFAULT_DENIED_FLAGS, CatalogEntry, Footprint, spec_footprint
+from aic_vllm_proxy.spec import ModelSpec, flag_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,6 +102,24 @@ class Settings(BaseModel):
         default=(), description="vLLM flags taken off the deny-list, e.g. --trust-remote-code."
     )
     models: dict[str, CatalogEntry] = Field(default_factory=dict, description="The catalogue.")
+    # --- several models on one node (catalog.Footprint, engine/gpus.py, engine/placement.py)
+    gpus: tuple[str, ...] = Field(
+        default=(),
+        description="The node's GPUs (indices or UUIDs as CUDA_VISIBLE_DEVICES takes them); "
+        "default: CUDA_VISIBLE_DEVICES, else the GPUs NVML counts, else none (one model at a time).",
+    )
+    on_demand: bool | None = Field(
+        default=None,
+        description="Load the catalogue model a request names (default: on when there is a catalogue).",
+    )
+    default_ttl: float = Field(
+        default=0.0, ge=0, description="Seconds a model may sit idle before it is unloaded (0: never)."
+    )
+    min_residency: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a freshly loaded model with requests waiting is safe from eviction.",
+    )
     # --- graceful switching and limits
     drain_timeout: float = Field(
         default=30.0, ge=0, description="Seconds in-flight requests may take to finish before a stop."
@@ -139,6 +157,22 @@ class Settings(BaseModel):
             raise ValueError("vllm_command is empty; the default is 'vllm serve'")
         return value
 
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _node_gpu_names(cls, value: Any) -> Any:
+        """``[0, 1]`` (TOML) or ``"0,1"`` -> ``("0", "1")``; a name given twice is refused."""
+        if isinstance(value, str):
+            value = names_list(value) or ()
+        if isinstance(value, (list, tuple)):
+            names = [str(item).strip() for item in value if not isinstance(item, bool)]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise ValueError(f"GPU {', '.join(twice)} is given twice")
+            if any(not name or name.startswith("-") for name in names) or len(names) != len(value):
+                raise ValueError("give GPU ids: indices like 0 or UUIDs like GPU-...")
+            return tuple(names)
+        return value
+
     @field_validator("*", mode="before")
     @classmethod
     def _choices_in_any_case(cls, value: Any, info: ValidationInfo) -> Any:
@@ -154,6 +188,33 @@ class Settings(BaseModel):
         (``--trust_remote_code`` allows ``--trust-remote-code``)."""
         allowed = {flag_name(flag) for flag in self.allowed_flags}
         return tuple(flag for flag in self.denied_flags if flag_name(flag) not in allowed)
+
+    @property
+    def on_demand_enabled(self) -> bool:
+        """``--on-demand``, or when not given: whether the catalogue has entries."""
+        return bool(self.models) if self.on_demand is None else self.on_demand
+
+    def footprints(self, node_gpus: tuple[str, ...]) -> dict[str, Footprint]:
+        """Each catalogue entry's :class:`Footprint` on a node with ``node_gpus`` (``--gpus`` or
+        what ``engine.gpus.node_gpus`` found; empty: none known). Checked at start-up: a
+        :class:`ConfigError` names the entry and the key at fault (a GPU not on the node, a
+        ``--gpu-memory-utilization`` in its args that is not a share in (0, 1], args vLLM cannot
+        read)."""
+        found: dict[str, Footprint] = {}
+        for name, entry in self.models.items():
+            try:
+                found[name] = entry.footprint(node_gpus, self.default_ttl)
+            except ValueError as exc:
+                raise ConfigError(f"invalid configuration: models.{name}: {exc}") from exc
+        return found
+
+    def footprint(self, spec: ModelSpec, entry_name: str | None, node_gpus: tuple[str, ...]) -> Footprint:
+        """The footprint of what :func:`catalog.resolve` returned: the entry's when it came from
+        the catalogue, else a free-form spec's (all of the node's GPUs, the utilization its args
+        give, ``--default-ttl``). Raises :class:`SpecError` for a utilization vLLM refuses."""
+        if entry_name is not None:
+            return self.models[entry_name].footprint(node_gpus, self.default_ttl)
+        return spec_footprint(spec, node_gpus, self.default_ttl)
 
     @property
     def vllm_argv(self) -> list[str]:

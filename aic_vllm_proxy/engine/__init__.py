@@ -7,6 +7,8 @@
 - ``procgroup``  process groups: signal, kill, who listens on a port
 - ``watchdog``   a separate process that kills the group if the daemon dies
 - ``logs``       launch logs: naming, tails, the root cause of a failed start
+- ``gpus``       the node's GPUs (``--gpus``, ``CUDA_VISIBLE_DEVICES``, NVML) and an instance's
+- ``placement``  policy: does a model fit on its GPUs, what to evict, when an idle one expires
 
 No HTTP statuses here: the engine raises :mod:`aic_vllm_proxy.errors`.
 """
