@@ -321,8 +321,11 @@ def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors(include_url=False):
         name = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             lines.append(f"{name}: no such setting")
+        elif isinstance(error.get("input"), dict):  # a whole table: the message says what is wrong
+            lines.append(f"{name}: {message}")
         else:
-            lines.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+            lines.append(f"{name}: {message} (got {error.get('input')!r})")
     return "; ".join(lines)
