@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
+from aiohttp.abc import AbstractStreamWriter
 from helpers import SIM, free_port
 
 import aic_vllm_proxy
@@ -124,6 +125,78 @@ def test_no_aiohttp_private_attribute_is_used() -> None:
         str(path.relative_to(PACKAGE)): uses
         for path in sorted(PACKAGE.rglob("*.py"))
         if (uses := aiohttp_private_uses(path.read_text(encoding="utf-8"), private))
+    }
+    assert found == {}
+
+
+#: What the relay may ask of the writer ``StreamResponse.prepare()`` returns: aiohttp's abstract
+#: interface for it, nothing of its ``StreamWriter`` beyond that (its ``chunked`` flag, say).
+WRITER_INTERFACE = frozenset(name for name in dir(AbstractStreamWriter) if not name.startswith("_"))
+
+
+def writer_uses_beyond_interface(source: str) -> list[str]:
+    """``line: expression`` for each use in ``source`` of a writer returned by ``prepare()``
+    beyond :data:`WRITER_INTERFACE`, or through ``getattr``/``setattr``/``hasattr``."""
+    tree = ast.parse(source)
+    writers: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Await):
+            call = node.value.value
+            if (
+                isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Attribute)
+                and call.func.attr == "prepare"
+            ):
+                writers.update(target.id for target in node.targets if isinstance(target, ast.Name))
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in writers
+            and node.attr not in WRITER_INTERFACE
+        ) or (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr", "hasattr")
+            and node.args
+            and isinstance(node.args[0], ast.Name)
+            and node.args[0].id in writers
+        ):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+#: How the aiohttp path read aiohttp's framing decision before (as it was).
+_OLD_RELAY = """
+async def relay(request, response):
+    writer = await response.prepare(request)
+    chunked = bool(getattr(writer, "chunked", False))
+    await conn.relay_rest(writer.drain)
+    if writer.chunked:
+        pass
+"""
+
+
+def test_the_scan_sees_a_writer_used_beyond_its_interface() -> None:
+    uses = writer_uses_beyond_interface(_OLD_RELAY)
+    assert sorted(use.split(": ", 1)[1] for use in uses) == [
+        "getattr(writer, 'chunked', False)",
+        "writer.chunked",
+    ]
+
+
+def test_the_relay_uses_only_aiohttps_public_interface() -> None:
+    """The relay (the aiohttp path) writes its answers through aiohttp's public API: no private
+    name of aiohttp's, and of the writer ``prepare()`` returns only its abstract interface."""
+    private = aiohttp_private_names()
+    found = {
+        str(path.relative_to(PACKAGE)): uses
+        for path in sorted((PACKAGE / "relay").glob("*.py"))
+        if (
+            uses := aiohttp_private_uses(text := path.read_text(encoding="utf-8"), private)
+            + writer_uses_beyond_interface(text)
+        )
     }
     assert found == {}
 

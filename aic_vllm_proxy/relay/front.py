@@ -36,8 +36,8 @@ from aiohttp.http_parser import SINGLETON_HEADERS
 from aic_vllm_proxy.relay.auth import ADMIN_PREFIXES, KeyRing, bearer_token, refusal
 from aic_vllm_proxy.relay.errors import ProxyError, body_stalled
 from aic_vllm_proxy.relay.flow import set_water_marks
-from aic_vllm_proxy.relay.headers import HOP_BY_HOP, drops_authorization, response_head, upstream_head
-from aic_vllm_proxy.relay.passthrough import RETRYABLE_BODY, Passthrough, closes_connection, sse_error_event
+from aic_vllm_proxy.relay.headers import HOP_BY_HOP, response_head, upstream_head
+from aic_vllm_proxy.relay.pipeline import RETRYABLE_BODY, Lease, Pipeline, closes_connection
 from aic_vllm_proxy.relay.routes import OwnRoutes
 from aic_vllm_proxy.relay.upstream import (
     LAST_CHUNK,
@@ -185,22 +185,22 @@ class Front:
 
     def __init__(
         self,
-        passthrough: Passthrough,
+        pipeline: Pipeline,
         keys: KeyRing,
         fallback: Callable[[], asyncio.Protocol],
         routes: OwnRoutes,
         *,
         keepalive_timeout: float,
     ) -> None:
-        self.passthrough = passthrough
+        self.pipeline = pipeline
         self.keys = keys
         self.fallback = fallback
         self.routes = routes  # the proxy's own paths: aiohttp's (its router serves them)
         self.admin_prefixes = tuple(prefix.encode() for prefix in ADMIN_PREFIXES)
-        self.max_body = min(passthrough.max_body_size, RETRYABLE_BODY)
+        self.max_body = min(pipeline.max_body_size, RETRYABLE_BODY)
         self.keepalive_timeout = keepalive_timeout
         #: How long a client may leave what was written to it untaken (see :class:`ClientConnection`).
-        self.client_timeout = passthrough.client_timeout
+        self.client_timeout = pipeline.client_timeout
         self.connections: set[FrontProtocol] = set()  # served here
         self.aiohttp_connections: set[AiohttpConnection] = set()  # aiohttp's
         self.closing = False
@@ -220,7 +220,7 @@ class Front:
             or head.length > self.max_body
         ):
             return False
-        if not self.passthrough.supervisor.serving:
+        if not self.pipeline.supervisor.serving:
             return False  # aiohttp waits for the switch (bounded) or answers 503
         # With keys, an unknown or missing one is aiohttp's to answer (401).
         return not self.keys.enabled or (head.token is not None and self.keys.role_of(head.token) is not None)
@@ -524,7 +524,7 @@ class FrontProtocol(ClientConnection):
             self._body_wanted = length
             self._body_ready = self.loop.create_future()
             self._body_seen = self.loop.time()
-            self._body_timer = self.loop.call_later(self.front.passthrough.client_timeout, self._body_paused)
+            self._body_timer = self.loop.call_later(self.front.client_timeout, self._body_paused)
             try:
                 await self._body_ready
             finally:
@@ -538,7 +538,7 @@ class FrontProtocol(ClientConnection):
         ready = self._body_ready
         if ready is None or ready.done():
             return
-        timeout = self.front.passthrough.client_timeout
+        timeout = self.front.client_timeout
         due = self._body_seen + timeout
         if self.loop.time() < due:
             self._body_timer = self.loop.call_at(due, self._body_paused)
@@ -550,39 +550,32 @@ class FrontProtocol(ClientConnection):
             self.transport.write(data)
 
     async def _forward(self, head: RequestHead, body: bytes | None) -> bool:
-        """Send the request to vLLM and relay its answer; False when the connection must close."""
-        passthrough = self.front.passthrough
-        sup = passthrough.supervisor
-        if not sup.serving:
-            # A stop or switch began since the head was read (the body may have taken a while):
-            # wait for the model like the application does, or answer 503. Never send a request
-            # to a vLLM that is draining for a stop.
-            await passthrough.wait_for_model()
-        upstream_head = self._upstream_head(head, body)  # vLLM's own key may have changed
-        sup.request_started()  # no await since the check: the drain before a stop counts this
-        try:
+        """Send the request to vLLM and relay its answer; False when the connection must close.
+        If a stop or switch began since the head was read (the body may have taken a while),
+        ``admitted`` waits for the model like the application does, or answers 503."""
+        pipeline = self.front.pipeline
+        async with pipeline.admitted():
             is_head = head.method == b"HEAD"
-            conn, answer = await passthrough.exchange(
-                upstream_head, body, no_body=is_head, framed=True, on_head=partial(self._relay_start, is_head)
+            conn, answer = await pipeline.exchange(
+                self._upstream_head(head, body),
+                body,
+                no_body=is_head,
+                framed=True,
+                on_head=partial(self._relay_start, is_head),
             )
-            unregister = sup.track_upstream(conn.abort)
-            try:
-                return await self._relay(conn, answer, is_head)
-            finally:
-                unregister()
-        finally:
-            sup.request_finished()
+            with pipeline.lease(conn) as lease:
+                return await self._relay(lease, answer, is_head)
 
     def _upstream_head(self, head: RequestHead, body: bytes | None) -> bytes:
-        """The same head ``proxy.request_head`` builds, from the lines parsed here."""
-        passthrough = self.front.passthrough
-        supplied = passthrough.supervisor.upstream_headers()
+        """The same head ``headers.request_head`` builds, from the lines parsed here."""
+        pipeline = self.front.pipeline
+        supplied, drop_authorization = pipeline.supplied_headers()
         lines = head.lines
-        if drops_authorization(passthrough.strip_authorization, supplied):
+        if drop_authorization:
             lines = [line for line in lines if line[:14].lower() != b"authorization:"]
         length = None if body is None else len(body)
         return upstream_head(
-            head.method, head.target, passthrough.pool.host_header, lines, supplied, length=length
+            head.method, head.target, pipeline.pool.host_header, lines, supplied, length=length
         )
 
     def _relay_start(self, is_head: bool, conn: UpstreamConnection, answer: ResponseHead) -> None:
@@ -618,13 +611,13 @@ class FrontProtocol(ClientConnection):
         if self._write_paused:
             conn.hold()
 
-    async def _relay(self, conn: UpstreamConnection, answer: ResponseHead, is_head: bool) -> bool:
+    async def _relay(self, lease: Lease, answer: ResponseHead, is_head: bool) -> bool:
         """Finish relaying vLLM's answer (begun by :meth:`_relay_start`): wait for its end,
         draining when the client is slow. Returns whether the client connection may be kept."""
         transport = self.transport
         assert transport is not None
+        conn = lease.conn
         self._relay_start(is_head, conn, answer)  # done already unless on_head was not called
-        released = False
         try:
             if self._relaying is not None:  # the rest comes as it arrives
                 try:
@@ -636,21 +629,16 @@ class FrontProtocol(ClientConnection):
                     return False
                 if self._relay_chunked and not conn.sent_last_chunk:
                     transport.write(LAST_CHUNK)
-            self.front.passthrough.pool.release(conn)
-            released = True
+            lease.release()
             return True
         finally:
             self._relaying = None
-            if not released:
-                conn.abort()  # drops the connection: vLLM aborts the request
 
     def _break_off(self, answer: ResponseHead, chunked: bool, exc: BaseException) -> None:
         """vLLM broke off mid-response: tell an SSE client, then close without the last chunk,
         so the response can never look complete."""
-        message = self.front.passthrough.broke_off_message(exc)
-        log.warning("relaying a response: %s", message)
-        if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
-            event = sse_error_event(message)
+        event = self.front.pipeline.broke_off(answer, exc, "relaying a response")
+        if event is not None:
             self._write(frame_chunk(event) if chunked else event)
 
     async def _drain(self) -> None:

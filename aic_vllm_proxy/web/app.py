@@ -19,7 +19,8 @@ from aic_vllm_proxy.errors import EngineError
 from aic_vllm_proxy.hooks.runner import HookRunner, load_plugins
 from aic_vllm_proxy.relay.auth import KeyRing, authorize, check_request, keyring_from
 from aic_vllm_proxy.relay.errors import ProxyError
-from aic_vllm_proxy.relay.passthrough import Passthrough, closes_connection
+from aic_vllm_proxy.relay.passthrough import Passthrough
+from aic_vllm_proxy.relay.pipeline import Pipeline, closes_connection
 from aic_vllm_proxy.relay.upstream import UpstreamPool
 from aic_vllm_proxy.web import control
 from aic_vllm_proxy.web.appkeys import HOOKS, KEYS, PASSTHROUGH, PLUGINS, POOL, SETTINGS, SUPERVISOR, UPSTREAM
@@ -112,13 +113,15 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
     app[SETTINGS] = settings
     app[HOOKS] = HookRunner(pm, settings)
     app[PLUGINS] = infos
-    passthrough = Passthrough(
+    # The one request pipeline; the aiohttp adapter here, the front door's in web/server.py.
+    pipeline = Pipeline(
         settings.request_wait_timeout,
         strip_authorization=keys.enabled,
         max_body_size=settings.max_body_size,
         client_timeout=settings.client_timeout,
         http_error=http_error,
     )
+    passthrough = Passthrough(pipeline)
     app[PASSTHROUGH] = passthrough
     app[KEYS] = keys
 

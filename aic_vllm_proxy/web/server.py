@@ -249,5 +249,9 @@ def make_front(runner: web.AppRunner, *, keepalive_timeout: float) -> Front:
     server = runner.server
     assert server is not None, "call runner.setup() first"
     return Front(
-        app[PASSTHROUGH], app[KEYS], server, control.own_routes(), keepalive_timeout=keepalive_timeout
+        app[PASSTHROUGH].pipeline,
+        app[KEYS],
+        server,
+        control.own_routes(),
+        keepalive_timeout=keepalive_timeout,
     )

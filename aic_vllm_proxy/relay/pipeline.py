@@ -1,0 +1,223 @@
+"""The request pipeline both HTTP paths drive: the front door (``front.py``) and the aiohttp
+adapter (``passthrough.py``) each read a request their own way, and share here what happens to
+it on its way to vLLM and back:
+
+- admission: the body's size limit (413), waiting for a model (bounded; the engine's error as
+  the web plane's HTTP answer), and counting the request in flight for the drain before a stop
+  (:meth:`Pipeline.admitted`);
+- the upstream exchange: the pooled connection, the one retry on a stale one, vLLM unreachable
+  as a 502 that says what the proxy sees (:meth:`Pipeline.exchange`);
+- the end of the relay: the connection is watched by the supervisor while it is relayed, and
+  afterwards released to the pool after a complete answer, or aborted (vLLM then aborts the
+  request) after anything else (:meth:`Pipeline.lease`); vLLM breaking off mid-answer is one
+  message and, for event streams, one SSE ``error`` event (:meth:`Pipeline.broke_off`).
+
+The per-token path is not here: a token goes from the upstream connection's ``data_received``
+straight to the client's transport (``upstream.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+
+from aic_vllm_proxy.engine.supervisor import Supervisor
+from aic_vllm_proxy.errors import EngineError
+from aic_vllm_proxy.relay.errors import ProxyError, UpstreamError, body_too_large
+from aic_vllm_proxy.relay.headers import drops_authorization
+from aic_vllm_proxy.relay.upstream import (
+    OnHead,
+    ResponseHead,
+    UpstreamClosed,
+    UpstreamConnection,
+    UpstreamPool,
+    UpstreamProtocolError,
+)
+
+log = logging.getLogger(__name__)
+
+#: Bodies up to this size are held so that a request can be retried on a stale connection.
+RETRYABLE_BODY = 1 << 20
+UPSTREAM_ERRORS = (OSError, asyncio.TimeoutError, UpstreamClosed, UpstreamProtocolError)
+
+
+def closes_connection(exc: ProxyError) -> bool:
+    """Whether an error answer ends the client's connection, on both HTTP paths: a 408 does
+    (the rest of the body may still come, and must not be read as a next request)."""
+    return exc.status == 408
+
+
+def sse_error_event(message: str) -> bytes:
+    """The SSE event that tells a streaming client vLLM broke off (OpenAI's error shape)."""
+    event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+class Admitted:
+    """The request is in flight inside ``async with`` (see :meth:`Pipeline.admitted`); a plain
+    class rather than a generator: it is on every request's path."""
+
+    __slots__ = ("pipeline",)
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    async def __aenter__(self) -> None:
+        pipeline = self.pipeline
+        if not pipeline.supervisor.serving:
+            await pipeline.wait_for_model()
+        pipeline.supervisor.request_started()  # no await since the check: the drain counts this
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.pipeline.supervisor.request_finished()
+
+
+class Lease:
+    """An upstream connection being relayed, inside ``with`` (see :meth:`Pipeline.lease`)."""
+
+    __slots__ = ("_unregister", "conn", "pipeline", "released")
+
+    def __init__(self, pipeline: Pipeline, conn: UpstreamConnection) -> None:
+        self.pipeline = pipeline
+        self.conn = conn
+        self.released = False
+
+    def __enter__(self) -> Lease:
+        self._unregister = self.pipeline.supervisor.track_upstream(self.conn.abort)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._unregister()
+        if not self.released:
+            self.conn.abort()  # drops the connection: vLLM aborts the request
+
+    def release(self) -> None:
+        """The answer is complete: the connection goes back to the pool."""
+        self.pipeline.pool.release(self.conn)
+        self.released = True
+
+
+class Pipeline:
+    """What both HTTP paths do with a request for vLLM; one per application."""
+
+    supervisor: Supervisor
+    pool: UpstreamPool
+
+    def __init__(
+        self,
+        wait_timeout: float,
+        *,
+        strip_authorization: bool = False,
+        max_body_size: int = 100 * 1024 * 1024,
+        client_timeout: float = 60.0,
+        http_error: Callable[[EngineError], ProxyError],
+    ) -> None:
+        self.wait_timeout = wait_timeout
+        self.http_error = http_error  # the web plane's table: an engine error as an HTTP answer
+        self.strip_authorization = strip_authorization  # the proxy's own key stays here
+        self.max_body_size = max_body_size
+        self.client_timeout = client_timeout
+
+    def bind(self, supervisor: Supervisor, pool: UpstreamPool) -> None:
+        """Attach the supervisor and pool, which exist only once the application has started."""
+        self.supervisor = supervisor
+        self.pool = pool
+
+    # --------------------------------------------------------------- admission
+
+    def check_length(self, length: int | None) -> None:
+        """A 413 at once for an announced body over ``--max-body-size``."""
+        if length is not None and length > self.max_body_size:
+            raise body_too_large(self.max_body_size, length)
+
+    async def wait_for_model(self) -> None:
+        """Wait (bounded) until a model takes requests, or raise the HTTP answer saying why not."""
+        try:
+            await self.supervisor.wait_for_model(self.wait_timeout)
+        except EngineError as exc:
+            raise self.http_error(exc) from None
+
+    def admitted(self) -> Admitted:
+        """``async with`` it: the request is in flight inside (the drain before a stop waits for
+        it). Never sent to a vLLM that is not serving (starting, draining for a stop): it waits
+        for the model like the application does, or gets the 503."""
+        return Admitted(self)
+
+    # ---------------------------------------------------------------- upstream
+
+    def supplied_headers(self) -> tuple[dict[str, str], bool]:
+        """vLLM's own headers (its key) for the request, and whether the client's
+        ``Authorization`` is left out (``headers.drops_authorization``)."""
+        supplied = self.supervisor.upstream_headers()  # vLLM's own key may have changed
+        return supplied, drops_authorization(self.strip_authorization, supplied)
+
+    async def acquire(self) -> UpstreamConnection:
+        try:
+            return await self.pool.acquire()
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise self.unreachable(exc) from exc
+
+    async def exchange(
+        self,
+        head: bytes,
+        body: bytes | None,
+        *,
+        no_body: bool,
+        framed: bool = False,
+        on_head: OnHead | None = None,
+    ) -> tuple[UpstreamConnection, ResponseHead]:
+        """Send a request whose body is in memory; return the connection and vLLM's response
+        head. A pooled connection that turns out to be stale (closed by vLLM while idle, before
+        answering) is replaced once by a fresh one. ``on_head`` is called from the connection's
+        ``data_received`` with vLLM's head, before this returns (see ``UpstreamConnection``)."""
+        for attempt in (1, 2):
+            conn = await self.acquire()
+            reused = conn.used > 0
+            conn.on_head = on_head
+            try:
+                conn.start(head, body, no_body_expected=no_body, framed=framed)
+                return conn, await conn.head()
+            except UpstreamClosed as exc:
+                conn.abort()
+                if exc.nothing_received and reused and attempt == 1:
+                    log.debug("stale keep-alive connection to vLLM; retrying on a fresh one")
+                    continue
+                raise self.unreachable(exc) from exc
+            except UPSTREAM_ERRORS as exc:
+                conn.abort()
+                raise self.unreachable(exc) from exc
+            except BaseException:
+                conn.abort()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def unreachable(self, exc: BaseException) -> UpstreamError:
+        sup = self.supervisor
+        state = sup.machine.state
+        return UpstreamError(
+            f"vLLM at {sup.base} did not answer ({type(exc).__name__}: {exc}); the proxy sees it "
+            f"as {state.value}. Check GET /status and GET /logs/tail.",
+            state=state,
+        )
+
+    # ------------------------------------------------------------------- relay
+
+    def lease(self, conn: UpstreamConnection) -> Lease:
+        """``with`` it while ``conn``'s answer is relayed: a stop or switch may abort it meanwhile
+        (``track_upstream``); ``lease.release()`` after a complete answer, else it is aborted on
+        the way out (vLLM aborts the request)."""
+        return Lease(self, conn)
+
+    def broke_off(self, answer: ResponseHead, exc: BaseException, what: str) -> bytes | None:
+        """vLLM broke off mid-answer (``exc``): log it, and return the SSE ``error`` event to
+        send an event-stream client before its connection is cut (never a clean end), or None."""
+        message = (
+            f"vLLM stopped in the middle of the response ({type(exc).__name__}: {exc}); "
+            f"the proxy sees it as {self.supervisor.machine.state.value}. See GET /status."
+        )
+        log.warning("%s: %s", what, message)
+        if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
+            return sse_error_event(message)
+        return None
