@@ -29,14 +29,25 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from aic_vllm_proxy.spec import ModelSpec, SpecError
 from aic_vllm_proxy.vllm_flags import FLAGS
 
 DEFAULT_DENIED_FLAGS = ("--trust-remote-code",)
 UTILIZATION_FLAG = "--gpu-memory-utilization"
+#: The keys of an entry that place it on the node (issue 13).
+FLEET_KEYS = ("gpus", "gpu_memory_utilization", "ttl", "pinned", "preload")
 #: vLLM's own default share of each GPU (``--help`` of vLLM 0.32 says 0.92), from the flag table.
 VLLM_DEFAULT_UTILIZATION = float(next(row[3] for row in FLAGS if row[0].split()[0] == UTILIZATION_FLAG))
 
@@ -96,6 +107,16 @@ class CatalogEntry(BaseModel):
     ttl: float | None = Field(default=None, ge=0)
     pinned: bool = False
     preload: bool = False
+
+    @model_serializer(mode="wrap")
+    def _without_unset_fleet_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """An entry that does not use a fleet key is listed (``GET /models/catalog``) as before
+        they existed, so that older clients, which refuse unknown keys, still read it."""
+        data: dict[str, Any] = handler(self)
+        for key in FLEET_KEYS:
+            if getattr(self, key) == type(self).model_fields[key].default:
+                data.pop(key, None)
+        return data
 
     @field_validator("args", mode="before")
     @classmethod

@@ -225,6 +225,14 @@ def test_the_client_reads_the_new_keys(tmp_path: Path) -> None:
     assert spec.endswith("--gpu-memory-utilization 0.45")
 
 
+def test_an_entry_without_fleet_keys_is_listed_as_before(tmp_path: Path) -> None:
+    """Older clients refuse unknown keys in ``GET /models/catalog``: unused ones are not listed."""
+    settings = settings_from(tmp_path, CONFIG)
+    listed = CatalogInfo(policy="open", denied_flags=[], models=settings.models).model_dump(mode="json")
+    assert set(listed["models"]["mini"]) == {"model", "args", "aliases", "description"}
+    assert set(listed["models"]["qwen"]) == {"model", "args", "aliases", "description", "gpus", "ttl"}
+
+
 # --------------------------------------------------------------------------------- the options
 
 
