@@ -45,6 +45,11 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message says which setting and why."""
 
 
+def http_base(host: str, port: int) -> str:
+    """``http://HOST:PORT`` for a vLLM listening there (an IPv6 address in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class Settings(BaseModel):
     """Everything the daemon is configured with. Field names are the option names."""
 
@@ -222,8 +227,7 @@ class Settings(BaseModel):
 
     @property
     def vllm_base(self) -> str:
-        host = f"[{self.vllm_host}]" if ":" in self.vllm_host else self.vllm_host
-        return f"http://{host}:{self.vllm_port}"
+        return http_base(self.vllm_host, self.vllm_port)
 
     def plugin_config(self, name: str) -> dict[str, Any]:
         """A plugin's own settings: its ``[plugins.<name>]`` table plus

@@ -1,4 +1,5 @@
-"""The supervisor: when the one vLLM process is started, watched, switched and stopped.
+"""One instance: a slot (a name, a port, a GPU set) in which one vLLM process at a time is
+started, watched, switched and stopped. The supervisor (``supervisor.py``) holds the instances.
 
 - Switches and stops are serialised by one lock; the process state and the switches pending
   live in :class:`~aic_vllm_proxy.engine.state.ProcessStateMachine` and change nowhere else.
@@ -25,8 +26,9 @@ import aiohttp
 from yarl import URL
 
 from aic_vllm_proxy import __version__
-from aic_vllm_proxy.config import Settings
+from aic_vllm_proxy.config import Settings, http_base
 from aic_vllm_proxy.engine import prober
+from aic_vllm_proxy.engine.gpus import child_cuda_env
 from aic_vllm_proxy.engine.launch import (
     Launch,
     api_key_of,
@@ -78,18 +80,26 @@ class StopOutcome:
     cut: int = 0
 
 
-class Supervisor:
-    """Owns the vLLM process. All public coroutines are safe to call concurrently."""
+class Instance:
+    """Owns one vLLM process at a time, on its own port and GPUs. All public coroutines are safe
+    to call concurrently."""
 
     def __init__(
         self,
         settings: Settings,
         session: Callable[[], aiohttp.ClientSession],
         hooks: HookRunner,
+        *,
+        name: str,
+        port: int,
+        gpus: tuple[str, ...] | None = None,
     ) -> None:
         self.settings = settings
+        self.name = name
+        self.port = port
+        self.gpus = gpus  # None: the GPUs the daemon sees (CUDA_VISIBLE_DEVICES left as it is)
         self.machine = ProcessStateMachine()
-        self.base = URL(settings.vllm_base)
+        self.base = URL(http_base(settings.vllm_host, port))
         self.hooks = hooks
         self._session = session
         self._lock = asyncio.Lock()  # one switch or stop at a time
@@ -316,6 +326,12 @@ class Supervisor:
         result.status = self.status()
         return result
 
+    def _child_env(self) -> dict[str, str]:
+        env = child_env(self.settings)
+        if self.gpus is not None:
+            env.update(child_cuda_env(self.gpus))
+        return env
+
     def _spawn(self, coro: Awaitable[object], into: set[asyncio.Task[object]] | None = None) -> None:
         tasks = self._tasks if into is None else into
         task: asyncio.Task[object] = asyncio.ensure_future(coro)
@@ -419,10 +435,10 @@ class Supervisor:
     async def _target(self, launch: Launch) -> prober.Target:
         """What readiness waits for: this launch's group listening on vLLM's port, serving its model."""
         settings = self.settings
-        addresses = await asyncio.to_thread(host_addresses, settings.vllm_host, settings.vllm_port)
+        addresses = await asyncio.to_thread(host_addresses, settings.vllm_host, self.port)
         return prober.Target(
             pgid=launch.pgid,
-            port=settings.vllm_port,
+            port=self.port,
             addresses=tuple(addresses),
             model=launch.spec.model,
             served_names=launch.spec.served_names,
@@ -446,7 +462,7 @@ class Supervisor:
             advice = "Raise the timeout if the model needs longer to load; the log tail shows how far it got"
         elif failure is StartFailure.PORT_TAKEN:
             tail = await self._log_tail(launch.log_path)
-            cause, advice, exit_code = port_taken_message(self.settings.vllm_port), PORT_TAKEN_ADVICE, None
+            cause, advice, exit_code = port_taken_message(self.port), PORT_TAKEN_ADVICE, None
         else:
             tail, reason = await self._failure_tail(launch.log_path)
             cause = f"vLLM exited with {describe_exit(exit_code)} while starting {spec.model}" + (
@@ -486,7 +502,7 @@ class Supervisor:
 
     async def _start(self, spec: ModelSpec) -> Launch:
         """Launch vLLM for ``spec`` (state STARTING); raise :class:`SwitchFailed` if it cannot run."""
-        argv = spec.argv(self.settings.vllm_argv, self.settings.vllm_host, self.settings.vllm_port)
+        argv = spec.argv(self.settings.vllm_argv, self.settings.vllm_host, self.port)
         drain = self.settings.vllm_shutdown_timeout
         if drain is not None and not spec.has_flag("--shutdown-timeout"):
             argv += ["--shutdown-timeout", f"{drain:g}"]  # vLLM >= 0.18 drains on SIGTERM itself
@@ -496,15 +512,15 @@ class Supervisor:
         )
         try:
             # Something else on vLLM's port (another daemon's vLLM) would answer for this launch.
-            if not await asyncio.to_thread(port_is_free, self.settings.vllm_host, self.settings.vllm_port):
+            if not await asyncio.to_thread(port_is_free, self.settings.vllm_host, self.port):
                 await self._not_started(
                     handle,
-                    port_taken_message(self.settings.vllm_port),
+                    port_taken_message(self.port),
                     PORT_TAKEN_ADVICE,
                     StartFailure.PORT_TAKEN,
                 )
             try:
-                process = await spawn_vllm(argv, handle, child_env(self.settings))
+                process = await spawn_vllm(argv, handle, self._child_env())
             except OSError as exc:
                 cause = f"cannot run {argv[0]!r}: {exc.strerror or exc}"
                 advice = (
