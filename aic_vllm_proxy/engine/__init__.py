@@ -1,7 +1,8 @@
-"""The engine: one vLLM process and everything that keeps it honest.
+"""The engine: the vLLM processes and everything that keeps them honest.
 
 - ``state``      the state machine (every state and allowed transition, as data)
-- ``supervisor`` orchestration: switch, stop, drain, restart policy, health watch
+- ``supervisor`` the daemon's instances, what the web and relay planes call (today: the primary)
+- ``instance``   one slot (name, port, GPUs): switch, stop, drain, restart policy, health watch
 - ``launch``     the command line, environment and process of one launch
 - ``prober``     readiness (the listener is ours, ``/health``, ``/v1/models``)
 - ``procgroup``  process groups: signal, kill, who listens on a port
