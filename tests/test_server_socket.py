@@ -138,7 +138,7 @@ def writer_uses_beyond_interface(source: str) -> list[str]:
     """``line: expression`` for each use in ``source`` of a writer returned by ``prepare()``
     beyond :data:`WRITER_INTERFACE`, or through ``getattr``/``setattr``/``hasattr``."""
     tree = ast.parse(source)
-    writers: set[str] = set()
+    writers: set[str] = set()  # how the writer is spelled: ``writer``, ``self.writer``
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Await):
             call = node.value.value
@@ -147,21 +147,19 @@ def writer_uses_beyond_interface(source: str) -> list[str]:
                 and isinstance(call.func, ast.Attribute)
                 and call.func.attr == "prepare"
             ):
-                writers.update(target.id for target in node.targets if isinstance(target, ast.Name))
+                writers.update(ast.unparse(target) for target in node.targets)
     found: list[str] = []
     for node in ast.walk(tree):
         if (
             isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Name)
-            and node.value.id in writers
+            and ast.unparse(node.value) in writers
             and node.attr not in WRITER_INTERFACE
         ) or (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Name)
             and node.func.id in ("getattr", "setattr", "hasattr")
             and node.args
-            and isinstance(node.args[0], ast.Name)
-            and node.args[0].id in writers
+            and ast.unparse(node.args[0]) in writers
         ):
             found.append(f"{node.lineno}: {ast.unparse(node)}")
     return found
@@ -175,6 +173,11 @@ async def relay(request, response):
     await conn.relay_rest(writer.drain)
     if writer.chunked:
         pass
+
+async def start(self):
+    self.writer = await self.response.prepare(self.request)
+    await self.writer.drain()
+    self.writer.chunked = True
 """
 
 
@@ -182,6 +185,7 @@ def test_the_scan_sees_a_writer_used_beyond_its_interface() -> None:
     uses = writer_uses_beyond_interface(_OLD_RELAY)
     assert sorted(use.split(": ", 1)[1] for use in uses) == [
         "getattr(writer, 'chunked', False)",
+        "self.writer.chunked",
         "writer.chunked",
     ]
 

@@ -29,7 +29,6 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 from aiohttp.http_parser import SINGLETON_HEADERS
 
@@ -37,14 +36,12 @@ from aic_vllm_proxy.relay.auth import ADMIN_PREFIXES, KeyRing, bearer_token, ref
 from aic_vllm_proxy.relay.errors import ProxyError, body_stalled
 from aic_vllm_proxy.relay.flow import set_water_marks
 from aic_vllm_proxy.relay.headers import HOP_BY_HOP, response_head, upstream_head
-from aic_vllm_proxy.relay.pipeline import RETRYABLE_BODY, Lease, Pipeline, closes_connection
+from aic_vllm_proxy.relay.pipeline import RETRYABLE_BODY, Pipeline, closes_connection
 from aic_vllm_proxy.relay.routes import OwnRoutes
 from aic_vllm_proxy.relay.upstream import (
     LAST_CHUNK,
     ResponseHead,
-    UpstreamClosed,
     UpstreamConnection,
-    UpstreamProtocolError,
     frame_chunk,
 )
 
@@ -387,6 +384,7 @@ class FrontProtocol(ClientConnection):
         self._relaying: UpstreamConnection | None = None  # whose body is being relayed now
         self._relay_started = False  # vLLM's head went to the client (see _relay_start)
         self._relay_chunked = False  # the client's answer is chunked: it ends with a last chunk
+        self._is_head = False  # the request being relayed is a HEAD
 
     # --------------------------------------------------------------- protocol
 
@@ -556,15 +554,15 @@ class FrontProtocol(ClientConnection):
         pipeline = self.front.pipeline
         async with pipeline.admitted():
             is_head = head.method == b"HEAD"
+            self._is_head = is_head
             conn, answer = await pipeline.exchange(
-                self._upstream_head(head, body),
-                body,
-                no_body=is_head,
-                framed=True,
-                on_head=partial(self._relay_start, is_head),
+                self._upstream_head(head, body), body, no_body=is_head, framed=True, on_head=self._relay_start
             )
             with pipeline.lease(conn) as lease:
-                return await self._relay(lease, answer, is_head)
+                try:
+                    return await pipeline.relay(lease, answer, self, "relaying a response")
+                finally:
+                    self._relaying = None
 
     def _upstream_head(self, head: RequestHead, body: bytes | None) -> bytes:
         """The same head ``headers.request_head`` builds, from the lines parsed here."""
@@ -578,7 +576,7 @@ class FrontProtocol(ClientConnection):
             head.method, head.target, pipeline.pool.host_header, lines, supplied, length=length
         )
 
-    def _relay_start(self, is_head: bool, conn: UpstreamConnection, answer: ResponseHead) -> None:
+    def _relay_start(self, conn: UpstreamConnection, answer: ResponseHead) -> None:
         """vLLM's head and what came with it, to the client. Called from the upstream's
         ``data_received`` as soon as the head is read (``on_head``), not a loop iteration
         later: a whole answer goes out in one write; otherwise the head goes now and the rest
@@ -587,6 +585,7 @@ class FrontProtocol(ClientConnection):
         if self._relay_started or transport is None:
             return
         self._relay_started = True
+        is_head = self._is_head
         has_body = not is_head and answer.status not in (204, 304)
         self._relay_chunked = chunked = has_body and answer.length is None  # chunks for the client
         pending = [
@@ -611,37 +610,28 @@ class FrontProtocol(ClientConnection):
         if self._write_paused:
             conn.hold()
 
-    async def _relay(self, lease: Lease, answer: ResponseHead, is_head: bool) -> bool:
-        """Finish relaying vLLM's answer (begun by :meth:`_relay_start`): wait for its end,
-        draining when the client is slow. Returns whether the client connection may be kept."""
+    # The client side of the relay (``pipeline.RelayClient``), driven by ``Pipeline.relay``.
+
+    async def relay_start(self, conn: UpstreamConnection, answer: ResponseHead) -> None:
+        self._relay_start(conn, answer)  # done already unless on_head was not called
+
+    def relay_gone(self, exc: BaseException) -> BaseException | None:
         transport = self.transport
-        assert transport is not None
-        conn = lease.conn
-        self._relay_start(is_head, conn, answer)  # done already unless on_head was not called
-        try:
-            if self._relaying is not None:  # the rest comes as it arrives
-                try:
-                    await conn.relay_rest(self._drain)
-                except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
-                    if transport.is_closing() or isinstance(exc, ConnectionResetError):
-                        raise asyncio.CancelledError from exc  # the client went away
-                    self._break_off(answer, self._relay_chunked, exc)
-                    return False
-                if self._relay_chunked and not conn.sent_last_chunk:
-                    transport.write(LAST_CHUNK)
-            lease.release()
-            return True
-        finally:
-            self._relaying = None
+        if transport is None or transport.is_closing() or isinstance(exc, ConnectionResetError):
+            return asyncio.CancelledError()  # the client went away
+        return None
 
-    def _break_off(self, answer: ResponseHead, chunked: bool, exc: BaseException) -> None:
-        """vLLM broke off mid-response: tell an SSE client, then close without the last chunk,
-        so the response can never look complete."""
-        event = self.front.pipeline.broke_off(answer, exc, "relaying a response")
+    async def relay_end(self, conn: UpstreamConnection) -> None:
+        if self._relaying is not None and self._relay_chunked and not conn.sent_last_chunk:
+            self._write(LAST_CHUNK)
+
+    async def relay_break_off(self, event: bytes | None) -> None:
+        """vLLM broke off mid-response: tell an SSE client, then close (``_serve``) without
+        the last chunk, so the response can never look complete."""
         if event is not None:
-            self._write(frame_chunk(event) if chunked else event)
+            self._write(frame_chunk(event) if self._relay_chunked else event)
 
-    async def _drain(self) -> None:
+    async def relay_drain(self) -> None:
         if self._write_paused and self.transport is not None and not self.transport.is_closing():
             self._writable = self.loop.create_future()
             await self._writable

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 from aiohttp import HttpVersion11, web
+from aiohttp.abc import AbstractStreamWriter
 
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.relay.errors import BadRequest, body_stalled, body_too_large
@@ -35,10 +36,8 @@ from aic_vllm_proxy.relay.pipeline import RETRYABLE_BODY, UPSTREAM_ERRORS, Pipel
 from aic_vllm_proxy.relay.pipeline import closes_connection as closes_connection  # re-exported
 from aic_vllm_proxy.relay.upstream import (
     ResponseHead,
-    UpstreamClosed,
     UpstreamConnection,
     UpstreamPool,
-    UpstreamProtocolError,
 )
 
 log = logging.getLogger(__name__)
@@ -169,62 +168,74 @@ class Passthrough:
         self, request: web.Request, conn: UpstreamConnection, head: ResponseHead
     ) -> web.StreamResponse:
         pipeline = self.pipeline
+        client = AiohttpClient(request, head)
         with pipeline.lease(conn) as lease:
-            response = web.StreamResponse(
-                status=head.status, reason=head.reason, headers=response_headers(head)
-            )
-            has_body = request.method != "HEAD" and head.status not in (204, 304)
-            # The body's framing is decided here (public API), so the sink knows it: chunks for
-            # an HTTP/1.1 client when vLLM gave no length; else as it comes (HTTP/1.0: until the
-            # connection closes, which aiohttp then does).
-            chunked = has_body and head.length is None and request.version == HttpVersion11
-            if head.length is not None:
-                response.content_length = head.length
-            elif chunked:
-                response.enable_chunked_encoding()
-            writer = await response.prepare(request)
-            assert writer is not None
-            await response.write(b"")  # sends the headers now
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("the client went away")
-
-            def sink(piece: bytes) -> None:
-                if transport.is_closing():
-                    raise ConnectionResetError("the client went away")
-                if chunked:
-                    transport.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
-                else:
-                    transport.write(piece)
-
-            conn.attach(sink, partial(over_high_water, transport))  # = the transport paused writing
-            try:
-                await conn.relay_rest(writer.drain)
-            except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
-                if transport.is_closing() or isinstance(exc, ConnectionResetError):
-                    raise ConnectionResetError("the client went away") from exc
-                await self._break_off(request, response, head, exc)
-                return response
-            await response.write_eof()
-            lease.release()
+            complete = await pipeline.relay(lease, head, client, f"{request.method} {request.path}")
+        if complete:
             # As on the front door: no next request until the client has taken this answer
             # (down to the low water mark).
-            await writer.drain()
-            return response
+            await client.relay_drain()
+        return client.response
 
-    async def _break_off(
-        self,
-        request: web.Request,
-        response: web.StreamResponse,
-        head: ResponseHead,
-        exc: BaseException,
-    ) -> None:
-        """vLLM broke off mid-response: tell an SSE client, then cut the connection so the
-        response can never look complete."""
-        event = self.pipeline.broke_off(head, exc, f"{request.method} {request.path}")
+
+class AiohttpClient:
+    """The client side of a relay (``pipeline.RelayClient``) through aiohttp's public API: a
+    ``StreamResponse`` whose framing is decided here (``content_length``, or
+    ``enable_chunked_encoding()`` for an HTTP/1.1 client when vLLM gave no length), and the
+    body written to ``request.transport`` from the upstream connection's ``data_received``."""
+
+    def __init__(self, request: web.Request, answer: ResponseHead) -> None:
+        self.request = request
+        self.response = web.StreamResponse(
+            status=answer.status, reason=answer.reason, headers=response_headers(answer)
+        )
+        has_body = request.method != "HEAD" and answer.status not in (204, 304)
+        # HTTP/1.0 without a length: until the connection closes, which aiohttp then does.
+        self.chunked = has_body and answer.length is None and request.version == HttpVersion11
+        if answer.length is not None:
+            self.response.content_length = answer.length
+        elif self.chunked:
+            self.response.enable_chunked_encoding()
+        self.writer: AbstractStreamWriter | None = None
+
+    async def relay_start(self, conn: UpstreamConnection, answer: ResponseHead) -> None:
+        response = self.response
+        self.writer = await response.prepare(self.request)
+        await response.write(b"")  # sends the headers now
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        chunked = self.chunked
+
+        def sink(piece: bytes) -> None:
+            if transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            if chunked:
+                transport.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
+            else:
+                transport.write(piece)
+
+        conn.attach(sink, partial(over_high_water, transport))  # = the transport paused writing
+
+    async def relay_drain(self) -> None:
+        if self.writer is not None:
+            await self.writer.drain()
+
+    def relay_gone(self, exc: BaseException) -> BaseException | None:
+        transport = self.request.transport
+        if transport is None or transport.is_closing() or isinstance(exc, ConnectionResetError):
+            return ConnectionResetError("the client went away")
+        return None
+
+    async def relay_end(self, conn: UpstreamConnection) -> None:
+        await self.response.write_eof()
+
+    async def relay_break_off(self, event: bytes | None) -> None:
+        """Tell an SSE client, then cut the connection so the response can never look
+        complete."""
         if event is not None:
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await response.write(event)
-        transport = request.transport
+                await self.response.write(event)
+        transport = self.request.transport
         if transport is not None:
             transport.close()  # flushes what was written, then closes: no terminating chunk

@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.errors import EngineError
@@ -53,6 +54,30 @@ def sse_error_event(message: str) -> bytes:
     """The SSE event that tells a streaming client vLLM broke off (OpenAI's error shape)."""
     event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
     return f"data: {json.dumps(event)}\n\n".encode()
+
+
+class RelayClient(Protocol):
+    """The client side of a relay, as each adapter implements it (the front door's
+    ``FrontProtocol``, the aiohttp adapter's ``AiohttpClient``). Between :meth:`relay_start`
+    and the end, each piece of vLLM's answer goes from the upstream connection's
+    ``data_received`` straight to the client's transport (the sink attached in
+    :meth:`relay_start`): the per-token path has no call of this interface."""
+
+    async def relay_start(self, conn: UpstreamConnection, answer: ResponseHead) -> None:
+        """vLLM's head (and what came with it) to the client; attach the sink to ``conn``."""
+
+    async def relay_drain(self) -> None:
+        """Wait until the client has taken what waits for it (its transport resumed writing)."""
+
+    def relay_gone(self, exc: BaseException) -> BaseException | None:
+        """The error to raise if the client went away (``exc`` broke the relay), else None."""
+
+    async def relay_end(self, conn: UpstreamConnection) -> None:
+        """vLLM's answer is complete: end the client's (its last chunk)."""
+
+    async def relay_break_off(self, event: bytes | None) -> None:
+        """vLLM broke off: send ``event`` (if any), then end the connection without a clean
+        end of the answer."""
 
 
 class Admitted:
@@ -209,6 +234,26 @@ class Pipeline:
         (``track_upstream``); ``lease.release()`` after a complete answer, else it is aborted on
         the way out (vLLM aborts the request)."""
         return Lease(self, conn)
+
+    async def relay(self, lease: Lease, answer: ResponseHead, client: RelayClient, what: str) -> bool:
+        """Relay vLLM's answer on ``lease`` to ``client``: start it, wait for its end (draining
+        when the client is slow), then end the client's answer and release the connection.
+        False when vLLM broke off (the client's connection must end); raises the client's
+        error when it went away."""
+        conn = lease.conn
+        await client.relay_start(conn, answer)
+        if not conn.complete:  # the rest comes as it arrives
+            try:
+                await conn.relay_rest(client.relay_drain)
+            except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
+                gone = client.relay_gone(exc)
+                if gone is not None:
+                    raise gone from exc
+                await client.relay_break_off(self.broke_off(answer, exc, what))
+                return False
+        await client.relay_end(conn)
+        lease.release()
+        return True
 
     def broke_off(self, answer: ResponseHead, exc: BaseException, what: str) -> bytes | None:
         """vLLM broke off mid-answer (``exc``): log it, and return the SSE ``error`` event to
