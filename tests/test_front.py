@@ -15,6 +15,8 @@ from aiohttp import web
 from helpers import ECHO, FAST, sse_data
 
 from aic_vllm_proxy.relay.front import parse_request_head
+from aic_vllm_proxy.relay.headers import request_head
+from aic_vllm_proxy.relay.request import RelayRequest
 from aic_vllm_proxy.web import control
 
 CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}'
@@ -286,7 +288,13 @@ def test_parse_request_head() -> None:
         True,
         b"k1",
     )
-    assert head.lines == [b"X-Keep: 1\r\n", b"Authorization: Bearer k1\r\n"]
+    assert head.connection == {b"keep-alive", b"x-hop"}
+    # What of it goes to vLLM is the one head builder's to say (the same on the aiohttp path).
+    request = RelayRequest(head.method, head.target, head.lines, head.connection, 12, b"x" * 12)
+    assert request_head(request, "vllm", {}, drop_authorization=False) == (
+        b"POST /v1/x?y=1 HTTP/1.1\r\nHost: vllm\r\nX-Keep: 1\r\nAuthorization: Bearer k1\r\n"
+        b"Content-Length: 12\r\n\r\n"
+    )
     closing = parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n")
     assert closing is not None and not closing.keep_alive and closing.length == 0
     for refused in (

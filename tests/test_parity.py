@@ -36,7 +36,9 @@ from aic_vllm_proxy.relay.front import (
     parse_request_head,
     routed_as_is,
 )
-from aic_vllm_proxy.relay.headers import connection_tokens, request_head, upstream_head
+from aic_vllm_proxy.relay.headers import request_head
+from aic_vllm_proxy.relay.passthrough import header_fields
+from aic_vllm_proxy.relay.request import RelayRequest
 from aic_vllm_proxy.relay.upstream import UpstreamConnection
 from aic_vllm_proxy.web.appkeys import SUPERVISOR
 from aic_vllm_proxy.web.server import MALFORMED_REQUESTS, MalformedRequests
@@ -335,18 +337,12 @@ def test_the_front_door_takes_only_what_aiohttp_reads_the_same_way() -> None:
             values = [v for n, v in message.raw_headers if n.lower() == b"authorization"]
             assert bearer_token(values[0] if values else None) == front.token
             length = front.length or None
-            theirs = request_head(
-                message.method.encode(),
-                message.path.encode("utf-8", "surrogateescape"),
-                message.raw_headers,
-                connection_tokens(message.headers),
-                "vllm",
-                {},
-                strip_authorization=False,
-                length=length,
-                chunked=False,
-            )
-            ours = upstream_head(front.method, front.target, "vllm", front.lines, {}, length=length)
+            lines, connection = header_fields(message.raw_headers, message.headers)
+            target = message.path.encode("utf-8", "surrogateescape")
+            theirs_request = RelayRequest(message.method.encode(), target, lines, connection, length)
+            theirs = request_head(theirs_request, "vllm", {}, drop_authorization=False)
+            ours_request = RelayRequest(front.method, front.target, front.lines, front.connection, length)
+            ours = request_head(ours_request, "vllm", {}, drop_authorization=False)
             assert _fields(ours) == _fields(theirs), block[:80]
     assert taken > 100, taken  # the corpus does reach the front door's rules
 
@@ -500,3 +496,78 @@ async def test_a_client_that_does_not_read_holds_vllm_at_one_water_mark(
     finally:
         sock.close()
     assert await async_wait_until(lambda: proxy.app[SUPERVISOR].status().in_flight == 0, 20)
+
+
+#: Odd but legal heads (mixed-case and repeated names, obs-text, padding, a Connection that
+#: names a header, the user's key, a header named like a connection option) and what of each
+#: header vLLM gets, on either path (``headers.request_head``, the one head builder).
+ODD_HEADS: list[tuple[bytes, list[list[str]]]] = [
+    (
+        head(
+            b"POST /v1/echo?q=1 HTTP/1.1",
+            b"x-MiXeD-CaSe: a",
+            b"X-Repeat: 1",
+            b"x-repeat: 2",
+            b"X-Repeat: 3",
+            b"X-Obs: caf\xe9 \xff",
+            b"X-Padded:   padded\t",
+            b"Connection: keep-alive, X-Foo",
+            b"X-Foo: hop-by-hop",
+            b"Keep-Alive: timeout=5",
+            b"AUTHORIZATION: Bearer " + USER.encode(),
+            JSON,
+            key=None,
+            body=b"{}",
+        )
+        .replace(b"Host: x", b"hOsT: x")
+        .replace(b"Content-Length", b"content-LENGTH"),
+        [
+            ["x-MiXeD-CaSe", "a"],
+            ["X-Repeat", "1"],
+            ["x-repeat", "2"],
+            ["X-Repeat", "3"],
+            ["X-Obs", "caf\xe9 \xff"],
+            ["X-Padded", "padded"],
+            ["Content-Type", "application/json"],
+            ["Content-Length", "2"],
+        ],
+    ),
+    (
+        head(
+            b"GET /v1/echo HTTP/1.1",
+            b"X-Kept: 1",
+            b"Connection: X-Bar",
+            b"X-Bar: hop-by-hop",
+            b"Close: named by Connection",
+            b"Connection: close",
+            b"authorization: Bearer " + USER.encode(),
+            key=None,
+        ),
+        [["X-Kept", "1"]],
+    ),
+]
+
+
+async def test_both_paths_send_vllm_the_same_head(make_proxy: Any) -> None:
+    """Odd but legal request heads reach vLLM (an upstream that echoes what it got) the same way
+    from the front door and from aiohttp: one head builder for both paths. The user's keys are
+    the proxy's own (keys on), so no Authorization passes; a header named by ``Connection``
+    (``close`` too) does not either."""
+    seen: dict[str, list[Any]] = {}
+    for path in PATHS:
+        proxy = await make_proxy(access_log=path == "aiohttp", vllm_command=ECHO, **KEYS)
+        proxy.session.headers["Authorization"] = f"Bearer {ADMIN}"
+        status, body = await proxy.switch("echo")
+        assert status == 200, body
+        served = proxy.front.served if proxy.front is not None else 0
+        seen[path] = []
+        for data, expected in ODD_HEADS:
+            line, _, echoed = await exchange(proxy.settings.port, [data])
+            assert line.split()[1] == b"200", (path, line, echoed)
+            host, *fields = echoed["headers"]
+            assert host == ["Host", f"127.0.0.1:{proxy.settings.vllm_port}"], (path, host)
+            assert fields == expected, (path, fields)
+            seen[path].append((echoed["method"], echoed["target"], fields))
+        if proxy.front is not None:  # the front door served them itself, not aiohttp
+            assert proxy.front.served == served + len(ODD_HEADS)
+    assert seen["front"] == seen["aiohttp"]

@@ -5,7 +5,7 @@ aiohttp's web layer (``Request``, ``Response``, stream reader and writer, router
 thirds of the proxy's CPU per proxied request (docs/performance.md). :class:`FrontProtocol` reads
 the request head itself and, for the common case, serves it without that layer: an API path, a
 body of at most 1 MiB with a Content-Length, a model ready, a valid key when keys are configured.
-The request goes to vLLM through the shared pool (``Passthrough.exchange``) and vLLM's answer is
+The request goes to vLLM through the shared pipeline (``Pipeline.send``) and vLLM's answer is
 written straight to the client's transport: for a small answer, head and body in one write; for a
 stream, each token as it arrives, with back-pressure.
 
@@ -35,8 +35,9 @@ from aiohttp.http_parser import SINGLETON_HEADERS
 from aic_vllm_proxy.relay.auth import ADMIN_PREFIXES, KeyRing, bearer_token, refusal
 from aic_vllm_proxy.relay.errors import ProxyError, body_stalled
 from aic_vllm_proxy.relay.flow import set_water_marks
-from aic_vllm_proxy.relay.headers import HOP_BY_HOP, response_head, upstream_head
+from aic_vllm_proxy.relay.headers import HOP_BY_HOP, response_head
 from aic_vllm_proxy.relay.pipeline import RETRYABLE_BODY, Pipeline, closes_connection
+from aic_vllm_proxy.relay.request import RelayRequest
 from aic_vllm_proxy.relay.routes import OwnRoutes
 from aic_vllm_proxy.relay.upstream import (
     LAST_CHUNK,
@@ -97,7 +98,7 @@ _SINGLETONS = frozenset(name.lower().encode() for name in SINGLETON_HEADERS)
 _HAND_OFF = frozenset(
     {b"transfer-encoding", b"expect", b"upgrade", b"proxy-connection", b"sec-websocket-key1"}
 )
-#: Request headers the front door reads; all other lines are forwarded as they are.
+#: Request headers the front door reads (what of them goes to vLLM: ``headers.request_head``).
 _READ = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length", b"authorization"}
 #: Headers the loop in :func:`parse_request_head` looks at.
 _SPECIAL = _READ | _HAND_OFF | _SINGLETONS
@@ -107,7 +108,8 @@ _SPECIAL = _READ | _HAND_OFF | _SINGLETONS
 class RequestHead:
     method: bytes
     target: bytes
-    lines: list[bytes]  # header lines to forward, each with its CRLF
+    lines: list[bytes]  # the header lines as sent, each with its CRLF
+    connection: set[bytes]  # the header names its Connection lists (lower case)
     length: int  # Content-Length (0 when absent)
     keep_alive: bool
     token: bytes | None  # the bearer token presented, if any
@@ -138,16 +140,14 @@ def parse_request_head(block: bytes) -> RequestHead | None:
         if previous + len(name) + len(value) > _MAX_LINE + 2:
             return None
         previous = len(name)
+        lines.append(line)
         lname = name.lower()
         if lname not in _SPECIAL:
-            lines.append(line)
             continue
         if lname in _HAND_OFF or (lname in _SINGLETONS and lname in seen):
             return None
         seen.add(lname)
-        if lname not in _READ:
-            lines.append(line)
-        elif lname == b"content-length":
+        if lname == b"content-length":
             value = value.strip()
             if not value.isdigit() or len(value) > 18:
                 return None  # not a plain number: aiohttp's to judge
@@ -157,18 +157,15 @@ def parse_request_head(block: bytes) -> RequestHead | None:
                 return None  # aiohttp reads these tokens as text: not always the same
             named_tokens.update(t.strip().lower() for t in value.split(b","))
         elif lname == b"authorization":
-            lines.append(line)
             authorizations.append(value[:-2])
     if b"host" not in seen or refusal(target, authorizations) is not None:
         return None  # aiohttp answers 400
     keep_alive = True
     if named_tokens:
         keep_alive = b"close" not in named_tokens
-        named = named_tokens - {b"close", b"keep-alive", b""}
-        if named:  # headers named in Connection are hop-by-hop too
-            lines = [line for line in lines if line.partition(b":")[0].lower() not in named]
+        named_tokens.discard(b"")
     token = bearer_token(authorizations[0]) if authorizations else None
-    return RequestHead(method, target, lines, max(length, 0), keep_alive, token)
+    return RequestHead(method, target, lines, named_tokens, max(length, 0), keep_alive, token)
 
 
 def routed_as_is(path: bytes) -> bool:
@@ -552,29 +549,24 @@ class FrontProtocol(ClientConnection):
         If a stop or switch began since the head was read (the body may have taken a while),
         ``admitted`` waits for the model like the application does, or answers 503."""
         pipeline = self.front.pipeline
+        request = RelayRequest(
+            head.method,
+            head.target,
+            head.lines,
+            head.connection,
+            None if body is None else len(body),
+            body,
+            None,
+            head.keep_alive,
+        )
         async with pipeline.admitted():
-            is_head = head.method == b"HEAD"
-            self._is_head = is_head
-            conn, answer = await pipeline.exchange(
-                self._upstream_head(head, body), body, no_body=is_head, framed=True, on_head=self._relay_start
-            )
+            self._is_head = request.is_head
+            conn, answer = await pipeline.send(request, framed=True, on_head=self._relay_start)
             with pipeline.lease(conn) as lease:
                 try:
                     return await pipeline.relay(lease, answer, self, "relaying a response")
                 finally:
                     self._relaying = None
-
-    def _upstream_head(self, head: RequestHead, body: bytes | None) -> bytes:
-        """The same head ``headers.request_head`` builds, from the lines parsed here."""
-        pipeline = self.front.pipeline
-        supplied, drop_authorization = pipeline.supplied_headers()
-        lines = head.lines
-        if drop_authorization:
-            lines = [line for line in lines if line[:14].lower() != b"authorization:"]
-        length = None if body is None else len(body)
-        return upstream_head(
-            head.method, head.target, pipeline.pool.host_header, lines, supplied, length=length
-        )
 
     def _relay_start(self, conn: UpstreamConnection, answer: ResponseHead) -> None:
         """vLLM's head and what came with it, to the client. Called from the upstream's

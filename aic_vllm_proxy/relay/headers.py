@@ -4,8 +4,8 @@ vLLM, and what of vLLM's response head goes to the client.
 - Request: hop-by-hop headers (and those named in ``Connection``), ``Host`` (vLLM's is set) and
   ``Content-Length`` (set for the body sent) are never copied; the proxy's own
   ``Authorization`` is dropped when proxy keys are on or vLLM has a key of its own (which is
-  then supplied). The front door parses its head itself (``front.parse_request_head``) and
-  leaves the same headers out; :func:`request_head` reads aiohttp's raw headers.
+  then supplied). Both paths send the head :func:`request_head` builds from the
+  ``request.RelayRequest`` each adapter makes of its input (the header lines as sent).
 - Response: vLLM's header lines pass byte for byte, except hop-by-hop ones (and those named in
   its ``Connection``) and ``Content-Length``/``Transfer-Encoding``, which each path sets for
   the framing it writes (:func:`response_lines`).
@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from aic_vllm_proxy.relay.request import RelayRequest
 from aic_vllm_proxy.relay.upstream import ResponseHead
 
 #: Headers that describe one connection, not the message: never forwarded either way.
@@ -38,6 +39,7 @@ HOP_BY_HOP = frozenset(
 )
 #: Request headers never copied as they are (Content-Length is set for the body sent upstream).
 NOT_COPIED = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length"}
+_NOT_COPIED_OR_AUTH = NOT_COPIED | {b"authorization"}
 #: Response headers never copied as they are (each path sets the framing it writes).
 _NOT_RELAYED = HOP_BY_HOP | {"content-length"}
 
@@ -65,24 +67,25 @@ def drops_authorization(strip_authorization: bool, supplied: dict[str, str]) -> 
 
 
 def request_head(
-    method: bytes,
-    target: bytes,
-    raw_headers: Iterable[tuple[bytes, bytes]],
-    connection: Iterable[str],
-    host_header: str,
-    supplied: dict[str, str],
-    *,
-    strip_authorization: bool,
-    length: int | None,
-    chunked: bool,
+    request: RelayRequest, host_header: str, supplied: dict[str, str], *, drop_authorization: bool
 ) -> bytes:
-    """The upstream request head from a client's raw header fields (aiohttp's ``raw_headers``;
-    ``connection``: the header names its ``Connection`` lists)."""
-    drop = NOT_COPIED | {token.encode() for token in connection}
-    if drops_authorization(strip_authorization, supplied):
-        drop = drop | {b"authorization"}
-    lines = [name + b": " + value + b"\r\n" for name, value in raw_headers if name.lower() not in drop]
-    return upstream_head(method, target, host_header, lines, supplied, length=length, chunked=chunked)
+    """vLLM's request head for ``request``, on both paths: the client's header lines as it sent
+    them, except hop-by-hop ones (and those its ``Connection`` names), ``Host`` and
+    ``Content-Length``, and ``Authorization`` when it stays here (``drop_authorization``);
+    then vLLM's own ``supplied`` headers and the body's framing (:func:`upstream_head`)."""
+    drop = _NOT_COPIED_OR_AUTH if drop_authorization else NOT_COPIED
+    if request.connection:
+        drop = drop | frozenset(request.connection)
+    lines = [line for line in request.lines if line[: line.index(b":")].lower() not in drop]
+    return upstream_head(
+        request.method,
+        request.target,
+        host_header,
+        lines,
+        supplied,
+        length=request.length,
+        chunked=request.chunked,
+    )
 
 
 def upstream_head(

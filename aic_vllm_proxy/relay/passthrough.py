@@ -20,20 +20,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Iterable
 from functools import partial
 
 from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDictProxy
 
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.relay.errors import BadRequest, body_stalled, body_too_large
 from aic_vllm_proxy.relay.flow import over_high_water
 from aic_vllm_proxy.relay.headers import HOP_BY_HOP as HOP_BY_HOP  # re-exported (tests)
-from aic_vllm_proxy.relay.headers import connection_tokens, request_head, response_headers
+from aic_vllm_proxy.relay.headers import connection_tokens, response_headers
 from aic_vllm_proxy.relay.headers import filtered as _filtered  # noqa: F401  (re-exported: tests)
-from aic_vllm_proxy.relay.pipeline import RETRYABLE_BODY, UPSTREAM_ERRORS, Pipeline
+from aic_vllm_proxy.relay.pipeline import RETRYABLE_BODY, Pipeline
 from aic_vllm_proxy.relay.pipeline import closes_connection as closes_connection  # re-exported
+from aic_vllm_proxy.relay.request import RelayRequest
 from aic_vllm_proxy.relay.upstream import (
     ResponseHead,
     UpstreamConnection,
@@ -70,6 +72,16 @@ async def read_body(request: web.Request, timeout: float, limit: int) -> bytes:
     return b"".join([piece async for piece in body_pieces(request, timeout, limit)])
 
 
+def header_fields(
+    raw_headers: Iterable[tuple[bytes, bytes]], headers: CIMultiDictProxy[str]
+) -> tuple[list[bytes], Collection[bytes]]:
+    """aiohttp's reading of a request head as a ``RelayRequest``'s header lines and the names
+    its ``Connection`` lists."""
+    lines = [name + b": " + value + b"\r\n" for name, value in raw_headers]
+    connection = {token.encode() for token in connection_tokens(headers)} if "Connection" in headers else ()
+    return lines, connection
+
+
 class Passthrough:
     """The aiohttp adapter of the :class:`~aic_vllm_proxy.relay.pipeline.Pipeline`: the
     catch-all handler; one instance per application."""
@@ -85,82 +97,39 @@ class Passthrough:
         pipeline = self.pipeline
         if not request.raw_path.startswith("/"):
             raise BadRequest(f"cannot forward request target {request.raw_path!r}: expected a path")
-        length = request.content_length
-        pipeline.check_length(length)
+        pipeline.check_length(request.content_length)
         async with pipeline.admitted():
-            conn, head = await self._send(request, length)
+            conn, head = await pipeline.send(await self._relay_request(request))
             return await self._relay(request, conn, head)
 
     # ----------------------------------------------------------------- request
 
-    async def _send(
-        self, request: web.Request, length: int | None
-    ) -> tuple[UpstreamConnection, ResponseHead]:
-        """Send the request; return the connection and vLLM's response head."""
+    async def _relay_request(self, request: web.Request) -> RelayRequest:
+        """The pipeline's request object for ``request``: its raw head, and its body whole when
+        small (so it can be re-sent on a stale connection), else as it arrives (large, or of
+        unknown length), within the size limit."""
         pipeline = self.pipeline
-        no_body = request.method == "HEAD"
-        if request.body_exists and (length is None or length > RETRYABLE_BODY):  # streamed
-            conn = await pipeline.acquire()
-            try:
-                return conn, await self._upload(conn, request, length, no_body)
-            except UPSTREAM_ERRORS as exc:
-                conn.abort()
-                raise pipeline.unreachable(exc) from exc
-            except BaseException:
-                conn.abort()
-                raise
-        small = await self._read_small(request) if request.body_exists else None
-        head = self._head(request, length=None if small is None else len(small), chunked=False)
-        return await pipeline.exchange(head, small, no_body=no_body)
-
-    async def _upload(
-        self, conn: UpstreamConnection, request: web.Request, length: int | None, no_body: bool
-    ) -> ResponseHead:
-        """Stream a large body to vLLM while watching for its answer: vLLM may answer before the
-        body is complete (an error, say), and then that answer is what the client gets."""
-        head = self._head(request, length=length, chunked=length is None)
-        sending = asyncio.ensure_future(
-            conn.start_streaming(
-                head, self._stream_body(request), chunked=length is None, no_body_expected=no_body
-            )
-        )
-        answer = asyncio.ensure_future(conn.head())
-        try:
-            await asyncio.wait((sending, answer), return_when=asyncio.FIRST_COMPLETED)
-            answered = answer.done() and not answer.cancelled() and answer.exception() is None
-            body_sent = sending.done() and sending.exception() is None
-            if answered and not body_sent:  # vLLM answered before taking the whole body
-                conn.keep_alive_off()  # the rest of the body was not sent
-                return answer.result()
-            sending.result()  # the body went out (or raises why not)
-            return await answer
-        finally:
-            for task in (sending, answer):
-                if not task.done():
-                    task.cancel()
-
-    def _head(self, request: web.Request, *, length: int | None, chunked: bool) -> bytes:
-        pipeline = self.pipeline
-        supplied, drop_authorization = pipeline.supplied_headers()
-        return request_head(
+        length = request.content_length
+        body = stream = None
+        if request.body_exists:
+            if length is None or length > RETRYABLE_BODY:
+                stream = body_pieces(request, pipeline.client_timeout, pipeline.max_body_size)
+            else:
+                body = await read_body(request, pipeline.client_timeout, pipeline.max_body_size)
+                length = len(body)
+        else:
+            length = None
+        lines, connection = header_fields(request.raw_headers, request.headers)
+        return RelayRequest(
             request.method.encode(),
             request.raw_path.encode("utf-8", "surrogateescape"),
-            request.raw_headers,
-            connection_tokens(request.headers) if "Connection" in request.headers else (),
-            pipeline.pool.host_header,
-            supplied,
-            strip_authorization=drop_authorization,
-            length=length,
-            chunked=chunked,
+            lines,
+            connection,
+            length,
+            body,
+            stream,
+            request.keep_alive,
         )
-
-    async def _read_small(self, request: web.Request) -> bytes:
-        """A small body, whole (so it can be re-sent on a stale connection)."""
-        return await read_body(request, self.pipeline.client_timeout, self.pipeline.max_body_size)
-
-    def _stream_body(self, request: web.Request) -> AsyncIterator[bytes]:
-        """A large or chunked body, passed upstream as it arrives, within the size limit."""
-        return body_pieces(request, self.pipeline.client_timeout, self.pipeline.max_body_size)
 
     # ---------------------------------------------------------------- response
 

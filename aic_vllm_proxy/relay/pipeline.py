@@ -5,8 +5,9 @@ it on its way to vLLM and back:
 - admission: the body's size limit (413), waiting for a model (bounded; the engine's error as
   the web plane's HTTP answer), and counting the request in flight for the drain before a stop
   (:meth:`Pipeline.admitted`);
-- the upstream exchange: the pooled connection, the one retry on a stale one, vLLM unreachable
-  as a 502 that says what the proxy sees (:meth:`Pipeline.exchange`);
+- the upstream exchange: vLLM's request head built from the adapter's ``RelayRequest`` (one
+  builder, ``headers.request_head``), the pooled connection, the one retry on a stale one, a
+  streamed body, vLLM unreachable as a 502 that says what the proxy sees (:meth:`Pipeline.send`);
 - the end of the relay: the connection is watched by the supervisor while it is relayed, and
   afterwards released to the pool after a complete answer, or aborted (vLLM then aborts the
   request) after anything else (:meth:`Pipeline.lease`); vLLM breaking off mid-answer is one
@@ -27,7 +28,8 @@ from typing import Protocol
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.errors import EngineError
 from aic_vllm_proxy.relay.errors import ProxyError, UpstreamError, body_too_large
-from aic_vllm_proxy.relay.headers import drops_authorization
+from aic_vllm_proxy.relay.headers import drops_authorization, request_head
+from aic_vllm_proxy.relay.request import RelayRequest
 from aic_vllm_proxy.relay.upstream import (
     OnHead,
     ResponseHead,
@@ -172,11 +174,28 @@ class Pipeline:
 
     # ---------------------------------------------------------------- upstream
 
-    def supplied_headers(self) -> tuple[dict[str, str], bool]:
-        """vLLM's own headers (its key) for the request, and whether the client's
-        ``Authorization`` is left out (``headers.drops_authorization``)."""
-        supplied = self.supervisor.upstream_headers()  # vLLM's own key may have changed
-        return supplied, drops_authorization(self.strip_authorization, supplied)
+    def request_head(self, request: RelayRequest) -> bytes:
+        """vLLM's request head for ``request`` (``headers.request_head``), with vLLM's own
+        headers as they are now (its key may have changed since the last request)."""
+        supplied = self.supervisor.upstream_headers()
+        return request_head(
+            request,
+            self.pool.host_header,
+            supplied,
+            drop_authorization=drops_authorization(self.strip_authorization, supplied),
+        )
+
+    async def send(
+        self, request: RelayRequest, *, framed: bool = False, on_head: OnHead | None = None
+    ) -> tuple[UpstreamConnection, ResponseHead]:
+        """Send ``request`` to vLLM; return the connection and vLLM's response head. A body in
+        memory goes through :meth:`exchange` (retried on a stale connection), a stream through
+        :meth:`upload`."""
+        head = self.request_head(request)
+        if request.stream is not None:
+            return await self.upload(head, request)
+        body = request.body
+        return await self.exchange(head, body, no_body=request.is_head, framed=framed, on_head=on_head)
 
     async def acquire(self) -> UpstreamConnection:
         try:
@@ -217,6 +236,43 @@ class Pipeline:
                 conn.abort()
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def upload(self, head: bytes, request: RelayRequest) -> tuple[UpstreamConnection, ResponseHead]:
+        """Send a request whose body is streamed (large, or of unknown length) as it arrives;
+        return the connection and vLLM's response head. Not retried: the body is not kept."""
+        conn = await self.acquire()
+        try:
+            return conn, await self._upload(conn, head, request)
+        except UPSTREAM_ERRORS as exc:
+            conn.abort()
+            raise self.unreachable(exc) from exc
+        except BaseException:
+            conn.abort()
+            raise
+
+    async def _upload(self, conn: UpstreamConnection, head: bytes, request: RelayRequest) -> ResponseHead:
+        """Stream the body to vLLM while watching for its answer: vLLM may answer before the body
+        is complete (an error, say), and then that answer is what the client gets."""
+        assert request.stream is not None
+        sending = asyncio.ensure_future(
+            conn.start_streaming(
+                head, request.stream, chunked=request.chunked, no_body_expected=request.is_head
+            )
+        )
+        answer = asyncio.ensure_future(conn.head())
+        try:
+            await asyncio.wait((sending, answer), return_when=asyncio.FIRST_COMPLETED)
+            answered = answer.done() and not answer.cancelled() and answer.exception() is None
+            body_sent = sending.done() and sending.exception() is None
+            if answered and not body_sent:  # vLLM answered before taking the whole body
+                conn.keep_alive_off()  # the rest of the body was not sent
+                return answer.result()
+            sending.result()  # the body went out (or raises why not)
+            return await answer
+        finally:
+            for task in (sending, answer):
+                if not task.done():
+                    task.cancel()
 
     def unreachable(self, exc: BaseException) -> UpstreamError:
         sup = self.supervisor
