@@ -290,7 +290,7 @@ def test_parse_request_head() -> None:
     )
     assert head.connection == {b"keep-alive", b"x-hop"}
     # What of it goes to vLLM is the one head builder's to say (the same on the aiohttp path).
-    request = RelayRequest(head.method, head.target, head.lines, head.connection, 12, b"x" * 12)
+    request = RelayRequest(head.method, head.target, head.lines, head.names, head.connection, 12, b"x" * 12)
     assert request_head(request, "vllm", {}, drop_authorization=False) == (
         b"POST /v1/x?y=1 HTTP/1.1\r\nHost: vllm\r\nX-Keep: 1\r\nAuthorization: Bearer k1\r\n"
         b"Content-Length: 12\r\n\r\n"

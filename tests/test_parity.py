@@ -337,11 +337,13 @@ def test_the_front_door_takes_only_what_aiohttp_reads_the_same_way() -> None:
             values = [v for n, v in message.raw_headers if n.lower() == b"authorization"]
             assert bearer_token(values[0] if values else None) == front.token
             length = front.length or None
-            lines, connection = header_fields(message.raw_headers, message.headers)
+            lines, names, connection = header_fields(message.raw_headers, message.headers)
             target = message.path.encode("utf-8", "surrogateescape")
-            theirs_request = RelayRequest(message.method.encode(), target, lines, connection, length)
+            theirs_request = RelayRequest(message.method.encode(), target, lines, names, connection, length)
             theirs = request_head(theirs_request, "vllm", {}, drop_authorization=False)
-            ours_request = RelayRequest(front.method, front.target, front.lines, front.connection, length)
+            ours_request = RelayRequest(
+                front.method, front.target, front.lines, front.names, front.connection, length
+            )
             ours = request_head(ours_request, "vllm", {}, drop_authorization=False)
             assert _fields(ours) == _fields(theirs), block[:80]
     assert taken > 100, taken  # the corpus does reach the front door's rules

@@ -109,6 +109,7 @@ class RequestHead:
     method: bytes
     target: bytes
     lines: list[bytes]  # the header lines as sent, each with its CRLF
+    names: list[bytes]  # each line's header name, lower case
     connection: set[bytes]  # the header names its Connection lists (lower case)
     length: int  # Content-Length (0 when absent)
     keep_alive: bool
@@ -125,6 +126,7 @@ def parse_request_head(block: bytes) -> RequestHead | None:
     if match.start(3) > _MAX_LINE + 2 or fields.count(b"\r\n") > _MAX_FIELDS:
         return None  # over aiohttp's limits: it answers 400
     lines: list[bytes] = []
+    names: list[bytes] = []
     length = -1
     seen: set[bytes] = set()
     authorizations: list[bytes] = []
@@ -142,6 +144,7 @@ def parse_request_head(block: bytes) -> RequestHead | None:
         previous = len(name)
         lines.append(line)
         lname = name.lower()
+        names.append(lname)
         if lname not in _SPECIAL:
             continue
         if lname in _HAND_OFF or (lname in _SINGLETONS and lname in seen):
@@ -165,7 +168,7 @@ def parse_request_head(block: bytes) -> RequestHead | None:
         keep_alive = b"close" not in named_tokens
         named_tokens.discard(b"")
     token = bearer_token(authorizations[0]) if authorizations else None
-    return RequestHead(method, target, lines, named_tokens, max(length, 0), keep_alive, token)
+    return RequestHead(method, target, lines, names, named_tokens, max(length, 0), keep_alive, token)
 
 
 def routed_as_is(path: bytes) -> bool:
@@ -214,7 +217,7 @@ class Front:
             or head.length > self.max_body
         ):
             return False
-        if not self.pipeline.supervisor.serving:
+        if not self.pipeline.instance.serving:
             return False  # aiohttp waits for the switch (bounded) or answers 503
         # With keys, an unknown or missing one is aiohttp's to answer (401).
         return not self.keys.enabled or (head.token is not None and self.keys.role_of(head.token) is not None)
@@ -553,11 +556,11 @@ class FrontProtocol(ClientConnection):
             head.method,
             head.target,
             head.lines,
+            head.names,
             head.connection,
             None if body is None else len(body),
             body,
             None,
-            head.keep_alive,
         )
         async with pipeline.admitted():
             self._is_head = request.is_head

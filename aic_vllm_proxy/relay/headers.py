@@ -76,7 +76,7 @@ def request_head(
     drop = _NOT_COPIED_OR_AUTH if drop_authorization else NOT_COPIED
     if request.connection:
         drop = drop | frozenset(request.connection)
-    lines = [line for line in request.lines if line[: line.index(b":")].lower() not in drop]
+    lines = [line for line, name in zip(request.lines, request.names, strict=True) if name not in drop]
     return upstream_head(
         request.method,
         request.target,
@@ -102,7 +102,8 @@ def upstream_head(
     with its CRLF, hop-by-hop ones already left out), vLLM's own ``supplied`` headers, and the
     body's framing."""
     parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, host_header.encode()), *lines]
-    parts.extend(f"{name}: {value}\r\n".encode() for name, value in supplied.items())
+    if supplied:
+        parts += [f"{name}: {value}\r\n".encode() for name, value in supplied.items()]
     if chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif length is not None:
@@ -124,7 +125,7 @@ def response_head(answer: ResponseHead, *, close: bool, chunked: bool) -> bytes:
     :func:`response_lines`, ``Connection: close`` when the connection ends after it, and the
     framing of the body as the client gets it."""
     parts = [f"HTTP/1.1 {answer.status} {answer.reason}\r\n"]
-    parts.extend(line + "\r\n" for line in response_lines(answer))
+    parts += [line + "\r\n" for line in response_lines(answer)]
     if close:
         parts.append("Connection: close\r\n")
     if chunked:

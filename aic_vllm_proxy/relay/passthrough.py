@@ -74,12 +74,14 @@ async def read_body(request: web.Request, timeout: float, limit: int) -> bytes:
 
 def header_fields(
     raw_headers: Iterable[tuple[bytes, bytes]], headers: CIMultiDictProxy[str]
-) -> tuple[list[bytes], Collection[bytes]]:
-    """aiohttp's reading of a request head as a ``RelayRequest``'s header lines and the names
-    its ``Connection`` lists."""
-    lines = [name + b": " + value + b"\r\n" for name, value in raw_headers]
+) -> tuple[list[bytes], list[bytes], Collection[bytes]]:
+    """aiohttp's reading of a request head as a ``RelayRequest``'s header lines, their names
+    (lower case) and the names its ``Connection`` lists."""
+    raw = list(raw_headers)
+    lines = [name + b": " + value + b"\r\n" for name, value in raw]
+    names = [name.lower() for name, _ in raw]
     connection = {token.encode() for token in connection_tokens(headers)} if "Connection" in headers else ()
-    return lines, connection
+    return lines, names, connection
 
 
 class Passthrough:
@@ -119,16 +121,16 @@ class Passthrough:
                 length = len(body)
         else:
             length = None
-        lines, connection = header_fields(request.raw_headers, request.headers)
+        lines, names, connection = header_fields(request.raw_headers, request.headers)
         return RelayRequest(
             request.method.encode(),
             request.raw_path.encode("utf-8", "surrogateescape"),
             lines,
+            names,
             connection,
             length,
             body,
             stream,
-            request.keep_alive,
         )
 
     # ---------------------------------------------------------------- response

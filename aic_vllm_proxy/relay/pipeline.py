@@ -25,6 +25,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from aic_vllm_proxy.engine.instance import Instance
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.errors import EngineError
 from aic_vllm_proxy.relay.errors import ProxyError, UpstreamError, body_too_large
@@ -93,12 +94,12 @@ class Admitted:
 
     async def __aenter__(self) -> None:
         pipeline = self.pipeline
-        if not pipeline.supervisor.serving:
+        if not pipeline.instance.serving:
             await pipeline.wait_for_model()
-        pipeline.supervisor.request_started()  # no await since the check: the drain counts this
+        pipeline.instance.request_started()  # no await since the check: the drain counts this
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self.pipeline.supervisor.request_finished()
+        self.pipeline.instance.request_finished()
 
 
 class Lease:
@@ -112,7 +113,7 @@ class Lease:
         self.released = False
 
     def __enter__(self) -> Lease:
-        self._unregister = self.pipeline.supervisor.track_upstream(self.conn.abort)
+        self._unregister = self.pipeline.instance.track_upstream(self.conn.abort)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -130,6 +131,8 @@ class Pipeline:
     """What both HTTP paths do with a request for vLLM; one per application."""
 
     supervisor: Supervisor
+    #: The instance requests go to (the supervisor's primary; the fleet will route per request).
+    instance: Instance
     pool: UpstreamPool
 
     def __init__(
@@ -150,6 +153,7 @@ class Pipeline:
     def bind(self, supervisor: Supervisor, pool: UpstreamPool) -> None:
         """Attach the supervisor and pool, which exist only once the application has started."""
         self.supervisor = supervisor
+        self.instance = supervisor.primary
         self.pool = pool
 
     # --------------------------------------------------------------- admission
@@ -162,7 +166,7 @@ class Pipeline:
     async def wait_for_model(self) -> None:
         """Wait (bounded) until a model takes requests, or raise the HTTP answer saying why not."""
         try:
-            await self.supervisor.wait_for_model(self.wait_timeout)
+            await self.instance.wait_for_model(self.wait_timeout)
         except EngineError as exc:
             raise self.http_error(exc) from None
 
@@ -177,7 +181,7 @@ class Pipeline:
     def request_head(self, request: RelayRequest) -> bytes:
         """vLLM's request head for ``request`` (``headers.request_head``), with vLLM's own
         headers as they are now (its key may have changed since the last request)."""
-        supplied = self.supervisor.upstream_headers()
+        supplied = self.instance.upstream_headers()
         return request_head(
             request,
             self.pool.host_header,
@@ -275,7 +279,7 @@ class Pipeline:
                     task.cancel()
 
     def unreachable(self, exc: BaseException) -> UpstreamError:
-        sup = self.supervisor
+        sup = self.instance
         state = sup.machine.state
         return UpstreamError(
             f"vLLM at {sup.base} did not answer ({type(exc).__name__}: {exc}); the proxy sees it "

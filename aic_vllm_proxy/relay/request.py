@@ -17,6 +17,7 @@ class RelayRequest:
     #: Every header line as the client sent it, in order, each with its CRLF (what goes to vLLM
     #: is decided by ``headers.request_head``).
     lines: list[bytes]
+    names: list[bytes]  # each line's header name, lower case (read once, by the adapter)
     #: The header names (lower case) its ``Connection`` headers list: hop-by-hop too.
     connection: Collection[bytes]
     #: The body's length: ``len(body)``, or the announced length of ``stream`` (None: unknown,
@@ -24,7 +25,6 @@ class RelayRequest:
     length: int | None = None
     body: bytes | None = None  # the body, in memory
     stream: AsyncIterator[bytes] | None = None  # or the body as it arrives (aiohttp path)
-    keep_alive: bool = True  # whether the client's connection stays open after the answer
 
     @property
     def is_head(self) -> bool:

@@ -38,4 +38,4 @@ class OwnRoutes:
         """Whether ``path`` (bytes, without the query) is one of the proxy's own routes."""
         if path in self.plain:
             return True
-        return any(pattern.fullmatch(path) for pattern in self.patterns)
+        return bool(self.patterns) and any(pattern.fullmatch(path) for pattern in self.patterns)
