@@ -373,7 +373,8 @@ class TestLogFilter:
 
 def test_the_client_imports_no_server_code() -> None:
     code = (
-        "import sys, aic_vllm_proxy.client, aic_vllm_proxy.client.cli; "
+        "import sys, aic_vllm_proxy.client.cli; "
+        "from aic_vllm_proxy.client import VLLMProxyClient, AsyncVLLMProxyClient; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'aic_vllm_proxy')))"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
@@ -790,3 +791,27 @@ def test_examples_run_against_the_simulator(spawn_proxy: Any) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "small-model ready (changed=True" in run.stdout and run.stdout.count("Q: ") == 3
+
+
+def test_the_daemon_starts_without_the_client_extra(tmp_path: Path) -> None:
+    """A node may install the daemon without the ``client`` extra: with httpx missing, the
+    command line still lists its options and runs the daemon, and the daemon's process holds
+    none of the client (its commands are registered without importing it)."""
+    blocker = tmp_path / "blocked"
+    blocker.mkdir()
+    (blocker / "httpx.py").write_text("raise ImportError('httpx is not installed (test)')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
+    shown = subprocess.run(
+        [sys.executable, "-m", "aic_vllm_proxy", "serve", "--help"],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "--vllm-port" in shown.stdout
+    code = (
+        "import sys; from aic_vllm_proxy import cli; cli.cli.main = lambda **kw: None; cli.main(); "
+        "print(sorted(m for m in sys.modules if m.startswith(('httpx', 'aic_vllm_proxy.client.'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert loaded.stdout.strip() == "['aic_vllm_proxy.client.cli']", loaded.stdout

@@ -24,22 +24,69 @@ status and for a switch (``views.py``) is at once the JSON dict of the answer an
 A switch never waits on one long HTTP request: it asks the proxy to start the switch
 (``POST /switch`` with ``"wait": false``), then polls ``GET /status`` and follows the new vLLM
 log (``GET /logs/stream``) until the model is ready or has failed.
+
+The names below are imported when first used (PEP 562): the daemon's command line registers
+the client's commands (``client/cli.py``) without loading the client, so a daemon installed
+without the ``client`` extra (no httpx) starts, and starts without the client in its memory.
 """
 
-from aic_vllm_proxy.client.aio import AsyncVLLMProxyClient
-from aic_vllm_proxy.client.calls import API_KEY_ENV, DEFAULT_URL, URL_ENV, build_spec, catalog_spec
-from aic_vllm_proxy.client.errors import (
-    AuthenticationError,
-    PermissionDeniedError,
-    ProxyError,
-    ProxyUnreachable,
-    SwitchError,
-    UnknownModelError,
-    WaitTimeout,
-)
-from aic_vllm_proxy.client.sync import VLLMProxyClient
-from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
-from aic_vllm_proxy.schemas import ProcessState, Status, SwitchResult
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aic_vllm_proxy.client.aio import AsyncVLLMProxyClient
+    from aic_vllm_proxy.client.calls import API_KEY_ENV, DEFAULT_URL, URL_ENV, build_spec, catalog_spec
+    from aic_vllm_proxy.client.errors import (
+        AuthenticationError,
+        PermissionDeniedError,
+        ProxyError,
+        ProxyUnreachable,
+        SwitchError,
+        UnknownModelError,
+        WaitTimeout,
+    )
+    from aic_vllm_proxy.client.sync import VLLMProxyClient
+    from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
+    from aic_vllm_proxy.schemas import ProcessState, Status, SwitchResult
+
+#: Where each public name lives.
+_WHERE = {
+    "AsyncVLLMProxyClient": "aic_vllm_proxy.client.aio",
+    "API_KEY_ENV": "aic_vllm_proxy.client.calls",
+    "DEFAULT_URL": "aic_vllm_proxy.client.calls",
+    "URL_ENV": "aic_vllm_proxy.client.calls",
+    "build_spec": "aic_vllm_proxy.client.calls",
+    "catalog_spec": "aic_vllm_proxy.client.calls",
+    "AuthenticationError": "aic_vllm_proxy.client.errors",
+    "PermissionDeniedError": "aic_vllm_proxy.client.errors",
+    "ProxyError": "aic_vllm_proxy.client.errors",
+    "ProxyUnreachable": "aic_vllm_proxy.client.errors",
+    "SwitchError": "aic_vllm_proxy.client.errors",
+    "UnknownModelError": "aic_vllm_proxy.client.errors",
+    "WaitTimeout": "aic_vllm_proxy.client.errors",
+    "VLLMProxyClient": "aic_vllm_proxy.client.sync",
+    "StatusDict": "aic_vllm_proxy.client.views",
+    "SwitchResultDict": "aic_vllm_proxy.client.views",
+    "ProcessState": "aic_vllm_proxy.schemas",
+    "Status": "aic_vllm_proxy.schemas",
+    "SwitchResult": "aic_vllm_proxy.schemas",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # the next use finds it at once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "API_KEY_ENV",
