@@ -28,7 +28,8 @@ from aic_vllm_proxy.engine.logs import (
     tail_lines,
 )
 from aic_vllm_proxy.engine.state import TRANSITIONS, InvalidTransition, ProcessStateMachine
-from aic_vllm_proxy.relay.passthrough import HOP_BY_HOP, _filtered
+from aic_vllm_proxy.relay.headers import HOP_BY_HOP
+from aic_vllm_proxy.relay.headers import filtered as _filtered
 from aic_vllm_proxy.schemas import ProcessState, SwitchRequest
 from aic_vllm_proxy.spec import PROXY_OWNED_FLAGS, ModelSpec, SpecError
 

@@ -12,12 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-from yarl import URL
 
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.engine.instance import Instance
 from aic_vllm_proxy.engine.launch import Launch
-from aic_vllm_proxy.engine.state import ProcessStateMachine, Snapshot
+from aic_vllm_proxy.engine.state import ProcessStateMachine
 from aic_vllm_proxy.hooks.runner import HookRunner
 from aic_vllm_proxy.schemas import Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec
@@ -46,24 +45,12 @@ class Supervisor:
         return self.primary.machine
 
     @property
-    def base(self) -> URL:
-        return self.primary.base
-
-    @property
     def launch(self) -> Launch | None:
         return self.primary.launch
 
     @property
     def serving(self) -> bool:
         return self.primary.serving
-
-    @property
-    def switching(self) -> bool:
-        return self.primary.switching
-
-    @property
-    def in_flight(self) -> int:
-        return self.primary.in_flight
 
     @property
     def waiting(self) -> int:
@@ -77,23 +64,6 @@ class Supervisor:
 
     def log_is_live(self, fd: int) -> bool:
         return self.primary.log_is_live(fd)
-
-    # -------------------------------------------------------------- proxied traffic
-
-    def upstream_headers(self) -> dict[str, str]:
-        return self.primary.upstream_headers()
-
-    def track_upstream(self, close: Callable[[], None]) -> Callable[[], None]:
-        return self.primary.track_upstream(close)
-
-    def request_started(self) -> None:
-        self.primary.request_started()
-
-    def request_finished(self) -> None:
-        self.primary.request_finished()
-
-    async def wait_for_model(self, timeout: float) -> Snapshot:
-        return await self.primary.wait_for_model(timeout)
 
     # ------------------------------------------------------------------- control
 

@@ -30,9 +30,7 @@ from multidict import CIMultiDictProxy
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.relay.errors import BadRequest, body_stalled, body_too_large
 from aic_vllm_proxy.relay.flow import over_high_water
-from aic_vllm_proxy.relay.headers import HOP_BY_HOP as HOP_BY_HOP  # re-exported (tests)
 from aic_vllm_proxy.relay.headers import connection_tokens, response_headers
-from aic_vllm_proxy.relay.headers import filtered as _filtered  # noqa: F401  (re-exported: tests)
 from aic_vllm_proxy.relay.pipeline import RETRYABLE_BODY, Pipeline
 from aic_vllm_proxy.relay.pipeline import closes_connection as closes_connection  # re-exported
 from aic_vllm_proxy.relay.request import RelayRequest

@@ -130,7 +130,6 @@ class Lease:
 class Pipeline:
     """What both HTTP paths do with a request for vLLM; one per application."""
 
-    supervisor: Supervisor
     #: The instance requests go to (the supervisor's primary; the fleet will route per request).
     instance: Instance
     pool: UpstreamPool
@@ -152,7 +151,6 @@ class Pipeline:
 
     def bind(self, supervisor: Supervisor, pool: UpstreamPool) -> None:
         """Attach the supervisor and pool, which exist only once the application has started."""
-        self.supervisor = supervisor
         self.instance = supervisor.primary
         self.pool = pool
 
@@ -279,10 +277,10 @@ class Pipeline:
                     task.cancel()
 
     def unreachable(self, exc: BaseException) -> UpstreamError:
-        sup = self.instance
-        state = sup.machine.state
+        instance = self.instance
+        state = instance.machine.state
         return UpstreamError(
-            f"vLLM at {sup.base} did not answer ({type(exc).__name__}: {exc}); the proxy sees it "
+            f"vLLM at {instance.base} did not answer ({type(exc).__name__}: {exc}); the proxy sees it "
             f"as {state.value}. Check GET /status and GET /logs/tail.",
             state=state,
         )
@@ -320,7 +318,7 @@ class Pipeline:
         send an event-stream client before its connection is cut (never a clean end), or None."""
         message = (
             f"vLLM stopped in the middle of the response ({type(exc).__name__}: {exc}); "
-            f"the proxy sees it as {self.supervisor.machine.state.value}. See GET /status."
+            f"the proxy sees it as {self.instance.machine.state.value}. See GET /status."
         )
         log.warning("%s: %s", what, message)
         if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
