@@ -67,6 +67,39 @@ class HookReport(BaseModel):
     seconds: float = 0.0
 
 
+class InstanceStatus(BaseModel):
+    """One vLLM instance of the fleet, as listed in ``GET /status``'s ``instances``."""
+
+    name: str = Field(description="The catalogue entry, or the served name of a free-form spec.")
+    model: str | None = Field(default=None, description="The served model name vLLM reports.")
+    model_spec: str | None = None
+    state: ProcessState = ProcessState.STOPPED
+    pid: int | None = None
+    vllm_base: str
+    gpus: list[str] = Field(
+        default_factory=list, description="Its GPUs (CUDA_VISIBLE_DEVICES); empty: all the daemon sees."
+    )
+    gpu_memory_utilization: float = 0.0
+    served_names: list[str] = Field(
+        default_factory=list, description="Every name a request may use for it (`model`)."
+    )
+    in_flight: int = 0
+    waiting: int = Field(default=0, description="Requests waiting for it to be ready.")
+    last_used: datetime | None = None
+    expires_at: datetime | None = Field(
+        default=None, description="When it will be unloaded for idling (its ttl), if it stays idle."
+    )
+    ttl: float = 0.0
+    pinned: bool = False
+    primary: bool = Field(
+        default=False, description="Requests that name no model go here (the last switched to or loaded)."
+    )
+    log_path: str | None = None
+    started_at: datetime | None = None
+    ready_at: datetime | None = None
+    error: str | None = None
+
+
 class Status(BaseModel):
     """Body of ``GET /status`` (the seed's fields first)."""
 
@@ -97,6 +130,62 @@ class Status(BaseModel):
         default=None, description="Why the last switch failed (also for switches run in the background)."
     )
     version: str = ""
+    instances: list[InstanceStatus] = Field(
+        default_factory=list,
+        description="Every vLLM instance of the fleet (the fields above are the primary's).",
+    )
+
+
+class LoadRequest(BaseModel):
+    """Body of ``POST /load``: load a model beside the others (on its own GPUs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        max_length=MAX_SPEC_LENGTH,
+        description="A catalogue entry or alias (or, where the policy allows, a free-form spec).",
+    )
+    wait: bool = Field(default=True, description="True: answer once it is ready (200); False: at once (202).")
+
+    @field_validator("model")
+    @classmethod
+    def _model_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model is empty: give a catalogue entry, e.g. 'llama-8b'")
+        return value
+
+
+class UnloadRequest(BaseModel):
+    """Body of ``POST /unload`` (and of ``POST /stop`` for one model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=MAX_SPEC_LENGTH, description="The instance's name or a name it serves.")
+    force: bool = Field(default=False, description="Cut the requests in flight instead of draining them.")
+
+
+class LoadResult(BaseModel):
+    """Body of ``POST /load`` (200 when ready, 202 when it goes on in the background)."""
+
+    changed: bool = Field(description="False when it was already loaded (or loading).")
+    name: str
+    load_seconds: float | None = None
+    total_seconds: float = 0.0
+    evicted: list[str] = Field(default_factory=list, description="Instances unloaded to make room.")
+    message: str = ""
+    instance: InstanceStatus
+    hook_reports: list[HookReport] = Field(default_factory=list)
+
+
+class UnloadResult(BaseModel):
+    """Body of ``POST /unload``."""
+
+    changed: bool = Field(description="False when it was not loaded.")
+    name: str
+    drained: int = 0
+    cut: int = 0
+    message: str = ""
+    status: Status
 
 
 class SwitchResult(BaseModel):

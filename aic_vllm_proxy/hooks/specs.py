@@ -93,6 +93,12 @@ class HookContext:
     error: str | None = None
     exit_code: int | None = None
     log_tail: list[str] = field(default_factory=list)
+    #: The instance this event is about (several models run side by side, each an instance):
+    #: its name (the catalogue entry, or the served name of a free-form spec), its GPUs (the
+    #: ``CUDA_VISIBLE_DEVICES`` it runs with; empty: every GPU the daemon sees) and vLLM's port.
+    instance: str | None = None
+    gpus: tuple[str, ...] = ()
+    port: int | None = None
     #: This plugin's own settings: ``[plugins.<name>]`` in the config file plus
     #: ``AIC_VLLM_PROXY_PLUGIN_<NAME>_<KEY>`` environment variables.
     plugin_config: dict[str, Any] = field(default_factory=dict)
