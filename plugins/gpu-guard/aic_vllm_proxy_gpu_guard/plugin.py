@@ -1,11 +1,13 @@
 """The hooks: refuse a switch when the GPUs lack room, wait for memory after a stop.
 
-- ``pre_switch``: the GPUs the new model will use (``CUDA_VISIBLE_DEVICES``, the first
-  tensor x pipeline x data parallel size of them) must each have the required memory free,
-  counting what the running model (stopped first) holds. Re-checked for ``free_wait`` seconds,
-  then the switch is refused with what is short and who holds the memory.
+- ``pre_switch``: the GPUs the new model will use (the instance's GPUs, ``ctx.gpus``; without
+  them ``CUDA_VISIBLE_DEVICES``; the first tensor x pipeline x data parallel size of them) must
+  each have the required memory free, counting what the instance's running model (stopped
+  first) holds. Re-checked for ``free_wait`` seconds, then the load is refused with what is
+  short and who holds the memory.
 - ``post_switch``: remembers the new vLLM's pid (to tell its memory apart at the next switch).
-- ``pre_stop``: notes which GPU processes belong to the vLLM being stopped and what they hold.
+- ``pre_stop``: notes which GPU processes belong to the vLLM being stopped and what they hold,
+  on the instance's GPUs (all GPUs when the instance has no GPU set).
 - ``post_stop``: waits (``release_timeout``) until those processes are gone from NVML and the
   used memory dropped accordingly; a timeout is reported, the switch goes on.
 """
@@ -97,8 +99,22 @@ class GpuGuard:
         return f"skipped: {reason}"
 
     @staticmethod
-    def _devices(config: GuardConfig) -> str | None:
+    def _devices(config: GuardConfig, ctx: HookContext) -> str | None:
+        """The GPUs the instance's vLLM sees, as ``CUDA_VISIBLE_DEVICES`` says them: the
+        instance's own (the proxy starts it with exactly these), else the ``devices`` setting,
+        else the proxy's environment, which vLLM then inherits (None: every GPU)."""
+        if ctx.gpus:
+            return ",".join(ctx.gpus)
         return config.devices if config.devices is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    @staticmethod
+    def _instance_gpus(ctx: HookContext, gpus: list[Gpu]) -> list[Gpu]:
+        """Where a stopped instance's memory is looked for: its GPUs; every GPU when it has no
+        GPU set, or when one of its ids names no GPU that NVML lists (e.g. a MIG id)."""
+        if not ctx.gpus:
+            return gpus
+        chosen, note = visible_gpus(gpus, ",".join(ctx.gpus))
+        return gpus if note else chosen
 
     # ----------------------------------------------------------------- hooks
 
@@ -116,15 +132,19 @@ class GpuGuard:
                 if config.on_missing_nvml == "skip":
                     return self._skip(str(exc))
                 raise Veto(_missing_message(str(exc))) from None
-            devices = self._devices(config)
+            devices = self._devices(config, ctx)
             chosen, note = visible_gpus(gpus, devices)
             if devices is not None and not chosen and not note:
                 return "no GPU is visible to vLLM (CUDA_VISIBLE_DEVICES is empty): nothing to check"
             if len(chosen) < count:
+                if note or not devices:
+                    why = f": {note}" if note else ""
+                else:
+                    owner = f"instance {ctx.instance!r} runs with " if ctx.gpus and ctx.instance else ""
+                    why = f" ({owner}CUDA_VISIBLE_DEVICES={devices!r})"
                 raise Veto(
                     f"{spec.model} needs {count} GPU(s) (tensor x pipeline x data parallel size) but "
-                    f"only {len(chosen)} {'is' if len(chosen) == 1 else 'are'} visible"
-                    + (f": {note}" if note else f" (CUDA_VISIBLE_DEVICES={devices!r})" if devices else "")
+                    f"only {len(chosen)} {'is' if len(chosen) == 1 else 'are'} visible{why}"
                 )
             checks = [
                 check_device(config, spec, gpu, model_loaded=ctx.old_spec is not None, running=running)
@@ -165,7 +185,7 @@ class GpuGuard:
             raise NvmlUnavailable(_missing_message(str(exc))) from None
         group = ctx.pid
         record = StopRecord(group)
-        for gpu in gpus:
+        for gpu in self._instance_gpus(ctx, gpus):
             own = [p for p in gpu.processes if in_group(p.pid, group)]
             if own:
                 record.pids.update(p.pid for p in own)
@@ -187,13 +207,13 @@ class GpuGuard:
         deadline = started + config.release_timeout
         while True:
             try:
-                gpus = {gpu.index: gpu for gpu in await self._snapshot(config)}
+                gpus = self._instance_gpus(ctx, await self._snapshot(config))
             except NvmlUnavailable as exc:
                 if config.on_missing_nvml == "skip":
                     self._skip(str(exc))
                     return None
                 raise NvmlUnavailable(_missing_message(str(exc))) from None
-            waiting = self._still_held(record, list(gpus.values()))
+            waiting = self._still_held(record, gpus)
             if not waiting:
                 held = sum(d.held for d in record.devices)
                 if not held:

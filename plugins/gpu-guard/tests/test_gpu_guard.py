@@ -171,6 +171,39 @@ async def test_cuda_visible_devices_is_read_from_the_environment(monkeypatch: py
     assert "nothing to check" in await GpuGuard(fake).pre_switch(make_ctx("pre_switch", "m"))
 
 
+async def test_an_instance_is_checked_on_its_own_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeNvml.gpus(3)
+    fake.set_processes(0, {4242: 81920})  # GPU 0 is full: another instance's
+    guard = GpuGuard(fake)
+    # ctx.gpus is the instance's CUDA_VISIBLE_DEVICES: it wins over the proxy's own variable
+    # and the devices setting, which describe every instance's view but not this one's.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    ctx = make_ctx("pre_switch", "m", instance="small", gpus=("1",), config={"devices": "0"})
+    assert await guard.pre_switch(ctx) == "GPU 1: 80.0 GiB free, 72.0 GiB needed"
+    # UUIDs as well as indices, in the instance's order.
+    ctx = make_ctx("pre_switch", "m -tp 2", instance="big", gpus=("GPU-fake-0002", "1"))
+    assert (await guard.pre_switch(ctx)).startswith("GPU 2: 80.0 GiB free, 72.0 GiB needed; GPU 1:")
+    with pytest.raises(Veto, match="GPU 0"):
+        await guard.pre_switch(make_ctx("pre_switch", "m", instance="small", gpus=("0", "1")))
+    shown = r"only 1 is visible \(instance 'small' runs with CUDA_VISIBLE_DEVICES='1'\)"
+    with pytest.raises(Veto, match=r"needs 2 GPU\(s\) .* " + shown):
+        await guard.pre_switch(make_ctx("pre_switch", "m -tp 2", instance="small", gpus=("1",)))
+
+
+async def test_an_instance_reclaims_only_its_own_memory(vllm_group: tuple[int, int]) -> None:
+    leader, child = vllm_group
+    fake = FakeNvml.gpus(2)
+    fake.set_processes(0, {4242: 81920})
+    fake.set_processes(1, {child: 30000, 4343: 40000})  # its own model and another instance's
+    guard = GpuGuard(fake)
+    fields: dict[str, Any] = {"old_spec": "old/model", "pid": leader, "instance": "b", "gpus": ("1",)}
+    # 11.6 GiB free + 29.3 GiB it holds itself: room for 45 % of the GPU (36 GiB), not for 60 %.
+    message = await guard.pre_switch(make_ctx("pre_switch", "m --gpu-memory-utilization 0.45", **fields))
+    assert message == "GPU 1: 11.6 GiB free + 29.3 GiB held by the running model, 36.0 GiB needed"
+    with pytest.raises(Veto, match=r"has 40\.9 GiB available, needs 48\.0 GiB .* used by pid 4343"):
+        await guard.pre_switch(make_ctx("pre_switch", "m --gpu-memory-utilization 0.6", **fields))
+
+
 async def test_memory_of_the_running_model_counts_as_free(vllm_group: tuple[int, int]) -> None:
     leader, child = vllm_group
     fake = FakeNvml.gpus(1)
@@ -293,6 +326,26 @@ async def test_post_stop_waits_until_the_memory_is_released(vllm_group: tuple[in
     assert message is not None and message.startswith("58.6 GiB of GPU memory released after")
     assert time.monotonic() - started >= 0.25
     assert BASE not in guard.running and leader not in guard.stopping
+
+
+async def test_post_stop_looks_at_the_instance_gpus_only(vllm_group: tuple[int, int]) -> None:
+    leader, child = vllm_group
+    fake = FakeNvml.gpus(2)
+    fake.set_processes(0, {child: 60000})
+    # In a container NVML may list the host's pids: on GPU 1, another instance's worker has
+    # the number that the stopped instance's leader has here. It is not the instance's.
+    fake.set_processes(1, {leader: 20000})
+    guard = GpuGuard(fake)
+    fields: dict[str, Any] = {"old_spec": "m", "pid": leader, "instance": "a", "gpus": ("0",)}
+    await guard.pre_stop(make_ctx("pre_stop", **fields))
+    assert guard.stopping[leader].pids == {child}
+    assert [d.index for d in guard.stopping[leader].devices] == [0]
+    os.killpg(leader, signal.SIGKILL)
+    asyncio.get_running_loop().call_later(0.3, fake.release, 0)
+    message = await guard.post_stop(make_ctx("post_stop", config={"release_timeout": 5}, **fields))
+    assert message is not None and message.startswith("58.6 GiB of GPU memory released after")
+    # Without pre_stop's record (vLLM had exited), only the instance's GPUs are searched too.
+    assert await guard.post_stop(make_ctx("post_stop", config={"release_timeout": 5}, **fields)) is None
 
 
 async def test_post_stop_waits_for_used_memory_to_drop(vllm_group: tuple[int, int]) -> None:
