@@ -1,0 +1,183 @@
+"""relay.model_field.requested_model: the top-level JSON ``"model"`` of a request body, read
+without a full parse where that is safe. Pure unit tests (no process, no socket)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from aic_vllm_proxy.relay.model_field import PARSE_LIMIT, requested_model
+
+
+def body(obj: Any, **dumps: Any) -> bytes:
+    return json.dumps(obj, **dumps).encode()
+
+
+def chat(model: Any = "m", size: int = 1000, **extra: Any) -> dict[str, Any]:
+    """An OpenAI chat body of about ``size`` bytes, ``messages`` first as the openai client sends."""
+    text = "word " * max(1, size // 5)
+    return {"messages": [{"role": "user", "content": text}], "model": model, **extra}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"m","messages":[]}',  # compact, model first
+        b'{"messages":[],"model":"m"}',  # model last
+        b'{"messages": [], "model": "m", "stream": true}',  # json.dumps' separators
+        b'{\n  "messages": [],\n  "model" :\t"m"\n}',  # pretty-printed, tab before the value
+        b' \r\n\t{"model":"m"}',  # whitespace before the object
+        b'\xef\xbb\xbf{"model":"m"}',  # a UTF-8 byte order mark (json.loads accepts it)
+        b"{" + b" " * 200 + b'"model":"m"}',  # more whitespace than the look-back
+        b'{"messages":[],\n\n    "model":"m"}',
+    ],
+)
+def test_whitespace_and_layout(raw: bytes) -> None:
+    assert json.loads(raw)["model"] == "m"
+    assert requested_model(raw) == "m"
+
+
+@pytest.mark.parametrize(
+    ("name", "ensure_ascii"),
+    [
+        ("meta-llama/Llama-3.1-8B-Instruct", True),
+        ("a/b", True),
+        ('quote"inside', True),  # \" escape
+        ("back\\slash", True),
+        ("modèle-ü", True),  # \u00e8 escapes
+        ("modèle-ü", False),  # raw UTF-8
+        ("emoji-😀", True),  # a surrogate pair \ud83d\ude00
+        ("emoji-😀", False),
+        ("tab\there", True),  # \t escape
+    ],
+)
+def test_escapes_and_unicode(name: str, ensure_ascii: bool) -> None:
+    raw = body(chat(name), ensure_ascii=ensure_ascii)
+    assert requested_model(raw) == name
+
+
+def test_escapes_written_by_hand() -> None:
+    assert requested_model(b'{"model": "a\\/b"}') == "a/b"
+    assert requested_model(b'{"model": "\\u006d"}') == "m"
+    assert requested_model(b'{"model": "bad \\x escape"}') is None
+    assert requested_model(b'{"model": "lone \\ud83d surrogate"}') == "lone \ud83d surrogate"  # as json.loads
+
+
+def test_model_as_a_value_is_not_the_name() -> None:
+    """``"model"`` as a string value (Gemini's role, a stop string) is not a key."""
+    assert requested_model(body({"messages": [{"role": "model", "content": "hi"}]})) is None
+    assert requested_model(body({"stop": ["a", "model"]})) is None
+    assert requested_model(body({"stop": ["model", "a"]})) is None
+    assert requested_model(body({"messages": [{"role": "model"}], "model": "g"})) == "g"
+    assert requested_model(body({"model": "model"})) == "model"
+
+
+def test_model_inside_a_string_is_escaped() -> None:
+    """Inside a string value the quotes are escaped (\\"model\\"), so no occurrence is seen."""
+    text = 'use {"model": "x"} in your request'
+    assert requested_model(body({"messages": [{"role": "user", "content": text}]})) is None
+    assert requested_model(body({"messages": [{"role": "user", "content": text}], "model": "m"})) == "m"
+    assert requested_model(body({"model": "m", "prompt": text})) == "m"
+
+
+def test_a_string_that_ends_in_quote_model() -> None:
+    """``"say \\"model"``: the bytes ``"model"`` end a string (its quote follows a backslash)."""
+    assert requested_model(body({"a": 'say "model', "b": "c"})) is None
+    assert requested_model(body({'say "model': "x"})) is None  # a key named say"model
+    assert requested_model(body({'say "model': "x", "model": "m"})) == "m"
+
+
+def test_nested_and_top_level() -> None:
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"properties": {"model": {"type": "string"}}}},
+    }
+    assert requested_model(body(chat("top", tools=[tool]))) == "top"  # nested after
+    assert requested_model(body({"metadata": {"model": "inner"}, "model": "top"})) == "top"  # before
+    assert requested_model(body({"model": "top", "metadata": {"model": "inner"}})) == "top"
+    assert requested_model(body({"tools": [tool]})) is None  # nested ones only, not a string
+    assert requested_model(body({"a": {"model": "x"}, "b": {"model": "y"}})) is None
+
+
+def test_the_residual_case_a_single_nested_key() -> None:
+    """Documented: one nested ``"model"`` key and no top-level one: the nested value is taken."""
+    assert requested_model(body({"metadata": {"model": "inner"}, "messages": []})) == "inner"
+
+
+def test_duplicate_top_level_keys_the_last_wins_as_in_json_loads() -> None:
+    assert requested_model(b'{"model": "a", "model": "b"}') == "b"
+    assert requested_model(b'{"model": "a", "model": 5}') is None
+
+
+@pytest.mark.parametrize("value", [5, 1.5, None, True, False, [], ["m"], {"id": "m"}, ""])
+def test_not_a_non_empty_string(value: Any) -> None:
+    assert requested_model(body(chat(value))) is None
+    assert requested_model(body({"model": value, "x": {"model": "nested"}})) is None  # parsed path
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        b"",
+        b"   ",
+        b"model",
+        b'"model"',
+        b'["model", "m"]',
+        b'[{"model": "m"}]',
+        b"5",
+        b"null",
+        b'x{"model": "m"}',
+        b'{"messages": []}',
+        b"{}",
+    ],
+)
+def test_no_model(raw: bytes | None) -> None:
+    assert requested_model(raw) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "m',  # cut in the value
+        b'{"model": ',
+        b'{"model"',
+        b'{"model": m}',
+        b'{"model"; "m"}',
+        b'{"model": "a\nb"}',  # a raw control byte in a string
+        b'{"model": "\xff\xfe"}',  # not UTF-8
+        b'{"model": "\xff\\n"}',  # not UTF-8, with an escape
+        b'{"model": "a", "model": "b"',  # several occurrences, invalid: the parse fails
+        b'{"model": "a", "x": {"model": "b"}, ]',
+    ],
+)
+def test_invalid_json(raw: bytes) -> None:
+    assert requested_model(raw) is None
+
+
+def test_too_deep_to_parse() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    raw = b'{"model": "a", "x": ' + deep + b', "model": "b"}'
+    assert len(raw) < PARSE_LIMIT
+    assert requested_model(raw) is None
+
+
+def test_large_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One occurrence: read without json.loads whatever the size; several: parsed up to
+    PARSE_LIMIT, beyond it None."""
+    big = body(chat("big", size=2 * PARSE_LIMIT))
+    near = body({"model": "top", "x": {"model": "n"}, "pad": "p" * (PARSE_LIMIT - 100)})
+    assert len(near) <= PARSE_LIMIT
+    over = body({"model": "top", "x": {"model": "n"}, "pad": "p" * PARSE_LIMIT})
+    assert requested_model(near) == "top"
+    assert requested_model(over) is None
+
+    def no_parse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("json.loads of the body")
+
+    monkeypatch.setattr(json, "loads", no_parse)  # the json module model_field uses
+    assert requested_model(big) == "big"
+    assert requested_model(over) is None  # not parsed either
+    assert requested_model(body(chat("small"))) == "small"
