@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from aic_vllm_proxy.client.calls import API_KEY_ENV, DEFAULT_URL, URL_ENV, build_spec, catalog_spec
     from aic_vllm_proxy.client.errors import (
         AuthenticationError,
+        NoRoomError,
         PermissionDeniedError,
         ProxyError,
         ProxyUnreachable,
@@ -48,8 +49,15 @@ if TYPE_CHECKING:
         WaitTimeout,
     )
     from aic_vllm_proxy.client.sync import VLLMProxyClient
-    from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
-    from aic_vllm_proxy.schemas import ProcessState, Status, SwitchResult
+    from aic_vllm_proxy.client.views import LoadResultDict, StatusDict, SwitchResultDict, UnloadResultDict
+    from aic_vllm_proxy.schemas import (
+        InstanceStatus,
+        LoadResult,
+        ProcessState,
+        Status,
+        SwitchResult,
+        UnloadResult,
+    )
 
 #: Where each public name lives.
 _WHERE = {
@@ -60,6 +68,7 @@ _WHERE = {
     "build_spec": "aic_vllm_proxy.client.calls",
     "catalog_spec": "aic_vllm_proxy.client.calls",
     "AuthenticationError": "aic_vllm_proxy.client.errors",
+    "NoRoomError": "aic_vllm_proxy.client.errors",
     "PermissionDeniedError": "aic_vllm_proxy.client.errors",
     "ProxyError": "aic_vllm_proxy.client.errors",
     "ProxyUnreachable": "aic_vllm_proxy.client.errors",
@@ -69,9 +78,14 @@ _WHERE = {
     "VLLMProxyClient": "aic_vllm_proxy.client.sync",
     "StatusDict": "aic_vllm_proxy.client.views",
     "SwitchResultDict": "aic_vllm_proxy.client.views",
+    "LoadResultDict": "aic_vllm_proxy.client.views",
+    "UnloadResultDict": "aic_vllm_proxy.client.views",
+    "InstanceStatus": "aic_vllm_proxy.schemas",
+    "LoadResult": "aic_vllm_proxy.schemas",
     "ProcessState": "aic_vllm_proxy.schemas",
     "Status": "aic_vllm_proxy.schemas",
     "SwitchResult": "aic_vllm_proxy.schemas",
+    "UnloadResult": "aic_vllm_proxy.schemas",
 }
 
 
@@ -94,6 +108,10 @@ __all__ = [
     "URL_ENV",
     "AsyncVLLMProxyClient",
     "AuthenticationError",
+    "InstanceStatus",
+    "LoadResult",
+    "LoadResultDict",
+    "NoRoomError",
     "PermissionDeniedError",
     "ProcessState",
     "ProxyError",
@@ -104,6 +122,8 @@ __all__ = [
     "SwitchResult",
     "SwitchResultDict",
     "UnknownModelError",
+    "UnloadResult",
+    "UnloadResultDict",
     "VLLMProxyClient",
     "WaitTimeout",
     "build_spec",

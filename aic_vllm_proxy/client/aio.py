@@ -17,22 +17,25 @@ from aic_vllm_proxy.client.calls import (
     _ClientBase,
     _CloseLog,
     _health_call,
+    _instances_call,
     _log_stream_request,
     _logs_call,
     _model_name_call,
     _OpenLog,
     _Plan,
     _plugins_call,
+    _start_load_call,
     _start_switch_call,
     _status_call,
     _Steps,
     _stop_call,
+    _unload_call,
     _Wait,
 )
 from aic_vllm_proxy.client.errors import ProxyError
 from aic_vllm_proxy.client.progress import ProgressArg
-from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
-from aic_vllm_proxy.schemas import PluginInfo
+from aic_vllm_proxy.client.views import LoadResultDict, StatusDict, SwitchResultDict, UnloadResultDict
+from aic_vllm_proxy.schemas import InstanceStatus, PluginInfo
 
 
 class _LogTask:
@@ -106,7 +109,7 @@ class AsyncVLLMProxyClient(_ClientBase):
                     if isinstance(step, _Call):
                         steps.done(await self._send(step))
                     elif isinstance(step, _OpenLog):
-                        log = _LogTask(self.follow_logs(step.lines), step.show)
+                        log = _LogTask(self.follow_logs(step.lines, model=step.model), step.show)
                     elif isinstance(step, _Wait) and log is not None and step.to_end:
                         await log.wait(step.seconds, step.until)
                     elif isinstance(step, _Wait):
@@ -158,19 +161,42 @@ class AsyncVLLMProxyClient(_ClientBase):
     ) -> StatusDict:
         return await self._run(self._wait_plan(timeout, progress, verbose))
 
-    async def stop(self, *, force: bool = False) -> StatusDict:
-        return await self._send(_stop_call(force))
+    async def stop(self, model: str | None = None, *, force: bool = False) -> StatusDict:
+        """See :meth:`VLLMProxyClient.stop`."""
+        return await self._send(_stop_call(force, model))
+
+    async def load(
+        self,
+        name: str,
+        wait: bool = True,
+        *,
+        timeout: float | None = None,
+        progress: ProgressArg | None = None,
+        verbose: bool | None = None,
+    ) -> LoadResultDict:
+        """See :meth:`VLLMProxyClient.load`."""
+        if not wait:
+            return await self._send(_start_load_call(name))
+        return await self._run(self._load_plan(name, timeout, progress, verbose))
+
+    async def unload(self, name: str, *, force: bool = False) -> UnloadResultDict:
+        """See :meth:`VLLMProxyClient.unload`."""
+        return await self._send(_unload_call(name, force))
+
+    async def instances(self) -> list[InstanceStatus]:
+        """See :meth:`VLLMProxyClient.instances`."""
+        return await self._send(_instances_call())
 
     async def catalog(self) -> dict[str, Any]:
         return await self._send(_catalog_call())
 
-    async def logs(self, lines: int | None = None) -> str:
-        return await self._send(_logs_call(lines))
+    async def logs(self, lines: int | None = None, *, model: str | None = None) -> str:
+        return await self._send(_logs_call(lines, model))
 
-    async def follow_logs(self, lines: int = 50) -> AsyncIterator[str]:
+    async def follow_logs(self, lines: int = 50, *, model: str | None = None) -> AsyncIterator[str]:
         """See :meth:`VLLMProxyClient.follow_logs`."""
         try:
-            async with self._http.stream(**_log_stream_request(lines, self.timeout)) as response:
+            async with self._http.stream(**_log_stream_request(lines, self.timeout, model)) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     self._check(response)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from aic_vllm_proxy.catalog import CatalogEntry, resolve
 from aic_vllm_proxy.client.errors import (
     AuthenticationError,
+    NoRoomError,
     PermissionDeniedError,
     ProxyError,
     ProxyUnreachable,
@@ -25,15 +26,26 @@ from aic_vllm_proxy.client.errors import (
     UnknownModelError,
     WaitTimeout,
 )
-from aic_vllm_proxy.client.progress import Outcome, ProgressArg, SwitchWatch, make_sink
-from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
+from aic_vllm_proxy.client.progress import (
+    LoadWatch,
+    Outcome,
+    ProgressArg,
+    Sink,
+    SwitchWatch,
+    Watch,
+    make_sink,
+)
+from aic_vllm_proxy.client.views import LoadResultDict, StatusDict, SwitchResultDict, UnloadResultDict
 from aic_vllm_proxy.schemas import (
     ErrorBody,
     ErrorDetail,
+    InstanceStatus,
+    LoadResult,
     PluginInfo,
     PluginList,
     ProcessState,
     Status,
+    UnloadResult,
 )
 from aic_vllm_proxy.spec import SpecError
 
@@ -144,6 +156,19 @@ def _response_error(response: httpx.Response, *, has_key: bool, key_option: str)
         )
     if status == 403:
         return PermissionDeniedError(f"{text} [403 from {where}]", url=url, status_code=403, error_type=kind)
+    if status == 404 and detail is not None and detail.code == "model_not_found":
+        # The proxy's message lists the names that would work.
+        return UnknownModelError(f"{text} [404 from {where}]", url=url, status_code=404, error_type=kind)
+    if status == 503:
+        retry_after = _retry_after(response)
+        later = f"; retry after {retry_after:g} s" if retry_after is not None else ""
+        return NoRoomError(
+            f"{text} [503 from {where}{later}]",
+            url=url,
+            status_code=503,
+            error_type=kind,
+            retry_after=retry_after,
+        )
     if detail is not None and (detail.log_tail is not None or detail.type.startswith("switch")):
         return SwitchError(
             text,
@@ -157,6 +182,14 @@ def _response_error(response: httpx.Response, *, has_key: bool, key_option: str)
     if detail is None and status == 404:
         text += f" (is {response.request.url.copy_with(path='/', query=None)} an aic-vllm-proxy?)"
     return ProxyError(f"{text} [{status} from {where}]", url=url, status_code=status, error_type=kind)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds of a ``Retry-After`` header (None: none, or an HTTP date)."""
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _transport_error(exc: httpx.HTTPError, base_url: str, url_option: str) -> ProxyError:
@@ -224,21 +257,50 @@ def _start_switch_call(spec: str, force: bool) -> _Call[StatusDict]:
     return _Call("POST", "/switch", _status_answer, json={"model_spec": spec, "wait": False, "force": force})
 
 
-def _stop_call(force: bool) -> _Call[StatusDict]:
-    return _Call("POST", "/stop", _status_answer, json={"force": force}, read_timeout=STOP_TIMEOUT)
+def _stop_call(force: bool, model: str | None = None) -> _Call[StatusDict]:
+    """``POST /stop``: every instance, or the one ``model`` names."""
+    body: dict[str, Any] = {"force": force} if model is None else {"model": model, "force": force}
+    return _Call("POST", "/stop", _status_answer, json=body, read_timeout=STOP_TIMEOUT)
 
 
-def _logs_call(lines: int | None) -> _Call[str]:
-    if lines is None:
-        return _Call("GET", "/logs/current", _text)
-    return _Call("GET", "/logs/tail", _text, params={"lines": lines})
-
-
-def _failure_tail_call() -> _Call[list[str]]:
-    """The last lines of a failed launch's log, its root cause first when it is further up."""
+def _start_load_call(name: str) -> _Call[LoadResultDict]:
+    """``POST /load`` with ``"wait": false``: answered at once, the load goes on (see /status)."""
+    parse = _json_as(LoadResult)
     return _Call(
-        "GET", "/logs/tail", lambda r: _text(r).splitlines(), params={"lines": TAIL_LINES, "cause": 1}
+        "POST", "/load", lambda response: LoadResultDict(parse(response)), json={"model": name, "wait": False}
     )
+
+
+def _unload_call(name: str, force: bool) -> _Call[UnloadResultDict]:
+    parse = _json_as(UnloadResult)
+    return _Call(
+        "POST",
+        "/unload",
+        lambda response: UnloadResultDict(parse(response)),
+        json={"model": name, "force": force},
+        read_timeout=STOP_TIMEOUT,
+    )
+
+
+def _instances_call() -> _Call[list[InstanceStatus]]:
+    return _Call("GET", "/status", lambda response: _json_as(Status)(response).instances)
+
+
+def _model_param(model: str | None) -> dict[str, Any]:
+    """``?model=NAME`` of the log routes (none: the primary instance's log)."""
+    return {} if model is None else {"model": model}
+
+
+def _logs_call(lines: int | None, model: str | None = None) -> _Call[str]:
+    if lines is None:
+        return _Call("GET", "/logs/current", _text, params=_model_param(model))
+    return _Call("GET", "/logs/tail", _text, params={"lines": lines, **_model_param(model)})
+
+
+def _failure_tail_call(model: str | None = None) -> _Call[list[str]]:
+    """The last lines of a failed launch's log, its root cause first when it is further up."""
+    params = {"lines": TAIL_LINES, "cause": 1, **_model_param(model)}
+    return _Call("GET", "/logs/tail", lambda r: _text(r).splitlines(), params=params)
 
 
 def _plugins_call() -> _Call[list[PluginInfo]]:
@@ -274,12 +336,12 @@ def _model_name_call() -> _Call[str | None]:
     return _Call("GET", "/status", ready_model)
 
 
-def _log_stream_request(lines: int, timeout: float) -> dict[str, Any]:
+def _log_stream_request(lines: int, timeout: float, model: str | None = None) -> dict[str, Any]:
     """The request of ``GET /logs/stream`` (no read timeout: a line may take long to come)."""
     return {
         "method": "GET",
         "url": "/logs/stream",
-        "params": {"lines": lines},
+        "params": {"lines": lines, **_model_param(model)},
         "timeout": httpx.Timeout(timeout, read=None),
     }
 
@@ -295,10 +357,12 @@ def _log_stream_request(lines: int, timeout: float) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _OpenLog:
-    """Follow ``GET /logs/stream`` from its last ``lines`` lines, each line handed to ``show``."""
+    """Follow ``GET /logs/stream`` (of the instance ``model``; None: the primary) from its
+    last ``lines`` lines, each line handed to ``show``."""
 
     show: Callable[[str], None]
     lines: int = FOLLOW_FROM_LINES
+    model: str | None = None
 
 
 def _never() -> bool:
@@ -386,16 +450,15 @@ def catalog_spec(name: str, catalog: Mapping[str, Any]) -> str | None:
 
 
 def _switch_error(outcome: Outcome, tail: list[str], base_url: str, *, switching: bool) -> ProxyError:
-    """A :class:`SwitchError` for a switch that did not end ready (or a wait that ended failed);
-    a plain :class:`ProxyError` when a wait found nothing loaded."""
-    status = outcome.status
-    if not switching and status.state is not ProcessState.FAILED:
+    """A :class:`SwitchError` for a switch or a load that did not end ready (or a wait that
+    ended failed); a plain :class:`ProxyError` when a wait found nothing loaded."""
+    if not switching and outcome.state is not ProcessState.FAILED:
         return ProxyError(outcome.message, url=base_url)
     return SwitchError(
         outcome.message,
-        exit_code=status.exit_code,
+        exit_code=outcome.exit_code,
         log_tail=tail,
-        state=status.state.value,
+        state=outcome.state.value,
         url=base_url,
     )
 
@@ -484,6 +547,13 @@ class _ClientBase:
         read = self.timeout if call.read_timeout is None else max(call.read_timeout, self.timeout)
         return httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0), read=read)
 
+    def _sink(self, progress: ProgressArg | None) -> Sink | None:
+        """Where the progress of a call goes (its ``progress=``, else the client's)."""
+        return make_sink(self.progress if progress is None else progress)
+
+    def _every_line(self, verbose: bool | None) -> bool:
+        return self.verbose if verbose is None else verbose
+
     def _watch(
         self,
         spec: str | None,
@@ -496,8 +566,8 @@ class _ClientBase:
     ) -> SwitchWatch:
         """A watch for a switch to ``spec`` (None: for whatever goes on); ``loads`` is the spec
         the proxy will really load when ``spec`` names a catalogue entry."""
-        sink = make_sink(self.progress if progress is None else progress)
-        every_line = self.verbose if verbose is None else verbose
+        sink = self._sink(progress)
+        every_line = self._every_line(verbose)
         if spec is None:
             return SwitchWatch(None, before, sink=sink, timeout=timeout, verbose=every_line)
         return SwitchWatch(loads or spec, before, sink=sink, timeout=timeout, label=spec, verbose=every_line)
@@ -530,9 +600,24 @@ class _ClientBase:
         watch = self._watch(None, before, progress, timeout, verbose=verbose)
         return StatusDict((yield from self._follow_plan(watch)).status)
 
-    def _follow_plan(self, watch: SwitchWatch) -> _Plan[Outcome]:
-        """Poll ``/status`` until the switch (or the wait) is over, following the new launch's
-        log while progress is shown; raise the failure with the log's tail."""
+    def _load_plan(
+        self, name: str, timeout: float | None, progress: ProgressArg | None, verbose: bool | None
+    ) -> _Plan[LoadResultDict]:
+        before = (yield from _ask(_status_call())).as_model()
+        watch = LoadWatch(
+            name, before, sink=self._sink(progress), timeout=timeout, verbose=self._every_line(verbose)
+        )
+        watch.begin()
+        try:
+            watch.accepted((yield from _ask(_start_load_call(name))).as_model())
+        except ProxyError as exc:
+            watch.show(f"FAILED: {exc.message}")  # unknown name, no room, refused, ...
+            raise
+        return LoadResultDict(watch.result((yield from self._follow_plan(watch))))
+
+    def _follow_plan(self, watch: Watch) -> _Plan[Outcome]:
+        """Poll ``/status`` until the switch, the load (or the wait) is over, following the new
+        launch's log while progress is shown; raise the failure with the log's tail."""
         following = False
         try:
             while True:
@@ -543,7 +628,7 @@ class _ClientBase:
                     raise self._timeout_error(watch)
                 if not following and watch.sink is not None and watch.wants_log(watch.last):
                     following = True
-                    yield _OpenLog(watch.log)
+                    yield _OpenLog(watch.log, model=watch.log_model)
                 yield _Wait(self.poll_interval)
                 watch.tick()
             if following and not outcome.ok:
@@ -559,19 +644,15 @@ class _ClientBase:
         tail: list[str] = []
         if not outcome.ok and outcome.has_log:
             with contextlib.suppress(ProxyError):
-                tail = yield from _ask(_failure_tail_call())
+                tail = yield from _ask(_failure_tail_call(watch.log_model))
         return self._conclude(watch, outcome, tail)
 
-    def _timeout_error(self, watch: SwitchWatch) -> WaitTimeout:
-        status = watch.last
-        doing = f"switching to {status.target_model_spec}" if status.switching else f"{status.state.value}"
+    def _timeout_error(self, watch: Watch) -> WaitTimeout:
         return WaitTimeout(
-            f"gave up waiting after {watch.elapsed:.0f} s; the proxy is still {doing}. It goes on: "
-            "wait with wait_until_ready() (or watch `aic-vllm-proxy status`), or give up with stop().",
-            url=self.proxy_url,
+            f"gave up waiting after {watch.elapsed:.0f} s; {watch.still_going()}", url=self.proxy_url
         )
 
-    def _conclude(self, watch: SwitchWatch, outcome: Outcome, tail: list[str]) -> Outcome:
+    def _conclude(self, watch: Watch, outcome: Outcome, tail: list[str]) -> Outcome:
         """Show the summary; return a success, raise a failure (with ``tail``, the log's end)."""
         if not outcome.ok and watch.log_lines_seen == 0:
             for line in tail:  # the stream was never opened (a very quick failure): show the end
@@ -579,7 +660,7 @@ class _ClientBase:
         watch.summary(outcome)
         if outcome.ok:
             return outcome
-        raise _switch_error(outcome, tail, self.proxy_url, switching=watch.spec is not None)
+        raise _switch_error(outcome, tail, self.proxy_url, switching=watch.starting)
 
     def _openai_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         options: dict[str, Any] = {

@@ -48,7 +48,27 @@ class PermissionDeniedError(ProxyError):
 
 
 class UnknownModelError(ProxyError, ValueError):
-    """A model that is not in ``model2spec`` was asked for without explicit arguments."""
+    """A model that is not in ``model2spec`` was asked for without explicit arguments, or the
+    proxy knows no model of that name (404 ``model_not_found``; its message lists the names
+    that would work)."""
+
+
+class NoRoomError(ProxyError):
+    """503: the proxy cannot take this now; for a load, there is no room on the model's GPUs
+    and nothing can be unloaded to make it (the message names the models in the way).
+    ``retry_after`` is the proxy's ``Retry-After`` in seconds, when it sent one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status_code: int | None = 503,
+        error_type: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status_code=status_code, error_type=error_type)
+        self.retry_after = retry_after
 
 
 class WaitTimeout(ProxyError, TimeoutError):
@@ -56,7 +76,8 @@ class WaitTimeout(ProxyError, TimeoutError):
 
 
 class SwitchError(ProxyError):
-    """A switch failed: vLLM did not start, died, timed out, or the switch was refused.
+    """A switch or a load failed: vLLM did not start, died, timed out, or it was refused (a
+    plugin's veto: 409).
 
     ``exit_code`` is vLLM's exit status (if it exited) and ``log_tail`` the last lines of its log;
     ``str()`` of the error ends with that tail.

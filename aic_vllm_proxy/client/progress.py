@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from aic_vllm_proxy.schemas import ProcessState, Status, SwitchResult
+from aic_vllm_proxy.schemas import InstanceStatus, LoadResult, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec, SpecError
 
 S = ProcessState
@@ -182,7 +182,7 @@ class LogFilter:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a switch (or a wait) ended, as seen in the last status."""
+    """How a switch, a load (or a wait) ended, as seen in the last status."""
 
     ok: bool
     status: Status
@@ -190,28 +190,43 @@ class Outcome:
     changed: bool = False
     #: The failure happened in a launch whose log has the details.
     has_log: bool = False
+    #: For a load: the instance as last seen.
+    instance: InstanceStatus | None = None
+
+    @property
+    def state(self) -> ProcessState:
+        """The state it ended in: the instance's for a load, else the primary's."""
+        return self.instance.state if self.instance is not None else self.status.state
+
+    @property
+    def exit_code(self) -> int | None:
+        """vLLM's exit status, as far as ``/status`` tells (the primary's only)."""
+        return self.status.exit_code if self.instance is None else None
 
 
-class SwitchWatch:
-    """Follows one switch (``spec`` given) or whatever the proxy is doing (``spec=None``).
+class Watch:
+    """What following a start has in common, whatever is started (:class:`SwitchWatch` for the
+    primary, :class:`LoadWatch` for one instance of the fleet): the clock, the progress lines
+    and the filter of the new launch's log.
 
-    ``before`` is the status read just before the switch was requested: a launch is *new* when
-    its ``started_at`` differs, so the previous model's ready state is never taken for the new one.
+    A subclass decides from each ``GET /status`` answer (:meth:`observe`) whether it is over.
     """
+
+    #: The ``model`` whose log is followed (``?model=NAME``); None: the primary's.
+    log_model: str | None = None
+    #: A failure is a :class:`SwitchError` (a start that failed); False for a wait that found
+    #: nothing loaded.
+    starting = True
 
     def __init__(
         self,
-        spec: str | None,
         before: Status,
         *,
         sink: Sink | None = None,
         timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
-        label: str | None = None,
         verbose: bool = False,
     ) -> None:
-        self.spec = spec
-        self.label = label or spec
         self.before = before
         self.sink = sink
         self.filter = LogFilter(verbose=verbose)
@@ -242,13 +257,11 @@ class SwitchWatch:
         if self.sink is not None:
             self.sink(f"[{self.elapsed:7.1f}s] {text}")
 
-    def begin(self) -> None:
-        if self.spec is None:
-            return
-        current = self.before.model_spec if self.before.state is S.READY else None
-        target = self.label if self.label == self.spec else f"{self.label} ({self.spec})"
-        replacing = f" (replacing {current})" if current and not same_spec(current, self.spec) else ""
-        self.show(f"switching to {target}{replacing}")
+    def _once(self, key: str, text: str) -> None:
+        """Show ``text`` the first time ``key`` comes up."""
+        if key not in self._announced:
+            self._announced.add(key)
+            self.show(text)
 
     def log(self, line: str) -> None:
         """A line of the new launch's vLLM log: shown if :class:`LogFilter` keeps it."""
@@ -261,16 +274,82 @@ class SwitchWatch:
     def tick(self) -> None:
         """Say that we are still waiting when nothing was shown for a while."""
         if self._clock() - self._last_output >= HEARTBEAT_SECONDS:
-            status = self.last
-            target = status.target_model_spec or status.model_spec or "the model"
-            self.show(f"still waiting: {model_of(target)} is {status.state.value}")
+            self.show(f"still waiting: {self.waiting_for()}")
+
+    def summary(self, outcome: Outcome) -> None:
+        self.show(outcome.message if outcome.ok else f"FAILED: {outcome.message}")
+
+    # ------------------------------------------------------------------ for subclasses
+
+    def waiting_for(self) -> str:
+        """What is awaited, for the heartbeat line: ``"MODEL is starting"``."""
+        raise NotImplementedError
+
+    def still_going(self) -> str:
+        """What goes on after the client gave up waiting, and how to follow it or give up."""
+        raise NotImplementedError
+
+    def interrupted(self) -> None:
+        """The caller interrupted the wait (Ctrl-C, a cancelled task)."""
+
+    def wants_log(self, status: Status) -> bool:
+        """The new launch's log file has its final name (the pid is known): follow it now."""
+        raise NotImplementedError
+
+    def observe(self, status: Status) -> Outcome | None:
+        """Look at one ``/status`` answer; an :class:`Outcome` once it is over, else None."""
+        raise NotImplementedError
+
+
+class SwitchWatch(Watch):
+    """Follows one switch (``spec`` given) or whatever the proxy is doing (``spec=None``).
+
+    ``before`` is the status read just before the switch was requested: a launch is *new* when
+    its ``started_at`` differs, so the previous model's ready state is never taken for the new one.
+    """
+
+    def __init__(
+        self,
+        spec: str | None,
+        before: Status,
+        *,
+        sink: Sink | None = None,
+        timeout: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        label: str | None = None,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(before, sink=sink, timeout=timeout, clock=clock, verbose=verbose)
+        self.spec = spec
+        self.label = label or spec
+        self.starting = spec is not None
+
+    # ------------------------------------------------------------------ output
+
+    def begin(self) -> None:
+        if self.spec is None:
+            return
+        current = self.before.model_spec if self.before.state is S.READY else None
+        target = self.label if self.label == self.spec else f"{self.label} ({self.spec})"
+        replacing = f" (replacing {current})" if current and not same_spec(current, self.spec) else ""
+        self.show(f"switching to {target}{replacing}")
+
+    def waiting_for(self) -> str:
+        status = self.last
+        target = status.target_model_spec or status.model_spec or "the model"
+        return f"{model_of(target)} is {status.state.value}"
+
+    def still_going(self) -> str:
+        status = self.last
+        doing = f"switching to {status.target_model_spec}" if status.switching else f"{status.state.value}"
+        return (
+            f"the proxy is still {doing}. It goes on: wait with wait_until_ready() (or watch "
+            "`aic-vllm-proxy status`), or give up with stop()."
+        )
 
     def interrupted(self) -> None:
         if self.spec is not None:
             self.show("interrupted: the switch goes on in the proxy (wait_until_ready() or stop())")
-
-    def summary(self, outcome: Outcome) -> None:
-        self.show(outcome.message if outcome.ok else f"FAILED: {outcome.message}")
 
     # ------------------------------------------------------------------ status
 
@@ -278,11 +357,9 @@ class SwitchWatch:
         return status.started_at is not None and status.started_at != self.before.started_at
 
     def wants_log(self, status: Status) -> bool:
-        """The new launch's log file has its final name (the pid is known): follow it now."""
         return self.is_new_launch(status) and status.pid is not None and status.log_path is not None
 
     def observe(self, status: Status) -> Outcome | None:
-        """Look at one ``/status`` answer; an :class:`Outcome` once it is over, else None."""
         self.last = status
         self._announce(status)
         if self.spec is None:
@@ -292,9 +369,8 @@ class SwitchWatch:
     def _announce(self, status: Status) -> None:
         """One line for each phase worth knowing: draining, stopping the old model, the launch."""
         if self.is_new_launch(status):
-            if status.pid is not None and "launch" not in self._announced:
-                self._announced.add("launch")
-                self.show(f"vLLM started (pid {status.pid}), log {status.log_path}")
+            if status.pid is not None:
+                self._once("launch", f"vLLM started (pid {status.pid}), log {status.log_path}")
             return
         if self.spec is None or same_spec(status.model_spec, self.spec):
             return
@@ -363,7 +439,176 @@ class SwitchWatch:
         )
 
 
-def load_seconds(status: Status) -> float | None:
+# ------------------------------------------------------------------ following a load
+
+#: An instance in these states has (or is getting) a vLLM process.
+_RUNNING = (S.STARTING, S.READY, S.DRAINING)
+
+
+def find_instance(status: Status, name: str) -> InstanceStatus | None:
+    """The instance ``name`` in ``status.instances``: by its name, else by a name it serves."""
+    for instance in status.instances:
+        if instance.name == name:
+            return instance
+    return next((instance for instance in status.instances if name in instance.served_names), None)
+
+
+def gpu_text(gpus: list[str]) -> str:
+    """``"GPU 0"``, ``"GPUs 0, 1"``, or the daemon's GPUs when none are named."""
+    if not gpus:
+        return "the daemon's GPUs"
+    return f"GPU{'s' if len(gpus) > 1 else ''} {', '.join(gpus)}"
+
+
+def _share_gpus(a: InstanceStatus, b: InstanceStatus) -> bool:
+    return not a.gpus or not b.gpus or bool(set(a.gpus) & set(b.gpus))
+
+
+class LoadWatch(Watch):
+    """Follows the load of one instance of the fleet (``POST /load``) in ``GET /status``'s
+    ``instances``: its state changes, the instances unloaded to make room on its GPUs, and
+    its launch (whose log is then followed with ``?model=NAME``).
+
+    ``name`` is what was asked for (an entry or an alias); :meth:`accepted` takes the proxy's
+    answer to ``POST /load``, which names the instance. As for a switch, a launch is *new* when
+    the instance's ``started_at`` differs from the one in ``before``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        before: Status,
+        *,
+        sink: Sink | None = None,
+        timeout: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(before, sink=sink, timeout=timeout, clock=clock, verbose=verbose)
+        self.name = self.log_model = name
+        self._was = find_instance(before, name)
+        self._answer: LoadResult | None = None
+        self.instance: InstanceStatus | None = self._was
+        self.evicted: list[str] = []
+
+    # ------------------------------------------------------------------ output
+
+    def begin(self) -> None:
+        self.show(f"loading {self.name}")
+
+    def accepted(self, answer: LoadResult) -> None:
+        """The proxy's answer to ``POST /load`` (with ``"wait": false``)."""
+        self._answer = answer
+        if answer.name != self.name:  # an alias, or a name the instance serves
+            self._was = next((i for i in self.before.instances if i.name == answer.name), self._was)
+            self.name = self.log_model = answer.name
+        self.instance = instance = answer.instance
+        for name in answer.evicted:
+            self._unloaded(name)
+        if answer.changed and instance.model_spec:
+            self.show(f"{self.name}: {instance.model_spec} on {gpu_text(instance.gpus)}")
+
+    def waiting_for(self) -> str:
+        state = self.instance.state.value if self.instance is not None else "not listed"
+        return f"{self.name} is {state}"
+
+    def still_going(self) -> str:
+        return (
+            f"{self.waiting_for()}. It goes on in the proxy: wait for it with load({self.name!r}) "
+            f"(which starts nothing twice), or give up with unload({self.name!r})."
+        )
+
+    def interrupted(self) -> None:
+        self.show(f"interrupted: the load goes on in the proxy (load() to wait, unload({self.name!r}))")
+
+    def _unloaded(self, name: str) -> None:
+        if name not in self.evicted:
+            self.evicted.append(name)
+            self.show(f"unloading {name} to make room")
+
+    # ------------------------------------------------------------------ status
+
+    def is_new_launch(self, instance: InstanceStatus) -> bool:
+        before = self._was.started_at if self._was is not None else None
+        return instance.started_at is not None and instance.started_at != before
+
+    def wants_log(self, status: Status) -> bool:
+        instance = find_instance(status, self.name)
+        return (
+            instance is not None
+            and self.is_new_launch(instance)
+            and instance.pid is not None
+            and instance.log_path is not None
+        )
+
+    def observe(self, status: Status) -> Outcome | None:
+        self.last = status
+        instance = find_instance(status, self.name)
+        if instance is None:
+            last = self.instance
+            new = last is not None and self.is_new_launch(last)
+            message = f"{self.name} was unloaded before it was ready"
+            return Outcome(False, status, message, has_log=new, instance=last)
+        self.instance = instance
+        self._make_room(status, instance)
+        new = self.is_new_launch(instance)
+        if new and instance.pid is not None:
+            self._once("launch", f"vLLM started (pid {instance.pid}), log {instance.log_path}")
+        restart = self._answer is None or self._answer.changed  # else it was loaded (or loading)
+        if instance.state is S.READY and (new or not restart):
+            return self._success(status, instance, changed=new)
+        if instance.state not in (S.FAILED, S.STOPPED):
+            return None
+        if new or not restart:
+            failed = instance.state is S.FAILED
+            what = f"vLLM failed while starting {self.name}" if failed else None
+            message = instance.error or what or f"{self.name} was stopped before it was ready"
+            return Outcome(False, status, message, has_log=True, instance=instance)
+        if instance.error and instance.error != (self._was.error if self._was is not None else None):
+            return Outcome(False, status, instance.error, instance=instance)  # refused before a launch
+        return None  # not launched yet (room being made, hooks running)
+
+    def _make_room(self, status: Status, instance: InstanceStatus) -> None:
+        """Say which instances on its GPUs are drained and unloaded while it waits for room."""
+        now = {other.name: other for other in status.instances}
+        for other in self.before.instances:
+            if other.name == instance.name or other.state not in _RUNNING or not _share_gpus(other, instance):
+                continue
+            current = now.get(other.name)
+            if current is None or current.state in (S.STOPPING, S.STOPPED):
+                self._unloaded(other.name)
+            elif current.state is S.DRAINING and current.in_flight:
+                self._once(
+                    f"drain:{other.name}",
+                    f"waiting for {current.in_flight} in-flight request(s) of {other.name} to finish",
+                )
+
+    def _success(self, status: Status, instance: InstanceStatus, *, changed: bool) -> Outcome:
+        if not changed and self._was is not None and self._was.state is S.READY:
+            message = f"{self.name} is already loaded; nothing restarted"
+            return Outcome(True, status, message, changed=False, instance=instance)
+        load = load_seconds(instance)
+        took = f" (loading took {load:.1f} s)" if load is not None else ""
+        message = f"{self.name} is ready after {self.elapsed:.1f} s{took}"
+        return Outcome(True, status, message, changed=changed, instance=instance)
+
+    def result(self, outcome: Outcome) -> LoadResult:
+        """The :class:`LoadResult` of a load that succeeded."""
+        instance = outcome.instance
+        assert instance is not None  # a load's outcome always has its instance
+        return LoadResult(
+            changed=outcome.changed,
+            name=self.name,
+            load_seconds=load_seconds(instance) if outcome.changed else None,
+            total_seconds=round(self.elapsed, 3),
+            evicted=self.evicted,
+            message=outcome.message,
+            instance=instance,
+            hook_reports=self._answer.hook_reports if self._answer is not None else [],
+        )
+
+
+def load_seconds(status: Status | InstanceStatus) -> float | None:
     """From launch to ready, by the proxy's clock."""
     if status.started_at is None or status.ready_at is None:
         return None

@@ -20,21 +20,24 @@ from aic_vllm_proxy.client.calls import (
     _ClientBase,
     _CloseLog,
     _health_call,
+    _instances_call,
     _log_stream_request,
     _logs_call,
     _model_name_call,
     _OpenLog,
     _Plan,
     _plugins_call,
+    _start_load_call,
     _start_switch_call,
     _status_call,
     _Steps,
     _stop_call,
+    _unload_call,
     _Wait,
 )
 from aic_vllm_proxy.client.progress import ProgressArg
-from aic_vllm_proxy.client.views import StatusDict, SwitchResultDict
-from aic_vllm_proxy.schemas import PluginInfo
+from aic_vllm_proxy.client.views import LoadResultDict, StatusDict, SwitchResultDict, UnloadResultDict
+from aic_vllm_proxy.schemas import InstanceStatus, PluginInfo
 
 # -------------------------------------------------------------------- sync client
 
@@ -47,7 +50,7 @@ class _LogThread:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self._open_client = open_client
         self._show = step.show
-        self._request = _log_stream_request(step.lines, 10.0)
+        self._request = _log_stream_request(step.lines, 10.0, step.model)
         self._response: httpx.Response | None = None
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aic-vllm-proxy-log", daemon=True)
@@ -226,25 +229,69 @@ class VLLMProxyClient(_ClientBase):
         """
         return self._run(self._wait_plan(timeout, progress, verbose))
 
-    def stop(self, *, force: bool = False) -> StatusDict:
-        """Stop vLLM (the whole process tree); a no-op when nothing runs.
+    def stop(self, model: str | None = None, *, force: bool = False) -> StatusDict:
+        """Stop vLLM (the whole process tree of every instance, or of the one ``model`` names);
+        a no-op when nothing runs.
 
         The proxy first lets in-flight requests finish (up to its ``--drain-timeout``); ``force``
         cuts them at once."""
-        return self._send(_stop_call(force))
+        return self._send(_stop_call(force, model))
+
+    # ----------------------------------------------------------------- the fleet
+
+    def load(
+        self,
+        name: str,
+        wait: bool = True,
+        *,
+        timeout: float | None = None,
+        progress: ProgressArg | None = None,
+        verbose: bool | None = None,
+    ) -> LoadResultDict:
+        """Load the catalogue model ``name`` (an entry, an alias or a name an instance serves)
+        beside the others, on its own GPUs, and wait until it is ready, with the same live
+        progress as :meth:`switch`. The proxy first unloads idle instances in its way (least
+        recently used first); the others keep running.
+
+        :param wait: False: return the proxy's answer at once (the load goes on; see
+            :meth:`instances`).
+        :param timeout: stop waiting after this many seconds (:class:`WaitTimeout`; the load
+            goes on). Default: as long as the proxy allows (its ``--ready-timeout``).
+        :returns: a :class:`LoadResultDict`; ``changed`` is False when it was already loaded
+            (or loading), ``evicted`` the instances unloaded to make room, ``instance`` its
+            :class:`InstanceStatus`.
+        :raises UnknownModelError: the proxy knows no such model (the message lists those it does).
+        :raises NoRoomError: no room on its GPUs, and nothing can be unloaded to make it (503).
+        :raises SwitchError: vLLM failed to start (the message ends with its log tail), or a
+            plugin refused the load (409).
+        """
+        if not wait:
+            return self._send(_start_load_call(name))
+        return self._run(self._load_plan(name, timeout, progress, verbose))
+
+    def unload(self, name: str, *, force: bool = False) -> UnloadResultDict:
+        """Unload the instance ``name``: let its in-flight requests finish (``force``: cut them),
+        then stop its process tree. ``changed`` is False when it was not loaded."""
+        return self._send(_unload_call(name, force))
+
+    def instances(self) -> list[InstanceStatus]:
+        """The fleet's instances (``GET /status``'s ``instances``): name, state, model, GPUs,
+        requests in flight and waiting, last use, expiry, ..."""
+        return self._send(_instances_call())
 
     def catalog(self) -> dict[str, Any]:
         """``GET /models/catalog``: the proxy's model policy and its catalogue of named models."""
         return self._send(_catalog_call())
 
-    def logs(self, lines: int | None = None) -> str:
-        """The current vLLM log: the whole file, or its last ``lines`` lines."""
-        return self._send(_logs_call(lines))
+    def logs(self, lines: int | None = None, *, model: str | None = None) -> str:
+        """The current vLLM log: the whole file, or its last ``lines`` lines (of the instance
+        ``model`` names; default: the primary's)."""
+        return self._send(_logs_call(lines, model))
 
-    def follow_logs(self, lines: int = 50) -> Iterator[str]:
+    def follow_logs(self, lines: int = 50, *, model: str | None = None) -> Iterator[str]:
         """The last ``lines`` lines, then each new line as vLLM writes it, until vLLM exits."""
         try:
-            with self._http.stream(**_log_stream_request(lines, self.timeout)) as response:
+            with self._http.stream(**_log_stream_request(lines, self.timeout, model)) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._check(response)

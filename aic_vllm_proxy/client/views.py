@@ -10,11 +10,22 @@ values of the pydantic model (``st.state`` is a :class:`~aic_vllm_proxy.schemas.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
 from pydantic import BaseModel
 
-from aic_vllm_proxy.schemas import ProcessState, Status, SwitchResult, to_json
+from aic_vllm_proxy.schemas import (
+    HookReport,
+    InstanceStatus,
+    LoadResult,
+    ProcessState,
+    Status,
+    SwitchResult,
+    UnloadResult,
+    to_json,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -123,6 +134,52 @@ def status_lines(status: Status) -> list[str]:
     return [f"{name + ':':<{width}} {value}" for name, value in rows]
 
 
+def _ago(seconds: float) -> str:
+    """A duration in its largest whole unit: ``"45s"``, ``"12m"``, ``"3h"``, ``"2d"``."""
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def instances_table(instances: Sequence[InstanceStatus], now: datetime | None = None) -> list[str]:
+    """The instances of the fleet as a table (``aic-vllm-proxy ps``): one header line, then one
+    line per instance. Times are relative to ``now`` (default: the current time)."""
+    now = now or datetime.now(timezone.utc)
+    header = ("NAME", "STATE", "MODEL", "GPUS", "UTIL", "IN FLIGHT", "WAITING", "LAST USED", "EXPIRES")
+    rows: list[tuple[str, ...]] = [(*header, "PINNED", "PID")]
+    for instance in instances:
+        last_used = f"{_ago((now - instance.last_used).total_seconds())} ago" if instance.last_used else "-"
+        expires = f"in {_ago((instance.expires_at - now).total_seconds())}" if instance.expires_at else "-"
+        rows.append(
+            (
+                instance.name + (" *" if instance.primary else ""),
+                instance.state.value,
+                instance.model or "-",
+                ",".join(instance.gpus) or "all",
+                f"{instance.gpu_memory_utilization:g}" if instance.gpu_memory_utilization else "-",
+                str(instance.in_flight),
+                str(instance.waiting),
+                last_used,
+                expires,
+                "yes" if instance.pinned else "-",
+                str(instance.pid) if instance.pid is not None else "-",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def _report_lines(reports: Sequence[HookReport]) -> list[str]:
+    return [
+        f"{report.plugin}.{report.hook}: {report.message or ('ok' if report.ok else 'failed')}"
+        for report in reports
+    ]
+
+
 class StatusDict(JsonView[Status]):
     """``GET /status``: a read-only dict of its JSON fields whose attributes are typed (see
     :class:`~aic_vllm_proxy.schemas.Status`): ``st["state"] == "ready"``, ``st.state is
@@ -142,9 +199,25 @@ class SwitchResultDict(JsonView[SwitchResult]):
     _nested = {"status": StatusDict}
 
     def __str__(self) -> str:
-        lines = [self._model.message]
-        lines += [
-            f"{report.plugin}.{report.hook}: {report.message or ('ok' if report.ok else 'failed')}"
-            for report in self._model.hook_reports
-        ]
-        return "\n".join(lines)
+        return "\n".join([self._model.message, *_report_lines(self._model.hook_reports)])
+
+
+class LoadResultDict(JsonView[LoadResult]):
+    """The result of a load (see :class:`~aic_vllm_proxy.schemas.LoadResult`): ``result.instance``
+    is the typed :class:`~aic_vllm_proxy.schemas.InstanceStatus`, ``result["instance"]`` its JSON."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return "\n".join([self._model.message, *_report_lines(self._model.hook_reports)])
+
+
+class UnloadResultDict(JsonView[UnloadResult]):
+    """The result of an unload (see :class:`~aic_vllm_proxy.schemas.UnloadResult`); ``result["status"]``
+    and ``result.status`` are the same :class:`StatusDict`."""
+
+    __slots__ = ()
+    _nested = {"status": StatusDict}
+
+    def __str__(self) -> str:
+        return self._model.message
