@@ -9,6 +9,7 @@ the garbage collector.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import json
 import logging
@@ -22,6 +23,7 @@ import aiohttp
 
 from aic_vllm_proxy import __version__ as proxy_version
 from aic_vllm_proxy.hooks import HookContext, hookimpl
+from aic_vllm_proxy.spec import ModelSpec
 
 log = logging.getLogger("aic_vllm_proxy_notify")
 
@@ -99,19 +101,35 @@ def failure_kind(ctx: HookContext) -> str:
     return START_FAILED
 
 
+def instance_note(ctx: HookContext) -> str:
+    """`` (instance NAME)`` when the event's instance is called otherwise than its model (several
+    models side by side: a catalogue entry serving ``org/model``); empty when the model's name
+    already says which instance it is."""
+    if not ctx.instance:
+        return ""
+    names = {ctx.model}
+    if ctx.new_spec:
+        with contextlib.suppress(ValueError):  # a spec the proxy could not parse: no name
+            names.add(ModelSpec.parse(ctx.new_spec).served_name)
+    return "" if ctx.instance in names else f" (instance {ctx.instance})"
+
+
 def event_for(ctx: HookContext, kind: str, node: str) -> dict[str, Any]:
     """The JSON event (the ``json`` format sends it as it is)."""
     model = ctx.model or ctx.new_spec or "?"
+    note = instance_note(ctx)
     if kind == SWITCH_DONE:
-        text = f"[{node}] {model} is ready" + (f" (replacing {ctx.old_spec})" if ctx.old_spec else "")
+        text = f"[{node}] {model}{note} is ready" + (f" (replacing {ctx.old_spec})" if ctx.old_spec else "")
     elif kind == CRASHED:
-        text = f"[{node}] {model} crashed: {ctx.error or 'vLLM died'}"
+        text = f"[{node}] {model}{note} crashed: {ctx.error or 'vLLM died'}"
     else:
-        text = f"[{node}] {ctx.new_spec or model} failed to start: {ctx.error or 'vLLM failed'}"
+        text = f"[{node}] {ctx.new_spec or model}{note} failed to start: {ctx.error or 'vLLM failed'}"
     return {
         "event": kind,
         "text": text,
         "node": node,
+        "instance": ctx.instance,
+        "gpus": list(ctx.gpus),
         "model": ctx.model,
         "model_spec": ctx.new_spec,
         "previous_model_spec": ctx.old_spec,

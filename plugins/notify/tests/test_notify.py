@@ -135,6 +135,27 @@ async def test_failures_are_told_apart(receiver: Receiver, make_ctx: Make) -> No
     assert crash["text"].startswith("[gpu-node-1] org/model crashed: vLLM (org/model, pid 4321) exited")
 
 
+async def test_events_name_the_instance(receiver: Receiver, make_ctx: Make) -> None:
+    """Several models side by side: the event says which instance it is about, and the text
+    names it when the model's own name does not (a catalogue entry serving a repository)."""
+    notifier = Notifier()
+    config = {"url": receiver.url}
+    entry = {"instance": "llama-8b", "gpus": ("0", "1"), "old_spec": None, "config": config}
+    await notifier.post_switch(make_ctx(**entry))
+    await notifier.drain(5)
+    await notifier.on_failure(make_ctx("on_failure", error=CRASH, **entry))
+    await notifier.drain(5)
+    # A free-form spec's instance is called by its served name: the text stays as it was.
+    await notifier.post_switch(make_ctx(instance="org/model", gpus=("GPU-8f3c",), config=config))
+    await notifier.drain(5)
+    (_, ready), (_, crashed), (_, plain) = receiver.received
+    assert ready["text"] == "[gpu-node-1] org/model (instance llama-8b) is ready"
+    assert (ready["instance"], ready["gpus"]) == ("llama-8b", ["0", "1"])
+    assert crashed["text"].startswith("[gpu-node-1] org/model (instance llama-8b) crashed: vLLM")
+    assert plain["text"] == "[gpu-node-1] org/model is ready (replacing org/old)"
+    assert (plain["instance"], plain["gpus"]) == ("org/model", ["GPU-8f3c"])
+
+
 def test_failure_kind_from_the_proxy_messages(make_ctx: Make) -> None:
     assert failure_kind(make_ctx("on_failure", error=CRASH)) == CRASHED
     died = "vLLM (org/model) answers 503 on /health: its engine has died. Load a model again."
