@@ -224,6 +224,31 @@ async def test_api_key_and_served_name_are_used(
     assert body["messages"] == [{"role": "user", "content": "Hello"}]
 
 
+async def test_an_instance_is_warmed_on_its_own_port(
+    fake_vllm: Callable[..., Awaitable[tuple[str, list[Any]]]], session: aiohttp.ClientSession
+) -> None:
+    """Several models side by side: the one that became ready is warmed at its own base URL
+    (ctx.vllm_base) under its served name, never at --vllm-port, where another instance runs."""
+    other, seen_other = await fake_vllm()
+    base, seen = await fake_vllm()
+    ctx = HookContext(
+        event="post_switch",
+        old_spec=None,
+        new_spec="org/big --served-model-name big",
+        settings=Settings(vllm_port=int(other.rsplit(":", 1)[1])),
+        vllm_base=base,
+        log_path=None,
+        session=session,
+        model="big",
+        instance="big",
+        gpus=("1",),
+        port=int(base.rsplit(":", 1)[1]),
+    )
+    assert await post_switch(ctx) is not None
+    assert [body["model"] for _, _, body in seen] == ["big"]
+    assert not seen_other
+
+
 async def test_unreachable_vllm_is_reported(session: aiohttp.ClientSession) -> None:
     base = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(WarmupFailed, match="cannot reach"):
