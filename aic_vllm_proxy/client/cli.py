@@ -1,4 +1,5 @@
-"""Command-line client: ``aic-vllm-proxy status | switch MODEL [ARGS...] | stop | logs | plugins``.
+"""Command-line client: ``aic-vllm-proxy status | switch MODEL [ARGS...] | stop | logs | plugins``,
+and for the fleet of several models ``aic-vllm-proxy ps | load NAME | unload NAME``.
 
 Each command talks to a running daemon at ``--url`` (``$AIC_VLLM_PROXY_URL``, default
 ``http://127.0.0.1:8224``), prints something readable, or JSON with ``--json``.
@@ -22,6 +23,7 @@ from aic_vllm_proxy.schemas import ProcessState
 
 if TYPE_CHECKING:  # the client needs the `client` extra: imported only when a command runs
     from aic_vllm_proxy.client import VLLMProxyClient
+    from aic_vllm_proxy.client.views import StatusDict
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -60,7 +62,13 @@ def client_options(func: F) -> F:
 def _connected(url: str, api_key: str | None, as_json: bool) -> Iterator[VLLMProxyClient]:
     """A client for the command; turns client errors into a message and an exit code."""
     try:
-        from aic_vllm_proxy.client import ProxyError, ProxyUnreachable, SwitchError, VLLMProxyClient
+        from aic_vllm_proxy.client import (
+            NoRoomError,
+            ProxyError,
+            ProxyUnreachable,
+            SwitchError,
+            VLLMProxyClient,
+        )
     except ImportError as exc:  # pragma: no cover - the client extra is missing
         raise click.ClickException(
             f"the client needs the 'client' extra ({exc}): pip install 'aic-vllm-proxy[client]'"
@@ -79,6 +87,8 @@ def _connected(url: str, api_key: str | None, as_json: bool) -> Iterator[VLLMPro
             error: dict[str, Any] = {"message": exc.message, "type": exc.error_type or type(exc).__name__}
             if isinstance(exc, SwitchError):
                 error.update(exit_code=exc.exit_code, log_tail=exc.log_tail, state=exc.state)
+            if isinstance(exc, NoRoomError):
+                error.update(retry_after=exc.retry_after)
             click.echo(json.dumps({"error": error}, indent=2))
         click.echo(f"Error: {exc}", err=True)
         sys.exit(code)
@@ -174,13 +184,17 @@ def switch(
 @click.command(epilog=EPILOG)
 @client_options
 @click.option("--force", is_flag=True, help="Cut in-flight requests instead of letting them finish.")
-def stop(url: str, api_key: str | None, as_json: bool, force: bool) -> None:
-    """Stop vLLM (the whole process tree), after in-flight requests have finished."""
+@click.option("--model", default=None, metavar="NAME", help="Stop only this instance (see `ps`).")
+def stop(url: str, api_key: str | None, as_json: bool, force: bool, model: str | None) -> None:
+    """Stop vLLM (the whole process tree of every instance, or of the one --model names), after
+    in-flight requests have finished."""
     with _connected(url, api_key, as_json) as client:
         before = client.status()
-        after = client.stop(force=force)
+        after = client.stop(model, force=force)
     if as_json:
         _dump(after)
+    elif model is not None:
+        click.echo(_stopped_instance(before, model))
     elif before.running:
         click.echo(f"Stopped {before.model_spec or 'vLLM'}.")
     elif before.state is ProcessState.FAILED:
@@ -189,13 +203,30 @@ def stop(url: str, api_key: str | None, as_json: bool, force: bool) -> None:
         click.echo("Nothing was running.")
 
 
+def _stopped_instance(before: StatusDict, model: str) -> str:
+    """What ``stop --model NAME`` did, from the status read before it."""
+    from aic_vllm_proxy.client.progress import find_instance
+
+    instance = find_instance(before.as_model(), model)
+    if instance is None or instance.state is ProcessState.STOPPED:
+        return f"{model} was not running."
+    if instance.state is ProcessState.FAILED:
+        return f"{instance.name} was not running; cleared its failed state."
+    return f"Stopped {instance.name} ({instance.model_spec or instance.model or 'vLLM'})."
+
+
 @click.command(epilog=EPILOG)
 @client_options
 @click.option("-n", "--lines", type=click.IntRange(1, 100_000), default=None, help="Only the last N lines.")
 @click.option(
     "-f", "--follow", is_flag=True, help="Keep printing new lines until vLLM exits (Ctrl-C to leave)."
 )
-def logs(url: str, api_key: str | None, as_json: bool, lines: int | None, follow: bool) -> None:
+@click.option(
+    "--model", default=None, metavar="NAME", help="The log of this instance (default: the primary)."
+)
+def logs(
+    url: str, api_key: str | None, as_json: bool, lines: int | None, follow: bool, model: str | None
+) -> None:
     """Print the current vLLM log (all of it, or the last N lines; -f follows it).
 
     With --json: {"lines": [...]}, or one JSON string per line with -f.
@@ -203,12 +234,12 @@ def logs(url: str, api_key: str | None, as_json: bool, lines: int | None, follow
     with _connected(url, api_key, as_json) as client:
         if follow:
             try:
-                for line in client.follow_logs(lines or 50):
+                for line in client.follow_logs(lines or 50, model=model):
                     click.echo(json.dumps(line) if as_json else line)
             except KeyboardInterrupt:
                 pass
             return
-        text = client.logs(lines)
+        text = client.logs(lines, model=model)
     if as_json:
         _dump({"lines": text.splitlines()})
     else:
@@ -235,7 +266,88 @@ def plugins(url: str, api_key: str | None, as_json: bool) -> None:
             click.echo(f"    from:  {plugin.source}")
 
 
-COMMANDS = (status, switch, stop, logs, plugins)
+@click.command(epilog=EPILOG)
+@client_options
+def ps(url: str, api_key: str | None, as_json: bool) -> None:
+    """List the instances of the fleet: name (* the primary, where requests that name no model
+    go), state, model, GPUs, GPU memory share, requests in flight and waiting, last use, when
+    it is unloaded for idling, pinned, pid."""
+    with _connected(url, api_key, as_json) as client:
+        found = client.instances()
+    if as_json:
+        _dump([instance.model_dump(mode="json") for instance in found])
+        return
+    if not found:
+        click.echo("No instances.")
+        return
+    from aic_vllm_proxy.client.views import instances_table
+
+    for line in instances_table(found):
+        click.echo(line)
+
+
+@click.command(epilog=EPILOG)
+@client_options
+@click.option("--no-wait", is_flag=True, help="Start the load and return at once (see `ps`).")
+@click.option("--no-progress", is_flag=True, help="Do not show the vLLM log while loading.")
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Show every line of the vLLM log, not only progress, warnings and errors.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    help="Give up waiting after this many seconds (exit 1; the load goes on).",
+)
+@click.argument("name")
+def load(
+    url: str,
+    api_key: str | None,
+    as_json: bool,
+    no_wait: bool,
+    no_progress: bool,
+    verbose: bool,
+    timeout: float | None,
+    name: str,
+) -> None:
+    """Load the catalogue model NAME beside the others (on its own GPUs) and wait until it is
+    ready, with the same live progress as `switch`. Idle instances in its way are unloaded
+    first, least recently used first."""
+    with _connected(url, api_key, as_json) as client:
+        if no_wait:
+            started = client.load(name, wait=False)
+            if as_json:
+                _dump(started)
+            else:
+                click.echo(started.message or f"Loading {started.name}; follow it with `aic-vllm-proxy ps`.")
+            return
+        progress: Any = False if no_progress else (sys.stderr if as_json else sys.stdout)
+        result = client.load(name, timeout=timeout, progress=progress, verbose=verbose)
+    if as_json:
+        _dump(result)
+    elif no_progress:  # the progress display already ends with this line
+        click.echo(result.message)
+
+
+@click.command(epilog=EPILOG)
+@client_options
+@click.option("--force", is_flag=True, help="Cut in-flight requests instead of letting them finish.")
+@click.argument("name")
+def unload(url: str, api_key: str | None, as_json: bool, force: bool, name: str) -> None:
+    """Unload the instance NAME after its in-flight requests have finished."""
+    with _connected(url, api_key, as_json) as client:
+        result = client.unload(name, force=force)
+    if as_json:
+        _dump(result)
+    elif result.message:
+        click.echo(result.message)
+    else:
+        click.echo(f"Unloaded {result.name}." if result.changed else f"{result.name} was not loaded.")
+
+
+COMMANDS = (status, switch, stop, logs, plugins, ps, load, unload)
 
 
 def register(group: click.Group) -> None:
