@@ -445,9 +445,9 @@ def detokenize_ids(body: dict[str, Any]) -> list[int]:
 
 
 def served_name(requested: Any, served: Sequence[str]) -> str:
-    """The model name echoed in responses; raises 404 for names not served."""
-    if not requested:
+    """The model name in responses: the first served name whichever served name (or none) the
+    request gives, as vLLM 0.32's ``OpenAIServingModels.model_name`` answers
+    ``base_model_paths[0].name``; raises 404 for names not served."""
+    if not requested or (isinstance(requested, str) and requested in served):
         return served[0]
-    if isinstance(requested, str) and requested in served:
-        return requested
     raise model_not_found(str(requested), served)

@@ -35,7 +35,7 @@ from . import VLLM_VERSION
 from .cli import non_default_args
 from .engine_client import EngineProcess
 from .logfmt import OTEL, PY_SITE, STDLIB, ProcessLog, traceback_text, uvicorn_level_number
-from .server import build_app, routes_of
+from .server import build_app, instance_header, routes_of
 from .state import ENGINE_DEAD_MESSAGE, SimConfig, SimState
 
 DEFAULT_MAX_MODEL_LEN = 32768
@@ -304,7 +304,9 @@ def _fingerprint(args: argparse.Namespace, max_model_len: int) -> str:
     return "-".join([*parts, digest[:8]])
 
 
-def _sim_config(args: argparse.Namespace, max_model_len: int, runner: str = "generate") -> SimConfig:
+def _sim_config(
+    args: argparse.Namespace, max_model_len: int, runner: str = "generate", instance: str = ""
+) -> SimConfig:
     keys = args.api_key or [os.environ.get("VLLM_API_KEY", "")]
     return SimConfig(
         model=args.model,
@@ -322,6 +324,7 @@ def _sim_config(args: argparse.Namespace, max_model_len: int, runner: str = "gen
         request_id_headers=args.enable_request_id_headers,
         log_requests=args.enable_log_requests,
         fingerprint=_fingerprint(args, max_model_len),
+        instance=instance,
     )
 
 
@@ -518,7 +521,7 @@ async def _main(args: argparse.Namespace) -> int:
     log.info("model.py:2152", f"Using max model len {max_model_len}")
 
     model_runner = runner_of(args, arch)
-    state = SimState(_sim_config(args, max_model_len, model_runner), log)
+    state = SimState(_sim_config(args, max_model_len, model_runner, instance_header(sock)), log)
     server.state = state
     engine = EngineProcess(_engine_config(args, max_model_len))
     state.engine = engine

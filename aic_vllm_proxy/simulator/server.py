@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -55,6 +56,9 @@ SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 # prometheus_client's CONTENT_TYPE_LATEST since 0.22 (vLLM 0.32 pulls 0.26).
 METRICS_CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
 _GUARDED_PREFIX = ("/v1", "/v2", "/inference", "/cohere")
+#: A header of the simulator only (real vLLM sends none), on every response: which process
+#: answered, where it listens and its CUDA_VISIBLE_DEVICES, for tests of several instances.
+INSTANCE_HEADER = "X-Simulator-Instance"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -80,6 +84,24 @@ def routes_of(runner: str) -> list[tuple[str, str]]:
     """The routes of a ``generate`` or ``pooling`` model (a generative model has no
     /v1/embeddings; an embedding model has no completions: both 404 like any unknown path)."""
     return POOLING_ROUTES if runner == "pooling" else GENERATE_ROUTES
+
+
+def instance_header(sock: socket.socket) -> str:
+    """The value of ``X-Simulator-Instance`` for the server listening on ``sock``, computed once
+    at start-up: ``pid=4242; port=8226; cuda_visible_devices=0,1`` (``uds=PATH`` instead of
+    ``port=N`` with ``--uds``; ``cuda_visible_devices=unset`` when the variable is not set,
+    empty when it is set to nothing). In the variable's value, characters a header cannot carry,
+    and ``;``, become ``?``."""
+    address = sock.getsockname()
+    where = f"uds={address}" if isinstance(address, str) else f"port={address[1]}"
+    cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
+    cuda = "unset" if cuda is None else "".join(c if " " <= c <= "~" and c != ";" else "?" for c in cuda)
+    return f"pid={os.getpid()}; {where}; cuda_visible_devices={cuda}"
+
+
+def parse_instance_header(value: str) -> dict[str, str]:
+    """``X-Simulator-Instance``'s fields: ``{"pid": "4242", "port": "8226", ...}``."""
+    return dict(field.split("=", 1) for field in value.split("; "))
 
 
 def random_id(hex_digits: int = REQUEST_ID_HEX) -> str:
@@ -135,6 +157,9 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
     headers = response.headers
     headers["Server"] = "uvicorn"
     headers["Vary"] = "Origin"
+    instance = request.app[STATE].config.instance
+    if instance:
+        headers[INSTANCE_HEADER] = instance
     transport = request.transport
     if transport is None or transport.is_closing():
         return
@@ -172,13 +197,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    cfg = state.config
+    """One card per served name, in ``--served-model-name``'s order, each with the model path as
+    ``root`` and the time of the request as ``created`` (vLLM 0.32's ``ModelCard`` and
+    ``ModelPermission`` take ``int(time.time())`` when built, per request)."""
+    cfg = request.app[STATE].config
+    now = int(time.time())
     data = [
         {
             "id": name,
             "object": "model",
-            "created": state.created,
+            "created": now,
             "owned_by": "vllm",
             "root": cfg.model,
             "parent": None,
@@ -187,7 +215,7 @@ async def models(request: web.Request) -> web.Response:
                 {
                     "id": f"modelperm-{random_id()}",
                     "object": "model_permission",
-                    "created": state.created,
+                    "created": now,
                     "allow_create_engine": False,
                     "allow_sampling": True,
                     "allow_logprobs": True,

@@ -4,7 +4,6 @@ engine health, and the means to cut in-flight requests (engine death, shutdown).
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +35,7 @@ class SimConfig:
     request_id_headers: bool = False
     log_requests: bool = False
     fingerprint: str = "vllm-0.0.0-nohash"
+    instance: str = ""  # X-Simulator-Instance's value (server.instance_header); "" sends none
 
 
 class Cut(Exception):
@@ -93,7 +93,6 @@ class SimState:
         self.shutting_down = False
         self.inflight: set[RequestCtx] = set()
         self.generation_count = 0
-        self.created = int(time.time())
         self.slots = asyncio.Semaphore(max(1, config.max_num_seqs))
         self.idle = asyncio.Event()
         self.idle.set()

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -27,9 +28,11 @@ import aiohttp
 import pytest
 
 from aic_vllm_proxy.simulator import VLLM_VERSION
-from aic_vllm_proxy.simulator.cli import normalize_argv, parse_args
+from aic_vllm_proxy.simulator.cli import parse_args
 from aic_vllm_proxy.simulator.generation import StreamFormatter, plan_output
 from aic_vllm_proxy.simulator.protocol import ApiError, parse_chat, parse_json
+from aic_vllm_proxy.simulator.server import INSTANCE_HEADER, parse_instance_header
+from aic_vllm_proxy.vllm_flags import normalize_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--sim-import-delay", "0.05", "--sim-load-delay", "0.2"]
@@ -44,10 +47,12 @@ def free_port() -> int:
         return port
 
 
-def _env() -> dict[str, str]:
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.pop("VLLM_API_KEY", None)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.update(extra or {})
     return env
 
 
@@ -88,7 +93,9 @@ def _ignores(pid: int, sig: signal.Signals) -> bool:
 class Sim:
     """One simulator process started with ``serve MODEL ARGS`` on a free port."""
 
-    def __init__(self, *args: str, model: str = "sim-model", port: int | None = None) -> None:
+    def __init__(
+        self, *args: str, model: str = "sim-model", port: int | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.port = port or free_port()
         cmd = [sys.executable, "-m", "aic_vllm_proxy.simulator", "serve", model, *args]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
@@ -99,7 +106,7 @@ class Sim:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             cwd=ROOT,
-            env=_env(),
+            env=_env(env),
         )
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -263,6 +270,13 @@ def test_cli_flexible_arguments() -> None:
         "--compilation-config",
         '{"x": 1}',
     ]
+
+
+def test_cli_several_served_names() -> None:
+    """``--served-model-name`` takes several names (vLLM's nargs='+') and keeps their order."""
+    args = parse_args(["serve", "m", "--served-model-name", "A", "B", "C", "--port", "1"])
+    assert (args.served_model_name, args.port) == (["A", "B", "C"], 1)
+    assert parse_args(["serve", "m", "--served-model-name=A"]).served_model_name == ["A"]
 
 
 def test_validation_errors() -> None:
@@ -453,6 +467,111 @@ async def test_crash_on_request(start: Callable[..., Sim], mode: str) -> None:
     assert "Error in chat completion stream generator." in sim.output()
 
 
+# -- several served names, the instance header ---------------------------------------------
+
+
+async def test_several_served_names(start: Callable[..., Sim]) -> None:
+    """As vLLM 0.32 (``show_available_models`` lists ``base_model_paths``, one per served name;
+    ``model_name()`` is ``base_model_paths[0].name``): one card per name in the command line's
+    order, the model path as root, the time of the request as ``created``; a request naming any
+    name (or none) is served and answered with the first name; another name gets the 404."""
+    sim = start(*FAST, "--served-model-name", "A", "B", "C", model="org/weights")
+    await asyncio.to_thread(sim.wait_healthy)
+    ready = int(time.time())
+    deadline = time.monotonic() + 5
+    while int(time.time()) == ready and time.monotonic() < deadline:  # a later second than start-up
+        await asyncio.sleep(0.05)
+    async with aiohttp.ClientSession(sim.url) as session:
+        async with session.get("/v1/models") as resp:
+            cards = (await resp.json())["data"]
+        assert [(c["id"], c["root"], c["parent"]) for c in cards] == [
+            ("A", "org/weights", None),
+            ("B", "org/weights", None),
+            ("C", "org/weights", None),
+        ]
+        assert all(c["created"] > ready and c["permission"][0]["created"] > ready for c in cards)
+        chat: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for name in ("A", "B", "C", None):
+            named = {**chat, "model": name} if name else chat
+            async with session.post("/v1/chat/completions", json=named) as resp:
+                assert resp.status == 200 and (await resp.json())["model"] == "A"
+            stream = {**named, "stream": True}
+            async with session.post("/v1/chat/completions", json=stream) as resp:
+                events = await _sse(resp)
+            assert {json.loads(e)["model"] for e in events[:-1]} == {"A"}
+        async with session.post("/v1/completions", json={"model": "C", "prompt": "x"}) as resp:
+            assert resp.status == 200 and (await resp.json())["model"] == "A"
+        async with session.post("/tokenize", json={"model": "B", "prompt": "a b"}) as resp:
+            assert resp.status == 200
+        expected = {
+            "error": {
+                "message": "The model `D` does not exist. Valid aliases: A, B, C.",
+                "type": "NotFoundError",
+                "param": "model",
+                "code": 404,
+            }
+        }
+        for path, body in (
+            ("/v1/chat/completions", {**chat, "model": "D"}),
+            ("/v1/completions", {"model": "D", "prompt": "x"}),
+            ("/tokenize", {"model": "D", "prompt": "x"}),
+        ):
+            async with session.post(path, json=body) as resp:
+                assert (resp.status, await resp.json()) == (404, expected), path
+
+
+async def test_instance_header(start: Callable[..., Sim], shared: Sim) -> None:
+    """X-Simulator-Instance (the simulator's only, for tests of several instances) names the
+    process that answered, its port and its CUDA_VISIBLE_DEVICES, on every response."""
+    sim = start(*FAST, "--api-key", KEY, env={"CUDA_VISIBLE_DEVICES": "2,3"})
+    await asyncio.to_thread(sim.wait_healthy)
+    expected = f"pid={sim.pid}; port={sim.port}; cuda_visible_devices=2,3"
+    assert parse_instance_header(expected) == {
+        "pid": str(sim.pid),
+        "port": str(sim.port),
+        "cuda_visible_devices": "2,3",
+    }
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    requests: list[tuple[str, str, dict[str, Any] | None, dict[str, str]]] = [
+        ("GET", "/health", None, {}),
+        ("GET", "/v1/models", None, {}),  # 401: no key
+        ("GET", "/v1/models", None, AUTH),
+        ("GET", "/no/such/route", None, AUTH),  # 404
+        ("GET", "/v1/chat/completions", None, AUTH),  # 405
+        ("GET", "/metrics", None, {}),
+        ("POST", "/v1/chat/completions", chat, AUTH),
+        ("POST", "/v1/chat/completions", {**chat, "stream": True}, AUTH),
+        ("POST", "/v1/chat/completions", {**chat, "model": "nope"}, AUTH),  # 404
+        ("POST", "/v1/completions", {"prompt": 5}, AUTH),  # 400
+    ]
+    async with aiohttp.ClientSession(sim.url) as session:
+        for method, path, body, headers in requests:
+            async with session.request(method, path, json=body, headers=headers) as resp:
+                await resp.read()
+                assert resp.headers.get(INSTANCE_HEADER) == expected, (method, path, resp.status)
+    async with aiohttp.ClientSession(shared.url) as session, session.get("/health") as resp:
+        unset = f"pid={shared.pid}; port={shared.port}; cuda_visible_devices=unset"
+        assert resp.headers[INSTANCE_HEADER] == unset
+
+
+async def test_instance_header_on_a_unix_socket(start: Callable[..., Sim]) -> None:
+    """With ``--uds`` the header names the socket's path instead of a port."""
+    with tempfile.TemporaryDirectory(prefix="sim") as folder:
+        path = os.path.join(folder, "v.sock")
+        sim = start(*FAST, "--uds", path, env={"CUDA_VISIBLE_DEVICES": ""})
+        deadline = time.monotonic() + 15
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path)) as session:
+            while True:
+                try:
+                    async with session.get("http://localhost/health") as resp:
+                        header = resp.headers.get(INSTANCE_HEADER)
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert time.monotonic() < deadline and sim.proc.poll() is None, sim.output()
+                    await asyncio.sleep(0.02)
+        assert header == f"pid={sim.pid}; uds={path}; cuda_visible_devices="
+
+
 # -- the HTTP API (one shared simulator) ---------------------------------------------------
 
 
@@ -495,7 +614,7 @@ async def test_completion_and_chat(shared: Sim) -> None:
         async with session.post("/v1/completions", json=body) as resp:
             data = await resp.json()
         assert data["id"].startswith("cmpl-") and data["object"] == "text_completion"
-        assert data["model"] == "alias"
+        assert data["model"] == "sim-model"  # vLLM 0.32 names its first served name
         assert data["choices"][0]["text"] == " tok0 tok1 tok2"
         assert data["choices"][0]["finish_reason"] == "length"
         assert data["usage"] == {
@@ -622,14 +741,16 @@ async def test_embeddings(shared: Sim, start: Callable[..., Sim]) -> None:
         session.post("/v1/embeddings", json={"input": "a b"}) as resp,
     ):
         assert (resp.status, await resp.json()) == (404, {"detail": "Not Found"})
-    pooling = start(*FAST, "--runner", "pooling")
+    pooling = start(*FAST, "--runner", "pooling", "--served-model-name", "emb", "emb-alias")
     await asyncio.to_thread(pooling.wait_healthy)
     async with aiohttp.ClientSession(pooling.url) as session:
-        async with session.post("/v1/embeddings", json={"input": ["a b", "c"]}) as resp:
+        body = {"model": "emb-alias", "input": ["a b", "c"]}
+        async with session.post("/v1/embeddings", json=body) as resp:
             data = await resp.json()
         async with session.post("/v1/embeddings", json={"input": "a b", "encoding_format": "base64"}) as resp:
             encoded = await resp.json()
     assert data["object"] == "list" and data["id"].startswith("embd-")
+    assert data["model"] == "emb"  # the first served name, as vLLM 0.32 answers
     assert [len(d["embedding"]) for d in data["data"]] == [384, 384]
     assert data["usage"]["prompt_tokens"] == 3
     assert isinstance(encoded["data"][0]["embedding"], str)
