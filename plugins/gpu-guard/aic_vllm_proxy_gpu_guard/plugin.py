@@ -5,9 +5,10 @@
   each have the required memory free, counting what the instance's running model (stopped
   first) holds. Re-checked for ``free_wait`` seconds, then the load is refused with what is
   short and who holds the memory.
-- ``post_switch``: remembers the new vLLM's pid (to tell its memory apart at the next switch).
+- ``post_switch``: remembers the new vLLM's pid (to tell its memory apart at the next switch)
+  and the GPUs it was started on.
 - ``pre_stop``: notes which GPU processes belong to the vLLM being stopped and what they hold,
-  on the instance's GPUs (all GPUs when the instance has no GPU set).
+  on the GPUs it was started on (all GPUs when its instance has no GPU set).
 - ``post_stop``: waits (``release_timeout``) until those processes are gone from NVML and the
   used memory dropped accordingly; a timeout is reported, the switch goes on.
 """
@@ -79,6 +80,9 @@ class GpuGuard:
         self.running: dict[str, int] = {}
         #: process group being stopped -> what it held (from pre_stop).
         self.stopping: dict[int, StopRecord] = {}
+        #: process group -> the GPUs its instance started it on (from post_switch): where its
+        #: memory is when it stops, even if the instance was given other GPUs meanwhile.
+        self.launched_on: dict[int, tuple[str, ...]] = {}
         self._warned_skip = False
 
     # --------------------------------------------------------------- helpers
@@ -108,12 +112,13 @@ class GpuGuard:
         return config.devices if config.devices is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
 
     @staticmethod
-    def _instance_gpus(ctx: HookContext, gpus: list[Gpu]) -> list[Gpu]:
-        """Where a stopped instance's memory is looked for: its GPUs; every GPU when it has no
-        GPU set, or when one of its ids names no GPU that NVML lists (e.g. a MIG id)."""
-        if not ctx.gpus:
+    def _on(names: tuple[str, ...], gpus: list[Gpu]) -> list[Gpu]:
+        """The GPUs a stopped vLLM ran on (``names``, as in CUDA_VISIBLE_DEVICES), where its
+        memory is looked for; every GPU when there are none (the instance has no GPU set), or
+        when one of them names no GPU that NVML lists (e.g. a MIG id)."""
+        if not names:
             return gpus
-        chosen, note = visible_gpus(gpus, ",".join(ctx.gpus))
+        chosen, note = visible_gpus(gpus, ",".join(names))
         return gpus if note else chosen
 
     # ----------------------------------------------------------------- hooks
@@ -170,6 +175,7 @@ class GpuGuard:
     async def post_switch(self, ctx: HookContext) -> None:
         if ctx.pid is not None:
             self.running[ctx.vllm_base] = ctx.pid
+            self.launched_on[ctx.pid] = ctx.gpus
 
     @hookimpl
     async def pre_stop(self, ctx: HookContext) -> None:
@@ -185,7 +191,7 @@ class GpuGuard:
             raise NvmlUnavailable(_missing_message(str(exc))) from None
         group = ctx.pid
         record = StopRecord(group)
-        for gpu in self._instance_gpus(ctx, gpus):
+        for gpu in self._on(self.launched_on.get(group, ctx.gpus), gpus):
             own = [p for p in gpu.processes if in_group(p.pid, group)]
             if own:
                 record.pids.update(p.pid for p in own)
@@ -198,6 +204,7 @@ class GpuGuard:
             return None
         self.running.pop(ctx.vllm_base, None)
         record = self.stopping.pop(ctx.pid, None)
+        launched_on = self.launched_on.pop(ctx.pid, ctx.gpus)
         config = GuardConfig.parse(ctx.plugin_config)
         if record is None or not record.pids:
             # Nothing seen on a GPU (or pre_stop not called: vLLM had already exited): only
@@ -207,7 +214,7 @@ class GpuGuard:
         deadline = started + config.release_timeout
         while True:
             try:
-                gpus = self._instance_gpus(ctx, await self._snapshot(config))
+                gpus = self._on(launched_on, await self._snapshot(config))
             except NvmlUnavailable as exc:
                 if config.on_missing_nvml == "skip":
                     self._skip(str(exc))

@@ -348,6 +348,26 @@ async def test_post_stop_looks_at_the_instance_gpus_only(vllm_group: tuple[int, 
     assert await guard.post_stop(make_ctx("post_stop", config={"release_timeout": 5}, **fields)) is None
 
 
+async def test_post_stop_looks_where_the_vllm_was_started(vllm_group: tuple[int, int]) -> None:
+    """A /switch gives the slot the incoming model's GPUs before it stops the old one: the old
+    vLLM's memory is still looked for on the GPUs it was started on."""
+    leader, child = vllm_group
+    fake = FakeNvml.gpus(2)
+    fake.set_processes(0, {child: 60000})
+    guard = GpuGuard(fake)
+    await guard.post_switch(make_ctx("post_switch", "old", pid=leader, instance="old", gpus=("0", "1")))
+    fields: dict[str, Any] = {"old_spec": "old", "pid": leader, "instance": "new", "gpus": ("1",)}
+    await guard.pre_stop(make_ctx("pre_stop", **fields))
+    assert guard.stopping[leader].pids == {child}
+    os.killpg(leader, signal.SIGKILL)
+    asyncio.get_running_loop().call_later(0.3, fake.release, 0)
+    started = time.monotonic()
+    message = await guard.post_stop(make_ctx("post_stop", config={"release_timeout": 5}, **fields))
+    assert message is not None and message.startswith("58.6 GiB of GPU memory released after")
+    assert time.monotonic() - started >= 0.25
+    assert leader not in guard.launched_on
+
+
 async def test_post_stop_waits_for_used_memory_to_drop(vllm_group: tuple[int, int]) -> None:
     leader, child = vllm_group
     fake = FakeNvml.gpus(1)
