@@ -92,6 +92,19 @@ def spec_footprint(spec: ModelSpec, node_gpus: Sequence[str], default_ttl: float
     return Footprint(gpus=tuple(node_gpus), utilization=spec_utilization(spec), ttl=default_ttl)
 
 
+def with_served_names(spec: ModelSpec, names: Sequence[str]) -> ModelSpec:
+    """``spec`` made to answer to ``names`` too: vLLM accepts a request's ``model`` only when it
+    is one of its served names, so a catalogue entry is launched with
+    ``--served-model-name FIRST NAME ALIASES...``, where FIRST is the name it would report
+    anyway (its own ``--served-model-name``s, else the model). Unchanged when it answers to all
+    of them already (vLLM takes the last ``--served-model-name`` given: the one appended wins)."""
+    served = list(spec.served_names or (spec.model,))
+    extra = [name for name in names if name not in served]
+    if not extra:
+        return spec
+    return ModelSpec.parse(f"{spec.text} --served-model-name {shlex.join([*served, *extra])}")
+
+
 class CatalogEntry(BaseModel):
     """One ``[models.<name>]`` table."""
 
@@ -268,4 +281,5 @@ __all__ = [
     "resolve",
     "spec_footprint",
     "spec_utilization",
+    "with_served_names",
 ]

@@ -37,15 +37,33 @@ class Unavailable(str, Enum):
     LOAD_TIMEOUT = "load_timeout"  # waited --wait-timeout for a load to finish
     FAILED = "failed"  # the last model failed
     NOTHING_LOADED = "nothing_loaded"  # nothing was ever loaded, or it was stopped
+    NO_ROOM = "no_room"  # its GPUs are taken by models that cannot be evicted now
 
 
 class ModelUnavailable(EngineError):
     """No model can serve the request now."""
 
-    def __init__(self, message: str, *, why: Unavailable, state: ProcessState) -> None:
+    def __init__(
+        self, message: str, *, why: Unavailable, state: ProcessState, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.why = why
         self.state = state
+        self.retry_after = retry_after  # seconds, when the engine knows better than the table
+
+
+class ModelNotFound(EngineError):
+    """A request or a control call names a model that no instance serves and the catalogue does
+    not have (or that may not be loaded on demand); ``known`` lists the names that work."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        names = ", ".join(known) if known else "none"
+        super().__init__(
+            f"The model {name!r} does not exist on this proxy. Models that can be used: {names} "
+            "(see GET /v1/models)."
+        )
+        self.name = name
+        self.known = known
 
 
 class SwitchCancelled(EngineError):

@@ -74,6 +74,7 @@ class InstanceStatus(BaseModel):
     model: str | None = Field(default=None, description="The served model name vLLM reports.")
     model_spec: str | None = None
     state: ProcessState = ProcessState.STOPPED
+    switching: bool = Field(default=False, description="A load (switch) is queued or under way.")
     pid: int | None = None
     vllm_base: str
     gpus: list[str] = Field(

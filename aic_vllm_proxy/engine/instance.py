@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
@@ -40,6 +41,7 @@ from aic_vllm_proxy.engine.launch import (
     spawn_vllm,
 )
 from aic_vllm_proxy.engine.logs import link_with_pid, open_launch_log, tail_lines_async, tail_with_cause
+from aic_vllm_proxy.engine.placement import InstanceView, expires_at
 from aic_vllm_proxy.engine.state import ProcessStateMachine, Snapshot
 from aic_vllm_proxy.errors import (
     EngineError,
@@ -54,7 +56,7 @@ from aic_vllm_proxy.errors import (
 )
 from aic_vllm_proxy.hooks.runner import HookFailed, HookRunner, HookVeto
 from aic_vllm_proxy.hooks.specs import HookContext
-from aic_vllm_proxy.schemas import HookReport, ProcessState, Status, SwitchResult
+from aic_vllm_proxy.schemas import HookReport, InstanceStatus, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -93,11 +95,29 @@ class Instance:
         name: str,
         port: int,
         gpus: tuple[str, ...] | None = None,
+        utilization: float = 0.0,
+        ttl: float = 0.0,
+        pinned: bool = False,
     ) -> None:
         self.settings = settings
-        self.name = name
+        self.name = name  # the catalogue entry, or the served name of a free-form spec
         self.port = port
         self.gpus = gpus  # None: the GPUs the daemon sees (CUDA_VISIBLE_DEVICES left as it is)
+        # Its footprint (catalog.Footprint), which the fleet places it by.
+        self.utilization = utilization
+        self.ttl = ttl
+        self.pinned = pinned
+        #: Every name a request may give for it (``model``): its served names, the catalogue
+        #: entry's name and aliases. Set by the fleet with the spec it loads.
+        self.names: tuple[str, ...] = ()
+        #: The fleet's calls when a switch begins (under the lock: its name and footprint) and
+        #: before its launch (after the old model stopped: room on the GPUs).
+        self.on_switch: Callable[[ModelSpec], None] | None = None
+        self.before_start: Callable[[ModelSpec], Awaitable[None]] | None = None
+        #: The fleet's call when the last request in flight finished (idle: TTL, placement).
+        self.on_idle: Callable[[], None] | None = None
+        self.last_used = time.monotonic()  # a request arrived or finished, or it became ready
+        self.loaded_at: float | None = None  # monotonic: when it became ready (anti-thrash)
         self.machine = ProcessStateMachine()
         self.base = URL(http_base(settings.vllm_host, port))
         self.hooks = hooks
@@ -153,6 +173,60 @@ class Instance:
             version=__version__,
         )
 
+    def view(self) -> InstanceView:
+        """What placement reads of this instance (``placement.py``). A switch queued or under
+        way counts as starting (it holds its room) and busy (it is not evicted while it loads)."""
+        snap = self.machine.snapshot
+        state = snap.state
+        waiting = self.waiting
+        if snap.switching:
+            waiting += 1
+            if state in (S.STOPPED, S.FAILED):
+                state = S.STARTING
+        return InstanceView(
+            name=self.name,
+            gpus=self.gpus or (),
+            utilization=self.utilization,
+            state=state,
+            pinned=self.pinned,
+            in_flight=self.in_flight,
+            waiting=waiting,
+            last_used=self.last_used,
+            loaded_at=self.loaded_at,
+        )
+
+    def instance_status(self, *, primary: bool) -> InstanceStatus:
+        """This instance as ``GET /status`` lists it in ``instances``."""
+        snap = self.machine.snapshot
+        launch = self._launch
+        running = launch is not None and not launch.exited.is_set()
+        view = self.view()
+        expires = expires_at(view, self.ttl)
+        now, wall = time.monotonic(), datetime.now(timezone.utc)
+        return InstanceStatus(
+            name=self.name,
+            model=snap.model,
+            model_spec=snap.pending[0].raw if snap.pending else snap.model_spec,
+            state=snap.state,
+            switching=snap.switching,
+            pid=launch.process.pid if running and launch else None,
+            vllm_base=str(self.base),
+            gpus=list(self.gpus or ()),
+            gpu_memory_utilization=self.utilization,
+            served_names=list(self.names),
+            in_flight=self.in_flight,
+            waiting=self.waiting,
+            last_used=wall - timedelta(seconds=now - self.last_used),
+            expires_at=None if expires is None else wall + timedelta(seconds=expires - now),
+            ttl=self.ttl,
+            pinned=self.pinned,
+            primary=primary,
+            log_path=snap.log_path,
+            started_at=snap.started_at,
+            ready_at=snap.ready_at,
+            error=snap.error,
+        )
+
     def current_log(self) -> Path | None:
         path = self.machine.snapshot.log_path
         return Path(path) if path else None
@@ -186,7 +260,10 @@ class Instance:
     def request_finished(self) -> None:
         self.in_flight -= 1
         if self.in_flight == 0:
+            self.last_used = time.monotonic()
             self._idle.set()
+            if self.on_idle is not None:
+                self.on_idle()
 
     def _cut_upstreams(self) -> int:
         closers, self._upstreams = self._upstreams, set()
@@ -255,20 +332,19 @@ class Instance:
 
         ``force`` restarts even the same spec and skips the drain; ``restart`` marks an automatic
         restart by the restart policy (which does not reset the restart count)."""
-        return await self._outcome(self._begin_switch(spec, force=force, restart=restart), spec)
+        return await self.outcome(self._begin_switch(spec, force=force, restart=restart), spec)
 
-    def switch_in_background(self, spec: ModelSpec, *, force: bool = False) -> None:
-        """Start a switch and return; it is pending in ``/status`` from this call on, and its
-        outcome shows there."""
+    def switch_in_background(self, spec: ModelSpec, *, force: bool = False) -> asyncio.Task[SwitchResult]:
+        """Start a switch and return its task; it is pending in ``/status`` from this call on,
+        and its outcome shows there (:meth:`outcome` waits for it)."""
         task = self._begin_switch(spec, force=force, restart=False)
 
-        async def run() -> None:
-            try:
-                await self._outcome(task, spec)
-            except EngineError as exc:
+        def logged(done: asyncio.Task[SwitchResult]) -> None:
+            if not done.cancelled() and isinstance(exc := done.exception(), EngineError):
                 log.warning("background switch to %s failed: %s", spec.model, exc.message)
 
-        self._spawn(run())
+        task.add_done_callback(logged)
+        return task
 
     def _begin_switch(self, spec: ModelSpec, *, force: bool, restart: bool) -> asyncio.Task[SwitchResult]:
         """Register a switch (pending in the snapshot from this very step: synchronous, so no
@@ -295,7 +371,7 @@ class Instance:
         task.add_done_callback(never_ran)
         return task
 
-    async def _outcome(self, task: asyncio.Task[SwitchResult], spec: ModelSpec) -> SwitchResult:
+    async def outcome(self, task: asyncio.Task[SwitchResult], spec: ModelSpec) -> SwitchResult:
         """The result of a switch's task. Shielded: a caller that goes away (a client hanging up)
         does not abandon the switch."""
         try:
@@ -313,6 +389,8 @@ class Instance:
         try:
             async with self._lock:
                 self.machine.start_switch(spec)  # the spec being loaded comes first in /status
+                if self.on_switch is not None:
+                    self.on_switch(spec)
                 result = await self._switch_locked(spec, force=force)
         except EngineError as exc:
             self.last_switch_error = exc.message
@@ -352,6 +430,9 @@ class Instance:
             settings=self.settings,
             vllm_base=str(self.base),
             session=self._session(),
+            instance=self.name,
+            gpus=self.gpus or (),
+            port=self.port,
             **values,  # type: ignore[arg-type]
         )
 
@@ -392,6 +473,8 @@ class Instance:
             stopped = await self._stop_locked(drain=not force)
             reports += stopped.reports
             drained, cut = stopped.drained, stopped.cut
+        if self.before_start is not None:
+            await self.before_start(spec)  # the fleet makes room on this instance's GPUs
         launch = await self._start(spec)
         try:
             ready = await asyncio.wait_for(
@@ -416,6 +499,7 @@ class Instance:
             raise
         load_seconds = time.monotonic() - (self.machine.snapshot.launched_monotonic or 0.0)
         model = ready.models[0] if ready.models else spec.served_name
+        self.loaded_at = self.last_used = time.monotonic()
         await self.machine.transition(S.READY, model=model)
         log.info("%s is ready after %.1f s (pid %d)", spec.model, load_seconds, launch.process.pid)
         reports += await self.hooks.call(
@@ -507,6 +591,7 @@ class Instance:
         if drain is not None and not spec.has_flag("--shutdown-timeout"):
             argv += ["--shutdown-timeout", f"{drain:g}"]  # vLLM >= 0.18 drains on SIGTERM itself
         path, handle = await asyncio.to_thread(open_launch_log, self.settings.log_dir, argv)
+        self.loaded_at = None
         await self.machine.transition(
             S.STARTING, model_spec=spec.raw, model=spec.served_name, log_path=str(path)
         )

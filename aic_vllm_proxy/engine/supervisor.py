@@ -1,28 +1,67 @@
-"""The supervisor: the daemon's vLLM instances (``instance.py``), one object for the planes above.
+"""The fleet: the daemon's vLLM instances (``instance.py``) on one node, placed, routed and
+evicted here; the web and relay planes talk to this class only.
 
-Today it holds one instance, the primary: the slot that ``/switch`` changes, on ``--vllm-port``
-and the GPUs the daemon sees. The fleet of issue 13 (several instances on their own ports and
-GPU sets, placed by ``placement.py``) grows here; the web and relay planes talk to this class
-only, so what they call keeps its meaning: everything below is the primary instance's.
+- **The slot** is the instance ``/switch`` drives, on ``--vllm-port``: a switch there makes its
+  spec the only model on its GPUs (the other instances there are drained and stopped first).
+  With no catalogue and no ``--gpus`` it is the only instance, and everything is as it always
+  was: one model at a time.
+- **Loaded instances** are catalogue entries (or free-form specs) loaded beside it: by a request
+  that names one (on demand), ``POST /load`` or ``preload``; each on its own port (the first free
+  one after ``--vllm-port``), GPUs and log, named after its entry.
+- **Placement** (``placement.py``): a model starts when its share fits on each of its GPUs;
+  otherwise idle, unpinned instances there go, least recently used first (a busy one is drained
+  first). A young instance with requests queued serves them before it can go (anti-thrash), so
+  a load that finds only such instances in the way waits for them, up to the request's wait;
+  what cannot make room is a 503 naming the models in the way.
+- **Routing**: a request's ``model`` is looked up among the names each instance answers to
+  (served names, entry name, aliases); a request without one goes to the **primary**, the
+  instance most recently switched to or loaded.
+- **TTL**: an idle instance is unloaded ``ttl`` seconds after its last request.
+
+Placement decisions (and the evictions they need) are serialised by one lock; each instance
+serialises its own switches and stops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 
+from aic_vllm_proxy.catalog import Footprint, with_served_names
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.engine.instance import Instance
 from aic_vllm_proxy.engine.launch import Launch
-from aic_vllm_proxy.engine.state import ProcessStateMachine
+from aic_vllm_proxy.engine.placement import (
+    HOLDING,
+    Candidate,
+    NoRoom,
+    expired,
+    expires_at,
+    plan_room,
+    shares_gpu,
+)
+from aic_vllm_proxy.engine.state import ProcessStateMachine, StateEvent
+from aic_vllm_proxy.errors import EngineError, ModelNotFound, ModelUnavailable, Unavailable
 from aic_vllm_proxy.hooks.runner import HookRunner
-from aic_vllm_proxy.schemas import Status, SwitchResult
+from aic_vllm_proxy.schemas import InstanceStatus, LoadResult, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec
 
-#: The name of the instance ``/switch`` changes.
+log = logging.getLogger(__name__)
+S = ProcessState
+
+#: The slot's name until it has loaded something.
 PRIMARY = "primary"
+#: The longest a TTL check sleeps when no instance expires sooner (a change wakes it earlier).
+TTL_CHECK = 30.0
+#: A load that finds the instances in its way protected (young and busy) looks again this often
+#: at the latest (any change of an instance wakes it earlier).
+ROOM_RECHECK = 1.0
 
 
 class Supervisor:
@@ -35,10 +74,100 @@ class Supervisor:
         hooks: HookRunner,
     ) -> None:
         self.settings = settings
-        self.primary = Instance(settings, session, hooks, name=PRIMARY, port=settings.vllm_port)
-        self.instances: dict[str, Instance] = {PRIMARY: self.primary}
+        self._session = session
+        self._hooks = hooks
+        self.node = tuple(settings.gpus)  # the node's GPUs (cli.on_this_node); empty: none known
+        self.slot = self._new_instance(PRIMARY, settings.vllm_port)
+        self.slot.on_switch = self._slot_switching
+        self.slot.before_start = self._before_slot_start
+        self._slot_entries: dict[tuple[str, ...], str | None] = {}  # queued switches' entries
+        #: The instances loaded beside the slot, by name.
+        self.loaded: dict[str, Instance] = {}
+        self._recent: list[Instance] = [self.slot]  # most recently switched to or loaded first
+        self._by_name: dict[str, Instance] = {}  # every name a request may give -> its instance
+        self._lock = asyncio.Lock()  # one placement at a time
+        self._placing: dict[str, asyncio.Task[Instance]] = {}  # loads being placed, by name
+        self._loads: dict[Instance, asyncio.Task[SwitchResult]] = {}  # each one's last load
+        self._changed = asyncio.Event()  # set on any change of any instance (then replaced)
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._ttl_task: asyncio.Task[None] | None = None
+        self.primary = self.slot
 
-    # ---------------------------------------------------------------- the primary's
+    # ------------------------------------------------------------------- instances
+
+    def _new_instance(self, name: str, port: int, footprint: Footprint | None = None) -> Instance:
+        instance = Instance(
+            self.settings,
+            self._session,
+            self._hooks,
+            name=name,
+            port=port,
+            gpus=(footprint.gpus or None) if footprint else None,
+            utilization=footprint.utilization if footprint else 0.0,
+            ttl=footprint.ttl if footprint else 0.0,
+            pinned=footprint.pinned if footprint else False,
+        )
+        instance.machine.subscribe(self._instance_changed)
+        instance.on_idle = self._wake
+        return instance
+
+    @property
+    def instances(self) -> list[Instance]:
+        """The slot and every loaded instance."""
+        return [self.slot, *self.loaded.values()]
+
+    @property
+    def routing(self) -> bool:
+        """Whether requests are routed by their ``model``: there is a catalogue, or more than the
+        slot. Otherwise every request goes to the slot as it always did (vLLM answers for names
+        it does not know), and the body is not looked at."""
+        return bool(self.settings.models) or bool(self.loaded)
+
+    def _instance_changed(self, event: StateEvent) -> None:
+        self._reindex()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake whoever waits for a change in the fleet (TTL checks, loads waiting for room)."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _reindex(self) -> None:
+        """Rebuild the name -> instance table (after any change) and the primary."""
+        table: dict[str, Instance] = {}
+        for instance in reversed(self._recent):  # the most recent wins a name two instances give
+            if _holding(instance):
+                for name in instance.names:
+                    table[name] = instance
+        self._by_name = table
+        self.primary = next((i for i in self._recent if _holding(i)), self.slot)
+
+    def _used(self, instance: Instance) -> None:
+        """``instance`` is the most recently switched to or loaded: the primary."""
+        if instance in self._recent:
+            self._recent.remove(instance)
+        self._recent.insert(0, instance)
+        self._reindex()
+
+    def find(self, name: str) -> Instance | None:
+        """The instance that answers to ``name`` (holding a model or loading one), else one
+        named so (stopped or failed), else None."""
+        found = self._by_name.get(name)
+        if found is not None:
+            return found
+        for instance in self.instances:
+            if instance.name == name or name in instance.names:
+                return instance
+        return None
+
+    def known_names(self) -> list[str]:
+        """What a request's ``model`` may be: the names instances answer to and the catalogue's."""
+        names = list(self._by_name)
+        for key, entry in self.settings.models.items():
+            names += [key, *entry.aliases]
+        return sorted(set(names))
+
+    # ------------------------------------------------------------- the primary's
 
     @property
     def machine(self) -> ProcessStateMachine:
@@ -53,31 +182,408 @@ class Supervisor:
         return self.primary.serving
 
     @property
+    def serving_any(self) -> bool:
+        """Some instance takes requests (the front door serves requests only then)."""
+        return self.slot.serving or any(i.serving for i in self.loaded.values())
+
+    @property
     def waiting(self) -> int:
         return self.primary.waiting
 
     def status(self) -> Status:
-        return self.primary.status()
+        """The primary's status, with every instance in ``instances``."""
+        status = self.primary.status()
+        status.instances = self.instance_statuses()
+        return status
 
-    def current_log(self) -> Path | None:
-        return self.primary.current_log()
+    def instance_statuses(self) -> list[InstanceStatus]:
+        return [
+            i.instance_status(primary=i is self.primary)
+            for i in self.instances
+            if i is not self.slot or i.machine.snapshot.model_spec or i.switching
+        ]
 
-    def log_is_live(self, fd: int) -> bool:
-        return self.primary.log_is_live(fd)
+    def current_log(self, name: str | None = None) -> Path | None:
+        return self._named(name).current_log()
 
-    # ------------------------------------------------------------------- control
+    def log_is_live(self, fd: int, name: str | None = None) -> bool:
+        return self._named(name).log_is_live(fd)
 
-    async def switch(self, spec: ModelSpec, *, force: bool = False) -> SwitchResult:
-        return await self.primary.switch(spec, force=force)
+    def _named(self, name: str | None) -> Instance:
+        """The instance ``name`` (None: the primary); :class:`ModelNotFound` if there is none."""
+        if name is None:
+            return self.primary
+        found = self.find(name)
+        if found is None:
+            raise ModelNotFound(name, [i.name for i in self.instances if i.names])
+        return found
 
-    def switch_in_background(self, spec: ModelSpec, *, force: bool = False) -> None:
-        self.primary.switch_in_background(spec, force=force)
+    # ----------------------------------------------------------------- routing
+
+    def route(self, model: str | None) -> Instance | None:
+        """The instance a request naming ``model`` goes to, when that is known at once (no load
+        needed); None when :meth:`admit` must load it or say why not."""
+        if model is None or not self.routing:
+            return self.primary
+        return self._by_name.get(model)
+
+    async def admit(self, model: str | None, timeout: float) -> Instance:
+        """The instance a request naming ``model`` goes to, ready to take it: loaded on demand
+        and waited for (bounded by ``timeout``). Returns with no await after the check that it
+        serves, so the caller can count the request in flight before anything else runs.
+        Raises :class:`ModelNotFound` or :class:`ModelUnavailable`."""
+        deadline = time.monotonic() + timeout
+        for attempt in (1, 2):
+            instance = self.route(model)
+            placed = instance is None
+            if instance is None:
+                assert model is not None
+                instance = await self._on_demand(model, deadline)
+            if instance.serving:
+                return instance
+            # What is left of the wait after a placement (its message says the time waited).
+            left = max(deadline - time.monotonic(), 0.0) if placed or attempt > 1 else timeout
+            try:
+                await instance.wait_for_model(left)
+            except ModelUnavailable as exc:
+                # It went (idle TTL, eviction) while the request waited: load it again once.
+                again = exc.why is Unavailable.NOTHING_LOADED and model is not None and self.routing
+                if attempt == 1 and again and self.settings.on_demand_enabled:
+                    continue
+                raise
+            return instance
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _on_demand(self, model: str, deadline: float) -> Instance:
+        """Load the catalogue entry a request names (on-demand loading), or say why not."""
+        entry = self._entry_named(model)
+        if entry is None or not self.settings.on_demand_enabled:
+            instance = self.find(model)
+            if instance is not None:
+                return instance  # stopped or failed: waiting for it says why
+            raise ModelNotFound(model, self.known_names())
+        spec, footprint = self._entry_spec(entry)
+        return await self.ensure(entry, spec, footprint, deadline=deadline)
+
+    def _entry_named(self, name: str) -> str | None:
+        for key, entry in self.settings.models.items():
+            if name == key or name in entry.aliases:
+                return key
+        return None
+
+    def _entry_spec(self, entry: str) -> tuple[ModelSpec, Footprint]:
+        item = self.settings.models[entry]
+        spec = ModelSpec.parse(item.spec_text)
+        return spec, self.settings.footprint(spec, entry, self.node)
+
+    def names_for(self, spec: ModelSpec, entry: str | None) -> tuple[ModelSpec, tuple[str, ...]]:
+        """The spec to launch for ``entry`` (answering to its name and aliases too) and every
+        name it answers to."""
+        if entry is None:
+            return spec, tuple(spec.served_names or (spec.model,))
+        item = self.settings.models[entry]
+        launched = with_served_names(spec, (entry, *item.aliases))
+        return launched, tuple(launched.served_names)
+
+    # ------------------------------------------------------------------- loads
+
+    async def ensure(
+        self, name: str, spec: ModelSpec, footprint: Footprint, *, deadline: float | None = None
+    ) -> Instance:
+        """The instance ``name`` running (or loading) ``spec``: an instance already doing so,
+        or a new one, placed (evicting what must go) and its load begun. Requests for a model
+        being placed wait for the same placement (they are served together); it goes on when
+        the request that began it goes away."""
+        launched, names = self.names_for(spec, name if name in self.settings.models else None)
+        current = self._by_name.get(name)
+        if current is not None and _same_launch(current, launched):
+            return current
+        placing = self._placing.get(name)
+        if placing is None:
+            placing = asyncio.ensure_future(self._place(name, launched, names, footprint, deadline))
+            self._placing[name] = placing
+            placing.add_done_callback(lambda _: self._placing.pop(name, None))
+        return await asyncio.shield(placing)
+
+    async def _place(
+        self,
+        name: str,
+        spec: ModelSpec,
+        names: tuple[str, ...],
+        footprint: Footprint,
+        deadline: float | None,
+    ) -> Instance:
+        """Make room for ``name`` and begin its load (under the placement lock)."""
+        async with self._lock:
+            old = self.loaded.get(name)
+            if old is not None and _holding(old):  # another spec under this name: it goes first
+                await old.stop(drain=True)
+            candidate = Candidate(name, footprint.gpus, footprint.utilization)
+            await self._make_room(candidate, deadline)
+            self._prune()
+            instance = old if old is not None else self._new_instance(name, self._free_port(), footprint)
+            _apply(instance, footprint, names)
+            self.loaded[name] = instance
+            # Pending (holding its room) from this step on.
+            self._loads[instance] = instance.switch_in_background(spec)
+            self._used(instance)
+            self._ensure_ttl_task()
+            log.info("loading %s on %s (port %d)", name, _where(footprint.gpus), instance.port)
+            return instance
+
+    async def _make_room(self, candidate: Candidate, deadline: float | None) -> None:
+        """Unload (or drain and stop) what must go for ``candidate`` to fit; wait while only
+        young busy instances are in the way (up to ``deadline``)."""
+        while True:
+            views = [i.view() for i in self.instances]
+            plan = plan_room(candidate, views, time.monotonic(), self.settings.min_residency)
+            if isinstance(plan, NoRoom):
+                changed = self._changed
+                left = None if deadline is None else deadline - time.monotonic()
+                pinned_only = all(b.pinned for b in plan.blockers)
+                if pinned_only or (left is not None and left <= 0):
+                    raise ModelUnavailable(
+                        f"Cannot load {candidate.name} now: {plan.message}. "
+                        + (
+                            "Unpin one, or unload one with POST /unload."
+                            if pinned_only
+                            else "Retry when they are idle, or unload one with POST /unload."
+                        ),
+                        why=Unavailable.NO_ROOM,
+                        state=S.STOPPED,
+                        retry_after=None if pinned_only else (plan.retry_after or ROOM_RECHECK * 10),
+                    )
+                wait = ROOM_RECHECK if left is None else min(ROOM_RECHECK, left)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), wait)
+                continue
+            by_name = {i.name: i for i in self.instances}
+            going = [by_name[n] for n in plan.evictions]
+            if going:
+                log.info("making room for %s: unloading %s", candidate.name, ", ".join(plan.evictions))
+            await asyncio.gather(*(i.stop(drain=i.name in plan.drain) for i in going))
+            for waited in plan.wait_for:
+                await by_name[waited].machine.wait_for(lambda s: s.state not in HOLDING, None)
+            if not plan.evictions and not plan.wait_for:
+                return
+
+    def _prune(self) -> None:
+        """Forget loaded free-form instances that no longer run (catalogue entries stay listed,
+        stopped, with their last error and their port)."""
+        for name, instance in list(self.loaded.items()):
+            if name not in self.settings.models and not _holding(instance):
+                del self.loaded[name]
+                self._loads.pop(instance, None)
+                if instance in self._recent:
+                    self._recent.remove(instance)
+
+    def _free_port(self) -> int:
+        """The first port after ``--vllm-port`` no loaded instance has."""
+        taken = {i.port for i in self.instances}
+        port = self.settings.vllm_port + 1
+        while port in taken:
+            port += 1
+        return port
+
+    async def load(self, name: str, spec: ModelSpec, footprint: Footprint, *, wait: bool) -> LoadResult:
+        """``POST /load``: ``name`` loaded beside the others (see :meth:`ensure`); waits until it
+        is ready when ``wait``. Raises the load's :class:`EngineError`."""
+        started = time.monotonic()
+        launched, _ = self.names_for(spec, name if name in self.settings.models else None)
+        before = self._by_name.get(name)
+        changed = before is None or not _same_launch(before, launched)
+        held = {i.name for i in self.instances if _holding(i)}
+        instance = await self.ensure(name, spec, footprint)
+        task = self._loads.get(instance)
+        if wait and task is not None:
+            await instance.outcome(task, launched)  # raises why it failed (log tail and all)
+        elif wait and not instance.serving:
+            await instance.wait_for_model(self.settings.ready_timeout + self.settings.stop_timeout)
+        evicted = sorted(held - {i.name for i in self.instances if _holding(i)} - {name})
+        snap = instance.machine.snapshot
+        load_seconds = None
+        if changed and snap.ready_at and snap.started_at:
+            load_seconds = round((snap.ready_at - snap.started_at).total_seconds(), 3)
+        return LoadResult(
+            changed=changed,
+            name=instance.name,
+            load_seconds=load_seconds,
+            total_seconds=round(time.monotonic() - started, 3),
+            evicted=evicted,
+            message=f"{name} is {'ready' if instance.serving else 'loading'}"
+            + ("" if changed else " (it was loaded already)"),
+            instance=instance.instance_status(primary=instance is self.primary),
+            hook_reports=instance.hook_reports,
+        )
+
+    def preload(self) -> None:
+        """Begin loading the catalogue entries marked ``preload`` (at start-up)."""
+        for name in self.settings.models:
+            spec, footprint = self._entry_spec(name)
+            if footprint.preload:
+                self._spawn(self._preload(name, spec, footprint))
+
+    async def _preload(self, name: str, spec: ModelSpec, footprint: Footprint) -> None:
+        try:
+            await self.load(name, spec, footprint, wait=True)
+        except EngineError as exc:
+            log.error("preloading %s failed: %s", name, exc.message)
+
+    # ------------------------------------------------------------------ switch
+
+    async def switch(self, spec: ModelSpec, *, force: bool = False, entry: str | None = None) -> SwitchResult:
+        """``POST /switch``: ``spec`` becomes the only model on its GPUs. It loads in the slot,
+        unless an instance loaded beside it runs exactly that already: that one becomes the
+        primary and the others on its GPUs go."""
+        launched = self._queue_slot(spec, entry)
+        running = self._running_elsewhere(launched, entry, force)
+        if running is not None:
+            return await self._keep(running)
+        return await self.slot.switch(launched, force=force)
+
+    def switch_in_background(self, spec: ModelSpec, *, force: bool = False, entry: str | None = None) -> None:
+        launched = self._queue_slot(spec, entry)
+        running = self._running_elsewhere(launched, entry, force)
+        if running is not None:
+            self._spawn(self._keep(running))
+        else:
+            self.slot.switch_in_background(launched, force=force)
+
+    def _queue_slot(self, spec: ModelSpec, entry: str | None) -> ModelSpec:
+        """The spec the slot launches for ``spec``; the entry it came from is remembered for
+        when its switch begins (:meth:`_slot_switching`)."""
+        launched = self.names_for(spec, entry)[0]
+        self._slot_entries[launched.key] = entry
+        return launched
+
+    def _running_elsewhere(self, launched: ModelSpec, entry: str | None, force: bool) -> Instance | None:
+        found = self.loaded.get(entry or launched.served_name)
+        if force or found is None or not found.serving or not _same_launch(found, launched):
+            return None
+        return found
+
+    async def _keep(self, instance: Instance) -> SwitchResult:
+        """``/switch`` to what ``instance`` runs already: it stays; the others on its GPUs go."""
+        started = time.monotonic()
+        self._used(instance)
+        view = instance.view()
+        others = [
+            i for i in self.instances if i is not instance and _holding(i) and shares_gpu(view, i.view())
+        ]
+        await asyncio.gather(*(i.stop(drain=True) for i in others))
+        return SwitchResult(
+            changed=False,
+            total_seconds=round(time.monotonic() - started, 3),
+            message=f"{instance.name} is already loaded with these arguments; nothing restarted",
+            status=self.status(),
+        )
+
+    def _slot_switching(self, spec: ModelSpec) -> None:
+        """The slot's switch to ``spec`` begins: it is named after what it loads, takes that
+        footprint and becomes the primary."""
+        slot = self.slot
+        entry = self._slot_entries.pop(spec.key, None)
+        footprint = self.settings.footprint(spec, entry, self.node)
+        slot.name = entry or spec.served_name
+        _apply(slot, footprint, self.names_for(spec, entry)[1])
+        self._used(slot)
+
+    async def _before_slot_start(self, spec: ModelSpec) -> None:
+        """Before the slot launches: the other instances on its GPUs (or under its name) are
+        drained and stopped."""
+        slot = self.slot
+        view = slot.view()
+        others = [
+            i
+            for i in self.loaded.values()
+            if _holding(i) and (i.name == slot.name or shares_gpu(view, i.view()))
+        ]
+        if others:
+            log.info("switching to %s: stopping %s", slot.name, ", ".join(i.name for i in others))
+            await asyncio.gather(*(i.stop(drain=True) for i in others))
+
+    # -------------------------------------------------------------------- stop
+
+    async def unload(self, name: str, *, drain: bool = True) -> tuple[Instance, bool]:
+        """Drain (unless not ``drain``) and stop the instance ``name``; returns it and whether
+        it ran. :class:`ModelNotFound` if no instance has that name."""
+        instance = self._named(name)
+        ran = _holding(instance)
+        await instance.stop(drain=drain)
+        return instance, ran
 
     async def stop(self, *, drain: bool = True) -> Status:
-        await self.primary.stop(drain=drain)
+        """Stop every instance (in parallel)."""
+        await asyncio.gather(*(i.stop(drain=drain) for i in self.instances))
         return self.status()
 
     async def shutdown(self) -> None:
         """On proxy exit: stop every instance and wait for their process trees to go."""
-        for instance in self.instances.values():
-            await instance.shutdown()
+        tasks: list[asyncio.Future[object]] = [*self._tasks]
+        tasks += self._placing.values()  # type: ignore[arg-type]
+        if self._ttl_task is not None:
+            tasks.append(self._ttl_task)  # type: ignore[arg-type]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(i.shutdown() for i in self.instances))
+
+    # --------------------------------------------------------------------- TTL
+
+    def _ensure_ttl_task(self) -> None:
+        if self._ttl_task is None and any(i.ttl > 0 for i in self.instances):
+            self._ttl_task = asyncio.ensure_future(self._expire_idle())
+
+    async def _expire_idle(self) -> None:
+        """Unload each instance idle for its ``ttl`` (``pre_stop``/``post_stop`` run as for any
+        stop); sleeps until the next expiry or a change."""
+        while True:
+            now = time.monotonic()
+            views = {i: i.view() for i in self.instances}
+            for instance, view in views.items():
+                if expired(view, instance.ttl, now):
+                    log.info("unloading %s: idle for %g s (its ttl)", instance.name, instance.ttl)
+                    self._spawn(instance.stop(drain=True))
+            due = [w for i, v in views.items() if (w := expires_at(v, i.ttl)) is not None and w > now]
+            sleep = min([*(w - now for w in due), TTL_CHECK])
+            changed = self._changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), max(sleep, 0.05))
+
+    def _spawn(self, coro: Awaitable[object]) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def start(self) -> None:
+        """Start-up: the TTL checks, and the entries marked ``preload``."""
+        self._ensure_ttl_task()
+        self.preload()
+
+
+def _apply(instance: Instance, footprint: Footprint, names: tuple[str, ...]) -> None:
+    """Give ``instance`` the footprint and names of what it is about to load."""
+    instance.gpus = footprint.gpus or None
+    instance.utilization = footprint.utilization
+    instance.ttl = footprint.ttl
+    instance.pinned = footprint.pinned
+    instance.names = names
+
+
+def _holding(instance: Instance) -> bool:
+    """The instance runs a model or is loading one (a switch queued or under way)."""
+    return instance.machine.state in HOLDING or instance.switching
+
+
+def _same_launch(instance: Instance, spec: ModelSpec) -> bool:
+    """``instance`` runs (or is loading) exactly ``spec``."""
+    snap = instance.machine.snapshot
+    current = snap.pending[-1].raw if snap.pending else snap.model_spec
+    return current is not None and ModelSpec.parse(current).key == spec.key
+
+
+def _where(gpus: tuple[str, ...]) -> str:
+    return f"GPUs {','.join(gpus)}" if gpus else "the node's GPUs"
+
+
+__all__ = ["PRIMARY", "Supervisor"]

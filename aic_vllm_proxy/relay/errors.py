@@ -41,7 +41,8 @@ class ProxyError(Exception):
         self.extra = extra
 
     def detail(self) -> ErrorDetail:
-        return ErrorDetail(message=self.message, type=self.type, code=self.status, **self.extra)
+        fields: dict[str, Any] = {"code": self.status, **self.extra}  # or a code of OpenAI's own
+        return ErrorDetail(message=self.message, type=self.type, **fields)
 
     def response(self) -> web.Response:
         return error_response(self.status, self.detail(), headers=self.headers)

@@ -217,8 +217,11 @@ class Front:
             or head.length > self.max_body
         ):
             return False
-        if not self.pipeline.instance.serving:
+        pipeline = self.pipeline
+        if not pipeline.front_open:
             return False  # aiohttp waits for the switch (bounded) or answers 503
+        if path == b"/v1/models" and pipeline.fleet.routing:
+            return False  # the proxy answers it (control.v1_models)
         # With keys, an unknown or missing one is aiohttp's to answer (401).
         return not self.keys.enabled or (head.token is not None and self.keys.role_of(head.token) is not None)
 
@@ -562,10 +565,10 @@ class FrontProtocol(ClientConnection):
             body,
             None,
         )
-        async with pipeline.admitted():
+        async with pipeline.admitted(request) as instance:
             self._is_head = request.is_head
-            conn, answer = await pipeline.send(request, framed=True, on_head=self._relay_start)
-            with pipeline.lease(conn) as lease:
+            conn, answer = await pipeline.send(request, instance, framed=True, on_head=self._relay_start)
+            with pipeline.lease(conn, instance) as lease:
                 try:
                     return await pipeline.relay(lease, answer, self, "relaying a response")
                 finally:

@@ -27,6 +27,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDictProxy
 
+from aic_vllm_proxy.engine.instance import Instance
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.relay.errors import BadRequest, body_stalled, body_too_large
 from aic_vllm_proxy.relay.flow import over_high_water
@@ -98,9 +99,10 @@ class Passthrough:
         if not request.raw_path.startswith("/"):
             raise BadRequest(f"cannot forward request target {request.raw_path!r}: expected a path")
         pipeline.check_length(request.content_length)
-        async with pipeline.admitted():
-            conn, head = await pipeline.send(await self._relay_request(request))
-            return await self._relay(request, conn, head)
+        relayed = await self._relay_request(request)
+        async with pipeline.admitted(relayed) as instance:
+            conn, head = await pipeline.send(relayed, instance)
+            return await self._relay(request, conn, head, instance)
 
     # ----------------------------------------------------------------- request
 
@@ -134,11 +136,11 @@ class Passthrough:
     # ---------------------------------------------------------------- response
 
     async def _relay(
-        self, request: web.Request, conn: UpstreamConnection, head: ResponseHead
+        self, request: web.Request, conn: UpstreamConnection, head: ResponseHead, instance: Instance
     ) -> web.StreamResponse:
         pipeline = self.pipeline
         client = AiohttpClient(request, head)
-        with pipeline.lease(conn) as lease:
+        with pipeline.lease(conn, instance) as lease:
             complete = await pipeline.relay(lease, head, client, f"{request.method} {request.path}")
         if complete:
             # As on the front door: no next request until the client has taken this answer

@@ -30,6 +30,7 @@ from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.errors import EngineError
 from aic_vllm_proxy.relay.errors import ProxyError, UpstreamError, body_too_large
 from aic_vllm_proxy.relay.headers import drops_authorization, request_head
+from aic_vllm_proxy.relay.model_field import requested_model
 from aic_vllm_proxy.relay.request import RelayRequest
 from aic_vllm_proxy.relay.upstream import (
     OnHead,
@@ -84,36 +85,42 @@ class RelayClient(Protocol):
 
 
 class Admitted:
-    """The request is in flight inside ``async with`` (see :meth:`Pipeline.admitted`); a plain
-    class rather than a generator: it is on every request's path."""
+    """The request is in flight inside ``async with``, which gives the instance it goes to (see
+    :meth:`Pipeline.admitted`); a plain class rather than a generator: it is on every request's
+    path."""
 
-    __slots__ = ("pipeline",)
+    __slots__ = ("instance", "model", "pipeline")
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, model: str | None) -> None:
         self.pipeline = pipeline
+        self.model = model
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> Instance:
         pipeline = self.pipeline
-        if not pipeline.instance.serving:
-            await pipeline.wait_for_model()
-        pipeline.instance.request_started()  # no await since the check: the drain counts this
+        instance = pipeline.fleet.route(self.model)
+        if instance is None or not instance.serving:
+            instance = await pipeline.admit(self.model)
+        instance.request_started()  # no await since the check: the drain counts this
+        self.instance = instance
+        return instance
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self.pipeline.instance.request_finished()
+        self.instance.request_finished()
 
 
 class Lease:
     """An upstream connection being relayed, inside ``with`` (see :meth:`Pipeline.lease`)."""
 
-    __slots__ = ("_unregister", "conn", "pipeline", "released")
+    __slots__ = ("_unregister", "conn", "instance", "pool", "released")
 
-    def __init__(self, pipeline: Pipeline, conn: UpstreamConnection) -> None:
-        self.pipeline = pipeline
+    def __init__(self, pool: UpstreamPool, conn: UpstreamConnection, instance: Instance) -> None:
+        self.pool = pool
         self.conn = conn
+        self.instance = instance
         self.released = False
 
     def __enter__(self) -> Lease:
-        self._unregister = self.pipeline.instance.track_upstream(self.conn.abort)
+        self._unregister = self.instance.track_upstream(self.conn.abort)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -123,16 +130,15 @@ class Lease:
 
     def release(self) -> None:
         """The answer is complete: the connection goes back to the pool."""
-        self.pipeline.pool.release(self.conn)
+        self.pool.release(self.conn)
         self.released = True
 
 
 class Pipeline:
     """What both HTTP paths do with a request for vLLM; one per application."""
 
-    #: The instance requests go to (the supervisor's primary; the fleet will route per request).
-    instance: Instance
-    pool: UpstreamPool
+    #: The instances, which routes each request by the model it names (``Supervisor.route``).
+    fleet: Supervisor
 
     def __init__(
         self,
@@ -150,9 +156,37 @@ class Pipeline:
         self.client_timeout = client_timeout
 
     def bind(self, supervisor: Supervisor, pool: UpstreamPool) -> None:
-        """Attach the supervisor and pool, which exist only once the application has started."""
-        self.instance = supervisor.primary
-        self.pool = pool
+        """Attach the supervisor and the slot's pool, which exist only once the application has
+        started; the pools of the other instances' ports are made as they are first used."""
+        self.fleet = supervisor
+        self._first = pool
+        self.pools: dict[int, UpstreamPool] = {pool.port: pool}
+
+    def pool_for(self, instance: Instance) -> UpstreamPool:
+        """The keep-alive connections to ``instance``'s vLLM (one pool per port)."""
+        pool = self.pools.get(instance.port)
+        if pool is None:
+            first = self._first
+            pool = UpstreamPool(first.host, instance.port, keepalive=first.keepalive)
+            self.pools[instance.port] = pool
+        return pool
+
+    def close(self) -> None:
+        """Close every pool's idle connections (the application is shutting down)."""
+        for pool in self.pools.values():
+            pool.close()
+
+    @property
+    def front_open(self) -> bool:
+        """Whether the front door serves requests now: some instance takes requests (otherwise
+        aiohttp's path waits for a switch, bounded, or answers 503)."""
+        return self.fleet.serving_any
+
+    def model_of(self, request: RelayRequest) -> str | None:
+        """The model ``request`` names (its JSON body's ``model``), when requests are routed."""
+        if request.body is None or not self.fleet.routing:
+            return None
+        return requested_model(request.body)
 
     # --------------------------------------------------------------- admission
 
@@ -161,52 +195,62 @@ class Pipeline:
         if length is not None and length > self.max_body_size:
             raise body_too_large(self.max_body_size, length)
 
-    async def wait_for_model(self) -> None:
-        """Wait (bounded) until a model takes requests, or raise the HTTP answer saying why not."""
+    async def admit(self, model: str | None) -> Instance:
+        """The instance for a request naming ``model``, once it takes requests: loaded on demand
+        and waited for (bounded), or raise the HTTP answer saying why not."""
         try:
-            await self.instance.wait_for_model(self.wait_timeout)
+            return await self.fleet.admit(model, self.wait_timeout)
         except EngineError as exc:
             raise self.http_error(exc) from None
 
-    def admitted(self) -> Admitted:
+    def admitted(self, request: RelayRequest) -> Admitted:
         """``async with`` it: the request is in flight inside (the drain before a stop waits for
-        it). Never sent to a vLLM that is not serving (starting, draining for a stop): it waits
-        for the model like the application does, or gets the 503."""
-        return Admitted(self)
+        it), and it names the instance ``request`` goes to (by its ``model``). Never sent to a
+        vLLM that is not serving (starting, draining for a stop): it waits for the model like
+        the application does, or gets the 503."""
+        return Admitted(self, self.model_of(request))
 
     # ---------------------------------------------------------------- upstream
 
-    def request_head(self, request: RelayRequest) -> bytes:
+    def request_head(self, request: RelayRequest, instance: Instance) -> bytes:
         """vLLM's request head for ``request`` (``headers.request_head``), with vLLM's own
         headers as they are now (its key may have changed since the last request)."""
-        supplied = self.instance.upstream_headers()
+        supplied = instance.upstream_headers()
         return request_head(
             request,
-            self.pool.host_header,
+            self.pool_for(instance).host_header,
             supplied,
             drop_authorization=drops_authorization(self.strip_authorization, supplied),
         )
 
     async def send(
-        self, request: RelayRequest, *, framed: bool = False, on_head: OnHead | None = None
+        self,
+        request: RelayRequest,
+        instance: Instance,
+        *,
+        framed: bool = False,
+        on_head: OnHead | None = None,
     ) -> tuple[UpstreamConnection, ResponseHead]:
-        """Send ``request`` to vLLM; return the connection and vLLM's response head. A body in
-        memory goes through :meth:`exchange` (retried on a stale connection), a stream through
-        :meth:`upload`."""
-        head = self.request_head(request)
+        """Send ``request`` to ``instance``'s vLLM; return the connection and vLLM's response
+        head. A body in memory goes through :meth:`exchange` (retried on a stale connection), a
+        stream through :meth:`upload`."""
+        head = self.request_head(request, instance)
         if request.stream is not None:
-            return await self.upload(head, request)
+            return await self.upload(instance, head, request)
         body = request.body
-        return await self.exchange(head, body, no_body=request.is_head, framed=framed, on_head=on_head)
+        return await self.exchange(
+            instance, head, body, no_body=request.is_head, framed=framed, on_head=on_head
+        )
 
-    async def acquire(self) -> UpstreamConnection:
+    async def acquire(self, instance: Instance) -> UpstreamConnection:
         try:
-            return await self.pool.acquire()
+            return await self.pool_for(instance).acquire()
         except (OSError, asyncio.TimeoutError) as exc:
-            raise self.unreachable(exc) from exc
+            raise self.unreachable(exc, instance) from exc
 
     async def exchange(
         self,
+        instance: Instance,
         head: bytes,
         body: bytes | None,
         *,
@@ -219,7 +263,7 @@ class Pipeline:
         answering) is replaced once by a fresh one. ``on_head`` is called from the connection's
         ``data_received`` with vLLM's head, before this returns (see ``UpstreamConnection``)."""
         for attempt in (1, 2):
-            conn = await self.acquire()
+            conn = await self.acquire(instance)
             reused = conn.used > 0
             conn.on_head = on_head
             try:
@@ -230,24 +274,26 @@ class Pipeline:
                 if exc.nothing_received and reused and attempt == 1:
                     log.debug("stale keep-alive connection to vLLM; retrying on a fresh one")
                     continue
-                raise self.unreachable(exc) from exc
+                raise self.unreachable(exc, instance) from exc
             except UPSTREAM_ERRORS as exc:
                 conn.abort()
-                raise self.unreachable(exc) from exc
+                raise self.unreachable(exc, instance) from exc
             except BaseException:
                 conn.abort()
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def upload(self, head: bytes, request: RelayRequest) -> tuple[UpstreamConnection, ResponseHead]:
+    async def upload(
+        self, instance: Instance, head: bytes, request: RelayRequest
+    ) -> tuple[UpstreamConnection, ResponseHead]:
         """Send a request whose body is streamed (large, or of unknown length) as it arrives;
         return the connection and vLLM's response head. Not retried: the body is not kept."""
-        conn = await self.acquire()
+        conn = await self.acquire(instance)
         try:
             return conn, await self._upload(conn, head, request)
         except UPSTREAM_ERRORS as exc:
             conn.abort()
-            raise self.unreachable(exc) from exc
+            raise self.unreachable(exc, instance) from exc
         except BaseException:
             conn.abort()
             raise
@@ -276,8 +322,7 @@ class Pipeline:
                 if not task.done():
                     task.cancel()
 
-    def unreachable(self, exc: BaseException) -> UpstreamError:
-        instance = self.instance
+    def unreachable(self, exc: BaseException, instance: Instance) -> UpstreamError:
         state = instance.machine.state
         return UpstreamError(
             f"vLLM at {instance.base} did not answer ({type(exc).__name__}: {exc}); the proxy sees it "
@@ -287,11 +332,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------- relay
 
-    def lease(self, conn: UpstreamConnection) -> Lease:
+    def lease(self, conn: UpstreamConnection, instance: Instance) -> Lease:
         """``with`` it while ``conn``'s answer is relayed: a stop or switch may abort it meanwhile
         (``track_upstream``); ``lease.release()`` after a complete answer, else it is aborted on
         the way out (vLLM aborts the request)."""
-        return Lease(self, conn)
+        return Lease(self.pool_for(instance), conn, instance)
 
     async def relay(self, lease: Lease, answer: ResponseHead, client: RelayClient, what: str) -> bool:
         """Relay vLLM's answer on ``lease`` to ``client``: start it, wait for its end (draining
@@ -307,18 +352,20 @@ class Pipeline:
                 gone = client.relay_gone(exc)
                 if gone is not None:
                     raise gone from exc
-                await client.relay_break_off(self.broke_off(answer, exc, what))
+                await client.relay_break_off(self.broke_off(answer, exc, what, lease.instance))
                 return False
         await client.relay_end(conn)
         lease.release()
         return True
 
-    def broke_off(self, answer: ResponseHead, exc: BaseException, what: str) -> bytes | None:
+    def broke_off(
+        self, answer: ResponseHead, exc: BaseException, what: str, instance: Instance
+    ) -> bytes | None:
         """vLLM broke off mid-answer (``exc``): log it, and return the SSE ``error`` event to
         send an event-stream client before its connection is cut (never a clean end), or None."""
         message = (
             f"vLLM stopped in the middle of the response ({type(exc).__name__}: {exc}); "
-            f"the proxy sees it as {self.instance.machine.state.value}. See GET /status."
+            f"the proxy sees it as {instance.machine.state.value}. See GET /status."
         )
         log.warning("%s: %s", what, message)
         if answer.headers.get("Content-Type", "").startswith("text/event-stream"):

@@ -129,8 +129,10 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
         supervisor = Supervisor(settings, lambda: app[UPSTREAM], app[HOOKS])
         app[SUPERVISOR] = supervisor
         passthrough.bind(supervisor, app[POOL])
+        supervisor.start()  # TTL checks, and the catalogue entries to preload
         yield
         await supervisor.shutdown()
+        pipeline.close()  # the pools of every instance's port (the slot's closes with the session)
 
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(supervisor_ctx)
@@ -141,5 +143,7 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
     for path, methods in control.methods_by_path().items():
         # A wrong method on one of the proxy's own paths is a 405, not a request for vLLM.
         app.router.add_route("*", path, _guard(control.method_not_allowed(path, methods), keys))
+    # Answered by the proxy when requests are routed by model (control.v1_models), else vLLM's.
+    app.router.add_route("*", "/v1/models", _guard(control.v1_models, keys))
     app.router.add_route("*", "/{path:.*}", _guard(passthrough.handle, keys))
     return app

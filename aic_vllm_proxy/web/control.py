@@ -1,8 +1,11 @@
 """The proxy's own HTTP routes. Everything else goes to vLLM (``proxy.py``).
 
 None of these paths is used by vLLM (whose routes include /health, /metrics, /version, /ping,
-/load, /tokenize, /detokenize, /v1/..., /pooling, /score, /rerank, /invocations), so the proxy
-never shadows vLLM. The proxy's own liveness check is ``GET /proxy/health``.
+/tokenize, /detokenize, /v1/..., /pooling, /score, /rerank, /invocations), so the proxy never
+shadows vLLM, with two exceptions: ``POST /load`` is the proxy's (vLLM's ``GET /load``, its
+server load, still goes to vLLM: :data:`SHARED_WITH_VLLM`), and ``GET /v1/models`` is answered
+by the proxy when requests are routed by model (:func:`v1_models`). The proxy's own liveness
+check is ``GET /proxy/health``.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import contextlib
 import json
 import os
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime, timezone
+from typing import TypeVar
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.catalog import CatalogInfo, PolicyError, resolve
@@ -22,11 +27,20 @@ from aic_vllm_proxy.engine.logs import follow, iter_file, parse_lines_param, tai
 from aic_vllm_proxy.relay.errors import BadRequest, ProxyError, body_too_large
 from aic_vllm_proxy.relay.passthrough import read_body
 from aic_vllm_proxy.relay.routes import OwnRoutes
-from aic_vllm_proxy.schemas import PluginList, SwitchRequest, to_json
-from aic_vllm_proxy.spec import SpecError
-from aic_vllm_proxy.web.appkeys import PLUGINS, SETTINGS, SUPERVISOR
+from aic_vllm_proxy.schemas import (
+    LoadRequest,
+    PluginList,
+    ProcessState,
+    SwitchRequest,
+    UnloadRequest,
+    UnloadResult,
+    to_json,
+)
+from aic_vllm_proxy.spec import ModelSpec, SpecError
+from aic_vllm_proxy.web.appkeys import PASSTHROUGH, PLUGINS, SETTINGS, SUPERVISOR
 
 routes = web.RouteTableDef()
+Body = TypeVar("Body", bound=BaseModel)
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -59,56 +73,158 @@ async def _read_json(request: web.Request, usage: str) -> object:
         raise BadRequest(f"the body is not valid JSON ({reason}); send {usage}") from None
 
 
-async def _switch_request(request: web.Request) -> SwitchRequest:
-    raw = await _read_json(request, '{"model_spec": "MODEL [ARGS]"}')
+def _validated(model: type[Body], raw: object, what: str, usage: str) -> Body:
+    """``raw`` (a request's JSON) as ``model``, or a 400/422 that says what is wrong."""
     if not isinstance(raw, dict):
-        raise BadRequest('the body must be a JSON object: {"model_spec": "MODEL [ARGS]"}')
+        raise BadRequest(f"the body must be a JSON object: {usage}")
     try:
-        return SwitchRequest.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
         )
         raise ProxyError(
-            f'invalid switch request ({problems}); send {{"model_spec": "MODEL [ARGS]"}}',
+            f"invalid {what} request ({problems}); send {usage}",
             status=422,
             type="invalid_request_error",
         ) from None
+
+
+async def _switch_request(request: web.Request) -> SwitchRequest:
+    usage = '{"model_spec": "MODEL [ARGS]"}'
+    return _validated(SwitchRequest, await _read_json(request, usage), "switch", usage)
+
+
+def _resolved(request: web.Request, text: str, param: str) -> tuple[ModelSpec, str | None]:
+    """A spec or catalogue name resolved under the proxy's policy (400 or 403 if refused)."""
+    settings = request.app[SETTINGS]
+    try:
+        return resolve(
+            text,
+            settings.models,
+            policy=settings.model_policy,
+            denied_flags=settings.effective_denied_flags,
+        )
+    except SpecError as exc:
+        raise BadRequest(str(exc), param=param) from None
+    except PolicyError as exc:
+        raise ProxyError(str(exc), status=403, type="permission_error", param=param) from None
 
 
 @routes.post("/switch")
 async def switch(request: web.Request) -> web.Response:
     """Load a model (stopping the current one); 200 when ready, 202 with ``"wait": false``."""
     body = await _switch_request(request)
-    settings = request.app[SETTINGS]
-    try:
-        spec, _ = resolve(
-            body.model_spec,
-            settings.models,
-            policy=settings.model_policy,
-            denied_flags=settings.effective_denied_flags,
-        )
-    except SpecError as exc:
-        raise BadRequest(str(exc), param="model_spec") from None
-    except PolicyError as exc:
-        raise ProxyError(str(exc), status=403, type="permission_error", param="model_spec") from None
+    spec, entry = _resolved(request, body.model_spec, "model_spec")
     supervisor = request.app[SUPERVISOR]
     if not body.wait:
-        supervisor.switch_in_background(spec, force=body.force)
+        supervisor.switch_in_background(spec, force=body.force, entry=entry)
         accepted = {**to_json(supervisor.status()), "accepted_model_spec": spec.text}
         return _json(accepted, status=202)
-    return _json(to_json(await supervisor.switch(spec, force=body.force)))
+    return _json(to_json(await supervisor.switch(spec, force=body.force, entry=entry)))
+
+
+@routes.post("/load")
+async def load(request: web.Request) -> web.Response:
+    """Load a model beside the others (a catalogue entry, or a free-form spec where the policy
+    allows it); 200 when ready, 202 with ``"wait": false``. Models in its way are unloaded."""
+    usage = '{"model": "NAME", "wait": true}'
+    body = _validated(LoadRequest, await _read_json(request, usage), "load", usage)
+    spec, entry = _resolved(request, body.model, "model")
+    supervisor = request.app[SUPERVISOR]
+    try:
+        footprint = request.app[SETTINGS].footprint(spec, entry, supervisor.node)
+    except SpecError as exc:
+        raise BadRequest(str(exc), param="model") from None
+    name = entry or supervisor.names_for(spec, None)[0].served_name
+    result = await asyncio.shield(supervisor.load(name, spec, footprint, wait=body.wait))
+    return _json(to_json(result), status=200 if body.wait else 202)
+
+
+@routes.post("/unload")
+async def unload(request: web.Request) -> web.Response:
+    """Drain, then stop one instance (``"force": true`` cuts its requests instead)."""
+    usage = '{"model": "NAME"}'
+    body = _validated(UnloadRequest, await _read_json(request, usage), "unload", usage)
+    return _json(to_json(await asyncio.shield(_unload(request, body))))
+
+
+async def _unload(request: web.Request, body: UnloadRequest) -> UnloadResult:
+    supervisor = request.app[SUPERVISOR]
+    instance, ran = await supervisor.unload(body.model, drain=not body.force)
+    return UnloadResult(
+        changed=ran,
+        name=instance.name,
+        message=f"{instance.name} is unloaded" if ran else f"{instance.name} was not loaded",
+        status=supervisor.status(),
+    )
 
 
 @routes.post("/stop")
 async def stop(request: web.Request) -> web.Response:
-    """Stop vLLM (after draining in-flight requests; ``{"force": true}`` or ``?force=1`` cuts them)."""
+    """Stop every vLLM instance, or ``{"model": NAME}`` one (after draining in-flight requests;
+    ``{"force": true}`` or ``?force=1`` cuts them)."""
     force = request.query.get("force", "").lower() in ("1", "true", "yes")
+    model = None
     if request.can_read_body:
-        body = await _read_json(request, 'an empty body or JSON like {"force": true}')
+        body = await _read_json(request, 'an empty body or JSON like {"force": true} or {"model": "NAME"}')
         force = force or (isinstance(body, dict) and bool(body.get("force")))
+        if isinstance(body, dict) and body.get("model") is not None:
+            if not isinstance(body["model"], str):
+                raise BadRequest("model must be the name of a model (a string)", param="model")
+            model = body["model"]
     supervisor = request.app[SUPERVISOR]
+    if model is not None:
+        await asyncio.shield(supervisor.unload(model, drain=not force))
+        return _json(to_json(supervisor.status()))
     return _json(to_json(await asyncio.shield(supervisor.stop(drain=not force))))
+
+
+#: A model's ``status`` in ``GET /v1/models``, by its instance's state.
+MODEL_STATUS = {
+    ProcessState.READY: "ready",
+    ProcessState.STARTING: "loading",
+    ProcessState.DRAINING: "stopping",
+    ProcessState.STOPPING: "stopping",
+    ProcessState.STOPPED: "stopped",
+    ProcessState.FAILED: "failed",
+}
+
+
+def _card(
+    name: str, root: str | None, status: str, created: datetime | None, **extra: object
+) -> dict[str, object]:
+    """One model as OpenAI's ``GET /v1/models`` lists it (vLLM's fields), with its ``status``."""
+    stamp = int((created or datetime.now(timezone.utc)).timestamp())
+    card: dict[str, object] = {"id": name, "object": "model", "created": stamp, "owned_by": "vllm"}
+    return {**card, "root": root, "parent": None, "status": status, **extra}
+
+
+def model_cards(request: web.Request) -> list[dict[str, object]]:
+    """Every name a request may use: the names each instance answers to, then the catalogue
+    entries not listed yet, each with its ``status`` (``ready``, ``loading``, ``stopping``,
+    ``stopped``, ``failed``)."""
+    supervisor = request.app[SUPERVISOR]
+    cards: dict[str, dict[str, object]] = {}
+    for item in supervisor.instance_statuses():
+        loading = item.switching and item.state is not ProcessState.READY
+        status = "loading" if loading else MODEL_STATUS[item.state]
+        root = ModelSpec.parse(item.model_spec).model if item.model_spec else None
+        for name in item.served_names:
+            if name not in cards or status == "ready":
+                cards[name] = _card(name, root, status, item.started_at, instance=item.name)
+    for key, entry in request.app[SETTINGS].models.items():
+        if key not in cards:
+            cards[key] = _card(key, entry.model, "stopped", None)
+    return list(cards.values())
+
+
+async def v1_models(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models``: answered by the proxy when requests are routed by model (several
+    models, or a catalogue); otherwise vLLM answers, as always."""
+    if request.method not in ("GET", "HEAD") or not request.app[SUPERVISOR].routing:
+        return await request.app[PASSTHROUGH].handle(request)
+    return _json({"object": "list", "data": model_cards(request)})
 
 
 @routes.get("/models/catalog")
@@ -128,7 +244,7 @@ def _open_log(request: web.Request) -> Iterator[int]:
     """The current launch's log file, opened (a descriptor), or a 404 that says there is none
     yet. Its name is read and opened in one step of the event loop, so a log that gets its
     final name meanwhile (``Supervisor._start``) is still the one read."""
-    path = request.app[SUPERVISOR].current_log()
+    path = request.app[SUPERVISOR].current_log(request.query.get("model"))
     try:
         fd = os.open(path, os.O_RDONLY) if path is not None else -1
     except FileNotFoundError:
@@ -188,7 +304,8 @@ async def logs_stream(request: web.Request) -> web.StreamResponse:
             headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        async for chunk in follow(fd, lines, lambda: supervisor.log_is_live(fd)):
+        model = request.query.get("model")
+        async for chunk in follow(fd, lines, lambda: supervisor.log_is_live(fd, model)):
             await response.write(chunk)
         await response.write_eof()
     return response
@@ -216,12 +333,20 @@ def own_routes() -> OwnRoutes:
     return OwnRoutes(methods_by_path())
 
 
+#: The proxy's paths that vLLM has too, with other methods: those methods go to vLLM
+#: (vLLM's ``GET /load`` is its server load; the proxy's ``POST /load`` loads a model).
+SHARED_WITH_VLLM = {"/load": ("GET", "HEAD")}
+
+
 def method_not_allowed(
     path: str, methods: list[str]
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     allowed = ", ".join(methods)
+    vllms = SHARED_WITH_VLLM.get(path, ())
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        if request.method in vllms:
+            return await request.app[PASSTHROUGH].handle(request)
         raise ProxyError(
             f"{request.method} is not allowed on {path}, which is the proxy's own route: use {allowed}",
             status=405,

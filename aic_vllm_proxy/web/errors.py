@@ -6,6 +6,7 @@ answer a request that finds no model with the same bytes."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from aic_vllm_proxy.errors import (
     EngineError,
+    ModelNotFound,
     ModelUnavailable,
     StartFailure,
     SwitchCancelled,
@@ -29,6 +31,7 @@ class Answer:
     status: int
     type: str
     retry_after: int | None = None
+    code: str | None = None  # the error's ``code`` when not the status (OpenAI's own codes)
 
 
 #: Error (or error and its reason) -> the HTTP answer. Every engine error has a row.
@@ -37,6 +40,8 @@ TABLE: dict[object, Answer] = {
     Unavailable.LOAD_TIMEOUT: Answer(503, "model_unavailable", retry_after=10),
     Unavailable.FAILED: Answer(503, "model_unavailable", retry_after=30),
     Unavailable.NOTHING_LOADED: Answer(503, "model_unavailable"),
+    Unavailable.NO_ROOM: Answer(503, "model_unavailable", retry_after=10),
+    ModelNotFound: Answer(404, "invalid_request_error", code="model_not_found"),
     StartFailure.EXITED: Answer(500, "switch_failed"),
     StartFailure.CANNOT_RUN: Answer(500, "switch_failed"),
     StartFailure.TIMEOUT: Answer(504, "switch_failed"),
@@ -49,7 +54,12 @@ TABLE: dict[object, Answer] = {
 
 def _row(exc: EngineError) -> tuple[Answer, dict[str, Any]]:
     if isinstance(exc, ModelUnavailable):
-        return TABLE[exc.why], {"state": exc.state}
+        answer = TABLE[exc.why]
+        if exc.retry_after is not None:
+            answer = Answer(answer.status, answer.type, retry_after=max(1, math.ceil(exc.retry_after)))
+        return answer, {"state": exc.state}
+    if isinstance(exc, ModelNotFound):
+        return TABLE[ModelNotFound], {"param": "model"}
     if isinstance(exc, SwitchFailed):
         return TABLE[exc.failure], {"exit_code": exc.exit_code, "log_tail": exc.log_tail, "state": exc.state}
     for kind in type(exc).__mro__:
@@ -62,6 +72,8 @@ def http_error(exc: EngineError) -> ProxyError:
     """The HTTP answer for an engine error."""
     answer, extra = _row(exc)
     headers = {"Retry-After": str(answer.retry_after)} if answer.retry_after is not None else None
+    if answer.code is not None:
+        extra["code"] = answer.code
     return ProxyError(exc.message, status=answer.status, type=answer.type, headers=headers, **extra)
 
 
