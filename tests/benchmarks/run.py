@@ -7,9 +7,10 @@ one upstream.
     python -m tests.benchmarks --only streaming --targets direct,proxy
     python -m tests.benchmarks --only streaming --profile .bench/profile
 
-Sections: latency, throughput, streaming, memory, readiness. Prints a table (rows: metric;
-columns: direct, proxy, relay, nginx, litellm, the target and whether the proxy meets it) and
-writes everything measured to a JSON file. Progress goes to stderr.
+Sections: latency, throughput, streaming, memory, readiness, routing (in process: what reading
+a request's ``model`` costs, also ``python -m tests.benchmarks.model_field``). Prints a table
+(rows: metric; columns: direct, proxy, relay, nginx, litellm, the target and whether the proxy
+meets it) and writes everything measured to a JSON file. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import load, sections
+from . import load, model_field, sections
 from .profile import Profiler
 from .sections import FULL, QUICK, Bench, Target
 from .targets import REPO, LiteLLM, Nginx, Proxy, Relay, upstream_command
 
-SECTIONS = ("latency", "throughput", "streaming", "memory", "readiness")
+SECTIONS = ("latency", "throughput", "streaming", "memory", "readiness", "routing")
 TARGETS = ("direct", "proxy", "relay", "nginx", "litellm")
 MODEL = "bench"
 SIM_FLAGS = "--sim-import-delay 0 --sim-load-delay 0.1 --disable-uvicorn-access-log --disable-log-stats"
@@ -245,6 +246,20 @@ def rows(results: dict[str, Any]) -> list[Row]:
             ("5. readiness noticed, median (ms)", {"proxy": ready["median_ms"]}, "", None),
             ("   readiness noticed, max (ms)", {"proxy": worst}, "<= 100", _check(worst, 100)),
         ]
+    routing = sec.get("routing")
+    if routing:
+        limit = routing["target_us"]
+        for i, (name, row) in enumerate(routing["bodies"].items()):
+            us = row["ns_per_call"] / 1000
+            typical = row["typical"]
+            out.append(
+                (
+                    f"{'6.' if i == 0 else '  '} model of a {name} body (us)",
+                    {"proxy": us},
+                    f"<= {limit:g}" if typical else "",
+                    _check(us, limit) if typical else None,
+                )
+            )
     return out
 
 
@@ -318,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     started: list[Any] = []
     log(f"benchmark ({results['mode']}): sections {', '.join(args.sections)}; targets {', '.join(wanted)}")
     log(f"  work directory {workdir} (--keep keeps it); load average {results['loadavg_start']}")
+    if "routing" in args.sections:
+        log("routing")
+        results["sections"]["routing"] = model_field.measure(quick=args.quick)
     try:
         proxy = bytes_proxy = nginx = relay = litellm = None
         if sim_sections:
