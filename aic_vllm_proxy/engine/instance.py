@@ -73,6 +73,11 @@ def _cancelled_by_stop(spec: ModelSpec) -> str:
     return f"the switch to {spec.model} was cancelled by a stop"
 
 
+def _launched(launch: Launch) -> dict[str, object]:
+    """The hook context's instance fields for a stop of ``launch``: as when it was launched."""
+    return {"instance": launch.instance, "gpus": launch.gpus}
+
+
 @dataclass
 class StopOutcome:
     """What stopping a model did: hook reports, requests drained and cut at the deadline."""
@@ -408,6 +413,8 @@ class Instance:
         env = child_env(self.settings)
         if self.gpus is not None:
             env.update(child_cuda_env(self.gpus))
+            # CUDA numbers GPUs fastest first by default; the ids given are nvidia-smi's (NVML's).
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         return env
 
     def _spawn(self, coro: Awaitable[object], into: set[asyncio.Task[object]] | None = None) -> None:
@@ -419,6 +426,9 @@ class Instance:
     def _context(self, event: str, **fields: object) -> HookContext:
         snap = self.machine.snapshot
         values: dict[str, object] = {
+            "instance": self.name,
+            "gpus": self.gpus or (),
+            "port": self.port,
             "old_spec": snap.model_spec,
             "new_spec": None,
             "log_path": snap.log_path,
@@ -430,9 +440,6 @@ class Instance:
             settings=self.settings,
             vllm_base=str(self.base),
             session=self._session(),
-            instance=self.name,
-            gpus=self.gpus or (),
-            port=self.port,
             **values,  # type: ignore[arg-type]
         )
 
@@ -624,6 +631,8 @@ class Instance:
             guard_fd=None,
             guard=None,
             upstream_headers={"Authorization": f"Bearer {key}"} if key else {},
+            instance=self.name,
+            gpus=self.gpus or (),
         )
         self._launch = launch
         self._spawn(self._watch_exit(launch), into=self._watchers)
@@ -683,6 +692,7 @@ class Instance:
                 error=message,
                 exit_code=code,
                 log_tail=tail,
+                **_launched(launch),
             )
         )
         self._maybe_restart(launch.spec)
@@ -771,7 +781,8 @@ class Instance:
         if self.machine.state is not S.STOPPING:
             await self.machine.transition(S.STOPPING)
         if not launch.exited.is_set():
-            outcome.reports += await self.hooks.call(self._context("pre_stop", pid=launch.pgid))
+            context = self._context("pre_stop", pid=launch.pgid, **_launched(launch))
+            outcome.reports += await self.hooks.call(context)
         closed = self._cut_upstreams()
         if closed:
             log.info("closed %d in-flight upstream request(s) of the stopping model", closed)
@@ -779,7 +790,8 @@ class Instance:
         if self._launch is launch:
             self._launch = None
         await self.machine.transition(S.STOPPED, exit_code=launch.exit_code)
-        outcome.reports += await self.hooks.call(self._context("post_stop", pid=launch.pgid))
+        context = self._context("post_stop", pid=launch.pgid, **_launched(launch))
+        outcome.reports += await self.hooks.call(context)
         return outcome
 
     def _stop_grace(self) -> float:

@@ -50,6 +50,10 @@ class Launch:
     upstream_headers: dict[str, str]
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int | None = None
+    #: The instance it was launched for: its name and GPUs then (the slot takes the next
+    #: model's before it stops this one: hooks about this run are told these).
+    instance: str = ""
+    gpus: tuple[str, ...] = ()
 
     @property
     def pgid(self) -> int:

@@ -246,6 +246,9 @@ class Supervisor:
             try:
                 await instance.wait_for_model(left)
             except ModelUnavailable as exc:
+                failed = self._load_error(instance)
+                if failed is not None:
+                    raise failed from None  # its load was refused or failed: say why
                 # It went (idle TTL, eviction) while the request waited: load it again once.
                 again = exc.why is Unavailable.NOTHING_LOADED and model is not None and self.routing
                 if attempt == 1 and again and self.settings.on_demand_enabled:
@@ -264,6 +267,14 @@ class Supervisor:
             raise ModelNotFound(model, self.known_names())
         spec, footprint = self._entry_spec(entry)
         return await self.ensure(entry, spec, footprint, deadline=deadline)
+
+    def _load_error(self, instance: Instance) -> EngineError | None:
+        """Why the last load of ``instance`` failed (a veto, vLLM's error), if it did."""
+        task = self._loads.get(instance)
+        if task is None or not task.done() or task.cancelled():
+            return None
+        exc = task.exception()
+        return exc if isinstance(exc, EngineError) else None
 
     def _entry_named(self, name: str) -> str | None:
         for key, entry in self.settings.models.items():

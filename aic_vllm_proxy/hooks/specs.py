@@ -109,9 +109,11 @@ class HookSpecs:
 
     @hookspec
     def pre_switch(self, ctx: HookContext) -> Any:
-        """Before a switch stops anything. Raise :class:`Veto` to refuse the switch: the caller of
-        ``/switch`` gets a 409 with the reason and the running model keeps running. Typical
-        uses: site allow-lists, checking that the GPUs have room for the new model."""
+        """Before a switch stops anything, and before every load of a model beside the others
+        (``POST /load``, a request that names a catalogue model, ``preload``; the instances in
+        its way are already unloaded then). Raise :class:`Veto` to refuse it: the caller gets a
+        409 with the reason and the running model keeps running. Typical uses: site
+        allow-lists, checking that the instance's GPUs (``ctx.gpus``) have room."""
 
     @hookspec
     def post_switch(self, ctx: HookContext) -> Any:
@@ -120,7 +122,8 @@ class HookSpecs:
 
     @hookspec
     def pre_stop(self, ctx: HookContext) -> Any:
-        """Before SIGTERM is sent to a running vLLM (for a switch, ``/stop`` or shutdown)."""
+        """Before SIGTERM is sent to a running vLLM: for a switch, ``/stop``, ``/unload``, an
+        eviction to make room, a TTL expiry or shutdown (``ctx.instance`` says which)."""
 
     @hookspec
     def post_stop(self, ctx: HookContext) -> Any:
