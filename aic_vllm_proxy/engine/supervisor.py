@@ -59,6 +59,7 @@ S = ProcessState
 PRIMARY = "primary"
 #: The longest a TTL check sleeps when no instance expires sooner (a change wakes it earlier).
 TTL_CHECK = 30.0
+TTL_MIN_CHECK = 0.5
 #: A load that finds the instances in its way protected (young and busy) looks again this often
 #: at the latest (any change of an instance wakes it earlier).
 ROOM_RECHECK = 1.0
@@ -88,7 +89,9 @@ class Supervisor:
         self._lock = asyncio.Lock()  # one placement at a time
         self._placing: dict[str, asyncio.Task[Instance]] = {}  # loads being placed, by name
         self._loads: dict[Instance, asyncio.Task[SwitchResult]] = {}  # each one's last load
-        self._changed = asyncio.Event()  # set on any change of any instance (then replaced)
+        self._changed = asyncio.Event()  # set on a change of any instance (then replaced)
+        self._listening = 0  # placements waiting for a change (else nothing to wake)
+        self._expiring: set[Instance] = set()  # TTL stops under way
         self._tasks: set[asyncio.Task[object]] = set()
         self._ttl_task: asyncio.Task[None] | None = None
         self.primary = self.slot
@@ -128,9 +131,11 @@ class Supervisor:
         self._wake()
 
     def _wake(self) -> None:
-        """Wake whoever waits for a change in the fleet (TTL checks, loads waiting for room)."""
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        """Wake the loads waiting for room (:meth:`_make_room`) after any change of an instance:
+        a state, or its last request finished. Nothing to do (on every request) when none waits."""
+        if self._listening:
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
 
     def _reindex(self) -> None:
         """Rebuild the name -> instance table (after any change) and the primary."""
@@ -365,8 +370,12 @@ class Supervisor:
                         retry_after=None if pinned_only else (plan.retry_after or ROOM_RECHECK * 10),
                     )
                 wait = ROOM_RECHECK if left is None else min(ROOM_RECHECK, left)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), wait)
+                self._listening += 1
+                try:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(changed.wait(), wait)
+                finally:
+                    self._listening -= 1
                 continue
             by_name = {i.name: i for i in self.instances}
             going = [by_name[n] for n in plan.evictions]
@@ -498,6 +507,7 @@ class Supervisor:
         slot.name = entry or spec.served_name
         _apply(slot, footprint, self.names_for(spec, entry)[1])
         self._used(slot)
+        self._ensure_ttl_task()
 
     async def _before_slot_start(self, spec: ModelSpec) -> None:
         """Before the slot launches: the other instances on its GPUs (or under its name) are
@@ -547,19 +557,31 @@ class Supervisor:
 
     async def _expire_idle(self) -> None:
         """Unload each instance idle for its ``ttl`` (``pre_stop``/``post_stop`` run as for any
-        stop); sleeps until the next expiry or a change."""
+        stop). It looks again at the next expiry, and at least every tenth of the shortest ttl
+        (an instance that goes idle is not waited for: requests cost nothing here), so an
+        instance goes at most a tenth of its ttl late."""
         while True:
             now = time.monotonic()
-            views = {i: i.view() for i in self.instances}
-            for instance, view in views.items():
+            sleep = TTL_CHECK
+            for instance in self.instances:
+                if instance.ttl <= 0:
+                    continue
+                sleep = min(sleep, max(instance.ttl / 10, TTL_MIN_CHECK))
+                view = instance.view()
                 if expired(view, instance.ttl, now):
-                    log.info("unloading %s: idle for %g s (its ttl)", instance.name, instance.ttl)
-                    self._spawn(instance.stop(drain=True))
-            due = [w for i, v in views.items() if (w := expires_at(v, i.ttl)) is not None and w > now]
-            sleep = min([*(w - now for w in due), TTL_CHECK])
-            changed = self._changed
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), max(sleep, 0.05))
+                    if instance not in self._expiring:
+                        self._expiring.add(instance)
+                        self._spawn(self._expire(instance))
+                elif (due := expires_at(view, instance.ttl)) is not None:
+                    sleep = min(sleep, due - now)
+            await asyncio.sleep(max(sleep, TTL_MIN_CHECK))
+
+    async def _expire(self, instance: Instance) -> None:
+        try:
+            log.info("unloading %s: idle for %g s (its ttl)", instance.name, instance.ttl)
+            await instance.stop(drain=True)
+        finally:
+            self._expiring.discard(instance)
 
     def _spawn(self, coro: Awaitable[object]) -> None:
         task: asyncio.Task[object] = asyncio.ensure_future(coro)
