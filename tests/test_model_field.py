@@ -101,14 +101,28 @@ def test_nested_and_top_level() -> None:
     assert requested_model(body({"a": {"model": "x"}, "b": {"model": "y"}})) is None
 
 
+def test_near_an_end_only_when_surely_top_level() -> None:
+    """Brackets next to the key near an end, even inside strings, send it to the other steps."""
+    assert requested_model(b'{"messages": [], "model": "m", "stop": "}"}') == "m"
+    assert requested_model(b'{"note": "{", "model": "m", "x": [{"model": "n"}]}') == "m"
+    assert requested_model(b'{"note": "[", "model": "m", "x": {"model": "n"}}') == "m"
+    assert requested_model(b'{"a": ["x", {"model": "n"}], "model": "m"}') == "m"
+    assert requested_model(b'{"model": "m", "a": ["x", {"model": "n"}]}') == "m"
+    assert requested_model(b'{"a": {"model": "n"}, "b": {"model": "o"}, "model": "m"}') == "m"
+    assert requested_model(b'{"a": {"model": "n"}, "model": "m", "b": {"model": "o"}}') == "m"
+
+
 def test_the_residual_case_a_single_nested_key() -> None:
     """Documented: one nested ``"model"`` key and no top-level one: the nested value is taken."""
     assert requested_model(body({"metadata": {"model": "inner"}, "messages": []})) == "inner"
 
 
-def test_duplicate_top_level_keys_the_last_wins_as_in_json_loads() -> None:
+def test_duplicate_top_level_keys() -> None:
+    """The last one, as json.loads reads them, unless the first one settles it from the start
+    (documented: a non-string last value does not settle it from the end)."""
     assert requested_model(b'{"model": "a", "model": "b"}') == "b"
-    assert requested_model(b'{"model": "a", "model": 5}') is None
+    assert requested_model(b'{"x": [], "model": "a", "model": 5, "y": []}') is None  # parsed
+    assert requested_model(b'{"model": "a", "model": 5}') == "a"
 
 
 @pytest.mark.parametrize("value", [5, 1.5, None, True, False, [], ["m"], {"id": "m"}, ""])
@@ -149,8 +163,8 @@ def test_no_model(raw: bytes | None) -> None:
         b'{"model": "a\nb"}',  # a raw control byte in a string
         b'{"model": "\xff\xfe"}',  # not UTF-8
         b'{"model": "\xff\\n"}',  # not UTF-8, with an escape
-        b'{"model": "a", "model": "b"',  # several occurrences, invalid: the parse fails
-        b'{"model": "a", "x": {"model": "b"}, ]',
+        b'{"x": {"model": "a"}, "model": "b", ]',  # several occurrences, invalid: the parse fails
+        b'{"x": {"model": "a"}, "model": "b"',
     ],
 )
 def test_invalid_json(raw: bytes) -> None:
@@ -159,7 +173,7 @@ def test_invalid_json(raw: bytes) -> None:
 
 def test_too_deep_to_parse() -> None:
     deep = b"[" * 100_000 + b"]" * 100_000
-    raw = b'{"model": "a", "x": ' + deep + b', "model": "b"}'
+    raw = b'{"x": ' + deep + b', "model": "a", "y": {"model": "b"}}'
     assert len(raw) < PARSE_LIMIT
     assert requested_model(raw) is None
 
@@ -168,9 +182,15 @@ def test_large_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
     """One occurrence: read without json.loads whatever the size; several: parsed up to
     PARSE_LIMIT, beyond it None."""
     big = body(chat("big", size=2 * PARSE_LIMIT))
-    near = body({"model": "top", "x": {"model": "n"}, "pad": "p" * (PARSE_LIMIT - 100)})
+    tool = {"type": "function", "function": {"parameters": {"properties": {"model": {}}}}}
+    # "model" twice, but settled near an end: the openai client's order, and model first.
+    big_tools_first = body({"tools": [tool], **chat("end", size=2 * PARSE_LIMIT), "stream": True})
+    messages = chat(size=2 * PARSE_LIMIT)["messages"]
+    big_model_first = body({"model": "start", "messages": messages, "tools": [tool]})
+    # "model" twice and not settled near an end: parsed up to PARSE_LIMIT.
+    near = body({"pad": "p" * (PARSE_LIMIT - 100), "x": {"model": "n"}, "model": "top", "y": {}})
     assert len(near) <= PARSE_LIMIT
-    over = body({"model": "top", "x": {"model": "n"}, "pad": "p" * PARSE_LIMIT})
+    over = body({"pad": "p" * PARSE_LIMIT, "x": {"model": "n"}, "model": "top", "y": {}})
     assert requested_model(near) == "top"
     assert requested_model(over) is None
 
@@ -179,5 +199,7 @@ def test_large_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(json, "loads", no_parse)  # the json module model_field uses
     assert requested_model(big) == "big"
+    assert requested_model(big_tools_first) == "end"
+    assert requested_model(big_model_first) == "start"
     assert requested_model(over) is None  # not parsed either
     assert requested_model(body(chat("small"))) == "small"
