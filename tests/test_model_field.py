@@ -4,6 +4,7 @@ without a full parse where that is safe. Pure unit tests (no process, no socket)
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
@@ -203,3 +204,42 @@ def test_large_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
     assert requested_model(big_model_first) == "start"
     assert requested_model(over) is None  # not parsed either
     assert requested_model(body(chat("small"))) == "small"
+
+
+def test_agrees_with_json_loads_on_random_documents() -> None:
+    """Differential: random JSON objects (brackets, quotes, backslashes, "model" in keys and
+    strings and values, nested "model" keys, padding past the windows, two layouts) read as
+    json.loads reads them, the documented single-nested-key case aside."""
+    rng = random.Random(13)
+    pieces = ["model", "a", "b}", "{x", "[", "]", '"q"', "\\", "é", "😀", " ", 'model"', ":", ","]
+
+    def text() -> str:
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
+
+    def value(depth: int) -> Any:
+        pick = rng.random()
+        if depth > 3 or pick < 0.4:
+            return rng.choice([text(), 1, None, True, 2.5])
+        if pick < 0.7:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(["model", "messages", text()]): value(depth + 1) for _ in range(rng.randint(0, 3))}
+
+    def has_model_key(node: Any) -> bool:
+        if isinstance(node, dict):
+            return "model" in node or any(has_model_key(v) for v in node.values())
+        return isinstance(node, list) and any(has_model_key(v) for v in node)
+
+    for _ in range(3000):
+        items = [(rng.choice(["messages", "x", text()]), value(0)) for _ in range(rng.randint(0, 4))]
+        if rng.random() < 0.6:
+            items.insert(rng.randint(0, len(items)), ("model", rng.choice([text(), "m", 5, None, ""])))
+        if rng.random() < 0.5:
+            items.insert(rng.randint(0, len(items)), ("pad", "p" * rng.choice([500, 1100, 3000])))
+        doc = dict(items)
+        layout: dict[str, Any] = rng.choice([{"separators": (",", ":")}, {"indent": 2}, {}])
+        raw = json.dumps(doc, ensure_ascii=rng.random() < 0.5, **layout).encode()
+        wanted = doc.get("model")
+        wanted = wanted if isinstance(wanted, str) and wanted else None
+        got = requested_model(raw)
+        if got != wanted:
+            assert "model" not in doc and has_model_key(doc), raw  # the documented case
