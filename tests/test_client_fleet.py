@@ -9,6 +9,7 @@ a catalogue of models on GPU sets of their own (``--gpus 0,1``), so two run side
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -70,9 +71,11 @@ class TestLoadWatch:
         a = inst("a", S.READY, T0, gpus=["0"])
         watch, lines = self.watch("b", fleet(a, inst("b", S.STOPPED, gpus=["1"])))
         watch.begin()
-        watch.accepted(accepted(inst("b", S.STOPPED, model_spec="org/b --x 1", gpus=["1"])))
+        pending = inst("b", S.STOPPED, model_spec="org/b --x 1", gpus=["1"], switching=True)
+        watch.accepted(accepted(pending))
         assert watch.log_model == "b"
-        starting = fleet(a, inst("b", S.STARTING, T1, pid=7, log_path="/l", gpus=["1"]))
+        assert watch.observe(fleet(a, pending)) is None and not watch.wants_log(fleet(a, pending))
+        starting = fleet(a, inst("b", S.STARTING, T1, pid=7, log_path="/l", gpus=["1"], switching=True))
         assert watch.observe(starting) is None and watch.wants_log(starting)
         ready = inst("b", S.READY, T1, ready_at=T1 + timedelta(seconds=42), gpus=["1"], model="b")
         outcome = watch.observe(fleet(a, ready))
@@ -92,58 +95,55 @@ class TestLoadWatch:
         assert watch.result(outcome).load_seconds is None
 
     def test_a_load_already_under_way_is_waited_for(self) -> None:
-        watch, _ = self.watch("a", fleet(inst("a", S.STARTING, T0, pid=3, log_path="/l")))
-        watch.accepted(accepted(inst("a", S.STARTING, T0), changed=False))
-        assert watch.observe(fleet(inst("a", S.STARTING, T0))) is None
+        loading = inst("a", S.STARTING, T0, pid=3, log_path="/l", switching=True)
+        watch, _ = self.watch("a", fleet(loading))
+        watch.accepted(accepted(loading, changed=False))
+        assert watch.observe(fleet(loading)) is None
         outcome = watch.observe(fleet(inst("a", S.READY, T0, ready_at=T1)))
-        assert outcome is not None and outcome.ok and "a is ready after" in outcome.message
+        assert outcome is not None and outcome.ok and not outcome.changed
+        assert "a is ready after" in outcome.message
 
     def test_the_instances_unloaded_to_make_room_are_named(self) -> None:
-        c = inst("c", S.READY, T0, gpus=["0"])
-        other = inst("b", S.READY, T0, gpus=["1"])
-        watch, lines = self.watch("big", fleet(c, other, inst("big", S.STOPPED, gpus=["0"])))
-        watch.accepted(accepted(inst("big", S.STOPPED, gpus=["0"])))
-        big = inst("big", S.STOPPED, gpus=["0"])
-        draining = inst("c", S.DRAINING, T0, gpus=["0"], in_flight=2)
-        assert watch.observe(fleet(draining, other, big)) is None
-        gone_elsewhere = inst("b", S.STOPPING, T0, gpus=["1"])  # not on its GPUs: not in its way
-        assert watch.observe(fleet(inst("c", S.STOPPING, T0, gpus=["0"]), gone_elsewhere, big)) is None
-        outcome = watch.observe(fleet(inst("big", S.READY, T1, gpus=["0"])))
+        watch, lines = self.watch("big", fleet(inst("c", S.READY, T0, gpus=["0"])))
+        watch.accepted(accepted(inst("big", S.STOPPED, gpus=["0"], switching=True), evicted=["c"]))
+        outcome = watch.observe(fleet(inst("c", S.STOPPED, gpus=["0"]), inst("big", S.READY, T1, gpus=["0"])))
         assert outcome is not None and outcome.ok
         assert watch.result(outcome).evicted == ["c"]
-        assert self.shown(lines) == [
-            "waiting for 2 in-flight request(s) of c to finish",
-            "unloading c to make room",
-        ]
+        assert self.shown(lines) == ["unloaded c to make room"]
 
     def test_failures(self) -> None:
         before = fleet(inst("b", S.STOPPED, gpus=["1"]))
+        pending = inst("b", S.STOPPED, switching=True)
         watch, _ = self.watch("b", before)
-        watch.accepted(accepted(inst("b", S.STOPPED)))
+        watch.accepted(accepted(pending))
         failed = watch.observe(fleet(inst("b", S.FAILED, T1, error="vLLM exited with status 1")))
         assert failed is not None and not failed.ok and failed.has_log
         assert failed.message == "vLLM exited with status 1" and failed.state is S.FAILED
 
         refused, _ = self.watch("b", before)
-        refused.accepted(accepted(inst("b", S.STOPPED)))
-        assert refused.observe(before) is None  # not launched yet: room being made, hooks running
-        vetoed = refused.observe(fleet(inst("b", S.STOPPED, error="pre_switch of guard refused it")))
+        refused.accepted(accepted(pending))
+        assert refused.observe(fleet(pending)) is None  # not launched yet: its hooks are running
+        vetoed = refused.observe(before)  # the load is over, and nothing was launched
         assert vetoed is not None and not vetoed.ok and not vetoed.has_log
-        assert vetoed.message == "pre_switch of guard refused it"
+        assert (
+            vetoed.message
+            == "the load of b did not start: a plugin may have refused it; the proxy's own log says why"
+        )
+        said, _ = self.watch("b", before)
+        said.accepted(accepted(pending))
+        why = said.observe(fleet(inst("b", S.FAILED, error="cannot run vllm: no such file")))
+        assert why is not None and why.message == "the load of b did not start: cannot run vllm: no such file"
 
         gone, _ = self.watch("b", before)
-        gone.accepted(accepted(inst("b", S.STOPPED)))
+        gone.accepted(accepted(pending))
         vanished = gone.observe(fleet())
-        assert (
-            vanished is not None
-            and not vanished.ok
-            and "b was unloaded before it was ready" in vanished.message
-        )
+        assert vanished is not None and not vanished.ok
+        assert "b was unloaded before it was ready" in vanished.message
 
     def test_heartbeat_and_timeout_say_how_to_go_on(self) -> None:
         now = [0.0]
         watch, lines = self.watch("b", fleet(), timeout=10.0, clock=lambda: now[0])
-        watch.accepted(accepted(inst("b", S.STARTING, T1)))
+        watch.accepted(accepted(inst("b", S.STARTING, T1, switching=True)))
         now[0] = 40.0
         watch.tick()
         assert self.shown(lines) == ["still waiting: b is starting"]
@@ -337,24 +337,27 @@ def test_two_models_loaded_side_by_side_then_unloaded(daemon: Daemon) -> None:
 def test_load_errors(daemon: Daemon) -> None:
     lines: list[str] = []
     with VLLMProxyClient(daemon.url, progress=lines.append) as client:
+        track(daemon, [client.load("a", progress=False).instance])  # pinned on GPU 0, half of it
+        with pytest.raises(NoRoomError) as no_room:
+            client.load("big")  # 0.9 of GPU 0: a is pinned, nothing can go
+        assert no_room.value.status_code == 503 and no_room.value.retry_after is not None
+        assert "Cannot load big now" in str(no_room.value) and "a" in no_room.value.message
+        assert lines[-1].split("] ", 1)[1].startswith("FAILED: Cannot load big now")
+        assert set(running(client.instances())) == {"a"}
+
         with pytest.raises(UnknownModelError) as unknown:
-            client.load("nope")
-        assert unknown.value.status_code == 404
-        assert all(name in str(unknown.value) for name in ("big", "broken", "slow"))  # what would work
-        assert lines[-1].split("] ", 1)[1].startswith("FAILED: ")
+            client.unload("nope")
+        assert unknown.value.status_code == 404 and "'nope' does not exist" in str(unknown.value)
+        known = str(unknown.value).split("can be used: ", 1)[1]
+        assert "a" in re.findall(r"[\w-]+", known)  # the names that would work
 
         with pytest.raises(SwitchError) as failed:
             client.load("broken")
-        assert failed.value.state == "failed"
+        assert failed.value.state == "failed" and "FAILED: " in lines[-1]
         assert any("CUDA out of memory" in line for line in failed.value.log_tail)
         assert "CUDA out of memory" in str(failed.value)
         track(daemon, client.instances())
-
-        track(daemon, [client.load("a", progress=False).instance])  # pinned on GPU 0, half of it
-        with pytest.raises(NoRoomError) as no_room:
-            client.load("big", progress=False)  # 0.9 of GPU 0: a is pinned, nothing can go
-        assert no_room.value.status_code == 503 and "a" in no_room.value.message
-        assert set(running(client.instances())) == {"a"}
+        assert set(running(client.instances())) == {"a"}  # a kept running
         client.stop()
         assert running(client.instances()) == {}
 
@@ -388,10 +391,13 @@ def test_ps_load_unload_and_stop_model_commands(group: click.Group, daemon: Daem
     assert "loading a" in out and "vLLM started (pid" in out and "Loading weights took" in out
     assert out.rstrip().splitlines()[-1].split("] ", 1)[1].startswith("a is ready after")
 
-    result = invoke(group, "load", "--url", url, "--json", "--no-progress", "b")
+    result = invoke(group, "load", "--url", url, "--no-wait", "b")
+    assert result.exit_code == 0 and result.stdout.startswith("b is "), result.output  # the answer at once
+    result = invoke(group, "load", "--url", url, "--json", "--no-progress", "b")  # waits for it
     assert result.exit_code == 0, result.output
-    loaded = json.loads(result.stdout)
-    assert loaded["changed"] is True and loaded["instance"]["gpus"] == ["1"]
+    loaded = json.loads(result.stdout)  # stdout is pure JSON
+    assert loaded["name"] == "b" and loaded["instance"]["state"] == "ready"
+    assert loaded["instance"]["gpus"] == ["1"]
 
     listed = json.loads(invoke(group, "ps", "--url", url, "--json").stdout)
     track(daemon, [InstanceStatus.model_validate(item) for item in listed])
@@ -399,12 +405,13 @@ def test_ps_load_unload_and_stop_model_commands(group: click.Group, daemon: Daem
     table = invoke(group, "ps", "--url", url).stdout.splitlines()
     assert table[0].split()[:4] == ["NAME", "STATE", "MODEL", "GPUS"]
     rows = {cells[0]: cells for cells in (line.replace(" * ", "   ").split() for line in table[1:])}
-    assert rows["a"][1:5] == ["ready", "a", "0", "0.5"] and rows["a"][-2] == "yes"  # pinned
-    assert rows["b"][1:4] == ["ready", "b", "1"] and rows["b"][-2] == "-"
+    model = {i["name"]: i["model"] for i in listed}  # the served name vLLM reports
+    assert rows["a"][1:5] == ["ready", model["a"], "0", "0.5"] and rows["a"][-2] == "yes"  # pinned
+    assert rows["b"][1:4] == ["ready", model["b"], "1"] and rows["b"][-2] == "-"
     assert " * " in next(line for line in table if line.startswith("b "))  # the last loaded: primary
 
-    result = invoke(group, "load", "--url", url, "--no-progress", "nope")
-    assert result.exit_code == 1 and "nope" in result.stderr and "big" in result.stderr
+    result = invoke(group, "unload", "--url", url, "nope")
+    assert result.exit_code == 1 and "'nope' does not exist" in result.stderr
 
     assert invoke(group, "unload", "--url", url, "b").exit_code == 0
     result = invoke(group, "stop", "--url", url, "--model", "a")

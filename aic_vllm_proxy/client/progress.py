@@ -441,9 +441,6 @@ class SwitchWatch(Watch):
 
 # ------------------------------------------------------------------ following a load
 
-#: An instance in these states has (or is getting) a vLLM process.
-_RUNNING = (S.STARTING, S.READY, S.DRAINING)
-
 
 def find_instance(status: Status, name: str) -> InstanceStatus | None:
     """The instance ``name`` in ``status.instances``: by its name, else by a name it serves."""
@@ -460,18 +457,15 @@ def gpu_text(gpus: list[str]) -> str:
     return f"GPU{'s' if len(gpus) > 1 else ''} {', '.join(gpus)}"
 
 
-def _share_gpus(a: InstanceStatus, b: InstanceStatus) -> bool:
-    return not a.gpus or not b.gpus or bool(set(a.gpus) & set(b.gpus))
-
-
 class LoadWatch(Watch):
     """Follows the load of one instance of the fleet (``POST /load``) in ``GET /status``'s
-    ``instances``: its state changes, the instances unloaded to make room on its GPUs, and
-    its launch (whose log is then followed with ``?model=NAME``).
+    ``instances``: its state changes and its launch (whose log is then followed with
+    ``?model=NAME``), until it is ready or its load is over (``switching`` false).
 
     ``name`` is what was asked for (an entry or an alias); :meth:`accepted` takes the proxy's
-    answer to ``POST /load``, which names the instance. As for a switch, a launch is *new* when
-    the instance's ``started_at`` differs from the one in ``before``.
+    answer to ``POST /load``, which names the instance and the instances unloaded to make room.
+    As for a switch, a launch is *new* when the instance's ``started_at`` differs from the one
+    in ``before``.
     """
 
     def __init__(
@@ -489,7 +483,6 @@ class LoadWatch(Watch):
         self._was = find_instance(before, name)
         self._answer: LoadResult | None = None
         self.instance: InstanceStatus | None = self._was
-        self.evicted: list[str] = []
 
     # ------------------------------------------------------------------ output
 
@@ -504,7 +497,7 @@ class LoadWatch(Watch):
             self.name = self.log_model = answer.name
         self.instance = instance = answer.instance
         for name in answer.evicted:
-            self._unloaded(name)
+            self.show(f"unloaded {name} to make room")
         if answer.changed and instance.model_spec:
             self.show(f"{self.name}: {instance.model_spec} on {gpu_text(instance.gpus)}")
 
@@ -520,11 +513,6 @@ class LoadWatch(Watch):
 
     def interrupted(self) -> None:
         self.show(f"interrupted: the load goes on in the proxy (load() to wait, unload({self.name!r}))")
-
-    def _unloaded(self, name: str) -> None:
-        if name not in self.evicted:
-            self.evicted.append(name)
-            self.show(f"unloading {name} to make room")
 
     # ------------------------------------------------------------------ status
 
@@ -544,44 +532,30 @@ class LoadWatch(Watch):
     def observe(self, status: Status) -> Outcome | None:
         self.last = status
         instance = find_instance(status, self.name)
-        if instance is None:
+        if instance is None:  # a catalogue entry stays listed: a free-form one that failed
             last = self.instance
             new = last is not None and self.is_new_launch(last)
             message = f"{self.name} was unloaded before it was ready"
             return Outcome(False, status, message, has_log=new, instance=last)
         self.instance = instance
-        self._make_room(status, instance)
         new = self.is_new_launch(instance)
         if new and instance.pid is not None:
             self._once("launch", f"vLLM started (pid {instance.pid}), log {instance.log_path}")
         restart = self._answer is None or self._answer.changed  # else it was loaded (or loading)
-        if instance.state is S.READY and (new or not restart):
-            return self._success(status, instance, changed=new)
-        if instance.state not in (S.FAILED, S.STOPPED):
+        if instance.state is S.READY and (new or not (restart or instance.switching)):
+            return self._success(status, instance, changed=new and restart)
+        if instance.switching:
             return None
+        # The load is over and the instance is not ready: say what happened instead.
         if new or not restart:
             failed = instance.state is S.FAILED
             what = f"vLLM failed while starting {self.name}" if failed else None
             message = instance.error or what or f"{self.name} was stopped before it was ready"
             return Outcome(False, status, message, has_log=True, instance=instance)
-        if instance.error and instance.error != (self._was.error if self._was is not None else None):
-            return Outcome(False, status, instance.error, instance=instance)  # refused before a launch
-        return None  # not launched yet (room being made, hooks running)
-
-    def _make_room(self, status: Status, instance: InstanceStatus) -> None:
-        """Say which instances on its GPUs are drained and unloaded while it waits for room."""
-        now = {other.name: other for other in status.instances}
-        for other in self.before.instances:
-            if other.name == instance.name or other.state not in _RUNNING or not _share_gpus(other, instance):
-                continue
-            current = now.get(other.name)
-            if current is None or current.state in (S.STOPPING, S.STOPPED):
-                self._unloaded(other.name)
-            elif current.state is S.DRAINING and current.in_flight:
-                self._once(
-                    f"drain:{other.name}",
-                    f"waiting for {current.in_flight} in-flight request(s) of {other.name} to finish",
-                )
+        hint = "a plugin may have refused it; the proxy's own log says why"
+        error = instance.error if instance.error != (self._was.error if self._was else None) else None
+        message = f"the load of {self.name} did not start: {error or hint}"
+        return Outcome(False, status, message, instance=instance)
 
     def _success(self, status: Status, instance: InstanceStatus, *, changed: bool) -> Outcome:
         if not changed and self._was is not None and self._was.state is S.READY:
@@ -601,7 +575,7 @@ class LoadWatch(Watch):
             name=self.name,
             load_seconds=load_seconds(instance) if outcome.changed else None,
             total_seconds=round(self.elapsed, 3),
-            evicted=self.evicted,
+            evicted=self._answer.evicted if self._answer is not None else [],
             message=outcome.message,
             instance=instance,
             hook_reports=self._answer.hook_reports if self._answer is not None else [],
