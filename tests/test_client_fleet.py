@@ -31,6 +31,7 @@ from aic_vllm_proxy.client import (
 from aic_vllm_proxy.client.calls import _response_error
 from aic_vllm_proxy.client.progress import LoadWatch
 from aic_vllm_proxy.client.views import instances_table
+from aic_vllm_proxy.hooks import HookContext, Veto, hookimpl
 from aic_vllm_proxy.schemas import InstanceStatus, LoadResult, ProcessState, Status
 from aic_vllm_proxy.simulator.server import INSTANCE_HEADER, parse_instance_header
 
@@ -419,3 +420,34 @@ def test_ps_load_unload_and_stop_model_commands(group: click.Group, daemon: Daem
     result = invoke(group, "stop", "--url", url, "--model", "a")
     assert result.exit_code == 0 and result.stdout.strip() == "a was not running."
     assert not [i for i in json.loads(invoke(group, "ps", "--url", url, "--json").stdout) if i["pid"]]
+
+
+class RefuseB:
+    """A plugin that refuses every load of the entry ``b``."""
+
+    @hookimpl
+    async def pre_switch(self, ctx: HookContext) -> None:
+        if ctx.instance == "b":
+            raise Veto("b is not allowed during the maintenance window")
+
+
+async def test_a_refused_load_raises_and_the_others_keep_serving(make_proxy: Any) -> None:
+    """A plugin's veto ends the load before any launch: the client says the load did not start
+    (the proxy's 409 goes to the background load; /status does not carry the plugin's reason)."""
+    models = {
+        "a": {"model": "org/a", "args": FAST, "gpus": [0]},
+        "b": {"model": "org/b", "args": FAST, "gpus": [1]},
+    }
+    proxy = await make_proxy(models=models, gpus=("0", "1"), extra_plugins=[("maintenance", RefuseB())])
+    lines: list[str] = []
+    async with AsyncVLLMProxyClient(proxy.url, progress=lines.append) as client:
+        loaded = await client.load("a")
+        assert loaded.instance.pid is not None
+        proxy.groups.add(loaded.instance.pid)
+        with pytest.raises(SwitchError) as refused:
+            await client.load("b")
+        assert refused.value.message.startswith("the load of b did not start")
+        assert refused.value.state == "stopped" and refused.value.log_tail == []
+        assert lines[-1].split("] ", 1)[1].startswith("FAILED: the load of b did not start")
+        assert set(running(await client.instances())) == {"a"}
+        await client.stop()
