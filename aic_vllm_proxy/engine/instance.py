@@ -73,6 +73,16 @@ def _cancelled_by_stop(spec: ModelSpec) -> str:
     return f"the switch to {spec.model} was cancelled by a stop"
 
 
+#: The wall clock at one monotonic instant: monotonic times shown as dates (the same date for
+#: the same instant in every ``/status``, whatever the wall clock does meanwhile).
+_MONOTONIC_ZERO = time.monotonic()
+_WALL_ZERO = datetime.now(timezone.utc)
+
+
+def _wall(monotonic: float) -> datetime:
+    return _WALL_ZERO + timedelta(seconds=monotonic - _MONOTONIC_ZERO)
+
+
 def _launched(launch: Launch) -> dict[str, object]:
     """The hook context's instance fields for a stop of ``launch``: as when it was launched."""
     return {"instance": launch.instance, "gpus": launch.gpus}
@@ -207,7 +217,6 @@ class Instance:
         running = launch is not None and not launch.exited.is_set()
         view = self.view()
         expires = expires_at(view, self.ttl)
-        now, wall = time.monotonic(), datetime.now(timezone.utc)
         return InstanceStatus(
             name=self.name,
             model=snap.model,
@@ -221,15 +230,15 @@ class Instance:
             served_names=list(self.names),
             in_flight=self.in_flight,
             waiting=self.waiting,
-            last_used=wall - timedelta(seconds=now - self.last_used),
-            expires_at=None if expires is None else wall + timedelta(seconds=expires - now),
+            last_used=_wall(self.last_used),
+            expires_at=None if expires is None else _wall(expires),
             ttl=self.ttl,
             pinned=self.pinned,
             primary=primary,
             log_path=snap.log_path,
             started_at=snap.started_at,
             ready_at=snap.ready_at,
-            error=snap.error,
+            error=snap.error or self.last_switch_error,
         )
 
     def current_log(self) -> Path | None:
