@@ -460,3 +460,91 @@ async def test_unload_drains_then_stops_and_stop_takes_one_or_all(
     assert everything.status_code == 200, everything.text
     assert all(item["state"] == "stopped" for item in everything.json()["instances"])
     assert await f.holding() == {}
+
+
+# ------------------------------------------------------------------ found while writing these
+
+
+async def test_the_least_recently_used_counts_a_request_as_it_arrives(fleet: StartFleet) -> None:
+    """``last_used`` is "when a request last arrived or finished" (``placement.InstanceView``,
+    ``Instance.last_used``): of two busy instances, the one whose request came last stays."""
+    catalogue = (
+        entry("a", args=f"{FAST} {SLOW_TOKENS}") + entry("b", args=f"{FAST} {SLOW_TOKENS}") + entry("c")
+    )
+    f = await fleet(catalogue, "--gpus", "0", "--min-residency", "0", "--drain-timeout", "120")
+    await f.loaded("a")
+    await f.loaded("b")
+    tokens = 60  # 6 s
+    b_started, a_started = asyncio.Event(), asyncio.Event()
+    b_stream = asyncio.ensure_future(f.stream("b", tokens, b_started))
+    await asyncio.wait_for(b_started.wait(), DEADLINE)
+    a_stream = asyncio.ensure_future(f.stream("a", tokens, a_started))  # a is used last
+    await asyncio.wait_for(a_started.wait(), DEADLINE)
+
+    result = await f.loaded("c")  # one of the two busy ones must go: b, used least recently
+    streams = await asyncio.gather(a_stream, b_stream)
+    assert all(s.complete(tokens) for s in streams)  # drained, whichever went
+    assert result["evicted"] == ["b"], result
+
+
+@pytest.mark.parametrize(
+    ("min_residency", "target", "why"),
+    [("0", "big", "a is drained to make room"), ("30", "b", "a is young and busy: the load waits")],
+    ids=["drain", "anti-thrash-wait"],
+)
+async def test_making_room_on_one_gpu_does_not_hold_up_a_load_on_another(
+    fleet: StartFleet, min_residency: str, target: str, why: str
+) -> None:
+    """While a load waits for room on GPU 0 (``why``: a has a long stream in flight), a load
+    on GPU 1, where there is room, goes ahead: it is ready before a's stream ends."""
+    catalogue = (
+        entry("a", share=0.6, args=f"{FAST} {SLOW_TOKENS}")
+        + entry("b", share=0.6)
+        + entry("big", share=0.9)
+        + entry("c", gpus="[1]")
+    )
+    options = ("--gpus", "0,1", "--min-residency", min_residency, "--drain-timeout", "120")
+    f = await fleet(catalogue, *options)
+    await f.loaded("a")
+    tokens = 80  # 8 s
+    started = asyncio.Event()
+    streaming = asyncio.ensure_future(f.stream("a", tokens, started))
+    await asyncio.wait_for(started.wait(), DEADLINE)
+    waiting = asyncio.ensure_future(f.load(target))
+    if target == "big":
+        await f.wait_for("a draining", lambda i: i["a"]["state"] == "draining")
+    else:  # nothing to see in /status: a few round trips let the daemon take the load first
+        for _ in range(5):
+            await f.instances()
+    assert not waiting.done()
+    other = asyncio.ensure_future(f.load("c"))
+    done, _ = await asyncio.wait({streaming, other}, return_when=asyncio.FIRST_COMPLETED)
+    first = "c's load" if other in done else "a's stream"
+    streamed, loaded, on_gpu_1 = await asyncio.gather(streaming, waiting, other)
+    assert streamed.complete(tokens)
+    assert loaded.status_code == 200 and on_gpu_1.status_code == 200, (loaded.text, on_gpu_1.text)
+    assert first == "c's load", f"the load of c on GPU 1 waited until a's stream ended ({why})"
+
+
+async def test_a_request_waits_for_room_no_longer_than_its_wait_timeout(fleet: StartFleet) -> None:
+    """A request for b joins a load of b that waits for room (a is young and busy): it still
+    gets its 503 with ``Retry-After`` after ``--request-wait-timeout`` (2 s), not when a's
+    8 s stream ends."""
+    catalogue = entry("a", share=0.6, args=f"{FAST} {SLOW_TOKENS}") + entry("b", share=0.6)
+    options = ("--gpus", "0", "--min-residency", "30", "--request-wait-timeout", "2")
+    f = await fleet(catalogue, *options)
+    await f.loaded("a")
+    tokens = 80  # 8 s
+    started = asyncio.Event()
+    streaming = asyncio.ensure_future(f.stream("a", tokens, started))
+    await asyncio.wait_for(started.wait(), DEADLINE)
+    loading = asyncio.ensure_future(f.load("b"))  # waits for a (no deadline)
+    for _ in range(5):  # a few round trips let the daemon take the load first
+        await f.instances()
+    request = asyncio.ensure_future(f.chat("b"))
+    done, _ = await asyncio.wait({streaming, request}, return_when=asyncio.FIRST_COMPLETED)
+    first = "the request" if request in done else "a's stream"
+    streamed, loaded, answer = await asyncio.gather(streaming, loading, request)
+    assert streamed.complete(tokens) and loaded.status_code == 200, loaded.text
+    assert first == "the request", f"the request waited past its 2 s (answered {answer.status_code})"
+    assert answer.status_code == 503 and "Retry-After" in answer.headers, answer.text
