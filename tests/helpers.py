@@ -631,3 +631,26 @@ async def wait_status(
 async def wait_state(proxy: Any, state: str, timeout: float = 20) -> dict[str, Any]:
     """Poll the proxy's /status until its state is ``state`` (asserting it gets there)."""
     return await wait_status(proxy, lambda status: status["state"] == state, timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Added for the fleet suite (test_fleet.py).
+
+
+def free_port_run(count: int, attempts: int = 50) -> int:
+    """A port such that it and the ``count - 1`` ports after it are free now (a fleet's daemon
+    gives its instances the ports after ``--vllm-port``)."""
+    for _ in range(attempts):
+        base = free_port()
+        if base + count <= 65536 and all(_bindable(base + n) for n in range(1, count)):
+            return base
+    raise RuntimeError(f"no run of {count} free ports found")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
