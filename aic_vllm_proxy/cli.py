@@ -246,7 +246,8 @@ def cli(ctx: click.Context, /, **options: Any) -> None:
 @cli.command()
 @serve_options
 def serve(**options: Any) -> None:
-    """Run the daemon (no model is loaded until POST /switch)."""
+    """Run the daemon (no model runs until POST /switch or /load, a request naming a catalogue
+    model, or a catalogue entry marked preload)."""
     _serve(options)
 
 

@@ -420,6 +420,9 @@ class Instance:
 
     def _child_env(self) -> dict[str, str]:
         env = child_env(self.settings)
+        if self.port != self.settings.vllm_port and "VLLM_PORT" in env:
+            # vLLM's internal port: two instances given the same one would collide.
+            del env["VLLM_PORT"]
         if self.gpus is not None:
             env.update(child_cuda_env(self.gpus))
             # CUDA numbers GPUs fastest first by default; the ids given are nvidia-smi's (NVML's).
@@ -756,14 +759,18 @@ class Instance:
     async def stop(self, *, drain: bool = True) -> Status:
         """Stop vLLM and its whole process tree (no-op when nothing runs). Switches under way or
         queued are cancelled first: a stop during a long load does not wait for the load."""
+        await self.halt(drain=drain)
+        return self.status()
+
+    async def halt(self, *, drain: bool = True) -> StopOutcome:
+        """:meth:`stop`, returning what the stop did (requests drained and cut)."""
         switches = [task for task in self._switches if not task.done()]
         for task in switches:
             task.cancel()
         if switches:
             await asyncio.gather(*switches, return_exceptions=True)
         async with self._lock:
-            await self._stop_locked(drain=drain)
-        return self.status()
+            return await self._stop_locked(drain=drain)
 
     async def _stop_locked(self, *, drain: bool) -> StopOutcome:
         launch = self._launch

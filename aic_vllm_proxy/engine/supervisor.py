@@ -35,7 +35,7 @@ import aiohttp
 
 from aic_vllm_proxy.catalog import Footprint, with_served_names
 from aic_vllm_proxy.config import Settings
-from aic_vllm_proxy.engine.instance import Instance
+from aic_vllm_proxy.engine.instance import Instance, StopOutcome
 from aic_vllm_proxy.engine.launch import Launch
 from aic_vllm_proxy.engine.placement import (
     HOLDING,
@@ -264,11 +264,18 @@ class Supervisor:
 
     async def _on_demand(self, model: str, deadline: float) -> Instance:
         """Load the catalogue entry a request names (on-demand loading), or say why not."""
-        entry = self._entry_named(model)
+        entry = self.entry_named(model)
         if entry is None or not self.settings.on_demand_enabled:
             instance = self.find(model)
             if instance is not None:
                 return instance  # stopped or failed: waiting for it says why
+            if entry is not None:
+                raise ModelUnavailable(
+                    f"{model} is not loaded, and this proxy loads no model on demand "
+                    f'(--no-on-demand). Load it with POST /load {{"model": "{entry}"}}.',
+                    why=Unavailable.NOTHING_LOADED,
+                    state=S.STOPPED,
+                )
             raise ModelNotFound(model, self.known_names())
         spec, footprint = self._entry_spec(entry)
         return await self.ensure(entry, spec, footprint, deadline=deadline)
@@ -281,11 +288,16 @@ class Supervisor:
         exc = task.exception()
         return exc if isinstance(exc, EngineError) else None
 
-    def _entry_named(self, name: str) -> str | None:
+    def entry_named(self, name: str) -> str | None:
+        """The catalogue entry ``name`` is the name or an alias of, else the one entry whose
+        model it is (a request may name the model as vLLM reports it)."""
+        by_model = []
         for key, entry in self.settings.models.items():
             if name == key or name in entry.aliases:
                 return key
-        return None
+            if name == entry.model:
+                by_model.append(key)
+        return by_model[0] if len(by_model) == 1 else None
 
     def _entry_spec(self, entry: str) -> tuple[ModelSpec, Footprint]:
         item = self.settings.models[entry]
@@ -422,7 +434,7 @@ class Supervisor:
         evicted = sorted(held - {i.name for i in self.instances if _holding(i)} - {name})
         snap = instance.machine.snapshot
         load_seconds = None
-        if changed and snap.ready_at and snap.started_at:
+        if changed and instance.serving and snap.ready_at and snap.started_at:
             load_seconds = round((snap.ready_at - snap.started_at).total_seconds(), 3)
         return LoadResult(
             changed=changed,
@@ -522,16 +534,21 @@ class Supervisor:
         if others:
             log.info("switching to %s: stopping %s", slot.name, ", ".join(i.name for i in others))
             await asyncio.gather(*(i.stop(drain=True) for i in others))
+        for name, instance in list(self.loaded.items()):
+            if name == slot.name and not _holding(instance):  # the slot has its name now
+                del self.loaded[name]
+                self._loads.pop(instance, None)
+                if instance in self._recent:
+                    self._recent.remove(instance)
 
     # -------------------------------------------------------------------- stop
 
-    async def unload(self, name: str, *, drain: bool = True) -> tuple[Instance, bool]:
-        """Drain (unless not ``drain``) and stop the instance ``name``; returns it and whether
-        it ran. :class:`ModelNotFound` if no instance has that name."""
+    async def unload(self, name: str, *, drain: bool = True) -> tuple[Instance, bool, StopOutcome]:
+        """Drain (unless not ``drain``) and stop the instance ``name``; returns it, whether it
+        ran and what the stop did. :class:`ModelNotFound` if no instance has that name."""
         instance = self._named(name)
         ran = _holding(instance)
-        await instance.stop(drain=drain)
-        return instance, ran
+        return instance, ran, await instance.halt(drain=drain)
 
     async def stop(self, *, drain: bool = True) -> Status:
         """Stop every instance (in parallel)."""

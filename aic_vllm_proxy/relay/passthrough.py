@@ -113,8 +113,11 @@ class Passthrough:
         pipeline = self.pipeline
         length = request.content_length
         body = stream = None
+        # A JSON body is read whole when requests are routed by its "model" (which the openai
+        # client writes last): a large one then waits in memory, up to --max-body-size.
+        routed = pipeline.fleet.routing and request.content_type == "application/json"
         if request.body_exists:
-            if length is None or length > RETRYABLE_BODY:
+            if (length is None or length > RETRYABLE_BODY) and not routed:
                 stream = body_pieces(request, pipeline.client_timeout, pipeline.max_body_size)
             else:
                 body = await read_body(request, pipeline.client_timeout, pipeline.max_body_size)

@@ -130,8 +130,9 @@ async def load(request: web.Request) -> web.Response:
     allows it); 200 when ready, 202 with ``"wait": false``. Models in its way are unloaded."""
     usage = '{"model": "NAME", "wait": true}'
     body = _validated(LoadRequest, await _read_json(request, usage), "load", usage)
-    spec, entry = _resolved(request, body.model, "model")
     supervisor = request.app[SUPERVISOR]
+    # A catalogue entry's name, alias or model id loads that entry; anything else is a spec.
+    spec, entry = _resolved(request, supervisor.entry_named(body.model) or body.model, "model")
     try:
         footprint = request.app[SETTINGS].footprint(spec, entry, supervisor.node)
     except SpecError as exc:
@@ -151,10 +152,12 @@ async def unload(request: web.Request) -> web.Response:
 
 async def _unload(request: web.Request, body: UnloadRequest) -> UnloadResult:
     supervisor = request.app[SUPERVISOR]
-    instance, ran = await supervisor.unload(body.model, drain=not body.force)
+    instance, ran, outcome = await supervisor.unload(body.model, drain=not body.force)
     return UnloadResult(
         changed=ran,
         name=instance.name,
+        drained=outcome.drained,
+        cut=outcome.cut,
         message=f"{instance.name} is unloaded" if ran else f"{instance.name} was not loaded",
         status=supervisor.status(),
     )
