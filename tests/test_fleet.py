@@ -228,29 +228,35 @@ async def test_two_models_side_by_side_on_their_own_gpus(fleet: Any) -> None:
 
 async def test_on_demand_load_by_the_openai_client(fleet: Any) -> None:
     """A request naming an entry (or its alias) loads it; the requests that come while it loads
-    wait for that one load and are served by it."""
-    daemon = fleet(catalogue(a_args="--sim-import-delay 0.05 --sim-load-delay 1.5"))
+    wait for that one load and are served by it. First with nothing loaded (aiohttp's path
+    takes the requests), then beside a loaded model (the front door takes them)."""
+    slow = "--sim-import-delay 0.05 --sim-load-delay 1.5"
+    daemon = fleet(catalogue(a_args=slow, b_args=slow))
     assert daemon.running() == {}
     client = openai.AsyncOpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def ask(model: str) -> Any:
+        return await client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": "Hello there"}], max_tokens=8
+        )
+
+    launches: list[str] = []
     try:
-
-        async def ask(model: str) -> Any:
-            return await client.chat.completions.with_raw_response.create(
-                model=model, messages=[{"role": "user", "content": "Hello there"}], max_tokens=8
-            )
-
-        answers = await asyncio.gather(ask("a"), ask("alpha"), ask("a"), ask("alpha"))
+        for name, names, gpu in (("a", ("a", "alpha", "a", "alpha"), "0"), ("b", ("b",) * 4, "1")):
+            answers = await asyncio.gather(*(ask(model) for model in names))
+            item = daemon.running()[name]
+            assert item["state"] == "ready" and item["gpus"] == [gpu], item
+            for raw in answers:
+                completion = raw.parse()
+                assert completion.choices[0].message.content
+                served = parse_instance_header(raw.headers[INSTANCE_HEADER])
+                assert served == {"pid": str(item["pid"]), "port": port_of(item), "cuda_visible_devices": gpu}
+            launches.append(Path(item["log_path"]).name)
     finally:
         await client.close()
-    item = daemon.running()["a"]
-    assert item["state"] == "ready" and item["gpus"] == ["0"] and set(daemon.running()) == {"a"}
-    for raw in answers:
-        completion = raw.parse()
-        assert completion.choices[0].message.content
-        served = parse_instance_header(raw.headers[INSTANCE_HEADER])
-        assert served["pid"] == str(item["pid"]) and served["cuda_visible_devices"] == "0"
-    launches = sorted(Path(item["log_path"]).parent.glob("*_pid-*.log"))
-    assert [path.name for path in launches] == [Path(item["log_path"]).name]  # one load, one pid
+    assert set(daemon.running()) == {"a", "b"}
+    logs = Path(daemon.running()["a"]["log_path"]).parent
+    assert sorted(path.name for path in logs.glob("*_pid-*.log")) == sorted(launches)  # one load each
 
 
 # ------------------------------------------------------------------ 3: unknown model
@@ -352,12 +358,22 @@ def test_a_listener_that_appears_during_a_load_is_never_used(fleet: Any) -> None
 # -------------------------------------------------------------------------- 5: crash
 
 
-def test_a_crashed_instance_leaves_the_other_serving(fleet: Any) -> None:
-    daemon = fleet(catalogue())
+async def test_a_crashed_instance_leaves_the_other_serving(fleet: Any) -> None:
+    """a's vLLM is killed while b streams: b's stream ends whole, b goes on serving, /status
+    shows a failed (its engine child is gone too), and a request naming a loads it again."""
+    daemon = fleet(catalogue(b_args=f"{FAST} {SLOW_TOKENS}"))
     pids = {name: daemon.load(name)["instance"]["pid"] for name in ("a", "b")}
     tree = group_members(pids["a"])
-    os.kill(pids["a"], signal.SIGKILL)  # a's vLLM API server
-    failed = daemon.wait_for("a", "failed")
+    async with httpx.AsyncClient(timeout=120) as client:
+        body = chat_request("b", stream=True, max_tokens=20)
+        async with client.stream("POST", daemon.url + CHAT, json=body) as stream:
+            chunks = stream.aiter_raw()
+            received = await chunks.__anext__()  # b's stream has begun
+            os.kill(pids["a"], signal.SIGKILL)  # a's vLLM API server
+            failed = daemon.wait_for("a", "failed")
+            received += b"".join([chunk async for chunk in chunks])
+    events = sse_data(received)
+    assert events[-1] == "[DONE]" and len(sse_text(events).split()) == 20, events
     assert failed["pid"] is None and failed["error"], failed
     assert wait_until(lambda: not group_members(pids["a"]), 15), group_members(pids["a"])
     assert not any(process_exists(pid) for pid in tree)  # its engine child too
@@ -369,6 +385,12 @@ def test_a_crashed_instance_leaves_the_other_serving(fleet: Any) -> None:
         assert answered_by(response)["pid"] == str(pids["b"])
     cards = {card["id"]: card for card in httpx.get(daemon.url + "/v1/models", timeout=30).json()["data"]}
     assert (cards["a"]["status"], cards["b"]["status"]) == ("failed", "ready")
+
+    again = chat(daemon.url, "a")  # on demand: a is loaded again
+    assert again.status_code == 200, again.text
+    item = daemon.running()["a"]
+    assert item["state"] == "ready" and item["pid"] not in (None, pids["a"])
+    assert answered_by(again) == {"pid": str(item["pid"]), "port": port_of(item), "cuda_visible_devices": "0"}
 
 
 # -------------------------------------------------------------------- 6: proxy SIGKILL
@@ -383,6 +405,25 @@ def test_proxy_sigkill_leaves_no_instance(fleet: Any) -> None:
     daemon.proxy.process.wait(10)
     assert wait_until(lambda: not any(group_members(pgid) for pgid in pids), 20), {
         pgid: group_members(pgid) for pgid in pids
+    }
+    assert not any(process_exists(pid) for tree in trees.values() for pid in tree)
+
+
+def test_proxy_sigkill_while_one_instance_loads(fleet: Any) -> None:
+    """One instance ready, another still loading: neither outlives the proxy."""
+    daemon = fleet(catalogue(b_args="--sim-import-delay 0.05 --sim-load-delay 30"))
+    a = daemon.load("a")["instance"]["pid"]
+    response = httpx.post(daemon.url + "/load", json={"model": "b", "wait": False}, timeout=60)
+    assert response.status_code == 202, response.text
+    assert wait_until(lambda: bool(daemon.instances()["b"]["pid"]), 30)
+    b = daemon.instances()["b"]["pid"]
+    assert wait_until(lambda: len(group_members(b)) >= 2, 30)  # its EngineCore runs, loading
+    assert daemon.instances()["b"]["state"] == "starting"
+    trees = {pgid: group_members(pgid) for pgid in (a, b)}
+    daemon.proxy.process.kill()
+    daemon.proxy.process.wait(10)
+    assert wait_until(lambda: not any(group_members(pgid) for pgid in trees), 20), {
+        pgid: group_members(pgid) for pgid in trees
     }
     assert not any(process_exists(pid) for tree in trees.values() for pid in tree)
 
