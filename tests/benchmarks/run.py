@@ -39,7 +39,9 @@ from .sections import FULL, QUICK, Bench, Target
 from .targets import REPO, LiteLLM, Nginx, Proxy, Relay, upstream_command
 
 SECTIONS = ("latency", "throughput", "streaming", "memory", "readiness", "routing")
-TARGETS = ("direct", "proxy", "relay", "nginx", "litellm")
+#: "routed": the proxy with a catalogue, so that it reads every request's "model" to route it
+#: (issue 13); its catalogue entries serve MODEL too, so the same requests go to both.
+TARGETS = ("direct", "proxy", "relay", "nginx", "litellm", "routed")
 MODEL = "bench"
 SIM_FLAGS = "--sim-import-delay 0 --sim-load-delay 0.1 --disable-uvicorn-access-log --disable-log-stats"
 
@@ -51,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default="",
-        help="comma-separated: direct,proxy,relay,nginx,litellm (default: all; --quick: no litellm)",
+        help="comma-separated: direct,proxy,relay,nginx,litellm,routed (default: all; --quick: first four)",
     )
     parser.add_argument("--json", type=Path, default=REPO / ".bench" / "benchmark.json", help="JSON output")
     parser.add_argument("--token-delay", type=float, default=0.02, help="seconds between paced tokens")
@@ -75,6 +77,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name not in args.target_names:
             args.target_names.insert(0 if name == "direct" else 1, name)
     return args
+
+
+def routed_config(workdir: Path, token_delay: float) -> Path:
+    """The "routed" target's config: two catalogue entries (the latency and the streaming
+    sections' simulators) serving MODEL, so requests naming it are routed by their "model"."""
+    path = workdir / "routed.toml"
+    paced = f"{SIM_FLAGS} --sim-token-delay {token_delay:g}"
+    path.write_text(
+        f'[models.{MODEL}-routed]\nmodel = "{MODEL}"\nargs = "{SIM_FLAGS}"\n\n'
+        f'[models.{MODEL}-routed-paced]\nmodel = "{MODEL}"\nargs = "{paced}"\n'
+    )
+    return path
 
 
 def raise_nofile() -> None:
@@ -337,11 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         log("routing")
         results["sections"]["routing"] = model_field.measure(quick=args.quick)
     try:
-        proxy = bytes_proxy = nginx = relay = litellm = None
+        proxy = bytes_proxy = nginx = relay = litellm = routed = None
         if sim_sections:
             proxy = Proxy(workdir, "proxy")
             started.append(proxy)
             proxy.start()
+        if sim_sections and "routed" in wanted:
+            routed = Proxy(workdir, "proxy-routed", config=routed_config(workdir, args.token_delay))
+            started.append(routed)
+            routed.start()
         if byte_sections:
             bytes_proxy = Proxy(workdir, "proxy-bytes", vllm_command=upstream_command())
             started.append(bytes_proxy)
@@ -377,8 +395,12 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(Target("nginx", nginx.port("sim"), nginx.cpu_pids))
             if litellm:
                 targets.append(Target("litellm", litellm.port, litellm.cpu_pids, slow=True))
+            if routed:
+                targets.append(Target("routed", routed.port, routed.cpu_pids))
             if "latency" in sim_sections or "throughput" in sim_sections:
                 proxy.switch(f"{MODEL} {SIM_FLAGS}")
+                if routed:
+                    routed.switch(f"{MODEL}-routed")
                 upstream = proxy.upstream_pids()
                 if "latency" in sim_sections:
                     log("latency")
@@ -388,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                     results["sections"]["throughput"] = sections.throughput(bench, targets, lambda: upstream)
             if "streaming" in sim_sections:
                 proxy.switch(f"{MODEL} {SIM_FLAGS} --sim-token-delay {args.token_delay:g}")
+                if routed:
+                    routed.switch(f"{MODEL}-routed-paced")
                 paced_upstream = proxy.upstream_pids()
                 log("streaming")
                 results["sections"]["streaming"] = sections.streaming(

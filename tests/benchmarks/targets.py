@@ -120,9 +120,12 @@ class Proxy:
 
     name = "proxy"
 
-    def __init__(self, workdir: Path, label: str, vllm_command: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, label: str, vllm_command: str | None = None, config: Path | None = None
+    ) -> None:
         self.workdir = workdir
         self.label = label
+        self.config = config  # a config file (the "routed" target's catalogue)
         self.port = free_port()
         self.vllm_port = free_port()
         self.vllm_command = vllm_command
@@ -132,6 +135,7 @@ class Proxy:
         argv = [PY, "-m", "aic_vllm_proxy", "serve", "--host", HOST, "--port", str(self.port)]
         argv += ["--vllm-port", str(self.vllm_port), "--log-dir", str(self.workdir / f"{self.label}-logs")]
         argv += ["--log-level", "warning"]
+        argv += ["--config", str(self.config)] if self.config else []
         argv += ["--vllm-command", self.vllm_command] if self.vllm_command else ["--simulator"]
         self.process = Process(self.label, argv, self.workdir / f"{self.label}.log")
         try:
