@@ -474,3 +474,30 @@ def test_switch_beside_loaded_instances(fleet: Any) -> None:
     running = daemon.running()
     assert [item["model_spec"] for item in running.values()] == [f"sim/free {FAST}"], running
     assert answered_by(chat(daemon.url, "sim/free"))["pid"] == str(free["status"]["pid"])
+
+
+# ------------------------------------------------------- an entry that was never loaded
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Supervisor.unload -> Supervisor._named raises ModelNotFound for a catalogue entry that "
+    "has no Instance yet (never loaded): 404 'does not exist on this proxy', listing only instances",
+)
+def test_unload_and_stop_of_an_entry_never_loaded(fleet: Any) -> None:
+    """``c`` is in the catalogue (``GET /v1/models`` lists it, stopped) but was never loaded:
+    unloading or stopping it does nothing and says so, as for an entry loaded and unloaded
+    before (``changed: false``), rather than a 404 saying it does not exist."""
+    daemon = fleet(catalogue())
+    daemon.load("b")
+    unloaded = httpx.post(daemon.url + "/unload", json={"model": "b"}, timeout=60)
+    assert unloaded.status_code == 200 and unloaded.json()["changed"] is True, unloaded.text
+    again = httpx.post(daemon.url + "/unload", json={"model": "b"}, timeout=60)
+    assert again.status_code == 200 and again.json()["changed"] is False, again.text  # as it is today
+    cards = {card["id"]: card for card in httpx.get(daemon.url + "/v1/models", timeout=30).json()["data"]}
+    assert cards["c"]["status"] == "stopped"
+    never = httpx.post(daemon.url + "/unload", json={"model": "c"}, timeout=60)
+    assert never.status_code == 200, never.text
+    assert never.json()["changed"] is False and never.json()["name"] == "c"
+    stopped = httpx.post(daemon.url + "/stop", json={"model": "c"}, timeout=60)
+    assert stopped.status_code == 200, stopped.text
