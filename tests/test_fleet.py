@@ -228,9 +228,10 @@ async def test_two_models_side_by_side_on_their_own_gpus(fleet: Any) -> None:
 
 async def test_on_demand_load_by_the_openai_client(fleet: Any) -> None:
     """A request naming an entry (or its alias) loads it; the requests that come while it loads
-    wait for that one load and are served by it. First with nothing loaded (aiohttp's path
-    takes the requests), then beside a loaded model (the front door takes them)."""
-    slow = "--sim-import-delay 0.05 --sim-load-delay 1.5"
+    wait for that one load (``/status`` counts them waiting, ``GET /v1/models`` says loading)
+    and are served by it. First with nothing loaded (aiohttp's path takes the requests), then
+    beside a loaded model (the front door takes them), with a ``POST /load`` of it meanwhile."""
+    slow = "--sim-import-delay 0.05 --sim-load-delay 3"
     daemon = fleet(catalogue(a_args=slow, b_args=slow))
     assert daemon.running() == {}
     client = openai.AsyncOpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -240,12 +241,24 @@ async def test_on_demand_load_by_the_openai_client(fleet: Any) -> None:
             model=model, messages=[{"role": "user", "content": "Hello there"}], max_tokens=8
         )
 
+    def queued(name: str) -> bool:
+        """All four requests wait for ``name``, which is loading."""
+        item = daemon.instances().get(name, {})
+        if item.get("waiting") != 4 or item.get("state") != "starting":
+            return False
+        cards = {card["id"]: card for card in httpx.get(daemon.url + "/v1/models", timeout=30).json()["data"]}
+        return cards[name]["status"] == "loading"
+
     launches: list[str] = []
     try:
         for name, names, gpu in (("a", ("a", "alpha", "a", "alpha"), "0"), ("b", ("b",) * 4, "1")):
-            answers = await asyncio.gather(*(ask(model) for model in names))
+            asked = asyncio.gather(*(ask(model) for model in names))
+            assert await asyncio.to_thread(wait_until, lambda: queued(name), 60, 0.1)  # noqa: B023
+            loaded = await asyncio.to_thread(daemon.load, name)  # the load under way, not another
+            answers = await asked
             item = daemon.running()[name]
             assert item["state"] == "ready" and item["gpus"] == [gpu], item
+            assert (loaded["changed"], loaded["instance"]["pid"]) == (False, item["pid"]), loaded
             for raw in answers:
                 completion = raw.parse()
                 assert completion.choices[0].message.content
@@ -268,10 +281,11 @@ def test_unknown_model_is_404_on_both_http_paths(fleet: Any) -> None:
     answers = []
     for args in ((), ("--access-log",)):
         daemon = fleet(catalogue(), *args)
-        daemon.load("b")
+        b = daemon.load("b")["instance"]
         response = chat(daemon.url, "nobody-knows-me")
         answers.append((response.status_code, response.json()))
-        assert chat(daemon.url, "b").status_code == 200  # the daemon serves known models
+        served = chat(daemon.url, "b")  # the daemon serves known models, at their instance
+        assert served.status_code == 200 and answered_by(served)["port"] == port_of(b), served.text
         client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="-", max_retries=0)
         with client, pytest.raises(openai.NotFoundError) as info:
             client.chat.completions.create(
@@ -425,6 +439,16 @@ def test_proxy_sigkill_while_one_instance_loads(fleet: Any) -> None:
     assert wait_until(lambda: not any(group_members(pgid) for pgid in trees), 20), {
         pgid: group_members(pgid) for pgid in trees
     }
+    assert not any(process_exists(pid) for tree in trees.values() for pid in tree)
+
+
+def test_proxy_sigterm_stops_every_instance(fleet: Any) -> None:
+    daemon = fleet(catalogue())
+    pids = [daemon.load(name)["instance"]["pid"] for name in ("a", "b")]
+    trees = {pgid: group_members(pgid) for pgid in pids}
+    daemon.proxy.process.send_signal(signal.SIGTERM)
+    assert daemon.proxy.process.wait(30) == 0, daemon.proxy.read_output()
+    assert not any(group_members(pgid) for pgid in pids)  # stopped before the proxy exited
     assert not any(process_exists(pid) for tree in trees.values() for pid in tree)
 
 
