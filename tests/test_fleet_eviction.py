@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import CHAT, FAST, Daemon, chat_request, sse_data, sse_text, start_daemon
+from helpers import CHAT, FAST, Daemon, chat_request, free_port_run, sse_data, sse_text, start_daemon
 
 from aic_vllm_proxy.simulator.server import INSTANCE_HEADER, parse_instance_header
 
@@ -190,7 +190,10 @@ async def fleet(tmp_path: Path) -> AsyncIterator[StartFleet]:
         workdir.mkdir()
         config = workdir / "proxy.toml"
         config.write_text(catalogue)
-        daemon = await asyncio.to_thread(start_daemon, workdir, "--config", str(config), *options)
+        # The slot's port, then one per entry: all free (the last --vllm-port given wins).
+        ports = ("--vllm-port", str(free_port_run(catalogue.count("[models.") + 1)))
+        argv = ("--config", str(config), *options, *ports)
+        daemon = await asyncio.to_thread(start_daemon, workdir, *argv)
         handle = Fleet(daemon, httpx.AsyncClient(base_url=daemon.url, timeout=120))
         started.append(handle)
         return handle
@@ -548,3 +551,26 @@ async def test_a_request_waits_for_room_no_longer_than_its_wait_timeout(fleet: S
     assert streamed.complete(tokens) and loaded.status_code == 200, loaded.text
     assert first == "the request", f"the request waited past its 2 s (answered {answer.status_code})"
     assert answer.status_code == 503 and "Retry-After" in answer.headers, answer.text
+
+
+async def test_a_load_that_joins_a_request_waiting_for_room_is_not_cut_short(fleet: StartFleet) -> None:
+    """``POST /load`` waits for room as long as it takes (a is young and busy: until it is
+    idle). One that comes while a request for the same model waits for room (its
+    ``--request-wait-timeout`` is 2 s) still waits: the request's deadline is not the load's."""
+    catalogue = entry("a", share=0.6, args=f"{FAST} {SLOW_TOKENS}") + entry("b", share=0.6)
+    options = ("--gpus", "0", "--min-residency", "30", "--request-wait-timeout", "2")
+    f = await fleet(catalogue, *options)
+    await f.loaded("a")
+    tokens = 80  # 8 s
+    started = asyncio.Event()
+    streaming = asyncio.ensure_future(f.stream("a", tokens, started))
+    await asyncio.wait_for(started.wait(), DEADLINE)
+    request = asyncio.ensure_future(f.chat("b"))  # begins b's placement, with its 2 s
+    for _ in range(5):  # a few round trips let the daemon take the request first
+        await f.instances()
+    loading = asyncio.ensure_future(f.load("b"))
+    streamed, answer, response = await asyncio.gather(streaming, request, loading)
+    assert streamed.complete(tokens)
+    assert answer.status_code == 503 and "Retry-After" in answer.headers, answer.text
+    assert response.status_code == 200, response.text
+    assert response.json()["evicted"] == ["a"]
