@@ -247,7 +247,7 @@ async def test_on_demand_load_by_the_openai_client(fleet: Any) -> None:
         if item.get("waiting") != 4 or item.get("state") != "starting":
             return False
         cards = {card["id"]: card for card in httpx.get(daemon.url + "/v1/models", timeout=30).json()["data"]}
-        return cards[name]["status"] == "loading"
+        return bool(cards[name]["status"] == "loading")
 
     launches: list[str] = []
     try:
