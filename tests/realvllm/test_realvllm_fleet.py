@@ -151,8 +151,8 @@ def test_two_tiny_models_at_once_then_minilm_on_demand_evicts_the_lru(
     for item, count in ((a, 3), (b, 2)):
         log = Path(item["log_path"]).read_text(errors="replace")
         assert log.count("Received request ") == count, (item["name"], log[-3000:])
-    used = instances(proxy)
-    assert used["tiny-b"]["last_used"] < used["tiny-a"]["last_used"], used
+    used = {name: datetime.fromisoformat(item["last_used"]) for name, item in instances(proxy).items()}
+    assert used["tiny-b"] < used["tiny-a"], used
 
     # MiniLM, named by an embeddings request: it loads on demand and evicts tiny-b, the LRU.
     asked = time.monotonic()
@@ -167,7 +167,10 @@ def test_two_tiny_models_at_once_then_minilm_on_demand_evicts_the_lru(
     proxy.groups.add(after["minilm"]["pid"])
     FIGURES["fleet: minilm ready after (s)"] = load_seconds(after["minilm"])
     check_own_gpus(proxy, after["minilm"], "0")
-    assert "making room for minilm: unloading tiny-b" in proxy.read_output()
+    daemon_log = proxy.read_output()
+    evicted = daemon_log.find("making room for minilm: unloading tiny-b")
+    assert 0 <= evicted < daemon_log.find("loading minilm on GPUs 0 (port "), daemon_log[-3000:]
+    assert "Application shutdown complete." in Path(b["log_path"]).read_text(errors="replace")
     cards = {card["id"]: card["status"] for card in proxy.get("/v1/models").json()["data"]}
     assert cards == {"tiny-a": "ready", "tiny-b": "stopped", "minilm": "ready"}, cards
 
