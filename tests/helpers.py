@@ -637,14 +637,20 @@ async def wait_state(proxy: Any, state: str, timeout: float = 20) -> dict[str, A
 # Added for the fleet suite (test_fleet.py).
 
 
-def free_port_run(count: int, attempts: int = 50) -> int:
+def free_port_run(count: int, attempts: int = 200) -> int:
     """A port such that it and the ``count - 1`` ports after it are free now (a fleet's daemon
-    gives its instances the ports after ``--vllm-port``)."""
+    gives its instances the ports after ``--vllm-port``), below the kernel's ephemeral range:
+    there no connection from this host takes one of them as its local port (an outgoing
+    connection's port stays taken in TIME_WAIT for a minute, even for a bind with SO_REUSEADDR),
+    and :func:`free_port` never hands one out."""
+    import random
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(attempts):
-        base = free_port()
-        if base + count <= 65536 and all(_bindable(base + n) for n in range(1, count)):
+        base = random.randrange(max(1024, low // 2), low - count)
+        if all(_bindable(base + n) for n in range(count)):
             return base
-    raise RuntimeError(f"no run of {count} free ports found")
+    raise RuntimeError(f"no run of {count} free ports found below {low}")
 
 
 def _bindable(port: int) -> bool:

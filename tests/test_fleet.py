@@ -127,17 +127,18 @@ class Fleet:
 
 @pytest.fixture
 def fleet(spawn_proxy: Any, vllm_groups: set[int], tmp_path: Path) -> Iterator[Any]:
-    """``fleet(config, *args)`` -> :class:`Fleet`: a daemon with the catalogue ``config``."""
+    """``fleet(config, *args, vllm_port=None)`` -> :class:`Fleet`: a daemon with the catalogue
+    ``config``; on ``vllm_port`` if given, else on a port with the two after it free (the slot's
+    and the loaded instances')."""
     count = 0
 
-    def start(config: str, *args: str) -> Fleet:
+    def start(config: str, *args: str, vllm_port: int | None = None) -> Fleet:
         nonlocal count
         count += 1
         path = tmp_path / f"fleet-{count}.toml"
         path.write_text(config)
-        # The slot's port and the two after it (the loaded instances') free: the last
-        # --vllm-port given wins over spawn_proxy's.
-        vllm_port = free_port_run(3)
+        # The last --vllm-port given wins over spawn_proxy's.
+        vllm_port = vllm_port or free_port_run(3)
         proxy = spawn_proxy("--config", str(path), "--gpus", "0,1", *args, "--vllm-port", str(vllm_port))
         return Fleet(proxy, vllm_port, vllm_groups)
 
@@ -367,6 +368,27 @@ def test_a_listener_that_appears_during_a_load_is_never_used(fleet: Any) -> None
         closed(impostor)
     served = chat(daemon.url, "b")
     assert served.status_code == 200 and answered_by(served)["pid"] == str(b["pid"])
+
+
+def test_two_daemons_on_the_same_vllm_port(fleet: Any) -> None:
+    """Two daemons with the same ``--vllm-port`` on one node (both default to 8225): the second
+    one's load of the entry the first one runs fails on the port, and its requests for that model
+    never reach the first one's vLLM."""
+    first = fleet(catalogue())
+    second = fleet(catalogue(), vllm_port=first.vllm_port)
+    theirs = first.load("a")["instance"]
+    port = first.vllm_port + 1
+    response = httpx.post(second.url + "/load", json={"model": "a"}, timeout=120)
+    assert response.status_code == 409, response.text
+    assert f"vLLM port {port} is in use by another process" in response.json()["error"]["message"]
+    asked = chat(second.url, "a")
+    assert asked.status_code == 409, asked.text
+    assert INSTANCE_HEADER not in asked.headers  # no simulator answered it
+    assert (second.instances()["a"]["state"], second.running()) == ("failed", {})
+    item = first.instances()["a"]
+    assert (item["state"], item["pid"]) == ("ready", theirs["pid"])
+    served = chat(first.url, "a")
+    assert served.status_code == 200 and answered_by(served)["pid"] == str(theirs["pid"])
 
 
 # -------------------------------------------------------------------------- 5: crash
