@@ -162,8 +162,13 @@ def chat(url: str, model: str) -> httpx.Response:
 # ------------------------------------------------------------------ 1: side by side
 
 
-async def test_two_models_side_by_side_on_their_own_gpus(fleet: Any) -> None:
-    daemon = fleet(catalogue(f"{FAST} {SLOW_TOKENS}", f"{FAST} {SLOW_TOKENS}"))
+#: Both HTTP paths: the front door (the default), and aiohttp's alone (``--access-log``).
+PATHS = pytest.mark.parametrize("path_args", [(), ("--access-log",)], ids=["front-door", "aiohttp"])
+
+
+@PATHS
+async def test_two_models_side_by_side_on_their_own_gpus(fleet: Any, path_args: tuple[str, ...]) -> None:
+    daemon = fleet(catalogue(f"{FAST} {SLOW_TOKENS}", f"{FAST} {SLOW_TOKENS}"), *path_args)
     loaded = {name: daemon.load(name)["instance"] for name in ("a", "b")}
     assert loaded["a"]["gpus"] == ["0"] and loaded["b"]["gpus"] == ["1"]
     assert loaded["a"]["pid"] != loaded["b"]["pid"] and port_of(loaded["a"]) != port_of(loaded["b"])
@@ -210,6 +215,19 @@ async def test_two_models_side_by_side_on_their_own_gpus(fleet: Any) -> None:
         events = sse_data(bodies[name])
         assert events[-1] == "[DONE]" and sse_text(events)
     assert wait_until(lambda: all(i["in_flight"] == 0 for i in daemon.running().values()), 15)
+
+    # Requests for both, mixed on the same few keep-alive connections: each one goes by its own
+    # model, not by the connection it came on.
+    limits = httpx.Limits(max_connections=3, max_keepalive_connections=3)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        names = ["a", "b", "alpha", "b"] * 6
+        requests = [chat_request(name, stream=False, max_tokens=2) for name in names]
+        answers = await asyncio.gather(*(client.post(daemon.url + CHAT, json=body) for body in requests))
+    for name, answer in zip(names, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        owner = "a" if name == "alpha" else name
+        assert answered_by(answer)["pid"] == str(loaded[owner]["pid"]), (name, answer.headers)
+        assert answer.json()["model"] == f"org/{owner}"
 
     # GET /v1/models: both ready (a under its alias too), the entry never loaded stopped.
     listed = httpx.get(daemon.url + "/v1/models", timeout=30).json()
