@@ -20,6 +20,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -516,8 +517,9 @@ def test_logs_tail_of_one_instance(fleet: Any) -> None:
 
 def test_switch_beside_loaded_instances(fleet: Any) -> None:
     """``/switch b`` makes b the only model on its GPU (a on the other GPU keeps running); a
-    free-form spec without GPUs takes the whole node: both others are stopped."""
-    daemon = fleet(catalogue())
+    free-form spec without GPUs takes the whole node: both others are stopped, a's stream in
+    flight drained first."""
+    daemon = fleet(catalogue(a_args=f"{FAST} {SLOW_TOKENS}"))
     a = daemon.load("a")["instance"]
     switched = daemon.switch("b")
     assert switched["status"]["state"] == "ready" and switched["status"]["model"] == "org/b"
@@ -531,7 +533,22 @@ def test_switch_beside_loaded_instances(fleet: Any) -> None:
     }
     assert answered_by(chat(daemon.url, "a"))["pid"] == str(a["pid"])
 
-    free = daemon.switch(f"sim/free {FAST}")
+    begun = threading.Event()
+
+    def stream_a() -> bytes:
+        body = chat_request("a", stream=True, max_tokens=15)
+        with httpx.stream("POST", daemon.url + CHAT, json=body, timeout=120) as response:
+            chunks = response.iter_raw()
+            received = next(chunks)
+            begun.set()
+            return received + b"".join(chunks)
+
+    with ThreadPoolExecutor(1) as pool:
+        streamed = pool.submit(stream_a)
+        assert begun.wait(60)
+        free = daemon.switch(f"sim/free {FAST}")
+        events = sse_data(streamed.result(60))
+    assert events[-1] == "[DONE]" and len(sse_text(events).split()) == 15, events  # drained, whole
     assert free["status"]["state"] == "ready" and free["status"]["model"] == "sim/free"
     pgids = [a["pid"], running["b"]["pid"]]
     assert wait_until(lambda: not any(group_members(pgid) for pgid in pgids), 15)
