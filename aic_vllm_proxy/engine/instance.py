@@ -188,6 +188,12 @@ class Instance:
             version=__version__,
         )
 
+    def move_to(self, port: int) -> None:
+        """Listen on ``port`` from the next launch on (the fleet moves a stopped instance whose
+        port another process took meanwhile)."""
+        self.port = port
+        self.base = URL(http_base(self.settings.vllm_host, port))
+
     def view(self) -> InstanceView:
         """What placement reads of this instance (``placement.py``). A switch queued or under
         way counts as starting (it holds its room) and busy (it is not evicted while it loads)."""

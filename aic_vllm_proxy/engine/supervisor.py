@@ -36,7 +36,7 @@ import aiohttp
 from aic_vllm_proxy.catalog import Footprint, with_served_names
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.engine.instance import Instance, StopOutcome
-from aic_vllm_proxy.engine.launch import Launch
+from aic_vllm_proxy.engine.launch import Launch, port_is_free
 from aic_vllm_proxy.engine.placement import (
     HOLDING,
     Candidate,
@@ -349,7 +349,11 @@ class Supervisor:
             candidate = Candidate(name, footprint.gpus, footprint.utilization)
             await self._make_room(candidate, deadline)
             self._prune()
-            instance = old if old is not None else self._new_instance(name, self._free_port(), footprint)
+            if old is not None:
+                instance = old
+                instance.move_to(await self._free_port(keep=old))
+            else:
+                instance = self._new_instance(name, await self._free_port(), footprint)
             _apply(instance, footprint, names)
             self.loaded[name] = instance
             # Pending (holding its room) from this step on.
@@ -409,11 +413,16 @@ class Supervisor:
                 if instance in self._recent:
                     self._recent.remove(instance)
 
-    def _free_port(self) -> int:
-        """The first port after ``--vllm-port`` no loaded instance has."""
-        taken = {i.port for i in self.instances}
+    async def _free_port(self, keep: Instance | None = None) -> int:
+        """The first port after ``--vllm-port`` that no other instance has and no other process
+        listens on (``keep``'s own port is kept when it is still free: a catalogue entry keeps
+        its port from load to load)."""
+        host = self.settings.vllm_host
+        if keep is not None and await asyncio.to_thread(port_is_free, host, keep.port):
+            return keep.port
+        taken = {i.port for i in self.instances if i is not keep}
         port = self.settings.vllm_port + 1
-        while port in taken:
+        while port in taken or not await asyncio.to_thread(port_is_free, host, port):
             port += 1
         return port
 
