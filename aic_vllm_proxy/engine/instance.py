@@ -275,6 +275,7 @@ class Instance:
 
     def request_started(self) -> None:
         self.in_flight += 1
+        self.last_used = time.monotonic()
         self._idle.clear()
 
     def request_finished(self) -> None:

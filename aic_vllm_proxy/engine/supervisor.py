@@ -47,7 +47,7 @@ from aic_vllm_proxy.engine.placement import (
     shares_gpu,
 )
 from aic_vllm_proxy.engine.state import ProcessStateMachine, StateEvent
-from aic_vllm_proxy.errors import EngineError, ModelNotFound, ModelUnavailable, Unavailable
+from aic_vllm_proxy.errors import EngineError, ModelNotFound, ModelUnavailable, Unavailable, sentences
 from aic_vllm_proxy.hooks.runner import HookRunner
 from aic_vllm_proxy.schemas import InstanceStatus, LoadResult, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec
@@ -86,7 +86,9 @@ class Supervisor:
         self.loaded: dict[str, Instance] = {}
         self._recent: list[Instance] = [self.slot]  # most recently switched to or loaded first
         self._by_name: dict[str, Instance] = {}  # every name a request may give -> its instance
-        self._lock = asyncio.Lock()  # one placement at a time
+        self._locks: dict[str, asyncio.Lock] = {}  # placement locks by GPU ("": no GPU set)
+        self._waiting_for: dict[str, int] = {}  # callers waiting for each placement under way
+        self._blocked: dict[str, NoRoom] = {}  # what is in the way of each placement waiting
         self._placing: dict[str, asyncio.Task[Instance]] = {}  # loads being placed, by name
         self._loads: dict[Instance, asyncio.Task[SwitchResult]] = {}  # each one's last load
         self._changed = asyncio.Event()  # set on a change of any instance (then replaced)
@@ -320,34 +322,74 @@ class Supervisor:
     ) -> Instance:
         """The instance ``name`` running (or loading) ``spec``: an instance already doing so,
         or a new one, placed (evicting what must go) and its load begun. Requests for a model
-        being placed wait for the same placement (they are served together); it goes on when
-        the request that began it goes away."""
+        being placed wait for the same placement (they are served together), each up to its
+        own ``deadline`` (None: as long as it takes); the placement gives up waiting for room
+        once nobody waits for it."""
         launched, names = self.names_for(spec, name if name in self.settings.models else None)
         current = self._by_name.get(name)
         if current is not None and _same_launch(current, launched):
             return current
         placing = self._placing.get(name)
         if placing is None:
-            placing = asyncio.ensure_future(self._place(name, launched, names, footprint, deadline))
+            placing = asyncio.ensure_future(self._place(name, launched, names, footprint))
             self._placing[name] = placing
-            placing.add_done_callback(lambda _: self._placing.pop(name, None))
-        return await asyncio.shield(placing)
+            placing.add_done_callback(lambda done: self._placed(name, done))
+        self._waiting_for[name] = self._waiting_for.get(name, 0) + 1
+        try:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            return await asyncio.wait_for(asyncio.shield(placing), left)
+        except asyncio.TimeoutError:
+            raise self._no_room(name, self._blocked.get(name)) from None
+        finally:
+            self._waiting_for[name] -= 1
+            if not self._waiting_for[name]:
+                del self._waiting_for[name]
+
+    def _placed(self, name: str, done: asyncio.Task[Instance]) -> None:
+        self._placing.pop(name, None)
+        self._blocked.pop(name, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: the waiters that are left got it
+
+    def _no_room(self, name: str, plan: NoRoom | None) -> ModelUnavailable:
+        """The 503 of a load that found no room (``plan``: what is in the way)."""
+        if plan is None:
+            return ModelUnavailable(
+                f"Timed out waiting to load {name}. Retry later, or see GET /status.",
+                why=Unavailable.NO_ROOM,
+                state=S.STOPPED,
+                retry_after=ROOM_RECHECK * 10,
+            )
+        pinned_only = all(b.pinned for b in plan.blockers)
+        advice = (
+            "Unpin one, or unload one with POST /unload"
+            if pinned_only
+            else "Retry when they are idle, or unload one with POST /unload"
+        )
+        return ModelUnavailable(
+            sentences(f"Cannot load {name} now: {plan.message}", advice),
+            why=Unavailable.NO_ROOM,
+            state=S.STOPPED,
+            retry_after=None if pinned_only else (plan.retry_after or ROOM_RECHECK * 10),
+        )
+
+    def _gpu_locks(self, gpus: tuple[str, ...]) -> list[asyncio.Lock]:
+        """The placement locks of ``gpus`` (all of them for a model without a GPU set), in one
+        order: placements on disjoint GPUs go on side by side, those that share one in turn."""
+        keys = sorted(set(gpus)) if gpus else sorted({"", *self.node})
+        return [self._locks.setdefault(key, asyncio.Lock()) for key in keys]
 
     async def _place(
-        self,
-        name: str,
-        spec: ModelSpec,
-        names: tuple[str, ...],
-        footprint: Footprint,
-        deadline: float | None,
+        self, name: str, spec: ModelSpec, names: tuple[str, ...], footprint: Footprint
     ) -> Instance:
-        """Make room for ``name`` and begin its load (under the placement lock)."""
-        async with self._lock:
+        """Make room for ``name`` and begin its load (under the placement locks of its GPUs)."""
+        async with contextlib.AsyncExitStack() as held:
+            for lock in self._gpu_locks(footprint.gpus):
+                await held.enter_async_context(lock)
             old = self.loaded.get(name)
             if old is not None and _holding(old):  # another spec under this name: it goes first
                 await old.stop(drain=True)
-            candidate = Candidate(name, footprint.gpus, footprint.utilization)
-            await self._make_room(candidate, deadline)
+            await self._make_room(Candidate(name, footprint.gpus, footprint.utilization))
             self._prune()
             if old is not None:
                 instance = old
@@ -363,33 +405,22 @@ class Supervisor:
             log.info("loading %s on %s (port %d)", name, _where(footprint.gpus), instance.port)
             return instance
 
-    async def _make_room(self, candidate: Candidate, deadline: float | None) -> None:
-        """Unload (or drain and stop) what must go for ``candidate`` to fit; wait while only
-        young busy instances are in the way (up to ``deadline``)."""
+    async def _make_room(self, candidate: Candidate) -> None:
+        """Unload (or drain and stop) what must go for ``candidate`` to fit. While only young
+        busy instances are in the way, wait for them as long as someone waits for this load;
+        pinned ones in the way are a 503 at once."""
         while True:
             views = [i.view() for i in self.instances]
             plan = plan_room(candidate, views, time.monotonic(), self.settings.min_residency)
             if isinstance(plan, NoRoom):
+                self._blocked[candidate.name] = plan
+                if all(b.pinned for b in plan.blockers) or not self._waiting_for.get(candidate.name):
+                    raise self._no_room(candidate.name, plan)
                 changed = self._changed
-                left = None if deadline is None else deadline - time.monotonic()
-                pinned_only = all(b.pinned for b in plan.blockers)
-                if pinned_only or (left is not None and left <= 0):
-                    raise ModelUnavailable(
-                        f"Cannot load {candidate.name} now: {plan.message}. "
-                        + (
-                            "Unpin one, or unload one with POST /unload."
-                            if pinned_only
-                            else "Retry when they are idle, or unload one with POST /unload."
-                        ),
-                        why=Unavailable.NO_ROOM,
-                        state=S.STOPPED,
-                        retry_after=None if pinned_only else (plan.retry_after or ROOM_RECHECK * 10),
-                    )
-                wait = ROOM_RECHECK if left is None else min(ROOM_RECHECK, left)
                 self._listening += 1
                 try:
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(changed.wait(), wait)
+                        await asyncio.wait_for(changed.wait(), ROOM_RECHECK)
                 finally:
                     self._listening -= 1
                 continue
@@ -434,7 +465,9 @@ class Supervisor:
         before = self._by_name.get(name)
         changed = before is None or not _same_launch(before, launched)
         held = {i.name for i in self.instances if _holding(i)}
-        instance = await self.ensure(name, spec, footprint)
+        # Waiting, it waits for room as long as it takes; in the background, for a request's wait.
+        deadline = None if wait else time.monotonic() + self.settings.request_wait_timeout
+        instance = await self.ensure(name, spec, footprint, deadline=deadline)
         task = self._loads.get(instance)
         if wait and task is not None:
             await instance.outcome(task, launched)  # raises why it failed (log tail and all)
