@@ -561,11 +561,6 @@ def test_switch_beside_loaded_instances(fleet: Any) -> None:
 # ------------------------------------------------------- an entry that was never loaded
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Supervisor.unload -> Supervisor._named raises ModelNotFound for a catalogue entry that "
-    "has no Instance yet (never loaded): 404 'does not exist on this proxy', listing only instances",
-)
 def test_unload_and_stop_of_an_entry_never_loaded(fleet: Any) -> None:
     """``c`` is in the catalogue (``GET /v1/models`` lists it, stopped) but was never loaded:
     unloading or stopping it does nothing and says so, as for an entry loaded and unloaded

@@ -585,12 +585,18 @@ class Supervisor:
 
     # -------------------------------------------------------------------- stop
 
-    async def unload(self, name: str, *, drain: bool = True) -> tuple[Instance, bool, StopOutcome]:
-        """Drain (unless not ``drain``) and stop the instance ``name``; returns it, whether it
-        ran and what the stop did. :class:`ModelNotFound` if no instance has that name."""
-        instance = self._named(name)
+    async def unload(self, name: str, *, drain: bool = True) -> tuple[str, bool, StopOutcome]:
+        """Drain (unless not ``drain``) and stop the instance ``name``; returns its name, whether
+        it ran and what the stop did. A catalogue entry never loaded did not run; anything else
+        unknown is :class:`ModelNotFound`."""
+        instance = self.find(name)
+        if instance is None:
+            entry = self.entry_named(name)
+            if entry is None:
+                raise ModelNotFound(name, self.known_names())
+            return entry, False, StopOutcome()
         ran = _holding(instance)
-        return instance, ran, await instance.halt(drain=drain)
+        return instance.name, ran, await instance.halt(drain=drain)
 
     async def stop(self, *, drain: bool = True) -> Status:
         """Stop every instance (in parallel)."""

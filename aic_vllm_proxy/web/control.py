@@ -152,13 +152,13 @@ async def unload(request: web.Request) -> web.Response:
 
 async def _unload(request: web.Request, body: UnloadRequest) -> UnloadResult:
     supervisor = request.app[SUPERVISOR]
-    instance, ran, outcome = await supervisor.unload(body.model, drain=not body.force)
+    name, ran, outcome = await supervisor.unload(body.model, drain=not body.force)
     return UnloadResult(
         changed=ran,
-        name=instance.name,
+        name=name,
         drained=outcome.drained,
         cut=outcome.cut,
-        message=f"{instance.name} is unloaded" if ran else f"{instance.name} was not loaded",
+        message=f"{name} is unloaded" if ran else f"{name} was not loaded",
         status=supervisor.status(),
     )
 
