@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -127,8 +127,12 @@ class Fleet:
         return found
 
 
+#: ``fleet(config, *args, vllm_port=None)``.
+StartFleet = Callable[..., Fleet]
+
+
 @pytest.fixture
-def fleet(spawn_proxy: Any, vllm_groups: set[int], tmp_path: Path) -> Iterator[Any]:
+def fleet(spawn_proxy: Any, vllm_groups: set[int], tmp_path: Path) -> Iterator[StartFleet]:
     """``fleet(config, *args, vllm_port=None)`` -> :class:`Fleet`: a daemon with the catalogue
     ``config``; on ``vllm_port`` if given, else on a port with the three after it free (the
     slot's and the loaded instances')."""
@@ -169,7 +173,9 @@ PATHS = pytest.mark.parametrize("path_args", [(), ("--access-log",)], ids=["fron
 
 
 @PATHS
-async def test_two_models_side_by_side_on_their_own_gpus(fleet: Any, path_args: tuple[str, ...]) -> None:
+async def test_two_models_side_by_side_on_their_own_gpus(
+    fleet: StartFleet, path_args: tuple[str, ...]
+) -> None:
     daemon = fleet(catalogue(f"{FAST} {SLOW_TOKENS}", f"{FAST} {SLOW_TOKENS}"), *path_args)
     loaded = {name: daemon.load(name)["instance"] for name in ("a", "b")}
     assert loaded["a"]["gpus"] == ["0"] and loaded["b"]["gpus"] == ["1"]
@@ -247,7 +253,7 @@ async def test_two_models_side_by_side_on_their_own_gpus(fleet: Any, path_args: 
 # -------------------------------------------------------------------- 2: on demand
 
 
-async def test_on_demand_load_by_the_openai_client(fleet: Any) -> None:
+async def test_on_demand_load_by_the_openai_client(fleet: StartFleet) -> None:
     """A request naming an entry (or its alias) loads it; the requests that come while it loads
     wait for that one load (``/status`` counts them waiting, ``GET /v1/models`` says loading)
     and are served by it. First with nothing loaded (aiohttp's path takes the requests), then
@@ -296,7 +302,7 @@ async def test_on_demand_load_by_the_openai_client(fleet: Any) -> None:
 # ------------------------------------------------------------------ 3: unknown model
 
 
-def test_unknown_model_is_404_on_both_http_paths(fleet: Any) -> None:
+def test_unknown_model_is_404_on_both_http_paths(fleet: StartFleet) -> None:
     """The front door and aiohttp's path (``--access-log``) give the same 404, in the OpenAI
     shape, listing the names that work. ``b`` is loaded so that the front door serves requests."""
     answers = []
@@ -334,7 +340,7 @@ def closed(impostor: Impostor) -> None:
     impostor.close()
 
 
-def test_a_taken_port_is_passed_over_and_gets_nothing(fleet: Any) -> None:
+def test_a_taken_port_is_passed_over_and_gets_nothing(fleet: StartFleet) -> None:
     """Something else listens (and would answer like vLLM, with the model asked for) on the port
     the next instance would take: the instance takes the next free port instead, and nothing is
     ever forwarded to the other process. Once that port is free again, the entry keeps its own
@@ -363,7 +369,7 @@ def test_a_taken_port_is_passed_over_and_gets_nothing(fleet: Any) -> None:
     assert port_of(again) == port_of(item) and again["pid"] != item["pid"]
 
 
-def test_a_listener_that_appears_during_a_load_is_never_used(fleet: Any) -> None:
+def test_a_listener_that_appears_during_a_load_is_never_used(fleet: StartFleet) -> None:
     """The port was free at launch; another process listens on it (answering like vLLM, with the
     model asked for) before the instance's vLLM does: the load fails, its launch is stopped, and
     the other process is sent nothing. ``b``, loaded beside it, goes on serving."""
@@ -392,7 +398,7 @@ def test_a_listener_that_appears_during_a_load_is_never_used(fleet: Any) -> None
     assert served.status_code == 200 and answered_by(served)["pid"] == str(b["pid"])
 
 
-def test_two_daemons_on_the_same_vllm_port(fleet: Any) -> None:
+def test_two_daemons_on_the_same_vllm_port(fleet: StartFleet) -> None:
     """Two daemons with the same ``--vllm-port`` on one node (both default to 8225): each one's
     instances take ports the other's do not listen on, and each daemon's requests reach only
     its own instances."""
@@ -414,7 +420,7 @@ def test_two_daemons_on_the_same_vllm_port(fleet: Any) -> None:
 # -------------------------------------------------------------------------- 5: crash
 
 
-async def test_a_crashed_instance_leaves_the_other_serving(fleet: Any) -> None:
+async def test_a_crashed_instance_leaves_the_other_serving(fleet: StartFleet) -> None:
     """a's vLLM is killed while b streams: b's stream ends whole, b goes on serving, /status
     shows a failed (its engine child is gone too), and a request naming a loads it again."""
     daemon = fleet(catalogue(b_args=f"{FAST} {SLOW_TOKENS}"))
@@ -452,7 +458,7 @@ async def test_a_crashed_instance_leaves_the_other_serving(fleet: Any) -> None:
 # -------------------------------------------------------------------- 6: proxy SIGKILL
 
 
-def test_proxy_sigkill_leaves_no_instance(fleet: Any) -> None:
+def test_proxy_sigkill_leaves_no_instance(fleet: StartFleet) -> None:
     daemon = fleet(catalogue())
     pids = [daemon.load(name)["instance"]["pid"] for name in ("a", "b")]
     trees = {pgid: group_members(pgid) for pgid in pids}
@@ -465,7 +471,7 @@ def test_proxy_sigkill_leaves_no_instance(fleet: Any) -> None:
     assert not any(process_exists(pid) for tree in trees.values() for pid in tree)
 
 
-def test_proxy_sigkill_while_one_instance_loads(fleet: Any) -> None:
+def test_proxy_sigkill_while_one_instance_loads(fleet: StartFleet) -> None:
     """One instance ready, another still loading: neither outlives the proxy."""
     daemon = fleet(catalogue(b_args="--sim-import-delay 0.05 --sim-load-delay 30"))
     a = daemon.load("a")["instance"]["pid"]
@@ -484,7 +490,7 @@ def test_proxy_sigkill_while_one_instance_loads(fleet: Any) -> None:
     assert not any(process_exists(pid) for tree in trees.values() for pid in tree)
 
 
-def test_proxy_sigterm_stops_every_instance(fleet: Any) -> None:
+def test_proxy_sigterm_stops_every_instance(fleet: StartFleet) -> None:
     daemon = fleet(catalogue())
     pids = [daemon.load(name)["instance"]["pid"] for name in ("a", "b")]
     trees = {pgid: group_members(pgid) for pgid in pids}
@@ -497,7 +503,7 @@ def test_proxy_sigterm_stops_every_instance(fleet: Any) -> None:
 # --------------------------------------------------------------------------- 7: logs
 
 
-def test_logs_tail_of_one_instance(fleet: Any) -> None:
+def test_logs_tail_of_one_instance(fleet: StartFleet) -> None:
     daemon = fleet(catalogue())
     ports = {name: port_of(daemon.load(name)["instance"]) for name in ("a", "b")}
     for name, other in (("a", "b"), ("b", "a")):
@@ -516,7 +522,7 @@ def test_logs_tail_of_one_instance(fleet: Any) -> None:
 # ------------------------------------------------------------------------- 8: /switch
 
 
-def test_switch_beside_loaded_instances(fleet: Any) -> None:
+def test_switch_beside_loaded_instances(fleet: StartFleet) -> None:
     """``/switch b`` makes b the only model on its GPU (a on the other GPU keeps running); a
     free-form spec without GPUs takes the whole node: both others are stopped, a's stream in
     flight drained first."""
@@ -561,7 +567,7 @@ def test_switch_beside_loaded_instances(fleet: Any) -> None:
 # ------------------------------------------------------- an entry that was never loaded
 
 
-def test_unload_and_stop_of_an_entry_never_loaded(fleet: Any) -> None:
+def test_unload_and_stop_of_an_entry_never_loaded(fleet: StartFleet) -> None:
     """``c`` is in the catalogue (``GET /v1/models`` lists it, stopped) but was never loaded:
     unloading or stopping it does nothing and says so, as for an entry loaded and unloaded
     before (``changed: false``), rather than a 404 saying it does not exist."""
