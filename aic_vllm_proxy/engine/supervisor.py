@@ -211,6 +211,10 @@ class Supervisor:
         ]
 
     def current_log(self, name: str | None = None) -> Path | None:
+        """The log of the instance ``name`` (None: the primary's); None for a catalogue entry
+        never loaded (no log yet)."""
+        if name is not None and self.find(name) is None and self.entry_named(name) is not None:
+            return None
         return self._named(name).current_log()
 
     def log_is_live(self, fd: int, name: str | None = None) -> bool:

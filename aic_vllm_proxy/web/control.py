@@ -247,14 +247,17 @@ def _open_log(request: web.Request) -> Iterator[int]:
     """The current launch's log file, opened (a descriptor), or a 404 that says there is none
     yet. Its name is read and opened in one step of the event loop, so a log that gets its
     final name meanwhile (``Supervisor._start``) is still the one read."""
-    path = request.app[SUPERVISOR].current_log(request.query.get("model"))
+    model = request.query.get("model")
+    path = request.app[SUPERVISOR].current_log(model)
     try:
         fd = os.open(path, os.O_RDONLY) if path is not None else -1
     except FileNotFoundError:
         fd = -1
     if fd < 0:
         raise ProxyError(
-            "No vLLM log yet: no model has been started. Load one with POST /switch.",
+            f"No vLLM log yet: {model} has not been loaded. Load it with POST /load."
+            if model
+            else "No vLLM log yet: no model has been started. Load one with POST /switch.",
             status=404,
             type="not_found_error",
         )
