@@ -584,3 +584,21 @@ def test_unload_and_stop_of_an_entry_never_loaded(fleet: StartFleet) -> None:
     assert never.json()["changed"] is False and never.json()["name"] == "c"
     stopped = httpx.post(daemon.url + "/stop", json={"model": "c"}, timeout=60)
     assert stopped.status_code == 200, stopped.text
+
+
+# ------------------------------------------------------------------ preload
+
+
+def test_entries_preloaded_side_by_side_each_get_a_port(fleet: StartFleet) -> None:
+    """Two entries preloaded at start-up on disjoint GPUs are placed at the same time (one
+    placement lock per GPU): each must get a port of its own. Both picked the first free one
+    after --vllm-port, and one failed with 'port in use' (found by hand with the README's
+    4-GPU example)."""
+    config = catalogue().replace("gpus = [0]\n\n[models.b]", "gpus = [0]\npreload = true\n\n[models.b]")
+    config = config.replace("gpus = [1]\n", "gpus = [1]\npreload = true\n")
+    daemon = fleet(config)
+    a = daemon.wait_for("a", "ready", timeout=60)
+    b = daemon.wait_for("b", "ready", timeout=60)
+    assert port_of(a) != port_of(b)
+    assert answered_by(chat(daemon.url, "a"))["port"] == port_of(a)
+    assert answered_by(chat(daemon.url, "b"))["port"] == port_of(b)

@@ -87,6 +87,7 @@ class Supervisor:
         self._recent: list[Instance] = [self.slot]  # most recently switched to or loaded first
         self._by_name: dict[str, Instance] = {}  # every name a request may give -> its instance
         self._locks: dict[str, asyncio.Lock] = {}  # placement locks by GPU ("": no GPU set)
+        self._reserved: set[int] = set()  # ports picked by placements under way
         self._waiting_for: dict[str, int] = {}  # callers waiting for each placement under way
         self._blocked: dict[str, NoRoom] = {}  # what is in the way of each placement waiting
         self._placing: dict[str, asyncio.Task[Instance]] = {}  # loads being placed, by name
@@ -395,13 +396,17 @@ class Supervisor:
                 await old.stop(drain=True)
             await self._make_room(Candidate(name, footprint.gpus, footprint.utilization))
             self._prune()
-            if old is not None:
-                instance = old
-                instance.move_to(await self._free_port(keep=old))
-            else:
-                instance = self._new_instance(name, await self._free_port(), footprint)
-            _apply(instance, footprint, names)
-            self.loaded[name] = instance
+            port = await self._free_port(keep=old)
+            try:
+                if old is not None:
+                    instance = old
+                    instance.move_to(port)
+                else:
+                    instance = self._new_instance(name, port, footprint)
+                _apply(instance, footprint, names)
+                self.loaded[name] = instance
+            finally:
+                self._reserved.discard(port)  # the instance has it now (or the placement failed)
             # Pending (holding its room) from this step on.
             self._loads[instance] = instance.switch_in_background(spec)
             self._used(instance)
@@ -451,15 +456,24 @@ class Supervisor:
     async def _free_port(self, keep: Instance | None = None) -> int:
         """The first port after ``--vllm-port`` that no other instance has and no other process
         listens on (``keep``'s own port is kept when it is still free: a catalogue entry keeps
-        its port from load to load)."""
+        its port from load to load). The port is reserved (``_reserved``) from the moment it is
+        picked: placements on other GPUs pick at the same time; :meth:`_place` releases it
+        once the instance has it."""
         host = self.settings.vllm_host
-        if keep is not None and await asyncio.to_thread(port_is_free, host, keep.port):
-            return keep.port
-        taken = {i.port for i in self.instances if i is not keep}
-        port = self.settings.vllm_port + 1
-        while port in taken or not await asyncio.to_thread(port_is_free, host, port):
+        if keep is not None and keep.port not in self._reserved:
+            self._reserved.add(keep.port)
+            if await asyncio.to_thread(port_is_free, host, keep.port):
+                return keep.port
+            self._reserved.discard(keep.port)
+        port = self.settings.vllm_port
+        while True:
             port += 1
-        return port
+            if port in self._reserved or any(i.port == port for i in self.instances if i is not keep):
+                continue
+            self._reserved.add(port)
+            if await asyncio.to_thread(port_is_free, host, port):
+                return port
+            self._reserved.discard(port)
 
     async def load(self, name: str, spec: ModelSpec, footprint: Footprint, *, wait: bool) -> LoadResult:
         """``POST /load``: ``name`` loaded beside the others (see :meth:`ensure`); waits until it
