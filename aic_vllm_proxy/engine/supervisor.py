@@ -18,8 +18,8 @@ evicted here; the web and relay planes talk to this class only.
   instance most recently switched to or loaded.
 - **TTL**: an idle instance is unloaded ``ttl`` seconds after its last request.
 
-Placement decisions (and the evictions they need) are serialised by one lock; each instance
-serialises its own switches and stops.
+Placement decisions (and the evictions they need) are serialised per GPU: one lock each, so
+loads on disjoint GPUs go on side by side; each instance serialises its own switches and stops.
 """
 
 from __future__ import annotations
