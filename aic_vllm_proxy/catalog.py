@@ -47,7 +47,7 @@ from aic_vllm_proxy.vllm_flags import FLAGS
 DEFAULT_DENIED_FLAGS = ("--trust-remote-code",)
 UTILIZATION_FLAG = "--gpu-memory-utilization"
 #: The keys of an entry that place it on the node (issue 13).
-FLEET_KEYS = ("gpus", "gpu_memory_utilization", "ttl", "pinned", "preload")
+FLEET_KEYS = ("gpus", "gpu_memory_utilization", "ttl", "pinned", "preload", "sleep")
 #: vLLM's own default share of each GPU (``--help`` of vLLM 0.32 says 0.92), from the flag table.
 VLLM_DEFAULT_UTILIZATION = float(next(row[3] for row in FLAGS if row[0].split()[0] == UTILIZATION_FLAG))
 
@@ -84,12 +84,17 @@ class Footprint:
     ttl: float = 0.0
     pinned: bool = False
     preload: bool = False
+    sleep_level: int = 0  # vLLM's sleep mode: parked at this level instead of stopped (0: off)
 
 
-def spec_footprint(spec: ModelSpec, node_gpus: Sequence[str], default_ttl: float) -> Footprint:
+def spec_footprint(
+    spec: ModelSpec, node_gpus: Sequence[str], default_ttl: float, default_sleep: int = 0
+) -> Footprint:
     """The footprint of a free-form spec (not a catalogue entry): all of the node's GPUs, the
-    utilization its arguments give, ``--default-ttl``."""
-    return Footprint(gpus=tuple(node_gpus), utilization=spec_utilization(spec), ttl=default_ttl)
+    utilization its arguments give, ``--default-ttl`` and ``--default-sleep-level``."""
+    return Footprint(
+        gpus=tuple(node_gpus), utilization=spec_utilization(spec), ttl=default_ttl, sleep_level=default_sleep
+    )
 
 
 def with_served_names(spec: ModelSpec, names: Sequence[str]) -> ModelSpec:
@@ -120,6 +125,9 @@ class CatalogEntry(BaseModel):
     ttl: float | None = Field(default=None, ge=0)
     pinned: bool = False
     preload: bool = False
+    #: vLLM's sleep mode: park at this level instead of stopping (1: weights to host RAM, 2:
+    #: weights dropped; 0: off); None: ``--default-sleep-level``.
+    sleep: int | None = Field(default=None, ge=0, le=2)
 
     @model_serializer(mode="wrap")
     def _without_unset_fleet_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -196,7 +204,7 @@ class CatalogEntry(BaseModel):
             text += f" {UTILIZATION_FLAG} {self.gpu_memory_utilization!r}"
         return text
 
-    def footprint(self, node_gpus: Sequence[str], default_ttl: float) -> Footprint:
+    def footprint(self, node_gpus: Sequence[str], default_ttl: float, default_sleep: int = 0) -> Footprint:
         """What this entry takes on a node with ``node_gpus`` (empty: none known). Raises
         :class:`ValueError` (a :class:`SpecError` for bad args) naming the setting at fault."""
         if self.gpus is not None:
@@ -215,6 +223,7 @@ class CatalogEntry(BaseModel):
             ttl=0.0 if self.pinned else (default_ttl if self.ttl is None else self.ttl),
             pinned=self.pinned,
             preload=self.preload,
+            sleep_level=default_sleep if self.sleep is None else self.sleep,
         )
 
 

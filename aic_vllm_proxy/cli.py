@@ -100,6 +100,8 @@ def setting_option(name: str) -> Callable[[F], F]:
         extra = {"type": click.Choice([str(arg) for arg in get_args(kind)], case_sensitive=False)}
     elif kind is Path:
         extra = {"type": click.Path(path_type=Path)}
+    elif isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("unit") == "bytes":
+        extra = {"type": str, "metavar": "SIZE"}  # config.parse_bytes reads it
     elif kind in (int, float, str):
         extra = {"type": kind}
     else:

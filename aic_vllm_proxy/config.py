@@ -125,6 +125,21 @@ class Settings(BaseModel):
         ge=0,
         description="Seconds a freshly loaded model with requests waiting is safe from eviction.",
     )
+    # --- vLLM's sleep mode (engine/sleep.py)
+    default_sleep_level: int = Field(
+        default=0,
+        ge=0,
+        le=2,
+        description="Park models with vLLM's sleep mode at this level instead of stopping them "
+        "(1: weights to host RAM, 2: weights dropped; 0: off); a catalogue entry's sleep wins.",
+    )
+    host_memory_budget: int | None = Field(
+        default=None,
+        ge=0,
+        description="Host RAM the weights of models parked at sleep level 1 may take, e.g. 200GiB "
+        "(default: 80% of MemAvailable at start).",
+        json_schema_extra={"unit": "bytes"},  # a size: "200GiB" on the command line too
+    )
     # --- graceful switching and limits
     drain_timeout: float = Field(
         default=30.0, ge=0, description="Seconds in-flight requests may take to finish before a stop."
@@ -161,6 +176,12 @@ class Settings(BaseModel):
         if not words:
             raise ValueError("vllm_command is empty; the default is 'vllm serve'")
         return value
+
+    @field_validator("host_memory_budget", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> Any:
+        """``"200GiB"``, ``"512MB"``, ``"1e9"`` or a number -> bytes."""
+        return parse_bytes(value) if isinstance(value, str) else value
 
     @field_validator("gpus", mode="before")
     @classmethod
@@ -208,7 +229,7 @@ class Settings(BaseModel):
         found: dict[str, Footprint] = {}
         for name, entry in self.models.items():
             try:
-                found[name] = entry.footprint(node_gpus, self.default_ttl)
+                found[name] = entry.footprint(node_gpus, self.default_ttl, self.default_sleep_level)
             except ValueError as exc:
                 raise ConfigError(f"invalid configuration: models.{name}: {exc}") from exc
         return found
@@ -218,8 +239,8 @@ class Settings(BaseModel):
         the catalogue, else a free-form spec's (all of the node's GPUs, the utilization its args
         give, ``--default-ttl``). Raises :class:`SpecError` for a utilization vLLM refuses."""
         if entry_name is not None:
-            return self.models[entry_name].footprint(node_gpus, self.default_ttl)
-        return spec_footprint(spec, node_gpus, self.default_ttl)
+            return self.models[entry_name].footprint(node_gpus, self.default_ttl, self.default_sleep_level)
+        return spec_footprint(spec, node_gpus, self.default_ttl, self.default_sleep_level)
 
     @property
     def vllm_argv(self) -> list[str]:
@@ -254,6 +275,26 @@ OPTION_FIELDS: dict[str, str] = {
     "enable_plugin": "plugins_enable",
     "disable_plugin": "plugins_disable",
 }
+
+
+#: Units of a size: binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB).
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3}
+_UNITS |= {"gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2}
+_UNITS |= {"gib": 1024**3, "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """A size in bytes: ``"200GiB"``, ``"1.5 TB"``, ``"4096"``. Raises :class:`ValueError`."""
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number) :]
+    if unit not in _UNITS or not number:
+        units = "KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+        raise ValueError(f"{text!r} is not a size: give bytes or a number with {units}")
+    size = float(number) * _UNITS[unit]
+    if not size >= 0 or size == float("inf"):
+        raise ValueError(f"{text!r} is not a size")
+    return int(size)
 
 
 def names_list(value: str | None) -> tuple[str, ...] | None:

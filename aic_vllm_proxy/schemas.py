@@ -26,6 +26,9 @@ class ProcessState(str, Enum):
     DRAINING = "draining"  #: a stop or switch lets the requests in flight finish; new ones wait
     STOPPING = "stopping"  #: being stopped (SIGTERM sent, waiting for the process tree)
     FAILED = "failed"  #: failed to start, or died after it was ready
+    PARKING = "parking"  #: requests in flight finish, then vLLM is put to sleep (sleep mode)
+    SLEEPING = "sleeping"  #: parked: the process runs, its GPU memory is released
+    WAKING = "waking"  #: being woken (weights back on the GPU); requests wait for it
 
 
 class SwitchRequest(BaseModel):

@@ -30,10 +30,10 @@ from aic_vllm_proxy.schemas import ProcessState
 S = ProcessState
 #: Slack for float sums: 0.3 + 0.3 + 0.4 is 1.0000000000000002.
 EPSILON = 1e-9
-#: States whose process holds (or is about to hold) GPU memory.
-HOLDING = frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING})
+#: States whose process holds (or is about to hold) GPU memory (a sleeping one holds none).
+HOLDING = frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING, S.PARKING, S.WAKING})
 #: States of an instance already on its way out: its room is freed without an eviction.
-LEAVING = frozenset({S.DRAINING, S.STOPPING})
+LEAVING = frozenset({S.DRAINING, S.STOPPING, S.PARKING})
 #: With more evictable instances than this on the candidate's GPUs, the fewest evictions are
 #: looked for greedily (LRU order, then dropping the ones not needed) instead of exhaustively.
 EXACT_SEARCH_LIMIT = 12

@@ -19,9 +19,12 @@ bug and raises :class:`ConcurrentChange` instead of waiting). After each change 
     READY ──► STOPPING                    (nothing in flight to drain, or force)
     STARTING | READY | DRAINING | STOPPING ──► FAILED
     FAILED ──► STARTING | STOPPING | STOPPED
+    READY ──► PARKING ──► SLEEPING ──► WAKING ──► READY      (sleep mode: a model parked)
+    PARKING | SLEEPING | WAKING ──► STOPPING | FAILED        (a sleep or wake given up; a death)
 
 READY is the only state in which requests are forwarded. DRAINING: a stop or switch is waiting
 for the requests in flight to finish (``--drain-timeout``); new ones wait for the next model.
+PARKING is the same wait before vLLM is put to sleep; SLEEPING holds no GPU memory.
 """
 
 from __future__ import annotations
@@ -46,10 +49,13 @@ S = ProcessState
 TRANSITIONS: dict[ProcessState, frozenset[ProcessState]] = {
     S.STOPPED: frozenset({S.STARTING}),
     S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING}),
-    S.READY: frozenset({S.DRAINING, S.STOPPING, S.FAILED}),
+    S.READY: frozenset({S.DRAINING, S.STOPPING, S.FAILED, S.PARKING}),
     S.DRAINING: frozenset({S.STOPPING, S.FAILED}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED}),
+    S.PARKING: frozenset({S.SLEEPING, S.STOPPING, S.FAILED}),
+    S.SLEEPING: frozenset({S.WAKING, S.STOPPING, S.FAILED}),
+    S.WAKING: frozenset({S.READY, S.STOPPING, S.FAILED}),
 }
 
 
@@ -80,6 +86,9 @@ class Snapshot:
     exit_code: int | None = None
     error: str | None = None
     launched_monotonic: float | None = None
+    #: Sleep mode: the level it sleeps at, and since when (None while awake).
+    sleep_level: int | None = None
+    slept_at: datetime | None = None
     #: The switches queued or under way, in order; the one being loaded comes first.
     pending: tuple[ModelSpec, ...] = ()
 

@@ -191,6 +191,9 @@ MODEL_STATUS = {
     ProcessState.STOPPING: "stopping",
     ProcessState.STOPPED: "stopped",
     ProcessState.FAILED: "failed",
+    ProcessState.PARKING: "stopping",
+    ProcessState.SLEEPING: "sleeping",
+    ProcessState.WAKING: "loading",
 }
 
 

@@ -1,0 +1,73 @@
+"""Issue 14 groundwork: the sleep states of the state machine and the settings of sleep mode
+(``sleep`` per catalogue entry, ``--default-sleep-level``, ``--host-memory-budget``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from aic_vllm_proxy.catalog import Footprint
+from aic_vllm_proxy.config import ConfigError, build_settings, parse_bytes
+from aic_vllm_proxy.engine.placement import HOLDING, LEAVING
+from aic_vllm_proxy.engine.state import TRANSITIONS
+from aic_vllm_proxy.schemas import ProcessState as S
+from aic_vllm_proxy.spec import ModelSpec
+
+NODE = ("0", "1")
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("4096", 4096),
+        ("200GiB", 200 * 1024**3),
+        ("1.5 TB", 1_500_000_000_000),
+        ("512mib", 512 * 1024**2),
+        ("1e9", 10**9),
+    ],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "12 parsecs", "-1GiB", "GiB", "nan"])
+def test_not_sizes(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_bytes(text)
+
+
+def test_the_budget_is_read_as_a_size_from_the_config() -> None:
+    assert build_settings(None, {"host_memory_budget": "2GiB"}).host_memory_budget == 2 * 1024**3
+    assert build_settings(None, {}).host_memory_budget is None
+    with pytest.raises(ConfigError, match="host_memory_budget: 'lots' is not a size"):
+        build_settings(None, {"host_memory_budget": "lots"})
+
+
+def test_an_entry_sleep_level_wins_over_the_default() -> None:
+    settings = build_settings(
+        None,
+        {
+            "default_sleep_level": 1,
+            "models": {
+                "a": {"model": "org/a", "sleep": 2},
+                "b": {"model": "org/b"},
+                "c": {"model": "org/c", "sleep": 0},
+            },
+        },
+    )
+    prints = settings.footprints(NODE)
+    assert [prints[n].sleep_level for n in "abc"] == [2, 1, 0]
+    free = settings.footprint(ModelSpec.parse("org/x"), None, NODE)
+    assert free == Footprint(gpus=NODE, utilization=free.utilization, ttl=0.0, sleep_level=1)
+    with pytest.raises(ConfigError, match="sleep"):
+        build_settings(None, {"models": {"a": {"model": "org/a", "sleep": 3}}})
+
+
+def test_the_sleep_states() -> None:
+    """READY -> PARKING -> SLEEPING -> WAKING -> READY; each may give up into a stop or die; a
+    sleeping instance holds no GPU memory, a parking or waking one does."""
+    assert S.PARKING in TRANSITIONS[S.READY]
+    assert TRANSITIONS[S.PARKING] == {S.SLEEPING, S.STOPPING, S.FAILED}
+    assert TRANSITIONS[S.SLEEPING] == {S.WAKING, S.STOPPING, S.FAILED}
+    assert TRANSITIONS[S.WAKING] == {S.READY, S.STOPPING, S.FAILED}
+    assert S.SLEEPING not in HOLDING and {S.PARKING, S.WAKING} <= HOLDING
+    assert S.PARKING in LEAVING
