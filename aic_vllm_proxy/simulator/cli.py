@@ -58,6 +58,11 @@ def seconds(value: str) -> float:
     return number
 
 
+def gib(value: str) -> float:
+    """A size in GiB (>= 0)."""
+    return seconds(value)
+
+
 # Options whose --help default ("None") does not tell their type.
 _TYPES: dict[str, Callable[[str], Any]] = {
     "max_model_len": human_int,
@@ -188,6 +193,48 @@ def _add_sim_flags(parser: argparse.ArgumentParser) -> None:
         help="max_tokens of a request that gives none (vLLM: the rest of the context).",
     )
     add("--sim-embedding-dim", type=int, default=384, metavar="N", help="Size of /v1/embeddings vectors.")
+    # Sleep mode (the routes exist only with VLLM_SERVER_DEV_MODE=1, as in vLLM).
+    add(
+        "--sim-weights-gib",
+        type=gib,
+        default=1.12,
+        metavar="G",
+        help="GiB of weights per GPU: the 'Model loading took G GiB memory' line and the "
+        "simulated GPU memory.",
+    )
+    add(
+        "--sim-kv-cache-gib",
+        type=gib,
+        default=61.37,
+        metavar="G",
+        help="GiB of KV cache per GPU ('Available KV cache memory'), in the simulated GPU memory.",
+    )
+    add(
+        "--sim-sleep-delay",
+        type=seconds,
+        default=0.1,
+        metavar="S",
+        help="Seconds a /sleep of level 1 or 2 takes.",
+    )
+    add("--sim-wake-delay", type=seconds, default=0.05, metavar="S", help="Seconds a /wake_up takes.")
+    add(
+        "--sim-reload-delay",
+        type=seconds,
+        default=0.2,
+        metavar="S",
+        help="Seconds a /collective_rpc reload_weights takes.",
+    )
+    add(
+        "--sim-sleep-keeps-memory",
+        action="store_true",
+        help="Sleep releases no simulated GPU memory (the vLLM bug of memory left allocated).",
+    )
+    add(
+        "--sim-wake-fails",
+        action="store_true",
+        help="/wake_up fails as vLLM does when waking raises (500, the engine stays asleep).",
+    )
+    add("--sim-wake-hangs", action="store_true", help="/wake_up never answers (nor does any later dev call).")
 
 
 @lru_cache(maxsize=1)

@@ -27,7 +27,7 @@ from types import FrameType
 from typing import Any
 
 from . import VLLM_VERSION
-from .logfmt import OTEL, PY_SITE, STDLIB, ProcessLog, traceback_text
+from .logfmt import OTEL, PY_SITE, STDLIB, GiB, ProcessLog, format_gib, traceback_text
 
 PROCESS_TITLE = "VLLM::EngineCore"
 
@@ -155,11 +155,12 @@ class Engine:
         log.info("default_loader.py:501", f"Loading weights took {weights:.2f} seconds")
         log.info(
             "gpu_model_runner.py:5149",
-            f"Model loading took 1.12 GiB memory and {weights + 0.05:.6f} seconds",
+            f"Model loading took {format_gib(c['weights_gib'] * GiB)} GiB memory and "
+            f"{weights + 0.05:.6f} seconds",
         )
         time.sleep(delay * 0.2)
         tokens = 574544
-        log.info("gpu_worker.py:759", "Available KV cache memory: 61.37 GiB")
+        log.info("gpu_worker.py:759", f"Available KV cache memory: {format_gib(c['kv_cache_gib'] * GiB)} GiB")
         log.info(
             "kv_cache_utils.py:2327",
             f"GPU KV cache size: {tokens:,} tokens, Maximum concurrency for "

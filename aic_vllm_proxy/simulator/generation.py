@@ -88,6 +88,16 @@ def _plain_plan(max_tokens: int) -> OutputPlan:
     return OutputPlan([token_text(i) for i in range(max_tokens)], "length")
 
 
+GARBAGE = " <garbage>"
+"""The text of every token generated with uninitialised weights (after a level-2 wake,
+before ``reload_weights``): vLLM generates from whatever the GPU memory holds."""
+
+
+@lru_cache(maxsize=256)
+def garbage_plan(max_tokens: int) -> OutputPlan:
+    return OutputPlan([GARBAGE] * max_tokens, "length")
+
+
 def plan_output(max_tokens: int, stop: Sequence[str] = (), include_stop_str: bool = False) -> OutputPlan:
     """The deltas for ``max_tokens`` tokens, honouring ``stop`` strings like vLLM.
 

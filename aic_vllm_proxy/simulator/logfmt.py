@@ -33,6 +33,14 @@ OTEL = f"{PY_SITE}/vllm/tracing/otel.py"
 """Where the fake tracebacks pretend vLLM is installed."""
 
 
+GiB = 1024**3
+
+
+def format_gib(size: float) -> str:
+    """vLLM's ``format_gib``: bytes as GiB rounded to 2 places (``1.12``, ``0.5``, ``12.0``)."""
+    return f"{round(size / GiB, 2)}"
+
+
 def write_fd(fd: int, text: str) -> None:
     data = text.encode("utf-8", "replace")
     try:
@@ -56,8 +64,10 @@ def vllm_line(level: str, where: str, message: str, prefix: str = "") -> str:
 class ProcessLog:
     """The log output of one simulated process (``APIServer`` or ``EngineCore``)."""
 
-    def __init__(self, name: str, *, out_fd: int = STDOUT, err_fd: int = STDERR) -> None:
-        self.prefix = f"({name} pid={os.getpid()}) "
+    def __init__(
+        self, name: str, *, out_fd: int = STDOUT, err_fd: int = STDERR, pid: int | None = None
+    ) -> None:
+        self.prefix = f"({name} pid={os.getpid() if pid is None else pid}) "
         self.out_fd = out_fd
         self.err_fd = err_fd
         self.uvicorn_level = 20  # logging.INFO

@@ -33,9 +33,11 @@ from aiohttp import web
 
 from . import VLLM_VERSION
 from .cli import non_default_args
+from .dev import DEV_ROUTES, SECURITY_WARNING, add_dev_routes, dev_mode_enabled
 from .engine_client import EngineProcess
-from .logfmt import OTEL, PY_SITE, STDLIB, ProcessLog, traceback_text, uvicorn_level_number
+from .logfmt import OTEL, PY_SITE, STDLIB, GiB, ProcessLog, traceback_text, uvicorn_level_number
 from .server import build_app, instance_header, routes_of
+from .sleep import GRAPHS_GIB, SleepConfig, visible_devices
 from .state import ENGINE_DEAD_MESSAGE, SimConfig, SimState
 
 DEFAULT_MAX_MODEL_LEN = 32768
@@ -325,7 +327,34 @@ def _sim_config(
         log_requests=args.enable_log_requests,
         fingerprint=_fingerprint(args, max_model_len),
         instance=instance,
+        sleep=_sleep_config(args),
     )
+
+
+def _sleep_config(args: argparse.Namespace) -> SleepConfig:
+    return SleepConfig(
+        dev_mode=dev_mode_enabled(),
+        enabled=args.enable_sleep_mode,
+        sleep_delay=args.sim_sleep_delay,
+        wake_delay=args.sim_wake_delay,
+        reload_delay=args.sim_reload_delay,
+        keeps_memory=args.sim_sleep_keeps_memory,
+        wake_fails=args.sim_wake_fails,
+        wake_hangs=args.sim_wake_hangs,
+        weights_bytes=int(args.sim_weights_gib * GiB),
+        kv_bytes=int(args.sim_kv_cache_gib * GiB),
+        graphs_bytes=0 if args.enforce_eager else int(GRAPHS_GIB * GiB),
+        devices=visible_devices(args.tensor_parallel_size * args.pipeline_parallel_size),
+    )
+
+
+def routes_listed(runner: str, dev_mode: bool) -> list[tuple[str, str]]:
+    """The routes of the start-up log, in vLLM's order: the dev routes come after /ping."""
+    routes = routes_of(runner)
+    if not dev_mode:
+        return routes
+    cut = routes.index(("/ping", "POST")) + 1
+    return [*routes[:cut], *DEV_ROUTES, *routes[cut:]]
 
 
 def _engine_config(args: argparse.Namespace, max_model_len: int) -> dict[str, Any]:
@@ -352,6 +381,8 @@ def _engine_config(args: argparse.Namespace, max_model_len: int) -> dict[str, An
         "never_ready": args.sim_never_ready,
         "die_after": args.sim_engine_die_after,
         "ignore_sigterm": args.sim_ignore_sigterm,
+        "weights_gib": args.sim_weights_gib,
+        "kv_cache_gib": args.sim_kv_cache_gib,
     }
 
 
@@ -392,6 +423,7 @@ class _Server:
         if state is None or state.shutting_down or self.stop.done():
             return
         state.engine_dead = True
+        state.sleep.detach()
         log = self.log
         log.warning(
             "core_client.py:817",
@@ -518,6 +550,8 @@ async def _main(args: argparse.Namespace) -> int:
         log.raw(_model_error(args.model))
         return 1
     log.info("model.py:733", f"Resolved architecture: {arch}")
+    if args.enable_sleep_mode:
+        log.info("model.py:659", "Enabling cumem allocator because sleep mode requires it.")
     log.info("model.py:2152", f"Using max model len {max_model_len}")
 
     model_runner = runner_of(args, arch)
@@ -541,12 +575,18 @@ async def _main(args: argparse.Namespace) -> int:
 
     log.info("entry.py:136", f"Supported tasks: {SUPPORTED_TASKS[model_runner]}")
     log.info("entry.py:140", f"Starting vLLM server on {listen_address}")
+    app = build_app(state)
+    dev_mode = state.config.sleep.dev_mode
+    if dev_mode:
+        log.warning("__init__.py:44", SECURITY_WARNING)
+        add_dev_routes(app)
     log.info("launcher.py:186", "Available routes are:")
-    for path, methods in routes_of(model_runner):
+    for path, methods in routes_listed(model_runner, dev_mode):
         log.info("launcher.py:195", f"Route: {path}, Methods: {methods}")
+    state.sleep.attach(engine.pid)
 
     runner = web.AppRunner(
-        build_app(state),
+        app,
         handle_signals=False,
         access_log=None,
         handler_cancellation=True,
@@ -564,6 +604,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     reason = await server.stop
     await server.shutdown(reason, state, runner, site)
+    state.sleep.detach()
     for task in list(server.tasks):
         task.cancel()
     return 0 if reason == "signal" else int(args.sim_exit_code)

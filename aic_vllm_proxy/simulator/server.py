@@ -31,6 +31,7 @@ from .generation import (
     embedding,
     encode_embedding,
     error_event,
+    garbage_plan,
     plan_output,
     tokenize,
     usage_dict,
@@ -368,7 +369,11 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
 
     state.begin(ctx)
     acquired = False
+    sleep = state.sleep
     try:
+        await sleep.admit(ctx)  # queued while the engine sleeps (vLLM accepts and holds it)
+        if sleep.garbage:
+            job.plan = garbage_plan(max_tokens)
         if state.slots.locked():
             metrics.waiting += 1
             try:
@@ -378,6 +383,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         else:
             await state.slots.acquire()
         acquired = True
+        sleep.started(ctx)
         metrics.running += 1
         metrics.prompt_tokens += req.prompt_tokens
         if req.stream:
@@ -397,6 +403,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         raise
     finally:
         if acquired:
+            sleep.ended(ctx)
             metrics.running -= 1
             state.slots.release()
         state.end(ctx)
@@ -436,9 +443,12 @@ async def _stream(job: _Job) -> web.StreamResponse:
     last = len(deltas) - 1
     metrics = job.state.metrics
     fingerprint = not req.include_usage
+    stepping = job.state.sleep.stepping
     for t, delta in enumerate(deltas):
         if delay:
             await ctx.sleep(delay)
+        if not stepping.is_set():  # paused by a sleep with mode=keep
+            await job.state.sleep.step(ctx)
         if t == job.crash_at:
             await _crash_engine(job)
         if ctx.cut_reason is not None:
@@ -479,8 +489,11 @@ async def _complete(job: _Job) -> web.StreamResponse:
         for t in range(len(plan.deltas)):
             if cfg.token_delay:
                 await ctx.sleep(cfg.token_delay)
+            await state.sleep.step(ctx)
             if t == job.crash_at:
                 await _crash_engine(job)
+            job.sent = t + 1
+    await state.sleep.step(ctx)
     if ctx.cut_reason is not None:
         raise Cut(ctx.cut_reason)
     state.metrics.generation_tokens += plan.completion_tokens * job.choices
@@ -507,6 +520,8 @@ async def _on_cut(job: _Job) -> web.StreamResponse:
     ctx = job.ctx
     state.metrics.finished("abort")
     resp = ctx.response
+    if ctx.cut_reason == "sleep_abort":
+        return await _end_sleep_aborted(job)
     cut = state.config.abort_stream == "cut"
     if resp is not None and ctx.cut_reason == "shutdown" and not cut:
         await _end_aborted(job, resp)
@@ -542,6 +557,34 @@ async def _end_aborted(job: _Job, resp: web.StreamResponse) -> None:
         events.append(fmt.usage(req.prompt_tokens, job.sent * job.choices))
     with contextlib.suppress(ConnectionError):
         await resp.write(b"".join(events) + DONE)
+
+
+async def _end_sleep_aborted(job: _Job) -> web.StreamResponse:
+    """A request aborted by ``/sleep`` (mode=abort): the engine finishes it with
+    ``finish_reason: "abort"``; a stream ends like a finished one, a plain request gets its
+    200 with the text generated so far."""
+    ctx = job.ctx
+    cfg = job.state.config
+    if not job.req.stream:
+        plan = OutputPlan(job.plan.deltas[: job.sent], "abort")
+        build = chat_response if job.req.chat else completion_response
+        body = build(
+            ctx.request_id,
+            job.created,
+            job.model,
+            [plan] * job.choices,
+            job.req.prompt_tokens,
+            cfg.fingerprint,
+        )
+        return json_response(body)
+    resp = ctx.response
+    if resp is None:  # still queued: vLLM had sent the headers already
+        resp = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
+        with contextlib.suppress(ConnectionError):
+            await resp.prepare(ctx.request)
+        ctx.response = resp
+    await _end_aborted(job, resp)
+    return resp
 
 
 def _close(ctx: RequestCtx) -> None:

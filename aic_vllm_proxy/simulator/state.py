@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .logfmt import ProcessLog
 from .metrics import Metrics
+from .sleep import SleepConfig, SleepState
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -36,6 +37,7 @@ class SimConfig:
     log_requests: bool = False
     fingerprint: str = "vllm-0.0.0-nohash"
     instance: str = ""  # X-Simulator-Instance's value (server.instance_header); "" sends none
+    sleep: SleepConfig = field(default_factory=SleepConfig)
 
 
 class Cut(Exception):
@@ -70,6 +72,22 @@ class RequestCtx:
         if self.cut_reason is not None:
             raise Cut(self.cut_reason)
 
+    async def wait_for(self, event: asyncio.Event) -> None:
+        """Wait until ``event`` is set; a cut interrupts the wait (then raises ``Cut``)."""
+        if event.is_set():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = asyncio.ensure_future(event.wait())
+        waiter.add_done_callback(lambda _: _wake(fut))
+        self.waker = fut
+        try:
+            await fut
+        finally:
+            waiter.cancel()
+            self.waker = None
+        if self.cut_reason is not None:
+            raise Cut(self.cut_reason)
+
     def cut(self, reason: str) -> None:
         if self.cut_reason is not None:
             return
@@ -96,6 +114,7 @@ class SimState:
         self.slots = asyncio.Semaphore(max(1, config.max_num_seqs))
         self.idle = asyncio.Event()
         self.idle.set()
+        self.sleep = SleepState(config.sleep, log)
 
     def begin(self, ctx: RequestCtx) -> None:
         self.inflight.add(ctx)
