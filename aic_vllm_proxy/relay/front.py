@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from aiohttp.http_parser import SINGLETON_HEADERS
 
 from aic_vllm_proxy.relay.auth import ADMIN_PREFIXES, KeyRing, bearer_token, refusal
+from aic_vllm_proxy.relay.dev_routes import dev_route
 from aic_vllm_proxy.relay.errors import ProxyError, body_stalled
 from aic_vllm_proxy.relay.flow import set_water_marks
 from aic_vllm_proxy.relay.headers import HOP_BY_HOP, response_head
@@ -214,6 +215,7 @@ class Front:
             self.routes.owns(path)
             or path.startswith(self.admin_prefixes)
             or not routed_as_is(path)
+            or dev_route(path)  # never forwarded: aiohttp's catch-all answers 404 (dev_routes.py)
             or head.length > self.max_body
         ):
             return False

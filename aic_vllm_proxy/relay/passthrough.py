@@ -29,6 +29,7 @@ from multidict import CIMultiDictProxy
 
 from aic_vllm_proxy.engine.instance import Instance
 from aic_vllm_proxy.engine.supervisor import Supervisor
+from aic_vllm_proxy.relay.dev_routes import dev_route, not_forwarded
 from aic_vllm_proxy.relay.errors import BadRequest, body_stalled, body_too_large
 from aic_vllm_proxy.relay.flow import over_high_water
 from aic_vllm_proxy.relay.headers import connection_tokens, response_headers
@@ -98,6 +99,9 @@ class Passthrough:
         pipeline = self.pipeline
         if not request.raw_path.startswith("/"):
             raise BadRequest(f"cannot forward request target {request.raw_path!r}: expected a path")
+        path = request.raw_path.partition("?")[0].encode("utf-8", "surrogateescape")
+        if dev_route(path):
+            raise not_forwarded(path)  # on both HTTP paths: the front door hands these off
         pipeline.check_length(request.content_length)
         relayed = await self._relay_request(request)
         async with pipeline.admitted(relayed) as instance:
