@@ -95,6 +95,8 @@ class InstanceStatus(BaseModel):
     )
     ttl: float = 0.0
     pinned: bool = False
+    sleep_level: int = Field(default=0, description="Parked at this sleep level when evicted (0: stopped).")
+    slept_at: datetime | None = Field(default=None, description="Since when it sleeps (state sleeping).")
     primary: bool = Field(
         default=False, description="Requests that name no model go here (the last switched to or loaded)."
     )
@@ -172,6 +174,7 @@ class LoadResult(BaseModel):
     """Body of ``POST /load`` (200 when ready, 202 when it goes on in the background)."""
 
     changed: bool = Field(description="False when it was already loaded (or loading).")
+    woke: bool = Field(default=False, description="It was asleep (sleep mode) and was woken.")
     name: str
     load_seconds: float | None = None
     total_seconds: float = 0.0
@@ -196,6 +199,7 @@ class SwitchResult(BaseModel):
     """Body of a successful ``POST /switch`` (200, or 202 when it goes on in the background)."""
 
     changed: bool = Field(description="False when the same spec was already loaded (no restart).")
+    woke: bool = Field(default=False, description="It was asleep (sleep mode) and was woken.")
     load_seconds: float | None = Field(
         default=None, description="From launch to ready, for a switch that started vLLM."
     )

@@ -29,6 +29,7 @@ from yarl import URL
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.config import Settings, http_base
 from aic_vllm_proxy.engine import prober
+from aic_vllm_proxy.engine import sleep as sleep_calls
 from aic_vllm_proxy.engine.gpus import child_cuda_env
 from aic_vllm_proxy.engine.launch import (
     Launch,
@@ -122,6 +123,7 @@ class Instance:
         self.utilization = utilization
         self.ttl = ttl
         self.pinned = pinned
+        self.sleep_level = 0  # parked at this level instead of stopped (sleep mode; 0: off)
         #: Every name a request may give for it (``model``): its served names, the catalogue
         #: entry's name and aliases. Set by the fleet with the spec it loads.
         self.names: tuple[str, ...] = ()
@@ -240,6 +242,8 @@ class Instance:
             expires_at=None if expires is None else _wall(expires),
             ttl=self.ttl,
             pinned=self.pinned,
+            sleep_level=self.sleep_level,
+            slept_at=snap.slept_at,
             primary=primary,
             log_path=snap.log_path,
             started_at=snap.started_at,
@@ -434,6 +438,8 @@ class Instance:
             env.update(child_cuda_env(self.gpus))
             # CUDA numbers GPUs fastest first by default; the ids given are nvidia-smi's (NVML's).
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        if self.sleep_level:
+            env.update(sleep_calls.DEV_MODE_ENV)  # its sleep routes; the proxy refuses them to clients
         return env
 
     def _spawn(self, coro: Awaitable[object], into: set[asyncio.Task[object]] | None = None) -> None:
@@ -689,7 +695,11 @@ class Instance:
             "after it was ready; its engine may have died"
         )
         snap = await self.machine.transition_if(
-            frozenset({S.READY, S.DRAINING}), S.FAILED, exit_code=code, error=message, pid=None
+            frozenset({S.READY, S.DRAINING, S.PARKING, S.SLEEPING, S.WAKING}),
+            S.FAILED,
+            exit_code=code,
+            error=message,
+            pid=None,
         )
         if snap is None:
             if self.machine.state is S.FAILED:  # already marked by the health check
@@ -783,7 +793,7 @@ class Instance:
         launch = self._launch
         if launch is None:  # nothing runs; settle a state left by a failed or cancelled start
             state = self.machine.state
-            if state in (S.STARTING, S.READY, S.DRAINING):
+            if state in (S.STARTING, S.READY, S.DRAINING, S.PARKING, S.SLEEPING, S.WAKING):
                 await self.machine.transition(S.STOPPING)
             if state is not S.STOPPED:
                 await self.machine.transition(S.STOPPED)
@@ -793,12 +803,7 @@ class Instance:
             # New requests now wait for the next model; in-flight ones may finish (the drain).
             if self.machine.state is S.READY:
                 await self.machine.transition(S.DRAINING)
-            before = self.in_flight
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
-            outcome.cut = self.in_flight
-            outcome.drained = max(before - outcome.cut, 0)
-            log.info("drained %d request(s); %d still running at the deadline", outcome.drained, outcome.cut)
+            outcome.drained, outcome.cut = await self._drain()
         else:
             outcome.cut = self.in_flight
         if self.machine.state is not S.STOPPING:
@@ -816,6 +821,84 @@ class Instance:
         context = self._context("post_stop", pid=launch.pgid, **_launched(launch))
         outcome.reports += await self.hooks.call(context)
         return outcome
+
+    async def _drain(self) -> tuple[int, int]:
+        """Let the requests in flight finish (up to ``--drain-timeout``): (drained, still running)."""
+        before = self.in_flight
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
+        cut = self.in_flight
+        drained = max(before - cut, 0)
+        if before:
+            log.info("drained %d request(s); %d still running at the deadline", drained, cut)
+        return drained, cut
+
+    # --------------------------------------------------------------- sleep mode
+
+    async def park(self) -> bool:
+        """Put vLLM to sleep at this instance's sleep level (sleep mode), after the requests in
+        flight finished: its process, port and log stay, its GPU memory goes. False (and
+        stopped instead) if vLLM refused or failed; False too when not ready (nothing done)."""
+        async with self._lock:
+            launch = self._launch
+            if self.machine.state is not S.READY or launch is None or not self.sleep_level:
+                return False
+            await self.machine.transition(S.PARKING)  # new requests wait from here on
+            await self._drain()
+            self._cut_upstreams()  # what outlived the drain (vLLM's mode=wait would wait for it)
+            level, timeout = self.sleep_level, self.settings.stop_timeout
+            try:
+                await sleep_calls.put_to_sleep(
+                    self._session(), self.base, level, launch.upstream_headers, timeout
+                )
+            except sleep_calls.SleepCallFailed as exc:
+                log.error("%s could not be put to sleep (%s); stopping it instead", self.name, exc)
+                self.last_switch_error = f"sleep failed, stopped instead: {exc}"
+                await self._stop_locked(drain=False)
+                return False
+            await self.machine.transition(S.SLEEPING, sleep_level=level, slept_at=datetime.now(timezone.utc))
+            log.info("%s is asleep (level %d, pid %d)", self.name, level, launch.pgid)
+            return True
+
+    async def wake(self) -> SwitchResult:
+        """Wake a sleeping vLLM (weights back on its GPUs). A wake that fails or takes longer
+        than ``--ready-timeout`` stops it and starts the model cold instead."""
+        async with self._lock:
+            launch = self._launch
+            if self.machine.state is not S.SLEEPING or launch is None:
+                return SwitchResult(changed=False, message=f"{self.name} is not asleep", status=self.status())
+            started = time.monotonic()
+            level = self.machine.snapshot.sleep_level or self.sleep_level
+            await self.machine.transition(S.WAKING)
+            try:
+                await asyncio.wait_for(
+                    sleep_calls.wake_up(
+                        self._session(),
+                        self.base,
+                        level,
+                        launch.upstream_headers,
+                        self.settings.ready_timeout,
+                    ),
+                    self.settings.ready_timeout,
+                )
+            except (sleep_calls.SleepCallFailed, asyncio.TimeoutError) as exc:
+                reason = str(exc) or f"no answer within {self.settings.ready_timeout:g} s"
+                log.error("waking %s failed (%s); starting it cold", self.name, reason)
+                await self._stop_locked(drain=False)
+                result = await self._switch_locked(launch.spec, force=True)
+                result.message = f"{self.name} did not wake ({reason}); started cold instead"
+                return result
+            self.loaded_at = self.last_used = time.monotonic()
+            await self.machine.transition(S.READY, sleep_level=None, slept_at=None)
+            seconds = round(time.monotonic() - started, 3)
+            log.info("%s is awake after %.2f s", self.name, seconds)
+            return SwitchResult(
+                changed=True,
+                woke=True,
+                load_seconds=seconds,
+                message=f"{self.name} woke",
+                status=self.status(),
+            )
 
     def _stop_grace(self) -> float:
         """vLLM given --shutdown-timeout drains itself first: allow for that before SIGKILL."""

@@ -46,6 +46,7 @@ from aic_vllm_proxy.engine.placement import (
     plan_room,
     shares_gpu,
 )
+from aic_vllm_proxy.engine.sleep import SLEEP_FLAG
 from aic_vllm_proxy.engine.state import ProcessStateMachine, StateEvent
 from aic_vllm_proxy.errors import EngineError, ModelNotFound, ModelUnavailable, Unavailable, sentences
 from aic_vllm_proxy.hooks.runner import HookRunner
@@ -54,6 +55,10 @@ from aic_vllm_proxy.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 S = ProcessState
+#: States of an instance whose vLLM runs, holding GPU memory or parked (sleep mode).
+PRESENT = HOLDING | {S.SLEEPING}
+#: An instance in these states is woken before it takes a request.
+ASLEEP = frozenset({S.PARKING, S.SLEEPING})
 
 #: The slot's name until it has loaded something.
 PRIMARY = "primary"
@@ -253,6 +258,9 @@ class Supervisor:
                 instance = await self._on_demand(model, deadline)
             if instance.serving:
                 return instance
+            if instance.machine.state in ASLEEP:
+                instance = await self._awaken(instance, self._footprint_of(instance), deadline)
+                placed = True
             # What is left of the wait after a placement (its message says the time waited).
             left = max(deadline - time.monotonic(), 0.0) if placed or attempt > 1 else timeout
             try:
@@ -311,9 +319,13 @@ class Supervisor:
         spec = ModelSpec.parse(item.spec_text)
         return spec, self.settings.footprint(spec, entry, self.node)
 
-    def names_for(self, spec: ModelSpec, entry: str | None) -> tuple[ModelSpec, tuple[str, ...]]:
-        """The spec to launch for ``entry`` (answering to its name and aliases too) and every
-        name it answers to."""
+    def names_for(
+        self, spec: ModelSpec, entry: str | None, sleep_level: int = 0
+    ) -> tuple[ModelSpec, tuple[str, ...]]:
+        """The spec to launch for ``entry`` (answering to its name and aliases too; with
+        ``--enable-sleep-mode`` when it is parked by sleeping) and every name it answers to."""
+        if sleep_level and not spec.has_flag(SLEEP_FLAG):
+            spec = ModelSpec.parse(f"{spec.text} {SLEEP_FLAG}")
         if entry is None:
             return spec, tuple(spec.served_names or (spec.model,))
         item = self.settings.models[entry]
@@ -330,9 +342,12 @@ class Supervisor:
         being placed wait for the same placement (they are served together), each up to its
         own ``deadline`` (None: as long as it takes); the placement gives up waiting for room
         once nobody waits for it."""
-        launched, names = self.names_for(spec, name if name in self.settings.models else None)
+        entry = name if name in self.settings.models else None
+        launched, names = self.names_for(spec, entry, footprint.sleep_level)
         current = self._by_name.get(name)
         if current is not None and _same_launch(current, launched):
+            if current.machine.state in ASLEEP:
+                return await self._awaken(current, footprint, deadline)
             return current
         placing = self._placing.get(name)
         if placing is None:
@@ -437,11 +452,61 @@ class Supervisor:
             going = [by_name[n] for n in plan.evictions]
             if going:
                 log.info("making room for %s: unloading %s", candidate.name, ", ".join(plan.evictions))
-            await asyncio.gather(*(i.stop(drain=i.name in plan.drain) for i in going))
+            await asyncio.gather(*(self._evict(i, drain=i.name in plan.drain) for i in going))
             for waited in plan.wait_for:
                 await by_name[waited].machine.wait_for(lambda s: s.state not in HOLDING, None)
             if not plan.evictions and not plan.wait_for:
                 return
+
+    async def _evict(self, instance: Instance, *, drain: bool = True) -> None:
+        """Make ``instance`` give its GPUs back: parked with sleep mode when it has a sleep level
+        (its requests in flight finish first), else drained (when ``drain``) and stopped."""
+        if instance.sleep_level and instance.serving and await instance.park():
+            return
+        await instance.stop(drain=drain)
+
+    def _footprint_of(self, instance: Instance) -> Footprint:
+        """What ``instance`` takes on the node, as placement reads it."""
+        return Footprint(
+            gpus=instance.gpus or (),
+            utilization=instance.utilization,
+            ttl=instance.ttl,
+            pinned=instance.pinned,
+            sleep_level=instance.sleep_level,
+        )
+
+    async def _awaken(self, instance: Instance, footprint: Footprint, deadline: float | None) -> Instance:
+        """Wake the sleeping (or parking) ``instance``: room is made on its GPUs as for a load,
+        then vLLM is woken (a failed wake starts it cold). Requests for it share one wake."""
+        name = instance.name
+        placing = self._placing.get(name)
+        if placing is None:
+            placing = asyncio.ensure_future(self._place_awaken(instance, footprint))
+            self._placing[name] = placing
+            placing.add_done_callback(lambda done: self._placed(name, done))
+        self._waiting_for[name] = self._waiting_for.get(name, 0) + 1
+        try:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            return await asyncio.wait_for(asyncio.shield(placing), left)
+        except asyncio.TimeoutError:
+            raise self._no_room(name, self._blocked.get(name)) from None
+        finally:
+            self._waiting_for[name] -= 1
+            if not self._waiting_for[name]:
+                del self._waiting_for[name]
+
+    async def _place_awaken(self, instance: Instance, footprint: Footprint) -> Instance:
+        """Under its GPUs' placement locks: wait for a park under way to end, make room, wake."""
+        async with contextlib.AsyncExitStack() as held:
+            for lock in self._gpu_locks(footprint.gpus):
+                await held.enter_async_context(lock)
+            await instance.machine.wait_for(lambda s: s.state is not S.PARKING, None)
+            if instance.machine.state is not S.SLEEPING:
+                return instance  # stopped meanwhile: waiting for it says so (a request loads it again)
+            await self._make_room(Candidate(instance.name, footprint.gpus, footprint.utilization))
+            self._used(instance)
+            await instance.wake()  # under the locks: its room is not taken while it wakes
+            return instance
 
     def _prune(self) -> None:
         """Forget loaded free-form instances that no longer run (catalogue entries stay listed,
@@ -479,9 +544,11 @@ class Supervisor:
         """``POST /load``: ``name`` loaded beside the others (see :meth:`ensure`); waits until it
         is ready when ``wait``. Raises the load's :class:`EngineError`."""
         started = time.monotonic()
-        launched, _ = self.names_for(spec, name if name in self.settings.models else None)
+        entry = name if name in self.settings.models else None
+        launched, _ = self.names_for(spec, entry, footprint.sleep_level)
         before = self._by_name.get(name)
         changed = before is None or not _same_launch(before, launched)
+        asleep = before is not None and not changed and before.machine.state in ASLEEP
         held = {i.name for i in self.instances if _holding(i)}
         # Waiting, it waits for room as long as it takes; in the background, for a request's wait.
         deadline = None if wait else time.monotonic() + self.settings.request_wait_timeout
@@ -497,7 +564,8 @@ class Supervisor:
         if changed and instance.serving and snap.ready_at and snap.started_at:
             load_seconds = round((snap.ready_at - snap.started_at).total_seconds(), 3)
         return LoadResult(
-            changed=changed,
+            changed=changed or asleep,
+            woke=asleep and instance.serving,
             name=instance.name,
             load_seconds=load_seconds,
             total_seconds=round(time.monotonic() - started, 3),
@@ -550,23 +618,31 @@ class Supervisor:
 
     def _running_elsewhere(self, launched: ModelSpec, entry: str | None, force: bool) -> Instance | None:
         found = self.loaded.get(entry or launched.served_name)
-        if force or found is None or not found.serving or not _same_launch(found, launched):
+        if force or found is None or not (found.serving or found.machine.state in ASLEEP):
             return None
-        return found
+        footprint = self._footprint_of(found)
+        return (
+            found if _same_launch(found, self.names_for(launched, entry, footprint.sleep_level)[0]) else None
+        )
 
     async def _keep(self, instance: Instance) -> SwitchResult:
         """``/switch`` to what ``instance`` runs already: it stays; the others on its GPUs go."""
         started = time.monotonic()
         self._used(instance)
+        woke = instance.machine.state in ASLEEP
+        if woke:
+            await self._awaken(instance, self._footprint_of(instance), None)
         view = instance.view()
         others = [
             i for i in self.instances if i is not instance and _holding(i) and shares_gpu(view, i.view())
         ]
-        await asyncio.gather(*(i.stop(drain=True) for i in others))
+        await asyncio.gather(*(self._evict(i) for i in others))
         return SwitchResult(
-            changed=False,
+            changed=woke,
+            woke=woke and instance.serving,
             total_seconds=round(time.monotonic() - started, 3),
-            message=f"{instance.name} is already loaded with these arguments; nothing restarted",
+            message=f"{instance.name} "
+            + ("woke" if woke else "is already loaded with these arguments; nothing restarted"),
             status=self.status(),
         )
 
@@ -593,7 +669,7 @@ class Supervisor:
         ]
         if others:
             log.info("switching to %s: stopping %s", slot.name, ", ".join(i.name for i in others))
-            await asyncio.gather(*(i.stop(drain=True) for i in others))
+            await asyncio.gather(*(self._evict(i) for i in others))
         for name, instance in list(self.loaded.items()):
             if name == slot.name and not _holding(instance):  # the slot has its name now
                 del self.loaded[name]
@@ -661,8 +737,9 @@ class Supervisor:
 
     async def _expire(self, instance: Instance) -> None:
         try:
-            log.info("unloading %s: idle for %g s (its ttl)", instance.name, instance.ttl)
-            await instance.stop(drain=True)
+            verb = "parking" if instance.sleep_level else "unloading"
+            log.info("%s %s: idle for %g s (its ttl)", verb, instance.name, instance.ttl)
+            await self._evict(instance)
         finally:
             self._expiring.discard(instance)
 
@@ -683,12 +760,14 @@ def _apply(instance: Instance, footprint: Footprint, names: tuple[str, ...]) -> 
     instance.utilization = footprint.utilization
     instance.ttl = footprint.ttl
     instance.pinned = footprint.pinned
+    instance.sleep_level = footprint.sleep_level
     instance.names = names
 
 
 def _holding(instance: Instance) -> bool:
-    """The instance runs a model or is loading one (a switch queued or under way)."""
-    return instance.machine.state in HOLDING or instance.switching
+    """The instance runs a model (awake or asleep) or is loading one (a switch queued or under
+    way)."""
+    return instance.machine.state in PRESENT or instance.switching
 
 
 def _same_launch(instance: Instance, spec: ModelSpec) -> bool:
