@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aic_vllm_proxy.catalog import Footprint
 from aic_vllm_proxy.config import ConfigError, build_settings, parse_bytes
+from aic_vllm_proxy.engine.logs import loaded_weights_gib
 from aic_vllm_proxy.engine.placement import HOLDING, LEAVING
+from aic_vllm_proxy.engine.sleep import GIB, host_weights
 from aic_vllm_proxy.engine.state import TRANSITIONS
 from aic_vllm_proxy.schemas import ProcessState as S
 from aic_vllm_proxy.spec import ModelSpec
@@ -71,3 +75,20 @@ def test_the_sleep_states() -> None:
     assert TRANSITIONS[S.WAKING] == {S.READY, S.STOPPING, S.FAILED}
     assert S.SLEEPING not in HOLDING and {S.PARKING, S.WAKING} <= HOLDING
     assert S.PARKING in LEAVING
+
+
+def test_the_weights_parked_in_host_memory(tmp_path: Path) -> None:
+    """vLLM's "Model loading took X GiB memory" lines give what a level-1 sleeper holds in host
+    RAM: one line per worker is summed; one line for a sharded model is one shard."""
+    log = tmp_path / "vllm.log"
+    log.write_text(
+        "(EngineCore_DP0 pid=1) INFO 12-03 10:00:00 [gpu_model_runner.py:5150] "
+        "Model loading took 14.9637 GiB memory and 3.500000 seconds\n"
+    )
+    assert loaded_weights_gib(log) == [14.9637]
+    assert host_weights([14.9637], ModelSpec.parse("m")) == int(14.9637 * GIB)
+    assert host_weights([7.5], ModelSpec.parse("m -tp 4 --pipeline-parallel-size 2")) == int(7.5 * 8 * GIB)
+    assert host_weights([7.5, 7.5], ModelSpec.parse("m --tensor-parallel-size 2")) == int(15 * GIB)
+    assert host_weights([], ModelSpec.parse("m")) is None
+    (tmp_path / "none.log").write_text("INFO nothing here\n")
+    assert loaded_weights_gib(tmp_path / "none.log") == []

@@ -41,7 +41,13 @@ from aic_vllm_proxy.engine.launch import (
     port_taken_message,
     spawn_vllm,
 )
-from aic_vllm_proxy.engine.logs import link_with_pid, open_launch_log, tail_lines_async, tail_with_cause
+from aic_vllm_proxy.engine.logs import (
+    link_with_pid,
+    loaded_weights_gib,
+    open_launch_log,
+    tail_lines_async,
+    tail_with_cause,
+)
 from aic_vllm_proxy.engine.placement import InstanceView, expires_at
 from aic_vllm_proxy.engine.state import ProcessStateMachine, Snapshot
 from aic_vllm_proxy.errors import (
@@ -124,6 +130,8 @@ class Instance:
         self.ttl = ttl
         self.pinned = pinned
         self.sleep_level = 0  # parked at this level instead of stopped (sleep mode; 0: off)
+        #: Host RAM its weights take parked at level 1 (vLLM's log says; None: unknown).
+        self.weights_bytes: int | None = None
         #: Every name a request may give for it (``model``): its served names, the catalogue
         #: entry's name and aliases. Set by the fleet with the spec it loads.
         self.names: tuple[str, ...] = ()
@@ -532,6 +540,9 @@ class Instance:
         load_seconds = time.monotonic() - (self.machine.snapshot.launched_monotonic or 0.0)
         model = ready.models[0] if ready.models else spec.served_name
         self.loaded_at = self.last_used = time.monotonic()
+        if self.sleep_level:
+            found = await asyncio.to_thread(loaded_weights_gib, launch.log_path)
+            self.weights_bytes = sleep_calls.host_weights(found, spec)
         await self.machine.transition(S.READY, model=model)
         log.info("%s is ready after %.1f s (pid %d)", spec.model, load_seconds, launch.process.pid)
         reports += await self.hooks.call(

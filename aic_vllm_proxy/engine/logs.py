@@ -285,3 +285,15 @@ async def tail_with_cause(path: LogFile, n: int) -> tuple[list[str], RootCause |
     lines = await tail_lines_async(path, max(n, ROOT_CAUSE_LINES))
     cause = root_cause(lines)
     return failure_tail(lines, cause, n), cause
+
+
+#: vLLM's worker line with the size of the weights it loaded (per GPU), as vLLM 0.32 logs it.
+_LOADING_TOOK = re.compile(rb"Model loading took ([0-9.]+) GiB memory")
+
+
+def loaded_weights_gib(path: LogFile, limit: int = 8 << 20) -> list[float]:
+    """Every "Model loading took X GiB memory" of a launch's log (one per worker that logs it),
+    read from its first ``limit`` bytes (the line comes before vLLM is ready). Blocking."""
+    with _open(path) as handle:
+        data = handle.read(limit)
+    return [float(match.group(1)) for match in _LOADING_TOOK.finditer(data)]

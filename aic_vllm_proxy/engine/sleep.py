@@ -22,9 +22,43 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from aic_vllm_proxy.spec import ModelSpec
+
 #: What an instance started with sleep mode gets on top of its arguments and environment.
 SLEEP_FLAG = "--enable-sleep-mode"
 DEV_MODE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
+
+
+GIB = 1024**3
+
+
+def host_weights(loaded_gib: list[float], spec: ModelSpec) -> int | None:
+    """The host RAM a model's weights take once parked at level 1, in bytes, from vLLM's "Model
+    loading took X GiB memory" lines (``logs.loaded_weights_gib``): their sum when several
+    workers logged one, else the one value times the model's tensor and pipeline parallel sizes
+    (each GPU's worker offloads its own share). None when vLLM logged none."""
+    if not loaded_gib:
+        return None
+    if len(loaded_gib) > 1:
+        return int(sum(loaded_gib) * GIB)
+    shards = 1
+    for flag in ("--tensor-parallel-size", "--pipeline-parallel-size"):
+        value = spec.flag_value(flag)
+        if value is not None and value.isdigit():
+            shards *= max(int(value), 1)
+    return int(loaded_gib[0] * shards * GIB)
+
+
+def host_memory_available() -> int | None:
+    """MemAvailable of ``/proc/meminfo`` in bytes (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class SleepCallFailed(Exception):
@@ -88,4 +122,13 @@ async def is_sleeping(
     return bool(isinstance(answer, dict) and answer.get("is_sleeping"))
 
 
-__all__ = ["DEV_MODE_ENV", "SLEEP_FLAG", "SleepCallFailed", "is_sleeping", "put_to_sleep", "wake_up"]
+__all__ = [
+    "DEV_MODE_ENV",
+    "SLEEP_FLAG",
+    "SleepCallFailed",
+    "host_memory_available",
+    "host_weights",
+    "is_sleeping",
+    "put_to_sleep",
+    "wake_up",
+]

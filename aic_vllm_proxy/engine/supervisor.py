@@ -46,7 +46,7 @@ from aic_vllm_proxy.engine.placement import (
     plan_room,
     shares_gpu,
 )
-from aic_vllm_proxy.engine.sleep import SLEEP_FLAG
+from aic_vllm_proxy.engine.sleep import SLEEP_FLAG, host_memory_available
 from aic_vllm_proxy.engine.state import ProcessStateMachine, StateEvent
 from aic_vllm_proxy.errors import EngineError, ModelNotFound, ModelUnavailable, Unavailable, sentences
 from aic_vllm_proxy.hooks.runner import HookRunner
@@ -83,6 +83,11 @@ class Supervisor:
         self._session = session
         self._hooks = hooks
         self.node = tuple(settings.gpus)  # the node's GPUs (cli.on_this_node); empty: none known
+        budget = settings.host_memory_budget
+        if budget is None and (available := host_memory_available()) is not None:
+            budget = int(available * 0.8)
+        #: Host RAM the weights of level-1 sleepers may take (None: no limit known).
+        self.host_budget = budget
         self.slot = self._new_instance(PRIMARY, settings.vllm_port)
         self.slot.on_switch = self._slot_switching
         self.slot.before_start = self._before_slot_start
@@ -461,9 +466,38 @@ class Supervisor:
     async def _evict(self, instance: Instance, *, drain: bool = True) -> None:
         """Make ``instance`` give its GPUs back: parked with sleep mode when it has a sleep level
         (its requests in flight finish first), else drained (when ``drain``) and stopped."""
-        if instance.sleep_level and instance.serving and await instance.park():
+        parkable = instance.sleep_level > 0 and instance.serving
+        if parkable and await self._host_room(instance) and await instance.park():
             return
         await instance.stop(drain=drain)
+
+    async def _host_room(self, instance: Instance) -> bool:
+        """Whether ``instance`` may park: at level 1 its weights go to host RAM, and the weights
+        of the level-1 sleepers stay within ``--host-memory-budget``; the least recently used
+        sleepers are stopped to make room. False when its weights alone exceed the budget."""
+        if instance.sleep_level != 1 or self.host_budget is None:
+            return True
+        need = instance.weights_bytes or 0
+        if need > self.host_budget:
+            log.info("%s is stopped, not parked: its weights exceed --host-memory-budget", instance.name)
+            return False
+        sleepers = sorted(
+            (
+                i
+                for i in self.instances
+                if i.machine.state is S.SLEEPING and i.machine.snapshot.sleep_level == 1
+            ),
+            key=lambda i: i.last_used,
+        )
+        held = sum(i.weights_bytes or 0 for i in sleepers)
+        while sleepers and held + need > self.host_budget:
+            oldest = sleepers.pop(0)
+            log.info(
+                "stopping %s, asleep: host RAM for %s (--host-memory-budget)", oldest.name, instance.name
+            )
+            held -= oldest.weights_bytes or 0
+            await oldest.stop(drain=False)
+        return True
 
     def _footprint_of(self, instance: Instance) -> Footprint:
         """What ``instance`` takes on the node, as placement reads it."""
