@@ -227,10 +227,11 @@ class SleepState:
             self.stepping.set()
 
     async def sleep(self, level: int, mode: str, inflight: set[RequestCtx]) -> None:
-        if mode == "abort":
-            for ctx in list(inflight):
-                ctx.cut("sleep_abort")
-        self._set_pause("all" if mode == "keep" else "new")
+        async with self.utility():  # the pause; a drain (mode=wait) holds up no other call
+            if mode == "abort":
+                for ctx in list(inflight):
+                    ctx.cut("sleep_abort")
+            self._set_pause("all" if mode == "keep" else "new")
         if mode == "wait" and not self.drained.is_set():
             self.engine_log.info(
                 "core.py:993", "Waiting for in-flight requests to complete before sleeping..."

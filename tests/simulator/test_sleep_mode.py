@@ -478,8 +478,9 @@ async def test_wake_hangs(start: Start) -> None:
     assert await call(sim, "POST", "/sleep") == (200, {"status": "sleeping", "level": 1})
     with pytest.raises(asyncio.TimeoutError):
         await call(sim, "POST", "/wake_up", timeout=1.0)
-    with pytest.raises(asyncio.TimeoutError):  # the engine is stuck: no utility call answers
-        await call(sim, "GET", "/is_sleeping", timeout=1.0)
+    for method, path in (("GET", "/is_sleeping"), ("POST", "/sleep?level=0")):
+        with pytest.raises(asyncio.TimeoutError):  # the engine is stuck: no utility call answers
+            await call(sim, method, path, timeout=1.0)
     assert sim.health() == 200  # vLLM's /health does not ask the engine
     engine = sim.engine_pid()
     sim.proc.send_signal(signal.SIGTERM)
