@@ -134,5 +134,15 @@ def test_hook_names_are_the_specs() -> None:
     assert (
         list(hooks.HOOK_NAMES)
         == declared
-        == ["pre_switch", "post_switch", "pre_stop", "post_stop", "on_failure"]
+        == [
+            "pre_switch",
+            "post_switch",
+            "pre_stop",
+            "post_stop",
+            "pre_sleep",
+            "post_sleep",
+            "pre_wake",
+            "post_wake",
+            "on_failure",
+        ]
     )

@@ -857,6 +857,14 @@ class Instance:
             await self.machine.transition(S.PARKING)  # new requests wait from here on
             await self._drain()
             self._cut_upstreams()  # what outlived the drain (vLLM's mode=wait would wait for it)
+            try:
+                await self.hooks.call(self._context("pre_sleep", pid=launch.pgid))
+            except HookVeto as veto:
+                log.info(
+                    "%s is stopped, not parked: plugin %s refused the sleep", self.name, veto.report.plugin
+                )
+                await self._stop_locked(drain=False)
+                return False
             level, timeout = self.sleep_level, self.settings.stop_timeout
             try:
                 await sleep_calls.put_to_sleep(
@@ -869,6 +877,7 @@ class Instance:
                 return False
             await self.machine.transition(S.SLEEPING, sleep_level=level, slept_at=datetime.now(timezone.utc))
             log.info("%s is asleep (level %d, pid %d)", self.name, level, launch.pgid)
+            await self.hooks.call(self._context("post_sleep", pid=launch.pgid))
             return True
 
     async def wake(self) -> SwitchResult:
@@ -881,6 +890,7 @@ class Instance:
             started = time.monotonic()
             level = self.machine.snapshot.sleep_level or self.sleep_level
             await self.machine.transition(S.WAKING)
+            await self.hooks.call(self._context("pre_wake", pid=launch.pgid))
             try:
                 await asyncio.wait_for(
                     sleep_calls.wake_up(
@@ -903,6 +913,7 @@ class Instance:
             await self.machine.transition(S.READY, sleep_level=None, slept_at=None)
             seconds = round(time.monotonic() - started, 3)
             log.info("%s is awake after %.2f s", self.name, seconds)
+            await self.hooks.call(self._context("post_wake", pid=launch.pgid))
             return SwitchResult(
                 changed=True,
                 woke=True,

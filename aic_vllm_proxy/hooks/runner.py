@@ -155,7 +155,7 @@ class HookRunner:
                 message=str(exc),
                 seconds=time.monotonic() - started,
             )
-            if ctx.event == "pre_switch":
+            if ctx.event in VETOABLE:
                 raise HookVeto(report) from exc
             log.warning("%s hook of %s: %s", ctx.event, plugin, exc)
             return report
@@ -186,8 +186,13 @@ class HookRunner:
         )
 
 
+#: The hooks whose :class:`Veto` refuses what is about to happen (a switch or load; a sleep,
+#: which then becomes a stop).
+VETOABLE = frozenset({"pre_switch", "pre_sleep"})
+
+
 class HookVeto(Exception):
-    """A pre_switch hook refused the switch."""
+    """A pre_switch (or pre_sleep) hook refused what was about to happen."""
 
     def __init__(self, report: HookReport) -> None:
         super().__init__(report.message)

@@ -131,6 +131,26 @@ class HookSpecs:
         held is released before the next model starts (bounded by the hook timeout)."""
 
     @hookspec
+    def pre_sleep(self, ctx: HookContext) -> Any:
+        """Before a parked model is put to sleep (sleep mode: an eviction, a TTL expiry or a
+        switch away from it parks it instead of stopping it), after its requests in flight
+        finished. Raise :class:`Veto` to refuse: the instance is stopped instead."""
+
+    @hookspec
+    def post_sleep(self, ctx: HookContext) -> Any:
+        """After vLLM went to sleep: its process, port and log stay, its GPU memory is released."""
+
+    @hookspec
+    def pre_wake(self, ctx: HookContext) -> Any:
+        """Before a sleeping model is woken for a request, ``/load`` or ``/switch`` (room on its
+        GPUs has been made)."""
+
+    @hookspec
+    def post_wake(self, ctx: HookContext) -> Any:
+        """After a sleeping model woke and takes requests again (not called when the wake failed
+        and the model was started cold instead: post_switch is)."""
+
+    @hookspec
     def on_failure(self, ctx: HookContext) -> Any:
         """vLLM failed to start, timed out, or died after it was ready. ``ctx.error``,
         ``ctx.exit_code`` and ``ctx.log_tail`` say what happened. Typical use: alerting."""
