@@ -120,7 +120,8 @@ async def loaded(make_proxy: Any, path: str, keys: bool) -> Any:
 
 async def assert_nothing_forwarded(proxy: Any, key: str | None) -> None:
     """No request for a development route reached the simulator: its access log (vLLM's log
-    file) has none, up to a request forwarded after them all (which must be there)."""
+    file) has none, up to a request forwarded after them all (which must be there). The model is
+    started without sleep mode, so the daemon itself calls none of them either."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with proxy.session.get(f"{proxy.url}/version?after=dev-routes", headers=headers) as resp:
         assert resp.status == 200 and INSTANCE_HEADER in resp.headers, resp.headers
