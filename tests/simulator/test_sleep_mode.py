@@ -234,13 +234,13 @@ async def test_mode_abort_ends_running_streams_with_abort(start: Start) -> None:
 
 
 async def test_mode_wait_answers_after_running_requests_finish(start: Start) -> None:
-    sim = start(*SLEEPY, "--sim-token-delay", "0.05", "--sim-sleep-delay", "0.3", env=DEV)
+    sim = start(*SLEEPY, "--sim-token-delay", "0.05", "--sim-sleep-delay", "1", env=DEV)
     await started(sim)
     running = asyncio.ensure_future(stream(sim, 10))
     await wait_load(sim, 1)
     asleep = asyncio.ensure_future(call(sim, "POST", "/sleep?level=1&mode=wait"))
     events = await asyncio.wait_for(running, 15)
-    assert not asleep.done()  # the sleep waits for the stream (and then takes 0.3 s)
+    assert not asleep.done()  # the sleep waits for the stream (and then takes 1 s)
     assert events[-2]["choices"][0]["finish_reason"] == "length" and len(events) == 11
     assert await asyncio.wait_for(asleep, 15) == (200, {"status": "sleeping", "level": 1})
     sim.wait_for_line("Waiting for in-flight requests to complete before sleeping...")
@@ -295,7 +295,7 @@ async def test_level_0_and_release_kv_cache_memory(start: Start, tmp_path: Path)
 async def test_reset_prefix_cache_fails_while_requests_run(start: Start) -> None:
     sim = start(*FAST, "--sim-token-delay", "0.05", env=DEV)
     await started(sim)
-    running = asyncio.ensure_future(stream(sim, 40))
+    running = asyncio.ensure_future(stream(sim, 100))
     await wait_load(sim, 1)
     assert await call(sim, "POST", "/reset_prefix_cache") == (200, {"success": False})
     answer = await call(sim, "POST", "/reset_prefix_cache?reset_running_requests=true")
