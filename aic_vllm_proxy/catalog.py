@@ -26,6 +26,7 @@ of :mod:`aic_vllm_proxy.spec`, through ``ModelSpec.has_flag``).
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,6 +109,23 @@ def with_served_names(spec: ModelSpec, names: Sequence[str]) -> ModelSpec:
     if not extra:
         return spec
     return ModelSpec.parse(f"{spec.text} --served-model-name {shlex.join([*served, *extra])}")
+
+
+def lora_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The LoRA adapters ``spec`` serves from the start (``--lora-modules name=path`` or vLLM's
+    JSON form ``{"name": ..., "path": ...}``): requests may name them as models."""
+    names = []
+    for value in spec.flag_values("--lora-modules") or ():
+        if value.lstrip().startswith("{"):
+            try:
+                found = json.loads(value).get("name")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(found, str) and found:
+                names.append(found)
+        elif "=" in value:
+            names.append(value.split("=", 1)[0])
+    return tuple(names)
 
 
 class CatalogEntry(BaseModel):
@@ -287,6 +305,7 @@ __all__ = [
     "Footprint",
     "PolicyError",
     "SpecError",
+    "lora_names",
     "resolve",
     "spec_footprint",
     "spec_utilization",

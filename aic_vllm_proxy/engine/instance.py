@@ -210,14 +210,25 @@ class Instance:
         snap = self.machine.snapshot
         state = snap.state
         waiting = self.waiting
+        gpus, utilization = self.gpus or (), self.utilization
+        launch = self._launch
+        if (
+            launch is not None
+            and not launch.exited.is_set()
+            and (launch.gpus, launch.utilization) != (gpus, utilization)
+        ):
+            # A switch gave it the next model's footprint while the old model still runs: it
+            # holds both until the old one has stopped.
+            gpus = () if not gpus or not launch.gpus else tuple(dict.fromkeys((*launch.gpus, *gpus)))
+            utilization = max(utilization, launch.utilization)
         if snap.switching:
             waiting += 1
             if state in (S.STOPPED, S.FAILED):
                 state = S.STARTING
         return InstanceView(
             name=self.name,
-            gpus=self.gpus or (),
-            utilization=self.utilization,
+            gpus=gpus,
+            utilization=utilization,
             state=state,
             pinned=self.pinned,
             in_flight=self.in_flight,
@@ -669,6 +680,7 @@ class Instance:
             upstream_headers={"Authorization": f"Bearer {key}"} if key else {},
             instance=self.name,
             gpus=self.gpus or (),
+            utilization=self.utilization,
         )
         self._launch = launch
         self._spawn(self._watch_exit(launch), into=self._watchers)

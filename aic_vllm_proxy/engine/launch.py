@@ -54,6 +54,7 @@ class Launch:
     #: model's before it stops this one: hooks about this run are told these).
     instance: str = ""
     gpus: tuple[str, ...] = ()
+    utilization: float = 0.0
 
     @property
     def pgid(self) -> int:

@@ -28,12 +28,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 
-from aic_vllm_proxy.catalog import Footprint, with_served_names
+from aic_vllm_proxy.catalog import Footprint, lora_names, with_served_names
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.engine.instance import Instance, StopOutcome
 from aic_vllm_proxy.engine.launch import Launch, port_is_free
@@ -48,13 +49,22 @@ from aic_vllm_proxy.engine.placement import (
 )
 from aic_vllm_proxy.engine.sleep import SLEEP_FLAG, host_memory_available
 from aic_vllm_proxy.engine.state import ProcessStateMachine, StateEvent
-from aic_vllm_proxy.errors import EngineError, ModelNotFound, ModelUnavailable, Unavailable, sentences
+from aic_vllm_proxy.errors import (
+    EngineError,
+    ModelNotFound,
+    ModelUnavailable,
+    SwitchCancelled,
+    Unavailable,
+    sentences,
+)
 from aic_vllm_proxy.hooks.runner import HookRunner
 from aic_vllm_proxy.schemas import InstanceStatus, LoadResult, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 S = ProcessState
+#: States of an instance on its way out: a load of it waits for the stop, then loads again.
+GOING = frozenset({S.DRAINING, S.STOPPING})
 #: States of an instance whose vLLM runs, holding GPU memory or parked (sleep mode).
 PRESENT = HOLDING | {S.SLEEPING}
 #: An instance in these states is woken before it takes a request.
@@ -101,13 +111,16 @@ class Supervisor:
         self._waiting_for: dict[str, int] = {}  # callers waiting for each placement under way
         self._blocked: dict[str, NoRoom] = {}  # what is in the way of each placement waiting
         self._placing: dict[str, asyncio.Task[Instance]] = {}  # loads being placed, by name
+        self._placing_key: dict[str, tuple[str, ...]] = {}  # the spec each placement loads
         self._loads: dict[Instance, asyncio.Task[SwitchResult]] = {}  # each one's last load
         self._changed = asyncio.Event()  # set on a change of any instance (then replaced)
         self._listening = 0  # placements waiting for a change (else nothing to wake)
         self._expiring: set[Instance] = set()  # TTL stops under way
         self._tasks: set[asyncio.Task[object]] = set()
         self._ttl_task: asyncio.Task[None] | None = None
+        self._ttl_kick = asyncio.Event()  # set when an instance is placed: the TTL checks look again
         self.primary = self.slot
+        self.serving_any = False
 
     # ------------------------------------------------------------------- instances
 
@@ -159,6 +172,9 @@ class Supervisor:
                     table[name] = instance
         self._by_name = table
         self.primary = next((i for i in self._recent if _holding(i)), self.slot)
+        #: Some instance takes requests (the front door serves requests only then); kept here,
+        #: on every change, rather than looked up per request.
+        self.serving_any = any(i.serving for i in self.instances)
 
     def _used(self, instance: Instance) -> None:
         """``instance`` is the most recently switched to or loaded: the primary."""
@@ -198,11 +214,6 @@ class Supervisor:
     @property
     def serving(self) -> bool:
         return self.primary.serving
-
-    @property
-    def serving_any(self) -> bool:
-        """Some instance takes requests (the front door serves requests only then)."""
-        return self.slot.serving or any(i.serving for i in self.loaded.values())
 
     @property
     def waiting(self) -> int:
@@ -255,7 +266,7 @@ class Supervisor:
         serves, so the caller can count the request in flight before anything else runs.
         Raises :class:`ModelNotFound` or :class:`ModelUnavailable`."""
         deadline = time.monotonic() + timeout
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             instance = self.route(model)
             placed = instance is None
             if instance is None:
@@ -276,11 +287,18 @@ class Supervisor:
                     raise failed from None  # its load was refused or failed: say why
                 # It went (idle TTL, eviction) while the request waited: load it again once.
                 again = exc.why is Unavailable.NOTHING_LOADED and model is not None and self.routing
-                if attempt == 1 and again and self.settings.on_demand_enabled:
+                if attempt < 3 and again and self.settings.on_demand_enabled:
                     continue
                 raise
-            return instance
-        raise AssertionError("unreachable")  # pragma: no cover
+            if instance.serving:  # still: the wait's last steps may have seen it begin to go
+                return instance
+            if time.monotonic() >= deadline:
+                break
+        raise ModelUnavailable(
+            f"{model or 'The model'} went away while this request waited. Retry.",
+            why=Unavailable.NOTHING_LOADED,
+            state=S.STOPPED,
+        )
 
     async def _on_demand(self, model: str, deadline: float) -> Instance:
         """Load the catalogue entry a request names (on-demand loading), or say why not."""
@@ -289,6 +307,9 @@ class Supervisor:
             instance = self.find(model)
             if instance is not None:
                 return instance  # stopped or failed: waiting for it says why
+            lora = self._lora_instance()
+            if entry is None and lora is not None:
+                return lora  # an adapter loaded at run time, maybe: its vLLM answers for the name
             if entry is not None:
                 raise ModelUnavailable(
                     f"{model} is not loaded, and this proxy loads no model on demand "
@@ -307,6 +328,15 @@ class Supervisor:
             return None
         exc = task.exception()
         return exc if isinstance(exc, EngineError) else None
+
+    def _lora_instance(self) -> Instance | None:
+        """The most recently used instance that serves LoRA adapters (``--enable-lora``), which
+        may load adapters at run time under names the proxy cannot know."""
+        for instance in self._recent:
+            launch = instance.launch
+            if _holding(instance) and launch is not None and launch.spec.has_flag("--enable-lora"):
+                return instance
+        return None
 
     def entry_named(self, name: str) -> str | None:
         """The catalogue entry ``name`` is the name or an alias of, else the one entry whose
@@ -332,10 +362,10 @@ class Supervisor:
         if sleep_level and not spec.has_flag(SLEEP_FLAG):
             spec = ModelSpec.parse(f"{spec.text} {SLEEP_FLAG}")
         if entry is None:
-            return spec, tuple(spec.served_names or (spec.model,))
+            return spec, (*(spec.served_names or (spec.model,)), *lora_names(spec))
         item = self.settings.models[entry]
         launched = with_served_names(spec, (entry, *item.aliases))
-        return launched, tuple(launched.served_names)
+        return launched, (*launched.served_names, *lora_names(launched))
 
     # ------------------------------------------------------------------- loads
 
@@ -350,14 +380,19 @@ class Supervisor:
         entry = name if name in self.settings.models else None
         launched, names = self.names_for(spec, entry, footprint.sleep_level)
         current = self._by_name.get(name)
-        if current is not None and _same_launch(current, launched):
+        if current is not None and _same_launch(current, launched) and current.machine.state not in GOING:
             if current.machine.state in ASLEEP:
                 return await self._awaken(current, footprint, deadline)
             return current
         placing = self._placing.get(name)
+        while placing is not None and self._placing_key.get(name) != launched.key:
+            # Another spec under this name is being placed: it goes first, then this one.
+            await asyncio.wait([placing])
+            placing = self._placing.get(name)
         if placing is None:
             placing = asyncio.ensure_future(self._place(name, launched, names, footprint))
             self._placing[name] = placing
+            self._placing_key[name] = launched.key
             placing.add_done_callback(lambda done: self._placed(name, done))
         self._waiting_for[name] = self._waiting_for.get(name, 0) + 1
         try:
@@ -365,13 +400,19 @@ class Supervisor:
             return await asyncio.wait_for(asyncio.shield(placing), left)
         except asyncio.TimeoutError:
             raise self._no_room(name, self._blocked.get(name)) from None
+        except asyncio.CancelledError:
+            if placing.cancelled():  # by a stop or unload, not this caller's own cancellation
+                raise SwitchCancelled(f"The load of {name} was cancelled: a stop was requested.") from None
+            raise
         finally:
             self._waiting_for[name] -= 1
             if not self._waiting_for[name]:
                 del self._waiting_for[name]
 
     def _placed(self, name: str, done: asyncio.Task[Instance]) -> None:
-        self._placing.pop(name, None)
+        if self._placing.get(name) is done:
+            del self._placing[name]
+            self._placing_key.pop(name, None)
         self._blocked.pop(name, None)
         if not done.cancelled():
             done.exception()  # retrieved: the waiters that are left got it
@@ -411,10 +452,16 @@ class Supervisor:
         async with contextlib.AsyncExitStack() as held:
             for lock in self._gpu_locks(footprint.gpus):
                 await held.enter_async_context(lock)
+            current = self._by_name.get(name)  # loaded meanwhile (a /switch to it, say)?
+            if current is not None and _same_launch(current, spec) and current.machine.state not in GOING:
+                return current
             old = self.loaded.get(name)
             if old is not None and _holding(old):  # another spec under this name: it goes first
-                await old.stop(drain=True)
-            await self._make_room(Candidate(name, footprint.gpus, footprint.utilization))
+                await self._evict_all([old], stop=True)
+            await self._make_room(Candidate(name, footprint.gpus, footprint.utilization), old)
+            current = self._by_name.get(name)  # loaded while this waited for room?
+            if current is not None and _same_launch(current, spec) and current.machine.state not in GOING:
+                return current
             self._prune()
             port = await self._free_port(keep=old)
             try:
@@ -434,12 +481,14 @@ class Supervisor:
             log.info("loading %s on %s (port %d)", name, _where(footprint.gpus), instance.port)
             return instance
 
-    async def _make_room(self, candidate: Candidate) -> None:
-        """Unload (or drain and stop) what must go for ``candidate`` to fit. While only young
-        busy instances are in the way, wait for them as long as someone waits for this load;
-        pinned ones in the way are a 503 at once."""
+    async def _make_room(self, candidate: Candidate, own: Instance | None = None) -> None:
+        """Unload (or drain and stop) what must go for ``candidate`` to fit (``own``: its own
+        instance, if it has one, left out). While only young busy instances are in the way,
+        wait for them as long as someone waits for this load; pinned ones in the way are a 503
+        at once."""
         while True:
-            views = [i.view() for i in self.instances]
+            by_name = self._keyed(candidate.name, own)
+            views = [replace(i.view(), name=key) for key, i in by_name.items()]
             plan = plan_room(candidate, views, time.monotonic(), self.settings.min_residency)
             if isinstance(plan, NoRoom):
                 self._blocked[candidate.name] = plan
@@ -453,15 +502,44 @@ class Supervisor:
                 finally:
                     self._listening -= 1
                 continue
-            by_name = {i.name: i for i in self.instances}
             going = [by_name[n] for n in plan.evictions]
             if going:
                 log.info("making room for %s: unloading %s", candidate.name, ", ".join(plan.evictions))
-            await asyncio.gather(*(self._evict(i, drain=i.name in plan.drain) for i in going))
+            await self._evict_all(going, drain=plan.drain)
             for waited in plan.wait_for:
                 await by_name[waited].machine.wait_for(lambda s: s.state not in HOLDING, None)
             if not plan.evictions and not plan.wait_for:
                 return
+
+    def _keyed(self, name: str, own: Instance | None) -> dict[str, Instance]:
+        """The instances other than ``own`` by a name unique among them for placement, which
+        tells instances apart by name: another instance named ``name`` too (the slot switched
+        to that entry, say) is keyed ``name@port``, so that it counts against the candidate."""
+        keyed: dict[str, Instance] = {}
+        for instance in self.instances:
+            if instance is not own:
+                key = instance.name
+                if key == name or key in keyed:
+                    key = f"{instance.name}@{instance.port}"
+                keyed[key] = instance
+        return keyed
+
+    async def _evict_all(
+        self, instances: list[Instance], *, drain: Collection[str] | None = None, stop: bool = False
+    ) -> None:
+        """Evict ``instances`` (:meth:`_evict`; ``drain``: the names drained first, None: all;
+        ``stop``: stopped, never parked), each in a task of its own: a caller that goes away (a
+        client hanging up, a switch cancelled) never leaves a stop half done."""
+        tasks: list[asyncio.Task[object]] = []
+        for instance in instances:
+            drained = drain is None or instance.name in drain
+            work = instance.halt(drain=drained) if stop else self._evict(instance, drain=drained)
+            task: asyncio.Task[object] = asyncio.ensure_future(work)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            tasks.append(task)
+        if tasks:
+            await asyncio.shield(asyncio.gather(*tasks))
 
     async def _evict(self, instance: Instance, *, drain: bool = True) -> None:
         """Make ``instance`` give its GPUs back: parked with sleep mode when it has a sleep level
@@ -537,7 +615,7 @@ class Supervisor:
             await instance.machine.wait_for(lambda s: s.state is not S.PARKING, None)
             if instance.machine.state is not S.SLEEPING:
                 return instance  # stopped meanwhile: waiting for it says so (a request loads it again)
-            await self._make_room(Candidate(instance.name, footprint.gpus, footprint.utilization))
+            await self._make_room(Candidate(instance.name, footprint.gpus, footprint.utilization), instance)
             self._used(instance)
             await instance.wake()  # under the locks: its room is not taken while it wakes
             return instance
@@ -558,21 +636,28 @@ class Supervisor:
         its port from load to load). The port is reserved (``_reserved``) from the moment it is
         picked: placements on other GPUs pick at the same time; :meth:`_place` releases it
         once the instance has it."""
-        host = self.settings.vllm_host
-        if keep is not None and keep.port not in self._reserved:
-            self._reserved.add(keep.port)
-            if await asyncio.to_thread(port_is_free, host, keep.port):
-                return keep.port
-            self._reserved.discard(keep.port)
+        if keep is not None and keep.port not in self._reserved and await self._reserve(keep.port):
+            return keep.port
         port = self.settings.vllm_port
         while True:
             port += 1
             if port in self._reserved or any(i.port == port for i in self.instances if i is not keep):
                 continue
-            self._reserved.add(port)
-            if await asyncio.to_thread(port_is_free, host, port):
+            if await self._reserve(port):
                 return port
+
+    async def _reserve(self, port: int) -> bool:
+        """Reserve ``port`` if no other process listens on it (released again if not, or if
+        the placement is cancelled meanwhile)."""
+        self._reserved.add(port)
+        try:
+            free = await asyncio.to_thread(port_is_free, self.settings.vllm_host, port)
+        except BaseException:
             self._reserved.discard(port)
+            raise
+        if not free:
+            self._reserved.discard(port)
+        return free
 
     async def load(self, name: str, spec: ModelSpec, footprint: Footprint, *, wait: bool) -> LoadResult:
         """``POST /load``: ``name`` loaded beside the others (see :meth:`ensure`); waits until it
@@ -670,7 +755,7 @@ class Supervisor:
         others = [
             i for i in self.instances if i is not instance and _holding(i) and shares_gpu(view, i.view())
         ]
-        await asyncio.gather(*(self._evict(i) for i in others))
+        await self._evict_all(others)
         return SwitchResult(
             changed=woke,
             woke=woke and instance.serving,
@@ -684,7 +769,7 @@ class Supervisor:
         """The slot's switch to ``spec`` begins: it is named after what it loads, takes that
         footprint and becomes the primary."""
         slot = self.slot
-        entry = self._slot_entries.pop(spec.key, None)
+        entry = self._slot_entries.get(spec.key)  # kept: a restart switches to the same spec
         footprint = self.settings.footprint(spec, entry, self.node)
         slot.name = entry or spec.served_name
         _apply(slot, footprint, self.names_for(spec, entry)[1])
@@ -703,7 +788,7 @@ class Supervisor:
         ]
         if others:
             log.info("switching to %s: stopping %s", slot.name, ", ".join(i.name for i in others))
-            await asyncio.gather(*(self._evict(i) for i in others))
+            await self._evict_all(others)
         for name, instance in list(self.loaded.items()):
             if name == slot.name and not _holding(instance):  # the slot has its name now
                 del self.loaded[name]
@@ -717,6 +802,7 @@ class Supervisor:
         """Drain (unless not ``drain``) and stop the instance ``name``; returns its name, whether
         it ran and what the stop did. A catalogue entry never loaded did not run; anything else
         unknown is :class:`ModelNotFound`."""
+        self._cancel_placement(name)
         instance = self.find(name)
         if instance is None:
             entry = self.entry_named(name)
@@ -727,9 +813,19 @@ class Supervisor:
         return instance.name, ran, await instance.halt(drain=drain)
 
     async def stop(self, *, drain: bool = True) -> Status:
-        """Stop every instance (in parallel)."""
+        """Stop every instance (in parallel), and every load still being placed."""
+        for name in list(self._placing):
+            self._cancel_placement(name)
         await asyncio.gather(*(i.stop(drain=drain) for i in self.instances))
         return self.status()
+
+    def _cancel_placement(self, name: str) -> None:
+        """A stop or unload of ``name`` cancels its load still being placed (its waiters get
+        :class:`SwitchCancelled`); a load already begun is the instance's to cancel."""
+        placing = self._placing.get(name)
+        if placing is not None and not placing.done():
+            log.info("cancelling the load of %s: a stop was requested", name)
+            placing.cancel()
 
     async def shutdown(self) -> None:
         """On proxy exit: stop every instance and wait for their process trees to go."""
@@ -745,8 +841,11 @@ class Supervisor:
     # --------------------------------------------------------------------- TTL
 
     def _ensure_ttl_task(self) -> None:
+        """Start the TTL checks once an instance has a ttl; a new instance makes them look again
+        (its ttl may be the shortest)."""
         if self._ttl_task is None and any(i.ttl > 0 for i in self.instances):
             self._ttl_task = asyncio.ensure_future(self._expire_idle())
+        self._ttl_kick.set()
 
     async def _expire_idle(self) -> None:
         """Unload each instance idle for its ``ttl`` (``pre_stop``/``post_stop`` run as for any
@@ -767,7 +866,9 @@ class Supervisor:
                         self._spawn(self._expire(instance))
                 elif (due := expires_at(view, instance.ttl)) is not None:
                     sleep = min(sleep, due - now)
-            await asyncio.sleep(max(sleep, TTL_MIN_CHECK))
+            self._ttl_kick.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ttl_kick.wait(), max(sleep, TTL_MIN_CHECK))
 
     async def _expire(self, instance: Instance) -> None:
         try:
