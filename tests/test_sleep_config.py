@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
 
 from aic_vllm_proxy.catalog import Footprint
 from aic_vllm_proxy.config import ConfigError, build_settings, parse_bytes
+from aic_vllm_proxy.engine import gpumem
 from aic_vllm_proxy.engine.logs import loaded_weights_gib
 from aic_vllm_proxy.engine.placement import HOLDING, LEAVING
 from aic_vllm_proxy.engine.sleep import GIB, host_weights
@@ -92,3 +95,23 @@ def test_the_weights_parked_in_host_memory(tmp_path: Path) -> None:
     assert host_weights([], ModelSpec.parse("m")) is None
     (tmp_path / "none.log").write_text("INFO nothing here\n")
     assert loaded_weights_gib(tmp_path / "none.log") == []
+
+
+def test_gpu_memory_held_by_a_group_from_the_simulator_files(tmp_path: Path) -> None:
+    """The check after a sleep reads what a vLLM group holds: the simulator's state files when
+    AIC_VLLM_SIM_GPU_STATE names their directory (a file of a dead engine does not count)."""
+    me = os.getpid()
+    (tmp_path / "1.json").write_text(json.dumps({"pid": 1, "engine_pid": me, "gpus": {"0": 5, "1": 7}}))
+    (tmp_path / "2.json").write_text(json.dumps({"pid": 2, "engine_pid": 2**22 + 7, "gpus": {"0": 100}}))
+    (tmp_path / "3.json").write_text("not json")
+    env = {gpumem.SIM_STATE_ENV: str(tmp_path)}
+    assert gpumem.held_by({1}, env) == 12
+    assert gpumem.held_by({me}, env) == 12  # the engine's pid is in the group too
+    assert gpumem.held_by({2}, env) == 0  # its engine is gone: left behind by a SIGKILL
+    assert gpumem.held_by({99}, env) == 0
+
+
+def test_released_after_sleep() -> None:
+    assert gpumem.released(60 * GIB, int(0.5 * GIB))  # the CUDA context stays
+    assert not gpumem.released(60 * GIB, 60 * GIB)  # nothing released
+    assert gpumem.released(None, 60 * GIB) and gpumem.released(60 * GIB, None)  # unknown: no verdict

@@ -28,7 +28,7 @@ from yarl import URL
 
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.config import Settings, http_base
-from aic_vllm_proxy.engine import prober
+from aic_vllm_proxy.engine import gpumem, prober
 from aic_vllm_proxy.engine import sleep as sleep_calls
 from aic_vllm_proxy.engine.gpus import child_cuda_env
 from aic_vllm_proxy.engine.launch import (
@@ -49,6 +49,7 @@ from aic_vllm_proxy.engine.logs import (
     tail_with_cause,
 )
 from aic_vllm_proxy.engine.placement import InstanceView, expires_at
+from aic_vllm_proxy.engine.procgroup import group_members
 from aic_vllm_proxy.engine.state import ProcessStateMachine, Snapshot
 from aic_vllm_proxy.errors import (
     EngineError,
@@ -878,6 +879,7 @@ class Instance:
                 await self._stop_locked(drain=False)
                 return False
             level, timeout = self.sleep_level, self.settings.stop_timeout
+            before = await asyncio.to_thread(self._gpu_memory, launch)
             try:
                 await sleep_calls.put_to_sleep(
                     self._session(), self.base, level, launch.upstream_headers, timeout
@@ -887,10 +889,23 @@ class Instance:
                 self.last_switch_error = f"sleep failed, stopped instead: {exc}"
                 await self._stop_locked(drain=False)
                 return False
+            after = await asyncio.to_thread(self._gpu_memory, launch)
+            if not gpumem.released(before, after):
+                gib = f"{(after or 0) / 1024**3:.1f} GiB of {(before or 0) / 1024**3:.1f} GiB"
+                cause = f"vLLM did not release its GPU memory when put to sleep (it still holds {gib})"
+                log.error("%s: %s; stopping it", self.name, cause)
+                self.last_switch_error = f"{cause}; stopped instead"
+                await self._stop_locked(drain=False)
+                return False
             await self.machine.transition(S.SLEEPING, sleep_level=level, slept_at=datetime.now(timezone.utc))
             log.info("%s is asleep (level %d, pid %d)", self.name, level, launch.pgid)
             await self.hooks.call(self._context("post_sleep", pid=launch.pgid))
             return True
+
+    @staticmethod
+    def _gpu_memory(launch: Launch) -> int | None:
+        """The GPU memory ``launch``'s process group holds (``gpumem``; None: unknown). Blocking."""
+        return gpumem.held_by(set(group_members(launch.pgid)) | {launch.pgid})
 
     async def wake(self) -> SwitchResult:
         """Wake a sleeping vLLM (weights back on its GPUs). A wake that fails or takes longer
