@@ -174,8 +174,10 @@ def test_park_and_wake_by_switch(fleet: StartFleet) -> None:
 
 def test_requests_in_flight_finish_before_the_sleep(fleet: StartFleet) -> None:
     """``b`` streams (3 s) when loading ``a`` parks it: the park waits for the stream, which
-    ends whole, then ``b`` sleeps."""
-    daemon = fleet(catalogue(entry("a", sleep=1), entry("b", sleep=1, args=f"{QUICK} {SLOW_TOKENS}")))
+    ends whole, then ``b`` sleeps. (``--min-residency 0``: a busy instance young as ``b`` is
+    evicted at once rather than waited for.)"""
+    config = catalogue(entry("a", sleep=1), entry("b", sleep=1, args=f"{QUICK} {SLOW_TOKENS}"))
+    daemon = fleet(config, "--min-residency", "0")
     b = daemon.load("b")["instance"]
     begun = threading.Event()
 
@@ -335,6 +337,16 @@ def test_only_a_sleeping_instance_gets_sleep_mode_and_dev_mode(fleet: StartFleet
     assert "VLLM_SERVER_DEV_MODE" not in environ(c["pid"])
     assert "--enable-sleep-mode" not in command_line(c["pid"])
     assert "VLLM_SERVER_DEV_MODE" not in environ(daemon.proxy.process.pid)  # its own environment only
+
+
+def test_the_slot_switched_to_a_sleep_entry_gets_sleep_mode(fleet: StartFleet) -> None:
+    """``/switch a`` loads ``a`` in the slot: with sleep mode as when loaded beside it (the
+    environment alone is not enough: vLLM serves the sleep routes without the flag, but its
+    memory pool is empty, so a sleep would release nothing)."""
+    daemon = fleet(catalogue(entry("a", sleep=1)))
+    pid = daemon.switch("a")["status"]["pid"]
+    assert environ(pid).get("VLLM_SERVER_DEV_MODE") == "1"
+    assert "--enable-sleep-mode" in command_line(pid), command_line(pid)
 
 
 # ------------------------------------------------------------------ 7: proxy SIGKILL
