@@ -169,6 +169,22 @@ def test_park_and_wake_by_switch(fleet: StartFleet) -> None:
     asleep(daemon, "b", b)  # switched away from: parked
 
 
+def test_park_and_wake_by_switch_of_free_form_specs(fleet: StartFleet) -> None:
+    """The same with free-form specs parked by ``--default-sleep-level 1`` (each takes the whole
+    node): ``/switch`` to the sleeping one wakes it, and the other, switched away from, is
+    parked, not stopped."""
+    daemon = fleet("", "--default-sleep-level", "1")
+    x = post(daemon, "/load", {"model": f"org/x {QUICK}", "wait": True})["instance"]
+    y = post(daemon, "/load", {"model": f"org/y {QUICK}", "wait": True})["instance"]
+    daemon.groups.update((x["pid"], y["pid"]))
+    asleep(daemon, x["name"], x)
+    switched = daemon.switch(f"org/x {QUICK}")
+    assert switched["woke"] is True and switched["status"]["pid"] == x["pid"], switched
+    _, served = ask(daemon, "org/x")
+    assert served["pid"] == str(x["pid"])
+    asleep(daemon, y["name"], y)
+
+
 # -------------------------------------------------------------- 2: drained, never cut
 
 
