@@ -185,6 +185,18 @@ def test_park_and_wake_by_switch_of_free_form_specs(fleet: StartFleet) -> None:
     asleep(daemon, y["name"], y)
 
 
+def test_an_idle_instance_is_parked_after_its_ttl(fleet: StartFleet) -> None:
+    """TTL expiry parks a sleep entry instead of stopping it; a request wakes it."""
+    daemon = fleet(catalogue(entry("a", sleep=1) + "ttl = 2\n"))
+    a = daemon.load("a")["instance"]
+    item = asleep(daemon, "a", a)
+    assert item["expires_at"] is None, item
+    assert "parking a: idle for 2 s (its ttl)" in daemon_log(daemon)
+    _, served = ask(daemon, "a")
+    assert served["pid"] == str(a["pid"])
+    assert daemon.instances()["a"]["state"] == "ready"
+
+
 # -------------------------------------------------------------- 2: drained, never cut
 
 
