@@ -371,14 +371,15 @@ def test_only_a_sleeping_instance_gets_sleep_mode_and_dev_mode(fleet: StartFleet
     assert "VLLM_SERVER_DEV_MODE" not in environ(daemon.proxy.process.pid)  # its own environment only
 
 
-def test_the_slot_switched_to_a_sleep_entry_gets_sleep_mode(fleet: StartFleet) -> None:
-    """``/switch a`` loads ``a`` in the slot: with sleep mode as when loaded beside it (the
-    environment alone is not enough: vLLM serves the sleep routes without the flag, but its
-    memory pool is empty, so a sleep would release nothing)."""
+def test_the_slot_switched_to_a_sleep_entry_runs_without_sleep_mode(fleet: StartFleet) -> None:
+    """``/switch a`` loads ``a`` in the slot, whose own model a later switch stops (the slot keeps
+    --vllm-port: it is never parked). So it runs without sleep mode, and without the dev mode
+    that would expose vLLM's development routes for nothing; a switch away from a sleep entry
+    loaded beside it is what parks it (test_park_and_wake_by_switch)."""
     daemon = fleet(catalogue(entry("a", sleep=1)))
     pid = daemon.switch("a")["status"]["pid"]
-    assert environ(pid).get("VLLM_SERVER_DEV_MODE") == "1"
-    assert "--enable-sleep-mode" in command_line(pid), command_line(pid)
+    assert "VLLM_SERVER_DEV_MODE" not in environ(pid)
+    assert "--enable-sleep-mode" not in command_line(pid), command_line(pid)
 
 
 # ------------------------------------------------------------------ 7: proxy SIGKILL

@@ -715,14 +715,14 @@ class Supervisor:
         unless an instance loaded beside it runs exactly that already: that one becomes the
         primary and the others on its GPUs go."""
         launched = self._queue_slot(spec, entry)
-        running = self._running_elsewhere(launched, entry, force)
+        running = self._running_elsewhere(spec, entry, force)
         if running is not None:
             return await self._keep(running)
         return await self.slot.switch(launched, force=force)
 
     def switch_in_background(self, spec: ModelSpec, *, force: bool = False, entry: str | None = None) -> None:
         launched = self._queue_slot(spec, entry)
-        running = self._running_elsewhere(launched, entry, force)
+        running = self._running_elsewhere(spec, entry, force)
         if running is not None:
             self._spawn(self._keep(running))
         else:
@@ -735,14 +735,14 @@ class Supervisor:
         self._slot_entries[launched.key] = entry
         return launched
 
-    def _running_elsewhere(self, launched: ModelSpec, entry: str | None, force: bool) -> Instance | None:
+    def _running_elsewhere(self, spec: ModelSpec, entry: str | None, force: bool) -> Instance | None:
+        """An instance loaded beside the slot that runs (or has parked) exactly ``spec``."""
+        launched = self.names_for(spec, entry)[0]
         found = self.loaded.get(entry or launched.served_name)
         if force or found is None or not (found.serving or found.machine.state in ASLEEP):
             return None
-        footprint = self._footprint_of(found)
-        return (
-            found if _same_launch(found, self.names_for(launched, entry, footprint.sleep_level)[0]) else None
-        )
+        same = _same_launch(found, self.names_for(spec, entry, found.sleep_level)[0])
+        return found if same else None
 
     async def _keep(self, instance: Instance) -> SwitchResult:
         """``/switch`` to what ``instance`` runs already: it stays; the others on its GPUs go."""
@@ -753,7 +753,9 @@ class Supervisor:
             await self._awaken(instance, self._footprint_of(instance), None)
         view = instance.view()
         others = [
-            i for i in self.instances if i is not instance and _holding(i) and shares_gpu(view, i.view())
+            i
+            for i in self.instances
+            if i is not instance and _on_gpus(i) and shares_gpu(view, i.view())  # parked ones stay
         ]
         await self._evict_all(others)
         return SwitchResult(
@@ -773,6 +775,9 @@ class Supervisor:
         footprint = self.settings.footprint(spec, entry, self.node)
         slot.name = entry or spec.served_name
         _apply(slot, footprint, self.names_for(spec, entry)[1])
+        # The slot's own model is stopped by the next switch, never parked (the slot keeps
+        # --vllm-port): no sleep mode, no dev mode for it.
+        slot.sleep_level = 0
         self._used(slot)
         self._ensure_ttl_task()
 
@@ -784,7 +789,7 @@ class Supervisor:
         others = [
             i
             for i in self.loaded.values()
-            if _holding(i) and (i.name == slot.name or shares_gpu(view, i.view()))
+            if (_holding(i) and i.name == slot.name) or (_on_gpus(i) and shares_gpu(view, i.view()))
         ]
         if others:
             log.info("switching to %s: stopping %s", slot.name, ", ".join(i.name for i in others))
@@ -897,6 +902,11 @@ def _apply(instance: Instance, footprint: Footprint, names: tuple[str, ...]) -> 
     instance.pinned = footprint.pinned
     instance.sleep_level = footprint.sleep_level
     instance.names = names
+
+
+def _on_gpus(instance: Instance) -> bool:
+    """The instance holds GPU memory (or is about to: a load queued); a parked one does not."""
+    return instance.machine.state in HOLDING or instance.switching
 
 
 def _holding(instance: Instance) -> bool:
