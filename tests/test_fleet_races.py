@@ -44,7 +44,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 fleet = test_fleet.fleet
 
 #: Seconds given to a request to reach the daemon before the next one is sent (see above).
-ARRIVAL = 1.0
+ARRIVAL = 1.5
+#: Tokens of a stream that keeps its instance busy past :data:`ARRIVAL` (0.2 s a token).
+LONG = 25
 #: Generous deadline for anything the daemon does on its own on a loaded machine.
 DEADLINE = 60.0
 #: The GPU of each entry of :func:`shares`.
@@ -140,7 +142,7 @@ async def test_a_switch_to_an_entry_whose_placement_waits_gives_one_copy(fleet: 
         return [item for item in seen if item["model"] == "org/a" and item["state"] in HOLDING]
 
     async with httpx.AsyncClient(timeout=120) as client:
-        chunks = await streaming(client, daemon.url, "c", 15)  # ~3 s
+        chunks = await streaming(client, daemon.url, "c", LONG)  # ~5 s, well past ARRIVAL
         load = asyncio.ensure_future(client.post(daemon.url + "/load", json={"model": "a", "wait": True}))
         await asyncio.sleep(ARRIVAL)
         switched = await client.post(daemon.url + "/switch", json={"model_spec": "a", "wait": False})
@@ -263,7 +265,7 @@ async def test_unload_or_stop_cancels_a_load_being_placed(fleet: StartFleet, how
     daemon = fleet(shares(a=0.9, c=0.9))
     a_pid = daemon.load("a")["instance"]["pid"]
     async with httpx.AsyncClient(timeout=120) as client:
-        chunks = await streaming(client, daemon.url, "a", 15)  # ~3 s
+        chunks = await streaming(client, daemon.url, "a", LONG)  # ~5 s, well past ARRIVAL
         load = asyncio.ensure_future(client.post(daemon.url + "/load", json={"model": "c", "wait": True}))
         await asyncio.sleep(ARRIVAL)
         body = {"model": "c"} if how == "unload" else {}
@@ -299,7 +301,7 @@ async def test_two_loads_of_one_name_with_other_specs_run_one_after_the_other(fl
     one = f"org/x {FAST} --gpu-memory-utilization 0.3"
     two = f"{one} --sim-token-delay 0.01"
     async with httpx.AsyncClient(timeout=120) as client:
-        chunks = await streaming(client, daemon.url, "a", 15)  # ~3 s
+        chunks = await streaming(client, daemon.url, "a", LONG)  # ~5 s, well past ARRIVAL
         first = asyncio.ensure_future(client.post(daemon.url + "/load", json={"model": one}))
         await asyncio.sleep(ARRIVAL)
         second = asyncio.ensure_future(client.post(daemon.url + "/load", json={"model": two}))
