@@ -4,7 +4,8 @@ process on real sockets, ``test_fleet.py``'s ``fleet`` fixture) with simulator i
 
 - a slot switching to other GPUs keeps its old GPUs counted until its old model has stopped;
 - a ``/switch`` to an entry whose placement waits for room gives one copy of it;
-- a ``/switch`` whose client hangs up leaves no instance draining for ever;
+- a ``/switch`` whose client hangs up, or a slot's switch cancelled by ``/unload``, leaves
+  no instance draining for ever;
 - a restart of the slot (``--restart on-failure``) keeps its catalogue entry's GPUs;
 - ``/load`` of a model being unloaded waits for the stop and loads it again;
 - the ttl of an instance loaded after one with a longer ttl is honoured;
@@ -184,6 +185,35 @@ async def test_a_switch_whose_client_hangs_up_leaves_no_instance_draining(fleet:
 
     assert wait_until(c_stopped, DEADLINE, interval=0.2), daemon.instances()
     assert daemon.instances()["a"]["state"] == "ready"
+
+
+async def test_a_slot_switch_cancelled_while_it_drains_another_leaves_none_draining(
+    fleet: StartFleet,
+) -> None:
+    """The slot's switch to ``a`` drains ``c`` (loaded on its GPU, a request in flight); the
+    switch is cancelled meanwhile (``/unload a``): ``c`` still stops, not left draining."""
+    daemon = fleet(shares(a=0.4, c=0.4))
+    daemon.load("c")
+    async with httpx.AsyncClient(timeout=120) as client:
+        chunks = await streaming(client, daemon.url, "c", 15)  # ~3 s
+        switched = await client.post(daemon.url + "/switch", json={"model_spec": "a", "wait": False})
+        assert switched.status_code == 202, switched.text
+
+        async def c_draining() -> bool:
+            return named(await instances(client, daemon.url), "c").get("state") == "draining"
+
+        deadline = time.monotonic() + DEADLINE
+        while not await c_draining():
+            assert time.monotonic() < deadline, "the switch never drained c"
+            await asyncio.sleep(0.05)
+        unloaded = await client.post(daemon.url + "/unload", json={"model": "a"})
+        assert unloaded.status_code == 200, unloaded.text
+        await drain(chunks)
+
+    def c_stopped() -> bool:
+        return str(daemon.instances().get("c", {}).get("state", "stopped")) == "stopped"
+
+    assert wait_until(c_stopped, DEADLINE, interval=0.2), daemon.instances()
 
 
 def test_a_restart_of_the_slot_keeps_its_entrys_gpus(fleet: StartFleet) -> None:
