@@ -384,15 +384,30 @@ class Supervisor:
             if current.machine.state in ASLEEP:
                 return await self._awaken(current, footprint, deadline)
             return current
+        return await self._join(
+            name, launched.key, lambda: self._place(name, launched, names, footprint), deadline
+        )
+
+    async def _join(
+        self,
+        name: str,
+        key: tuple[str, ...],
+        begin: Callable[[], Awaitable[Instance]],
+        deadline: float | None,
+    ) -> Instance:
+        """Wait for the placement of ``name`` (a load, or a wake: ``key``, what it loads), begun
+        by ``begin`` unless one of the same key is under way; one of another key goes first.
+        Each caller waits up to its own ``deadline`` (None: as long as it takes); a placement
+        cancelled by a stop or unload is :class:`SwitchCancelled` for its waiters."""
         placing = self._placing.get(name)
-        while placing is not None and self._placing_key.get(name) != launched.key:
+        while placing is not None and self._placing_key.get(name) != key:
             # Another spec under this name is being placed: it goes first, then this one.
             await asyncio.wait([placing])
             placing = self._placing.get(name)
         if placing is None:
-            placing = asyncio.ensure_future(self._place(name, launched, names, footprint))
+            placing = asyncio.ensure_future(begin())
             self._placing[name] = placing
-            self._placing_key[name] = launched.key
+            self._placing_key[name] = key
             placing.add_done_callback(lambda done: self._placed(name, done))
         self._waiting_for[name] = self._waiting_for.get(name, 0) + 1
         try:
@@ -590,22 +605,9 @@ class Supervisor:
     async def _awaken(self, instance: Instance, footprint: Footprint, deadline: float | None) -> Instance:
         """Wake the sleeping (or parking) ``instance``: room is made on its GPUs as for a load,
         then vLLM is woken (a failed wake starts it cold). Requests for it share one wake."""
-        name = instance.name
-        placing = self._placing.get(name)
-        if placing is None:
-            placing = asyncio.ensure_future(self._place_awaken(instance, footprint))
-            self._placing[name] = placing
-            placing.add_done_callback(lambda done: self._placed(name, done))
-        self._waiting_for[name] = self._waiting_for.get(name, 0) + 1
-        try:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            return await asyncio.wait_for(asyncio.shield(placing), left)
-        except asyncio.TimeoutError:
-            raise self._no_room(name, self._blocked.get(name)) from None
-        finally:
-            self._waiting_for[name] -= 1
-            if not self._waiting_for[name]:
-                del self._waiting_for[name]
+        launch = instance.launch
+        key = launch.spec.key if launch is not None else (instance.name,)
+        return await self._join(instance.name, key, lambda: self._place_awaken(instance, footprint), deadline)
 
     async def _place_awaken(self, instance: Instance, footprint: Footprint) -> Instance:
         """Under its GPUs' placement locks: wait for a park under way to end, make room, wake."""
