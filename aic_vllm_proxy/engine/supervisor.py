@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -379,8 +379,8 @@ class Supervisor:
         once nobody waits for it."""
         entry = name if name in self.settings.models else None
         launched, names = self.names_for(spec, entry, footprint.sleep_level)
-        current = self._by_name.get(name)
-        if current is not None and _same_launch(current, launched) and current.machine.state not in GOING:
+        current = self._running(name, launched)
+        if current is not None:
             if current.machine.state in ASLEEP:
                 return await self._awaken(current, footprint, deadline)
             return current
@@ -454,6 +454,22 @@ class Supervisor:
             retry_after=None if pinned_only else (plan.retry_after or ROOM_RECHECK * 10),
         )
 
+    def _running(self, name: str, spec: ModelSpec) -> Instance | None:
+        """The instance answering to ``name`` that runs (or loads, or has parked) exactly
+        ``spec`` and is not on its way out, if any."""
+        current = self._by_name.get(name)
+        if current is None or not _same_launch(current, spec) or current.machine.state in GOING:
+            return None
+        return current
+
+    @contextlib.asynccontextmanager
+    async def _gpus_locked(self, gpus: tuple[str, ...]) -> AsyncIterator[None]:
+        """Hold the placement locks of ``gpus`` (:meth:`_gpu_locks`) inside ``async with``."""
+        async with contextlib.AsyncExitStack() as held:
+            for lock in self._gpu_locks(gpus):
+                await held.enter_async_context(lock)
+            yield
+
     def _gpu_locks(self, gpus: tuple[str, ...]) -> list[asyncio.Lock]:
         """The placement locks of ``gpus`` (all of them for a model without a GPU set), in one
         order: placements on disjoint GPUs go on side by side, those that share one in turn."""
@@ -464,18 +480,16 @@ class Supervisor:
         self, name: str, spec: ModelSpec, names: tuple[str, ...], footprint: Footprint
     ) -> Instance:
         """Make room for ``name`` and begin its load (under the placement locks of its GPUs)."""
-        async with contextlib.AsyncExitStack() as held:
-            for lock in self._gpu_locks(footprint.gpus):
-                await held.enter_async_context(lock)
-            current = self._by_name.get(name)  # loaded meanwhile (a /switch to it, say)?
-            if current is not None and _same_launch(current, spec) and current.machine.state not in GOING:
+        async with self._gpus_locked(footprint.gpus):
+            current = self._running(name, spec)  # loaded meanwhile (a /switch to it, say)?
+            if current is not None:
                 return current
             old = self.loaded.get(name)
             if old is not None and _holding(old):  # another spec under this name: it goes first
                 await self._evict_all([old], stop=True)
             await self._make_room(Candidate(name, footprint.gpus, footprint.utilization), old)
-            current = self._by_name.get(name)  # loaded while this waited for room?
-            if current is not None and _same_launch(current, spec) and current.machine.state not in GOING:
+            current = self._running(name, spec)  # loaded while this waited for room?
+            if current is not None:
                 return current
             self._prune()
             port = await self._free_port(keep=old)
@@ -611,9 +625,7 @@ class Supervisor:
 
     async def _place_awaken(self, instance: Instance, footprint: Footprint) -> Instance:
         """Under its GPUs' placement locks: wait for a park under way to end, make room, wake."""
-        async with contextlib.AsyncExitStack() as held:
-            for lock in self._gpu_locks(footprint.gpus):
-                await held.enter_async_context(lock)
+        async with self._gpus_locked(footprint.gpus):
             await instance.machine.wait_for(lambda s: s.state is not S.PARKING, None)
             if instance.machine.state is not S.SLEEPING:
                 return instance  # stopped meanwhile: waiting for it says so (a request loads it again)
@@ -627,10 +639,14 @@ class Supervisor:
         stopped, with their last error and their port)."""
         for name, instance in list(self.loaded.items()):
             if name not in self.settings.models and not _holding(instance):
-                del self.loaded[name]
-                self._loads.pop(instance, None)
-                if instance in self._recent:
-                    self._recent.remove(instance)
+                self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Drop the loaded instance ``name`` (it no longer runs) and what the fleet keeps of it."""
+        instance = self.loaded.pop(name)
+        self._loads.pop(instance, None)
+        if instance in self._recent:
+            self._recent.remove(instance)
 
     async def _free_port(self, keep: Instance | None = None) -> int:
         """The first port after ``--vllm-port`` that no other instance has and no other process
@@ -798,10 +814,7 @@ class Supervisor:
             await self._evict_all(others)
         for name, instance in list(self.loaded.items()):
             if name == slot.name and not _holding(instance):  # the slot has its name now
-                del self.loaded[name]
-                self._loads.pop(instance, None)
-                if instance in self._recent:
-                    self._recent.remove(instance)
+                self._forget(name)
 
     # -------------------------------------------------------------------- stop
 
