@@ -40,9 +40,9 @@
 #                                (default: python3)
 #   AIC_GPU_CHECK_GPU            the GPU to use (default: the first of CUDA_VISIBLE_DEVICES, else 0)
 #   AIC_GPU_CHECK_UTILIZATION    each model's --gpu-memory-utilization (default 0.6; above 0.5)
-#   AIC_GPU_CHECK_VLLM_COMMAND   the proxy's --vllm-command (default: vllm serve, the `vllm` next
-#                                to that python if it is not on PATH; the proxy runs in the work
-#                                folder, so give absolute paths)
+#   AIC_GPU_CHECK_VLLM_COMMAND   the proxy's --vllm-command (default: the `vllm` next to that
+#                                python, else `vllm` on PATH, with `serve`; the proxy runs in the
+#                                work folder, so give absolute paths)
 #   AIC_GPU_CHECK_VLLM_ARGS      vLLM arguments of both models (default: --dtype float16
 #                                --max-model-len 1024; add --enforce-eager for a faster cold start)
 #   AIC_GPU_CHECK_WORKDIR        folder for the models, catalogue and logs (default: a new
@@ -89,14 +89,15 @@ if [[ -z "${AIC_VLLM_SIM_GPU_STATE:-}" ]] && ! command -v nvidia-smi >/dev/null 
   fail "nvidia-smi not found: this check needs an NVIDIA GPU and its driver"
 fi
 
+PY_BIN=$(dirname "$(command -v "$PY")")
 if [[ -n "${AIC_GPU_CHECK_VLLM_COMMAND:-}" ]]; then
   VLLM_COMMAND=$AIC_GPU_CHECK_VLLM_COMMAND
+elif [[ -x "$PY_BIN/vllm" ]]; then
+  VLLM_COMMAND="$PY_BIN/vllm serve"  # the vLLM of that python's environment
 elif command -v vllm >/dev/null 2>&1; then
   VLLM_COMMAND="vllm serve"
 else
-  PY_BIN=$(dirname "$(command -v "$PY")")
-  [[ -x "$PY_BIN/vllm" ]] || fail "no vllm command (on PATH or next to $PY): is vLLM installed there?"
-  VLLM_COMMAND="$PY_BIN/vllm serve"
+  fail "no vllm command (next to $PY or on PATH): is vLLM installed there?"
 fi
 
 GPU=${AIC_GPU_CHECK_GPU:-}
@@ -110,6 +111,7 @@ CREATED_WORKDIR=""
 if [[ -n "${AIC_GPU_CHECK_WORKDIR:-}" ]]; then
   WORKDIR=$AIC_GPU_CHECK_WORKDIR
   mkdir -p "$WORKDIR" || fail "cannot create $WORKDIR"
+  WORKDIR=$(cd "$WORKDIR" && pwd)  # the proxy runs in it: paths must not be relative to here
 else
   WORKDIR=$(mktemp -d -t gpu-check.XXXXXX) || fail "cannot create a temporary folder"
   CREATED_WORKDIR=$WORKDIR
