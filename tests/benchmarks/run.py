@@ -8,7 +8,8 @@ one upstream.
     python -m tests.benchmarks --only streaming --profile .bench/profile
 
 Sections: latency, throughput, streaming, memory, readiness, routing (in process: what reading
-a request's ``model`` costs, also ``python -m tests.benchmarks.model_field``). Prints a table
+a request's ``model`` costs, also ``python -m tests.benchmarks.model_field``), switching (two
+models on one GPU switched back and forth, parked by sleep mode against cold). Prints a table
 (rows: metric; columns: direct, proxy, relay, nginx, litellm, the target and whether the proxy
 meets it) and writes everything measured to a JSON file. Progress goes to stderr.
 """
@@ -33,12 +34,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import load, model_field, sections
+from . import load, model_field, sections, switching
 from .profile import Profiler
 from .sections import FULL, QUICK, Bench, Target
 from .targets import REPO, LiteLLM, Nginx, Proxy, Relay, upstream_command
 
-SECTIONS = ("latency", "throughput", "streaming", "memory", "readiness", "routing")
+SECTIONS = ("latency", "throughput", "streaming", "memory", "readiness", "routing", "switching")
 #: "routed": the proxy with a catalogue, so that it reads every request's "model" to route it
 #: (issue 13); its catalogue entries serve MODEL too, so the same requests go to both.
 TARGETS = ("direct", "proxy", "relay", "nginx", "litellm", "routed")
@@ -274,6 +275,36 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     _check(us, limit) if typical else None,
                 )
             )
+    switch = sec.get("switching")
+    if switch:
+        limit, call = switch["target_ms"], switch["call"]
+        wake = (switch["sleep_delay_s"] + switch["wake_delay_s"]) * 1000
+        straight = switch.get("direct") or {}  # the simulator's own sleep + wake, no proxy
+        for i, (via, data) in enumerate(switch["parked"].items()):
+            how = "a request" if via == "request" else f"/{via}"
+            typical, worst = data["added_median_ms"], data["added_max_ms"]
+            out += [
+                (
+                    f"{'7.' if i == 0 else '  '} switch A<->B parked, by {how} (ms)",
+                    {"direct": straight.get("wall_median_ms"), "proxy": data["wall_median_ms"]},
+                    "",
+                    None,
+                ),
+                (
+                    f"   added to sleep + wake ({wake:g} ms), median",
+                    {"direct": straight.get("added_median_ms"), "proxy": typical},
+                    "",
+                    None,
+                ),
+                ("   added to sleep + wake, max", {"proxy": worst}, f"<= {limit:g}", _check(worst, limit)),
+            ]
+        cold = switch["cold"][call]
+        load_ms = switch["load_delay_s"] * 1000
+        out += [
+            (f"   switch A<->B cold, by /{call} (ms)", {"proxy": cold["wall_median_ms"]}, "", None),
+            (f"   added to the load ({load_ms:g} ms), median", {"proxy": cold["added_median_ms"]}, "", None),
+            ("   added to the load, max", {"proxy": cold["added_max_ms"]}, "", None),
+        ]
     return out
 
 
@@ -350,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     if "routing" in args.sections:
         log("routing")
         results["sections"]["routing"] = model_field.measure(quick=args.quick)
+    if "switching" in args.sections:
+        log(f"switching (its own proxies; cold starts of {sizes.switch_load_delay:g} s)")
+        results["sections"]["switching"] = switching.switching(bench, workdir)
     try:
         proxy = bytes_proxy = nginx = relay = litellm = routed = None
         if sim_sections:

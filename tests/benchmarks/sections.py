@@ -51,6 +51,8 @@ class Sizes:
     download_pause: float
     idle_connections: int
     readiness_trials: int
+    switch_rounds: int  # switching: rounds of A -> B -> A per way of switching
+    switch_load_delay: float  # switching: the simulator's cold start (--sim-load-delay)
 
 
 FULL = Sizes(
@@ -73,6 +75,8 @@ FULL = Sizes(
     download_pause=1.0,
     idle_connections=1000,
     readiness_trials=10,
+    switch_rounds=5,
+    switch_load_delay=20.0,
 )
 QUICK = Sizes(
     latency_warmup=5,
@@ -94,6 +98,8 @@ QUICK = Sizes(
     download_pause=0.1,
     idle_connections=50,
     readiness_trials=2,
+    switch_rounds=1,
+    switch_load_delay=1.0,
 )
 
 

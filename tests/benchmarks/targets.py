@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +121,19 @@ class Proxy:
     name = "proxy"
 
     def __init__(
-        self, workdir: Path, label: str, vllm_command: str | None = None, config: Path | None = None
+        self,
+        workdir: Path,
+        label: str,
+        vllm_command: str | None = None,
+        config: Path | None = None,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.label = label
         self.config = config  # a config file (the "routed" target's catalogue)
+        self.args = list(args)  # more options of ``serve`` (e.g. ``--gpus 0``)
+        self.env = env  # its environment (None: the benchmark's)
         self.port = free_port()
         self.vllm_port = free_port()
         self.vllm_command = vllm_command
@@ -136,8 +144,9 @@ class Proxy:
         argv += ["--vllm-port", str(self.vllm_port), "--log-dir", str(self.workdir / f"{self.label}-logs")]
         argv += ["--log-level", "warning"]
         argv += ["--config", str(self.config)] if self.config else []
+        argv += self.args
         argv += ["--vllm-command", self.vllm_command] if self.vllm_command else ["--simulator"]
-        self.process = Process(self.label, argv, self.workdir / f"{self.label}.log")
+        self.process = Process(self.label, argv, self.workdir / f"{self.label}.log", env=self.env)
         try:
             wait_http(self.port, "/proxy/health", 30.0, self.process.proc)
         except RuntimeError as exc:
