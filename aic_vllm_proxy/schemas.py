@@ -129,6 +129,11 @@ class Status(BaseModel):
         description="The specs of the switches queued or in progress, in order: the first is "
         "target_model_spec (being loaded), the others wait for it.",
     )
+    accepted_model_spec: str | None = Field(
+        default=None,
+        description="Only in the 202 answer of POST /switch: the spec the proxy launches for the "
+        "switch it accepted (a catalogue entry's, with the flags the proxy adds).",
+    )
     in_flight: int = Field(default=0, description="Proxied requests being served right now.")
     hook_reports: list[HookReport] = Field(default_factory=list)
     restarts: int = Field(default=0, description="Automatic restarts in a row (restart policy).")
@@ -176,7 +181,10 @@ class LoadResult(BaseModel):
     changed: bool = Field(description="False when it was already loaded (or loading).")
     woke: bool = Field(default=False, description="It was asleep (sleep mode) and was woken.")
     name: str
-    load_seconds: float | None = None
+    load_seconds: float | None = Field(default=None, description="From launch to ready, for a cold start.")
+    wake_seconds: float | None = Field(
+        default=None, description="How long vLLM took to wake, for a model that was asleep."
+    )
     total_seconds: float = 0.0
     evicted: list[str] = Field(default_factory=list, description="Instances unloaded to make room.")
     message: str = ""
@@ -202,6 +210,9 @@ class SwitchResult(BaseModel):
     woke: bool = Field(default=False, description="It was asleep (sleep mode) and was woken.")
     load_seconds: float | None = Field(
         default=None, description="From launch to ready, for a switch that started vLLM."
+    )
+    wake_seconds: float | None = Field(
+        default=None, description="How long vLLM took to wake, for a model that was asleep."
     )
     total_seconds: float = 0.0
     drained: int = 0

@@ -167,6 +167,11 @@ class TestSwitchWatch:
         refused = self.watch("b", st(S.READY, "a", T0))[0].observe(st(S.READY, "a", T0))
         assert refused is not None and not refused.ok and not refused.has_log
         assert "did not happen: a is loaded" in refused.message and "plugin" in refused.message
+        vetoed = self.watch("b", st(S.READY, "a", T0))[0].observe(
+            st(S.READY, "a", T0, last_switch_error="Switch to b refused by plugin guard: no")
+        )
+        assert vetoed is not None and not vetoed.ok and not vetoed.has_log
+        assert vetoed.message == "the switch to b failed: Switch to b refused by plugin guard: no"
         stopped = self.watch("b", st(S.STOPPED))[0].observe(st(S.STOPPED, "b", T1, exit_code=-15))
         assert stopped is not None and "stopped before it was ready" in stopped.message
 

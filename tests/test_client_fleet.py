@@ -191,6 +191,7 @@ def test_the_ps_table() -> None:
                 "b", S.STOPPED, model=None, gpu_memory_utilization=0.9, waiting=1,
                 last_used=now - timedelta(minutes=12), expires_at=now + timedelta(minutes=18),
             ),
+            inst("c", S.SLEEPING, T0, model="c", gpus=["0"], sleep_level=2, last_used=now, pid=4343),
         ],
         now,
     )  # fmt: skip
@@ -227,6 +228,7 @@ def test_the_ps_table() -> None:
         "-",
         "-",
     ]
+    assert rows[3].split()[:3] == ["c", "sleeping/2", "c"]  # parked at sleep level 2
     assert rows[0].index("STATE") == rows[1].index("ready") == rows[2].index("stopped")  # aligned
 
 

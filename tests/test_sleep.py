@@ -14,9 +14,8 @@ loading one evicts, that is parks, the other (``tests/test_fleet.py``'s ``fleet`
 - a SIGKILLed proxy leaves no process, sleeping ones included; clients never reach the
   development routes, even while models sleep.
 
-Three tests fail on the fleet as it is (their docstrings say what they expect): ``/switch`` to
-a catalogue entry with a sleep level never finds it loaded beside the slot (nor launches the
-slot with ``--enable-sleep-mode``), and ``/switch`` to a sleeping model stops the one it parks.
+``/switch`` to a sleep entry loads it beside the slot (a parked model keeps its port; the
+slot's ``--vllm-port`` is for models that stop), so switching back and forth parks and wakes.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from helpers import (
 from plugin_env import Dist, write_site
 from test_fleet import Fleet, StartFleet, port_of
 
+from aic_vllm_proxy.client import SwitchError, VLLMProxyClient
 from aic_vllm_proxy.simulator.server import INSTANCE_HEADER, parse_instance_header
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -371,15 +371,77 @@ def test_only_a_sleeping_instance_gets_sleep_mode_and_dev_mode(fleet: StartFleet
     assert "VLLM_SERVER_DEV_MODE" not in environ(daemon.proxy.process.pid)  # its own environment only
 
 
-def test_the_slot_switched_to_a_sleep_entry_runs_without_sleep_mode(fleet: StartFleet) -> None:
-    """``/switch a`` loads ``a`` in the slot, whose own model a later switch stops (the slot keeps
-    --vllm-port: it is never parked). So it runs without sleep mode, and without the dev mode
-    that would expose vLLM's development routes for nothing; a switch away from a sleep entry
-    loaded beside it is what parks it (test_park_and_wake_by_switch)."""
-    daemon = fleet(catalogue(entry("a", sleep=1)))
-    pid = daemon.switch("a")["status"]["pid"]
-    assert "VLLM_SERVER_DEV_MODE" not in environ(pid)
-    assert "--enable-sleep-mode" not in command_line(pid), command_line(pid)
+def test_switching_back_and_forth_parks_and_wakes(fleet: StartFleet) -> None:
+    """``/switch a``, ``/switch b``, ``/switch a`` with sleep entries on one GPU (the notebook
+    user's switch): each switch parks the model it leaves and the last one wakes ``a`` (the same
+    process, far faster than its cold start); the slot (``--vllm-port``) is never used, since a
+    parked model keeps its port; each answer says how long the start or the wake took."""
+    daemon = fleet(catalogue(entry("a", sleep=1, args=SLOW_START), entry("b", sleep=1)))
+    first = daemon.switch("a")
+    a = daemon.instances()["a"]
+    assert (first["changed"], first["woke"], first["wake_seconds"]) == (True, False, None), first
+    assert first["load_seconds"] >= SLOW_LOAD and first["status"]["pid"] == a["pid"], first
+    assert port_of(a) != str(daemon.vllm_port) and "--enable-sleep-mode" in command_line(a["pid"])
+    assert environ(a["pid"]).get("VLLM_SERVER_DEV_MODE") == "1"
+
+    second = daemon.switch("b")
+    assert second["changed"] is True and second["woke"] is False, second
+    asleep(daemon, "a", a)
+    b = daemon.instances()["b"]
+    assert second["status"]["pid"] == b["pid"] and second["status"]["model_spec"].startswith("org/b")
+
+    started = time.monotonic()
+    third = daemon.switch("a")
+    took = time.monotonic() - started
+    assert third["woke"] is True and third["load_seconds"] is None, third
+    assert 0 < third["wake_seconds"] <= third["total_seconds"] < SLOW_LOAD / 2, third
+    assert took < SLOW_LOAD / 2, took  # a wake, not a cold start
+    assert third["status"]["pid"] == a["pid"] and third["status"]["state"] == "ready", third
+    asleep(daemon, "b", b)
+    _, served = ask(daemon, "a")
+    assert served["pid"] == str(a["pid"])
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}  # no "model"
+    unnamed = httpx.post(daemon.url + "/v1/chat/completions", json=body, timeout=60)
+    assert unnamed.status_code == 200, unnamed.text  # the primary, a, takes a request naming none
+    assert parse_instance_header(unnamed.headers[INSTANCE_HEADER])["pid"] == str(a["pid"])
+    again = daemon.switch("a")
+    assert (again["changed"], again["woke"]) == (False, False), again
+    assert "already loaded" in again["message"]
+    assert daemon.instances().get("primary") is None  # the slot never loaded anything
+
+
+def test_a_background_switch_to_a_sleep_entry_is_followed_by_the_client(fleet: StartFleet) -> None:
+    """The client's ``switch`` (``"wait": false``, then ``/status``): the switch beside the slot
+    is pending in ``/status`` from the 202 on, so the client follows it to the end: the cold
+    start of ``b``, then the wake of ``a``; a failed one ends with the root cause."""
+    daemon = fleet(
+        catalogue(
+            entry("a", sleep=1),
+            entry("b", sleep=1, args=f"{QUICK} --sim-load-delay 2"),
+            entry("broken", sleep=1, args=f"{QUICK} --sim-fail-during-load"),
+        )
+    )
+    proxy = VLLMProxyClient(daemon.url, poll_interval=0.1)
+    lines: list[str] = []
+    a = proxy.switch("a", progress=lines.append)
+    assert a["changed"] is True and a["status"]["model_spec"].startswith("org/a"), a
+    accepted = httpx.post(daemon.url + "/switch", json={"model_spec": "b", "wait": False}, timeout=30)
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["switching"] is True and accepted.json()["target_model_spec"].startswith("org/b")
+    b = proxy.wait_until_ready(timeout=60)
+    assert b["model_spec"].startswith("org/b") and b["state"] == "ready", b
+    asleep(daemon, "a", daemon.instances()["a"])
+    woken = proxy.switch("a", progress=lines.append)
+    assert woken["woke"] is True and woken["status"]["state"] == "ready", woken
+    assert woken["load_seconds"] is None and "a woke after" in woken["message"], woken
+    loaded = proxy.load("b", progress=lines.append)  # the client's load follows a wake too
+    assert loaded["woke"] is True and loaded["instance"]["state"] == "ready", loaded
+    asleep(daemon, "a", daemon.instances()["a"])
+    with pytest.raises(SwitchError) as failed:
+        proxy.switch("broken", progress=lines.append)
+    assert "out of memory" in failed.value.message.lower(), failed.value.message
+    status = daemon.status()
+    assert status["switching"] is False and status["last_switch_error"], status
 
 
 # ------------------------------------------------------------------ 7: proxy SIGKILL

@@ -587,10 +587,12 @@ class _ClientBase:
         watch = self._watch(spec, before, progress, timeout, loads=loads, verbose=verbose)
         watch.begin()
         try:
-            yield from _ask(_start_switch_call(spec, force))
+            accepted = (yield from _ask(_start_switch_call(spec, force))).as_model()
         except ProxyError as exc:
             watch.show(f"FAILED: {exc.message}")  # e.g. a spec the proxy's policy refuses
             raise
+        if accepted.accepted_model_spec:  # what the proxy launches (older proxies: the spec sent)
+            watch.spec = accepted.accepted_model_spec
         return SwitchResultDict(watch.result((yield from self._follow_plan(watch))))
 
     def _wait_plan(

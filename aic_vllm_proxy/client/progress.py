@@ -70,6 +70,21 @@ def _parsed(spec: str) -> ModelSpec | None:
         return None
 
 
+#: States of a model parked with vLLM's sleep mode (or on its way in or out of it).
+ASLEEP = (S.PARKING, S.SLEEPING, S.WAKING)
+
+
+def woken(was: InstanceStatus | None, now: Status | InstanceStatus) -> bool:
+    """``now`` is ready in the process that was asleep in ``was``: it was woken, not started."""
+    return (
+        was is not None
+        and was.state in ASLEEP
+        and now.state is S.READY
+        and now.pid is not None
+        and now.pid == was.pid
+    )
+
+
 def same_spec(a: str | None, b: str | None) -> bool:
     """The same launch, as the proxy compares specs (:attr:`ModelSpec.key`: quoting and spacing
     do not matter); a spec the proxy cannot parse is only the same as itself, word for word."""
@@ -192,6 +207,8 @@ class Outcome:
     has_log: bool = False
     #: For a load: the instance as last seen.
     instance: InstanceStatus | None = None
+    #: It was asleep (sleep mode) and was woken: the same process, not a new launch.
+    woke: bool = False
 
     @property
     def state(self) -> ProcessState:
@@ -387,7 +404,7 @@ class SwitchWatch(Watch):
             self.show(f"stopping {status.model_spec}")
 
     def _settled(self, status: Status) -> Outcome | None:
-        if status.switching or status.state in (S.STARTING, S.DRAINING, S.STOPPING):
+        if status.switching or status.state in (S.STARTING, S.DRAINING, S.STOPPING, S.PARKING, S.WAKING):
             return None
         if status.state is S.READY:
             return Outcome(True, status, f"{status.model} is ready")
@@ -401,6 +418,11 @@ class SwitchWatch(Watch):
         model = model_of(spec)
         new = self.is_new_launch(status)
         if status.state is S.READY and same_spec(status.model_spec, spec) and (new or not status.switching):
+            was = next((i for i in self.before.instances if i.pid is not None and i.pid == status.pid), None)
+            if woken(was, status):
+                return Outcome(
+                    True, status, f"{status.model} woke after {self.elapsed:.1f} s", True, woke=True
+                )
             return self._success(status, changed=new)
         if status.switching:
             return None
@@ -410,6 +432,8 @@ class SwitchWatch(Watch):
             return Outcome(False, status, message, has_log=True)
         if new and status.state is S.STOPPED:
             return Outcome(False, status, f"{model} was stopped before it was ready", has_log=True)
+        if status.last_switch_error:  # refused, or failed on an instance other than the primary
+            return Outcome(False, status, f"the switch to {model} failed: {status.last_switch_error}")
         hint = "a plugin may have refused it; the proxy's own log says why"
         if status.state is S.READY:
             message = f"the switch to {model} did not happen: {status.model_spec} is loaded ({hint})"
@@ -431,7 +455,8 @@ class SwitchWatch(Watch):
         status = outcome.status
         return SwitchResult(
             changed=outcome.changed,
-            load_seconds=load_seconds(status) if outcome.changed else None,
+            woke=outcome.woke,
+            load_seconds=load_seconds(status) if outcome.changed and not outcome.woke else None,
             total_seconds=round(self.elapsed, 3),
             message=outcome.message,
             status=status,
@@ -542,6 +567,11 @@ class LoadWatch(Watch):
         if new and instance.pid is not None:
             self._once("launch", f"vLLM started (pid {instance.pid}), log {instance.log_path}")
         restart = self._answer is None or self._answer.changed  # else it was loaded (or loading)
+        if woken(self._was, instance):
+            message = f"{self.name} woke after {self.elapsed:.1f} s"
+            return Outcome(True, status, message, changed=True, instance=instance, woke=True)
+        if instance.state in (S.PARKING, S.WAKING):
+            return None  # its wake waits for the park under way, or is under way
         if instance.state is S.READY and (new or not (restart or instance.switching)):
             return self._success(status, instance, changed=new and restart)
         if instance.switching:
@@ -572,8 +602,9 @@ class LoadWatch(Watch):
         assert instance is not None  # a load's outcome always has its instance
         return LoadResult(
             changed=outcome.changed,
+            woke=outcome.woke,
             name=self.name,
-            load_seconds=load_seconds(instance) if outcome.changed else None,
+            load_seconds=load_seconds(instance) if outcome.changed and not outcome.woke else None,
             total_seconds=round(self.elapsed, 3),
             evicted=self._answer.evicted if self._answer is not None else [],
             message=outcome.message,

@@ -155,7 +155,8 @@ def instances_table(instances: Sequence[InstanceStatus], now: datetime | None = 
         rows.append(
             (
                 instance.name + (" *" if instance.primary else ""),
-                instance.state.value,
+                instance.state.value
+                + (f"/{instance.sleep_level}" if instance.state is ProcessState.SLEEPING else ""),
                 instance.model or "-",
                 ",".join(instance.gpus) or "all",
                 f"{instance.gpu_memory_utilization:g}" if instance.gpu_memory_utilization else "-",

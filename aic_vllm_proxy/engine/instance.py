@@ -76,9 +76,23 @@ PORT_TAKEN_ADVICE = (
 )
 
 
-def _cancelled_by_stop(spec: ModelSpec) -> str:
+def cancelled_by_stop(spec: ModelSpec) -> str:
     """``last_switch_error`` of a switch that a stop cancelled."""
     return f"the switch to {spec.model} was cancelled by a stop"
+
+
+async def switch_outcome(task: asyncio.Task[SwitchResult], spec: ModelSpec) -> SwitchResult:
+    """The result of the task of a switch to ``spec``. Shielded: a caller that goes away (a
+    client hanging up) does not abandon the switch; a switch cancelled (by a stop or the
+    shutdown) is :class:`SwitchCancelled`."""
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.cancelled():
+            raise SwitchCancelled(
+                f"The switch to {spec.model} was cancelled: a stop was requested while it was in progress."
+            ) from None
+        raise
 
 
 #: The wall clock at one monotonic instant: monotonic times shown as dates (the same date for
@@ -133,6 +147,8 @@ class Instance:
         self.sleep_level = 0  # parked at this level instead of stopped (sleep mode; 0: off)
         #: Host RAM its weights take parked at level 1 (vLLM's log says; None: unknown).
         self.weights_bytes: int | None = None
+        #: How long its last wake took (a measurement, for the answers of /load and /switch).
+        self.wake_seconds: float | None = None
         #: Every name a request may give for it (``model``): its served names, the catalogue
         #: entry's name and aliases. Set by the fleet with the spec it loads.
         self.names: tuple[str, ...] = ()
@@ -407,7 +423,7 @@ class Instance:
 
         def never_ran(_: object) -> None:
             if not ran:  # cancelled (by a stop) before it began: _run_switch did not clean up
-                self.last_switch_error = _cancelled_by_stop(spec)
+                self.last_switch_error = cancelled_by_stop(spec)
                 self.machine.end_switch(spec)
 
         task = asyncio.ensure_future(run())
@@ -417,17 +433,8 @@ class Instance:
         return task
 
     async def outcome(self, task: asyncio.Task[SwitchResult], spec: ModelSpec) -> SwitchResult:
-        """The result of a switch's task. Shielded: a caller that goes away (a client hanging up)
-        does not abandon the switch."""
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.cancelled():  # the switch itself was cancelled: by a stop or the shutdown
-                raise SwitchCancelled(
-                    f"The switch to {spec.model} was cancelled: a stop was requested while it was "
-                    "in progress."
-                ) from None
-            raise
+        """The result of a switch's task (:func:`switch_outcome`)."""
+        return await switch_outcome(task, spec)
 
     async def _run_switch(self, spec: ModelSpec, *, force: bool) -> SwitchResult:
         started = time.monotonic()
@@ -441,7 +448,7 @@ class Instance:
             self.last_switch_error = exc.message
             raise
         except asyncio.CancelledError:
-            self.last_switch_error = _cancelled_by_stop(spec)
+            self.last_switch_error = cancelled_by_stop(spec)
             raise
         finally:
             self.machine.end_switch(spec)
@@ -938,13 +945,13 @@ class Instance:
                 return result
             self.loaded_at = self.last_used = time.monotonic()
             await self.machine.transition(S.READY, sleep_level=None, slept_at=None)
-            seconds = round(time.monotonic() - started, 3)
+            seconds = self.wake_seconds = round(time.monotonic() - started, 3)
             log.info("%s is awake after %.2f s", self.name, seconds)
             await self.hooks.call(self._context("post_wake", pid=launch.pgid))
             return SwitchResult(
                 changed=True,
                 woke=True,
-                load_seconds=seconds,
+                wake_seconds=seconds,
                 message=f"{self.name} woke",
                 status=self.status(),
             )

@@ -17,6 +17,9 @@ evicted here; the web and relay planes talk to this class only.
   (served names, entry name, aliases); a request without one goes to the **primary**, the
   instance most recently switched to or loaded.
 - **TTL**: an idle instance is unloaded ``ttl`` seconds after its last request.
+- **Sleep mode**: an instance with a sleep level is parked (``Instance.park``) where it would be
+  stopped, and woken (``Instance.wake``) where it would be loaded; a ``/switch`` to such a spec
+  loads it beside the slot, since a parked model keeps its port.
 
 Placement decisions (and the evictions they need) are serialised per GPU: one lock each, so
 loads on disjoint GPUs go on side by side; each instance serialises its own switches and stops.
@@ -36,7 +39,7 @@ import aiohttp
 
 from aic_vllm_proxy.catalog import Footprint, lora_names, with_served_names
 from aic_vllm_proxy.config import Settings
-from aic_vllm_proxy.engine.instance import Instance, StopOutcome
+from aic_vllm_proxy.engine.instance import Instance, StopOutcome, cancelled_by_stop, switch_outcome
 from aic_vllm_proxy.engine.launch import Launch, port_is_free
 from aic_vllm_proxy.engine.placement import (
     HOLDING,
@@ -113,6 +116,10 @@ class Supervisor:
         self._placing: dict[str, asyncio.Task[Instance]] = {}  # loads being placed, by name
         self._placing_key: dict[str, tuple[str, ...]] = {}  # the spec each placement loads
         self._loads: dict[Instance, asyncio.Task[SwitchResult]] = {}  # each one's last load
+        #: The /switch calls under way beside the slot (models parked by sleeping), in order,
+        #: and why the last one failed (None: it did not, or a switch began since).
+        self._beside: list[tuple[ModelSpec, asyncio.Task[SwitchResult]]] = []
+        self._beside_error: str | None = None
         self._changed = asyncio.Event()  # set on a change of any instance (then replaced)
         self._listening = 0  # placements waiting for a change (else nothing to wake)
         self._expiring: set[Instance] = set()  # TTL stops under way
@@ -220,9 +227,17 @@ class Supervisor:
         return self.primary.waiting
 
     def status(self) -> Status:
-        """The primary's status, with every instance in ``instances``."""
+        """The primary's status, with every instance in ``instances``; a ``/switch`` under way
+        beside the slot (:meth:`_begin_beside`) is pending in it as a switch of the slot is."""
         status = self.primary.status()
         status.instances = self.instance_statuses()
+        if self._beside:
+            pending = [spec.raw for spec, _ in self._beside]
+            status.switching = True
+            status.target_model_spec = pending[0]
+            status.pending_model_specs = list(dict.fromkeys([*pending, *status.pending_model_specs]))
+        if self._beside_error is not None:
+            status.last_switch_error = self._beside_error
         return status
 
     def instance_statuses(self) -> list[InstanceStatus]:
@@ -686,6 +701,7 @@ class Supervisor:
         before = self._by_name.get(name)
         changed = before is None or not _same_launch(before, launched)
         asleep = before is not None and not changed and before.machine.state in ASLEEP
+        launched_at = before.machine.snapshot.started_at if before is not None else None
         held = {i.name for i in self.instances if _holding(i)}
         # Waiting, it waits for room as long as it takes; in the background, for a request's wait.
         deadline = None if wait else time.monotonic() + self.settings.request_wait_timeout
@@ -697,14 +713,17 @@ class Supervisor:
             await instance.wait_for_model(self.settings.ready_timeout + self.settings.stop_timeout)
         evicted = sorted(held - {i.name for i in self.instances if _holding(i)} - {name})
         snap = instance.machine.snapshot
+        cold = snap.started_at != launched_at  # vLLM was started (a failed wake starts it cold too)
         load_seconds = None
-        if changed and instance.serving and snap.ready_at and snap.started_at:
+        if (changed or cold) and instance.serving and snap.ready_at and snap.started_at:
             load_seconds = round((snap.ready_at - snap.started_at).total_seconds(), 3)
+        woke = asleep and instance.serving and not cold
         return LoadResult(
             changed=changed or asleep,
-            woke=asleep and instance.serving,
+            woke=woke,
             name=instance.name,
             load_seconds=load_seconds,
+            wake_seconds=instance.wake_seconds if woke else None,
             total_seconds=round(time.monotonic() - started, 3),
             evicted=evicted,
             message=f"{name} is {'ready' if instance.serving else 'loading'}"
@@ -729,29 +748,104 @@ class Supervisor:
     # ------------------------------------------------------------------ switch
 
     async def switch(self, spec: ModelSpec, *, force: bool = False, entry: str | None = None) -> SwitchResult:
-        """``POST /switch``: ``spec`` becomes the only model on its GPUs. It loads in the slot,
-        unless an instance loaded beside it runs exactly that already: that one becomes the
-        primary and the others on its GPUs go."""
+        """``POST /switch``: ``spec`` becomes the only model on its GPUs (and the primary). It
+        loads in the slot, unless an instance loaded beside it runs exactly that already (that
+        one stays), or it is parked by sleeping rather than stopped: then it loads beside the
+        slot (:meth:`_switch_beside`). The others on its GPUs go (parked when they can)."""
+        footprint = self.settings.footprint(spec, entry, self.node)
+        if footprint.sleep_level:
+            return await switch_outcome(self._begin_beside(spec, entry, footprint, force), spec)
         launched = self._queue_slot(spec, entry)
         running = self._running_elsewhere(spec, entry, force)
         if running is not None:
             return await self._keep(running)
         return await self.slot.switch(launched, force=force)
 
-    def switch_in_background(self, spec: ModelSpec, *, force: bool = False, entry: str | None = None) -> None:
+    def switch_in_background(
+        self, spec: ModelSpec, *, force: bool = False, entry: str | None = None
+    ) -> ModelSpec:
+        """Begin :meth:`switch` (pending in ``/status`` from this call on); returns the spec
+        it launches (an entry's, with the flags the proxy adds), which ``/status`` will show."""
+        footprint = self.settings.footprint(spec, entry, self.node)
+        if footprint.sleep_level:
+            self._begin_beside(spec, entry, footprint, force)
+            return self.names_for(spec, entry, footprint.sleep_level)[0]
         launched = self._queue_slot(spec, entry)
         running = self._running_elsewhere(spec, entry, force)
         if running is not None:
             self._spawn(self._keep(running))
         else:
             self.slot.switch_in_background(launched, force=force)
+        return launched
 
     def _queue_slot(self, spec: ModelSpec, entry: str | None) -> ModelSpec:
         """The spec the slot launches for ``spec``; the entry it came from is remembered for
         when its switch begins (:meth:`_slot_switching`)."""
         launched = self.names_for(spec, entry)[0]
         self._slot_entries[launched.key] = entry
+        self._beside_error = None  # a new switch: the last one's failure is history
         return launched
+
+    def _begin_beside(
+        self, spec: ModelSpec, entry: str | None, footprint: Footprint, force: bool
+    ) -> asyncio.Task[SwitchResult]:
+        """Begin a ``/switch`` beside the slot (:meth:`_switch_beside`). It is pending in
+        ``/status`` (``switching``, ``target_model_spec``) from this very step, and its failure
+        shows there as ``last_switch_error``, as a switch of the slot does."""
+        launched = self.names_for(spec, entry, footprint.sleep_level)[0]
+        self._beside_error = None
+        task = asyncio.ensure_future(self._switch_beside(spec, entry, footprint, force))
+        pending = (launched, task)
+        self._beside.append(pending)
+
+        def done(_: object) -> None:
+            self._beside.remove(pending)
+            if task.cancelled():
+                self._beside_error = cancelled_by_stop(launched)
+            elif isinstance(exc := task.exception(), EngineError):
+                self._beside_error = exc.message
+                log.warning("the switch to %s failed: %s", launched.model, exc.message)
+
+        task.add_done_callback(done)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _switch_beside(
+        self, spec: ModelSpec, entry: str | None, footprint: Footprint, force: bool
+    ) -> SwitchResult:
+        """``/switch`` to a model parked by sleeping (``sleep`` > 0): it is loaded (or woken)
+        beside the slot, on a port of its own (the slot's ``--vllm-port`` is for models that
+        stop: a parked model keeps its port), as ``POST /load`` would; then it becomes the
+        primary and the others on its GPUs go. ``force``: a running one is stopped first and
+        started again."""
+        started = time.monotonic()
+        name = entry or spec.served_name
+        old = self.loaded.get(name)
+        if force and old is not None and _holding(old):
+            await self._evict_all([old], stop=True)
+        loaded = await self.load(name, spec, footprint, wait=True)
+        instance = self.loaded[loaded.name]
+        kept = await self._keep(instance)
+        return SwitchResult(
+            changed=loaded.changed,
+            woke=loaded.woke,
+            load_seconds=loaded.load_seconds,
+            wake_seconds=loaded.wake_seconds,
+            total_seconds=round(time.monotonic() - started, 3),
+            drained=kept.drained,
+            cut=kept.cut,
+            message=f"{name} "
+            + (
+                "woke"
+                if loaded.woke
+                else "is ready"
+                if loaded.changed
+                else "is already loaded with these arguments; nothing restarted"
+            ),
+            status=self.status(),
+            hook_reports=loaded.hook_reports,
+        )
 
     def _running_elsewhere(self, spec: ModelSpec, entry: str | None, force: bool) -> Instance | None:
         """An instance loaded beside the slot that runs (or has parked) exactly ``spec``."""
@@ -763,7 +857,8 @@ class Supervisor:
         return found if same else None
 
     async def _keep(self, instance: Instance) -> SwitchResult:
-        """``/switch`` to what ``instance`` runs already: it stays; the others on its GPUs go."""
+        """``/switch`` to what ``instance`` runs already: it stays (woken if asleep) and is the
+        primary; the others on its GPUs go."""
         started = time.monotonic()
         self._used(instance)
         woke = instance.machine.state in ASLEEP
@@ -779,6 +874,7 @@ class Supervisor:
         return SwitchResult(
             changed=woke,
             woke=woke and instance.serving,
+            wake_seconds=instance.wake_seconds if woke and instance.serving else None,
             total_seconds=round(time.monotonic() - started, 3),
             message=f"{instance.name} "
             + ("woke" if woke else "is already loaded with these arguments; nothing restarted"),
@@ -794,7 +890,7 @@ class Supervisor:
         slot.name = entry or spec.served_name
         _apply(slot, footprint, self.names_for(spec, entry)[1])
         # The slot's own model is stopped by the next switch, never parked (the slot keeps
-        # --vllm-port): no sleep mode, no dev mode for it.
+        # --vllm-port; a spec with a sleep level is switched to beside it: _switch_beside).
         slot.sleep_level = 0
         self._used(slot)
         self._ensure_ttl_task()
@@ -833,9 +929,12 @@ class Supervisor:
         return instance.name, ran, await instance.halt(drain=drain)
 
     async def stop(self, *, drain: bool = True) -> Status:
-        """Stop every instance (in parallel), and every load still being placed."""
+        """Stop every instance (in parallel), every load still being placed and every switch
+        under way beside the slot."""
         for name in list(self._placing):
             self._cancel_placement(name)
+        for _, task in self._beside:
+            task.cancel()
         await asyncio.gather(*(i.stop(drain=drain) for i in self.instances))
         return self.status()
 

@@ -118,9 +118,10 @@ async def switch(request: web.Request) -> web.Response:
     spec, entry = _resolved(request, body.model_spec, "model_spec")
     supervisor = request.app[SUPERVISOR]
     if not body.wait:
-        supervisor.switch_in_background(spec, force=body.force, entry=entry)
-        accepted = {**to_json(supervisor.status()), "accepted_model_spec": spec.text}
-        return _json(accepted, status=202)
+        launched = supervisor.switch_in_background(spec, force=body.force, entry=entry)
+        accepted = supervisor.status()
+        accepted.accepted_model_spec = launched.raw
+        return _json(to_json(accepted), status=202)
     return _json(to_json(await supervisor.switch(spec, force=body.force, entry=entry)))
 
 
