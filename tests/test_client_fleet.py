@@ -337,6 +337,23 @@ def test_two_models_loaded_side_by_side_then_unloaded(daemon: Daemon) -> None:
         assert running(client.instances()) == {}
 
 
+def test_the_clients_switch_to_a_catalogue_entry(daemon: Daemon) -> None:
+    """The client's ``switch("b")`` follows the spec the proxy launches for the entry, which
+    answers to its name too (``--served-model-name org/b b``, added by the proxy): the 202's
+    ``accepted_model_spec``. It used to compare ``/status`` with the entry's own spec and report
+    a switch that worked as one that "did not happen"."""
+    with VLLMProxyClient(daemon.url, progress=False, poll_interval=0.1) as client:
+        switched = client.switch("b")
+        track(daemon, [i for i in client.instances() if i.name == "b"])
+        assert switched.changed and switched.status.state is S.READY, switched
+        assert switched.status.model_spec is not None and "--served-model-name" in switched.status.model_spec
+        assert answered_by(daemon.url, "b")["pid"] == str(switched.status.pid)
+        again = client.switch("b")
+        assert not again.changed and "already loaded" in again.message
+        client.stop()
+        assert running(client.instances()) == {}
+
+
 def test_load_errors(daemon: Daemon) -> None:
     lines: list[str] = []
     with VLLMProxyClient(daemon.url, progress=lines.append) as client:

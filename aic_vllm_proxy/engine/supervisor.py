@@ -241,11 +241,17 @@ class Supervisor:
         return status
 
     def instance_statuses(self) -> list[InstanceStatus]:
-        return [
-            i.instance_status(primary=i is self.primary)
-            for i in self.instances
-            if i is not self.slot or i.machine.snapshot.model_spec or i.switching
-        ]
+        return [i.instance_status(primary=i is self.primary) for i in self.instances if self._listed(i)]
+
+    def _listed(self, instance: Instance) -> bool:
+        """Whether ``/status`` lists ``instance``: the slot once it has loaded something, and
+        not while it no longer runs and an instance loaded beside it has its name (switched to
+        ``b``, stopped, then ``b`` loaded: that one is ``b`` now)."""
+        if instance is not self.slot:
+            return True
+        if not (instance.machine.snapshot.model_spec or instance.switching):
+            return False
+        return _holding(instance) or instance.name not in self.loaded
 
     def current_log(self, name: str | None = None) -> Path | None:
         """The log of the instance ``name`` (None: the primary's); None for a catalogue entry
