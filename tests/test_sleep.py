@@ -434,6 +434,10 @@ def test_a_background_switch_to_a_sleep_entry_is_followed_by_the_client(fleet: S
     woken = proxy.switch("a", progress=lines.append)
     assert woken["woke"] is True and woken["status"]["state"] == "ready", woken
     assert woken["load_seconds"] is None and "a woke after" in woken["message"], woken
+    shown = [line.split("] ", 1)[1] for line in lines]
+    assert f"waking org/a (pid {a['status']['pid']})" in shown, shown  # not its start-up log again
+    assert shown[-1].startswith("org/a woke after"), shown
+    assert sum(line.startswith("vLLM started") for line in shown) == 1, shown  # a's cold start only
     loaded = proxy.load("b", progress=lines.append)  # the client's load follows a wake too
     assert loaded["woke"] is True and loaded["instance"]["state"] == "ready", loaded
     asleep(daemon, "a", daemon.instances()["a"])

@@ -371,7 +371,14 @@ class SwitchWatch(Watch):
     # ------------------------------------------------------------------ status
 
     def is_new_launch(self, status: Status) -> bool:
+        if self._asleep_before(status) is not None:
+            return False  # the primary now is a model that was parked: woken, not launched
         return status.started_at is not None and status.started_at != self.before.started_at
+
+    def _asleep_before(self, status: Status) -> InstanceStatus | None:
+        """The instance that runs ``status.pid``, as it was before, if it was asleep then."""
+        was = next((i for i in self.before.instances if i.pid is not None and i.pid == status.pid), None)
+        return was if was is not None and was.state in ASLEEP else None
 
     def wants_log(self, status: Status) -> bool:
         return self.is_new_launch(status) and status.pid is not None and status.log_path is not None
@@ -389,6 +396,10 @@ class SwitchWatch(Watch):
             if status.pid is not None:
                 self._once("launch", f"vLLM started (pid {status.pid}), log {status.log_path}")
             return
+        if self._asleep_before(status) is not None and status.pid is not None:
+            self._once(
+                "wake", f"waking {status.model or model_of(status.model_spec or '')} (pid {status.pid})"
+            )
         if self.spec is None or same_spec(status.model_spec, self.spec):
             return
         if (
@@ -418,8 +429,7 @@ class SwitchWatch(Watch):
         model = model_of(spec)
         new = self.is_new_launch(status)
         if status.state is S.READY and same_spec(status.model_spec, spec) and (new or not status.switching):
-            was = next((i for i in self.before.instances if i.pid is not None and i.pid == status.pid), None)
-            if woken(was, status):
+            if woken(self._asleep_before(status), status):
                 return Outcome(
                     True, status, f"{status.model} woke after {self.elapsed:.1f} s", True, woke=True
                 )
@@ -567,6 +577,8 @@ class LoadWatch(Watch):
         if new and instance.pid is not None:
             self._once("launch", f"vLLM started (pid {instance.pid}), log {instance.log_path}")
         restart = self._answer is None or self._answer.changed  # else it was loaded (or loading)
+        if self._was is not None and self._was.state in ASLEEP and instance.pid == self._was.pid:
+            self._once("wake", f"waking {self.name} (pid {instance.pid})")
         if woken(self._was, instance):
             message = f"{self.name} woke after {self.elapsed:.1f} s"
             return Outcome(True, status, message, changed=True, instance=instance, woke=True)
