@@ -410,6 +410,26 @@ def test_switching_back_and_forth_parks_and_wakes(fleet: StartFleet) -> None:
     assert daemon.instances().get("primary") is None  # the slot never loaded anything
 
 
+def test_switching_between_a_sleep_entry_and_one_without(fleet: StartFleet) -> None:
+    """``c`` (no sleep level) loads in the slot, on ``--vllm-port``; ``/switch a`` (sleep 1)
+    stops it and loads ``a`` beside; ``/switch c`` starts ``c`` in the slot again and parks ``a``;
+    ``/switch a`` wakes ``a`` and stops ``c``."""
+    daemon = fleet(catalogue(entry("a", sleep=1), entry("c", sleep=0)))
+    c = daemon.switch("c")["status"]
+    assert c["vllm_base"].endswith(f":{daemon.vllm_port}") and c["state"] == "ready", c
+    a = daemon.switch("a")["status"]
+    assert not a["vllm_base"].endswith(f":{daemon.vllm_port}") and a["state"] == "ready", a
+    assert daemon.wait_for("c", "stopped")["pid"] is None
+    again = daemon.switch("c")
+    assert again["changed"] is True and again["status"]["pid"] != c["pid"], again
+    asleep(daemon, "a", daemon.instances()["a"])
+    woken = daemon.switch("a")
+    assert woken["woke"] is True and woken["status"]["pid"] == a["pid"], woken
+    assert daemon.wait_for("c", "stopped")["pid"] is None
+    _, served = ask(daemon, "a")
+    assert served["pid"] == str(a["pid"])
+
+
 def test_a_background_switch_to_a_sleep_entry_is_followed_by_the_client(fleet: StartFleet) -> None:
     """The client's ``switch`` (``"wait": false``, then ``/status``): the switch beside the slot
     is pending in ``/status`` from the 202 on, so the client follows it to the end: the cold
