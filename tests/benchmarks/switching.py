@@ -6,19 +6,20 @@ Each mode runs its own proxy (``--gpus 0``; the entries on GPU 0 with
 ``--gpu-memory-utilization 0.6``, so that loading one evicts the other) in front of the
 simulator, whose sleep mode is timed like vLLM's published figures: ``/sleep`` takes
 :data:`SLEEP_DELAY`, ``/wake_up`` :data:`WAKE_DELAY` (vLLM's blog: waking takes 0.26-5.7 s on an
-A100 from Qwen3 0.6B to 235B, about a second for small models), a cold start
+A100 from Qwen3 0.6B to 235B; 1 s is near the small end), a cold start
 ``--sim-load-delay`` 20 s in the full run (shorter than vLLM's 47-98 s in the same blog, to keep
 the run short) and 1 s in ``--quick``.
 
-A switch is one HTTP call, :data:`CALL` (``POST /load`` or ``POST /switch`` naming the
-entry); parked models are also switched by a plain request naming the parked one
-(``POST /v1/completions``, ``max_tokens`` 1: what a notebook user does). For each switch:
-the client's wall time, and the answer's ``total_seconds``, ``woke``, ``load_seconds`` and
-``wake_seconds``. The **proxy's own added time** is the wall time less what the simulator
-was told to take: the sleep of the model parked plus the wake of the one woken, or the
-configured load of a cold start (which then also holds the stop of the other and the new
-process's Python start-up: vLLM's costs, not the proxy's). Issue 14's target: under
-:data:`TARGET_MS` on top of vLLM's wake.
+A switch is one HTTP call, :data:`CALL` (``POST /switch`` naming the entry; ``POST /load``
+is the other choice); parked models are also switched by the other call and by a plain
+request naming the parked one (``POST /v1/completions``, ``max_tokens`` 1: what a notebook
+user does). For each switch: the client's wall time, and the answer's ``total_seconds``,
+``woke``, ``load_seconds`` and ``wake_seconds``. The **proxy's own added time** is the wall
+time less what the simulator was told to take: the sleep of the model parked plus the wake of
+the one woken, or the configured load of a cold start (which then also holds the stop of the
+other and the new process's Python start-up: vLLM's costs, not the proxy's). Issue 14's
+target: under :data:`TARGET_MS` on top of vLLM's wake. The simulator's own sleep and wake,
+called straight (no proxy), are measured too.
 
 The figures must be what they claim: every parked switch must have woken the same process
 (``"woke": true``, the same pid, the other model asleep), every cold one must have started a
@@ -38,8 +39,11 @@ from .measure import median
 from .sections import Bench
 from .targets import Proxy, call
 
-#: The call that switches: "load" (``POST /load {"model": NAME}``) or "switch" (``POST /switch``).
-CALL = "load"
+#: The call that switches: "switch" (``POST /switch {"model_spec": NAME}``) or "load"
+#: (``POST /load {"model": NAME}``); the parked models are also switched by the other one and by
+#: a request (:data:`PARKED_VIAS`), the cold ones by this one alone.
+CALL = "switch"
+PARKED_VIAS = (CALL, "load" if CALL == "switch" else "switch", "request")
 SLEEP_DELAY = 0.1  # --sim-sleep-delay (s)
 WAKE_DELAY = 1.0  # --sim-wake-delay (s)
 TARGET_MS = 50.0
@@ -211,7 +215,7 @@ def run_mode(
 
 def switching(bench: Bench, workdir: Path) -> dict[str, Any]:
     """7. Switching A -> B -> A, parked (sleep mode) and cold."""
-    parked, straight = run_mode(bench, workdir, parked=True, vias=(CALL, "request"))
+    parked, straight = run_mode(bench, workdir, parked=True, vias=PARKED_VIAS)
     cold, _ = run_mode(bench, workdir, parked=False, vias=(CALL,))
     return {
         "call": CALL,
