@@ -187,11 +187,9 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> None:
     from aic_vllm_proxy.web import server
     from aic_vllm_proxy.web.app import create_app
+    from aic_vllm_proxy.web.logs_format import setup_logging
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level, settings.log_format)
     from aic_vllm_proxy.web.appkeys import KEYS
 
     app = create_app(settings, extra_plugins=extra_plugins)  # reads the keys file, once

@@ -84,6 +84,9 @@ class Settings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="The proxy's own log level."
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="The proxy's own log lines as text, or one JSON object a line."
+    )
     access_log: bool = Field(default=False, description="Log every request (costs a little per request).")
     plugins_enable: tuple[str, ...] = Field(
         default=(), description="Only these plugins (entry-point names); empty: all installed."

@@ -430,6 +430,8 @@ def echo_upstream_main(argv: list[str]) -> None:
         status = int(request.query.get("status", "200"))
         response = web.json_response(body, status=status)
         response.headers["X-Echo"] = "1"
+        if request.query.get("request_id"):  # as vLLM does with --enable-request-id-headers
+            response.headers["X-Request-Id"] = request.query["request_id"]
         response.headers.add("Set-Cookie", "a=1")
         response.headers.add("Set-Cookie", "b=2")
         if request.query.get("hop"):

@@ -38,7 +38,7 @@ from aic_vllm_proxy.relay.errors import ProxyError, body_stalled
 from aic_vllm_proxy.relay.flow import set_water_marks
 from aic_vllm_proxy.relay.headers import HOP_BY_HOP, response_head
 from aic_vllm_proxy.relay.pipeline import RETRYABLE_BODY, Pipeline, closes_connection
-from aic_vllm_proxy.relay.request import RelayRequest
+from aic_vllm_proxy.relay.request import REQUEST_ID, RelayRequest, request_id
 from aic_vllm_proxy.relay.routes import OwnRoutes
 from aic_vllm_proxy.relay.upstream import (
     LAST_CHUNK,
@@ -100,7 +100,11 @@ _HAND_OFF = frozenset(
     {b"transfer-encoding", b"expect", b"upgrade", b"proxy-connection", b"sec-websocket-key1"}
 )
 #: Request headers the front door reads (what of them goes to vLLM: ``headers.request_head``).
-_READ = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length", b"authorization"}
+_READ = frozenset(name.encode() for name in HOP_BY_HOP) | {
+    b"content-length",
+    b"authorization",
+    b"x-request-id",
+}
 #: Headers the loop in :func:`parse_request_head` looks at.
 _SPECIAL = _READ | _HAND_OFF | _SINGLETONS
 
@@ -115,6 +119,7 @@ class RequestHead:
     length: int  # Content-Length (0 when absent)
     keep_alive: bool
     token: bytes | None  # the bearer token presented, if any
+    sent_id: bytes | None  # the one X-Request-Id sent (None: none, or more than one)
 
 
 def parse_request_head(block: bytes) -> RequestHead | None:
@@ -132,6 +137,7 @@ def parse_request_head(block: bytes) -> RequestHead | None:
     seen: set[bytes] = set()
     authorizations: list[bytes] = []
     named_tokens: set[bytes] = set()
+    sent_id: bytes | None = None
     previous = 0  # the length of the previous header's name
     start = 0
     while start < len(fields):
@@ -148,7 +154,8 @@ def parse_request_head(block: bytes) -> RequestHead | None:
         names.append(lname)
         if lname not in _SPECIAL:
             continue
-        if lname in _HAND_OFF or (lname in _SINGLETONS and lname in seen):
+        repeated = lname in seen
+        if lname in _HAND_OFF or (repeated and lname in _SINGLETONS):
             return None
         seen.add(lname)
         if lname == b"content-length":
@@ -162,6 +169,8 @@ def parse_request_head(block: bytes) -> RequestHead | None:
             named_tokens.update(t.strip().lower() for t in value.split(b","))
         elif lname == b"authorization":
             authorizations.append(value[:-2])
+        elif lname == b"x-request-id":
+            sent_id = None if repeated else value.strip()
     if b"host" not in seen or refusal(target, authorizations) is not None:
         return None  # aiohttp answers 400
     keep_alive = True
@@ -169,7 +178,7 @@ def parse_request_head(block: bytes) -> RequestHead | None:
         keep_alive = b"close" not in named_tokens
         named_tokens.discard(b"")
     token = bearer_token(authorizations[0]) if authorizations else None
-    return RequestHead(method, target, lines, names, named_tokens, max(length, 0), keep_alive, token)
+    return RequestHead(method, target, lines, names, named_tokens, max(length, 0), keep_alive, token, sent_id)
 
 
 def routed_as_is(path: bytes) -> bool:
@@ -390,6 +399,7 @@ class FrontProtocol(ClientConnection):
         self._relay_started = False  # vLLM's head went to the client (see _relay_start)
         self._relay_chunked = False  # the client's answer is chunked: it ends with a last chunk
         self._is_head = False  # the request being relayed is a HEAD
+        self._request_id = ""  # the id of the request being served (``request.request_id``)
 
     # --------------------------------------------------------------- protocol
 
@@ -496,20 +506,30 @@ class FrontProtocol(ClientConnection):
         keep_alive = head.keep_alive
         self._close_after = not keep_alive  # the answer then says Connection: close
         self._answered = self._relay_started = False
+        self._request_id = rid = request_id(head.sent_id)
         try:
             body = await self._read_body(head.length) if head.length else None
             keep_alive = await self._forward(head, body) and keep_alive
         except ProxyError as exc:  # raised before any of the answer was written
             keep_alive = keep_alive and not closes_connection(exc)
+            exc.headers[REQUEST_ID] = rid
             self._write(exc.raw(close=not keep_alive))
         except asyncio.CancelledError:
             keep_alive = False  # the client went away, or the proxy is shutting down
             raise
         except Exception:
-            log.exception("relaying %s %r failed", head.method.decode(), head.target)
+            log.exception(
+                "relaying %s %r failed (request %s)",
+                head.method.decode(),
+                head.target,
+                rid,
+                extra={"request_id": rid},
+            )
             keep_alive = False
             if not self._answered:
-                self._write(ProxyError("the proxy failed to relay this request; see its log").raw(close=True))
+                failed = ProxyError("the proxy failed to relay this request; see its log")
+                failed.headers[REQUEST_ID] = rid
+                self._write(failed.raw(close=True))
         finally:
             self.task = None
             self.idle_since = time.monotonic()
@@ -566,13 +586,14 @@ class FrontProtocol(ClientConnection):
             None if body is None else len(body),
             body,
             None,
+            self._request_id,
         )
         async with pipeline.admitted(request) as instance:
             self._is_head = request.is_head
             conn, answer = await pipeline.send(request, instance, framed=True, on_head=self._relay_start)
             with pipeline.lease(conn, instance) as lease:
                 try:
-                    return await pipeline.relay(lease, answer, self, "relaying a response")
+                    return await pipeline.relay(lease, answer, self, request)
                 finally:
                     self._relaying = None
 
@@ -589,7 +610,12 @@ class FrontProtocol(ClientConnection):
         has_body = not is_head and answer.status not in (204, 304)
         self._relay_chunked = chunked = has_body and answer.length is None  # chunks for the client
         pending = [
-            response_head(answer, close=self._close_after, chunked=chunked or (is_head and answer.chunked))
+            response_head(
+                answer,
+                close=self._close_after,
+                chunked=chunked or (is_head and answer.chunked),
+                request_id=self._request_id,
+            )
         ]
         self._answered = True
         conn.attach(pending.append)  # pieces come framed for the client (``framed=True``)

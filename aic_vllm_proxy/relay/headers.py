@@ -9,6 +9,8 @@ vLLM, and what of vLLM's response head goes to the client.
 - Response: vLLM's header lines pass byte for byte, except hop-by-hop ones (and those named in
   its ``Connection``) and ``Content-Length``/``Transfer-Encoding``, which each path sets for
   the framing it writes (:func:`response_lines`).
+- ``X-Request-Id``: the request's id (``request.request_id``) replaces the client's on the way to
+  vLLM and vLLM's on the way back, after the other header lines.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from aic_vllm_proxy.relay.request import RelayRequest
+from aic_vllm_proxy.relay.request import REQUEST_ID, RelayRequest
 from aic_vllm_proxy.relay.upstream import ResponseHead
 
 #: Headers that describe one connection, not the message: never forwarded either way.
@@ -38,10 +40,11 @@ HOP_BY_HOP = frozenset(
     }
 )
 #: Request headers never copied as they are (Content-Length is set for the body sent upstream).
-NOT_COPIED = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length"}
+NOT_COPIED = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length", b"x-request-id"}
 _NOT_COPIED_OR_AUTH = NOT_COPIED | {b"authorization"}
-#: Response headers never copied as they are (each path sets the framing it writes).
-_NOT_RELAYED = HOP_BY_HOP | {"content-length"}
+#: Response headers never copied as they are (each path sets the framing it writes, and the
+#: request's id).
+_NOT_RELAYED = HOP_BY_HOP | {"content-length", "x-request-id"}
 
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -72,11 +75,14 @@ def request_head(
     """vLLM's request head for ``request``, on both paths: the client's header lines as it sent
     them, except hop-by-hop ones (and those its ``Connection`` names), ``Host`` and
     ``Content-Length``, and ``Authorization`` when it stays here (``drop_authorization``);
-    then vLLM's own ``supplied`` headers and the body's framing (:func:`upstream_head`)."""
+    then the request's id, vLLM's own ``supplied`` headers and the body's framing
+    (:func:`upstream_head`)."""
     drop = _NOT_COPIED_OR_AUTH if drop_authorization else NOT_COPIED
     if request.connection:
         drop = drop | frozenset(request.connection)
     lines = [line for line, name in zip(request.lines, request.names, strict=True) if name not in drop]
+    if request.request_id:
+        lines.append(b"X-Request-Id: %s\r\n" % request.request_id.encode())
     return upstream_head(
         request.method,
         request.target,
@@ -112,20 +118,24 @@ def upstream_head(
     return b"".join(parts)
 
 
-def response_lines(answer: ResponseHead) -> list[str]:
-    """vLLM's header lines that go to the client (as received, without CRLF)."""
+def response_lines(answer: ResponseHead, request_id: str = "") -> list[str]:
+    """vLLM's header lines that go to the client (as received, without CRLF), then the request's
+    id (if any)."""
     drop = _NOT_RELAYED
     if "Connection" in answer.headers:
         drop = drop | connection_tokens(answer.headers)
-    return [line for line in answer.lines if line and line.partition(":")[0].lower() not in drop]
+    lines = [line for line in answer.lines if line and line.partition(":")[0].lower() not in drop]
+    if request_id:
+        lines.append(f"{REQUEST_ID}: {request_id}")
+    return lines
 
 
-def response_head(answer: ResponseHead, *, close: bool, chunked: bool) -> bytes:
+def response_head(answer: ResponseHead, *, close: bool, chunked: bool, request_id: str = "") -> bytes:
     """The client's response head, as bytes (the front door writes it itself): vLLM's status and
     :func:`response_lines`, ``Connection: close`` when the connection ends after it, and the
     framing of the body as the client gets it."""
     parts = [f"HTTP/1.1 {answer.status} {answer.reason}\r\n"]
-    parts += [line + "\r\n" for line in response_lines(answer)]
+    parts += [line + "\r\n" for line in response_lines(answer, request_id)]
     if close:
         parts.append("Connection: close\r\n")
     if chunked:
@@ -136,10 +146,10 @@ def response_head(answer: ResponseHead, *, close: bool, chunked: bool) -> bytes:
     return "".join(parts).encode("latin-1")
 
 
-def response_headers(answer: ResponseHead) -> CIMultiDict[str]:
+def response_headers(answer: ResponseHead, request_id: str = "") -> CIMultiDict[str]:
     """:func:`response_lines` as headers for an aiohttp response (the same fields)."""
     headers: CIMultiDict[str] = CIMultiDict()
-    for line in response_lines(answer):
+    for line in response_lines(answer, request_id):
         name, _, value = line.partition(":")
         headers.add(name, value.strip())
     return headers

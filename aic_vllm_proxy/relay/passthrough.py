@@ -30,12 +30,12 @@ from multidict import CIMultiDictProxy
 from aic_vllm_proxy.engine.instance import Instance
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.relay.dev_routes import dev_route, not_forwarded
-from aic_vllm_proxy.relay.errors import BadRequest, body_stalled, body_too_large
+from aic_vllm_proxy.relay.errors import BadRequest, ProxyError, body_stalled, body_too_large
 from aic_vllm_proxy.relay.flow import over_high_water
 from aic_vllm_proxy.relay.headers import connection_tokens, response_headers
 from aic_vllm_proxy.relay.pipeline import RETRYABLE_BODY, Pipeline
 from aic_vllm_proxy.relay.pipeline import closes_connection as closes_connection  # re-exported
-from aic_vllm_proxy.relay.request import RelayRequest
+from aic_vllm_proxy.relay.request import REQUEST_ID, RelayRequest, request_id
 from aic_vllm_proxy.relay.upstream import (
     ResponseHead,
     UpstreamConnection,
@@ -96,6 +96,15 @@ class Passthrough:
         self.pipeline.bind(supervisor, pool)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        sent = request.headers.getall(REQUEST_ID, ())
+        rid = request_id(sent[0].encode("utf-8", "surrogateescape") if len(sent) == 1 else None)
+        try:
+            return await self._handle(request, rid)
+        except ProxyError as exc:  # the proxy's own answer carries the id too
+            exc.headers[REQUEST_ID] = rid
+            raise
+
+    async def _handle(self, request: web.Request, rid: str) -> web.StreamResponse:
         pipeline = self.pipeline
         if not request.raw_path.startswith("/"):
             raise BadRequest(f"cannot forward request target {request.raw_path!r}: expected a path")
@@ -103,14 +112,14 @@ class Passthrough:
         if dev_route(path):
             raise not_forwarded(path)  # on both HTTP paths: the front door hands these off
         pipeline.check_length(request.content_length)
-        relayed = await self._relay_request(request)
+        relayed = await self._relay_request(request, rid)
         async with pipeline.admitted(relayed) as instance:
             conn, head = await pipeline.send(relayed, instance)
-            return await self._relay(request, conn, head, instance)
+            return await self._relay(request, relayed, conn, head, instance)
 
     # ----------------------------------------------------------------- request
 
-    async def _relay_request(self, request: web.Request) -> RelayRequest:
+    async def _relay_request(self, request: web.Request, rid: str) -> RelayRequest:
         """The pipeline's request object for ``request``: its raw head, and its body whole when
         small (so it can be re-sent on a stale connection), else as it arrives (large, or of
         unknown length), within the size limit."""
@@ -138,17 +147,23 @@ class Passthrough:
             length,
             body,
             stream,
+            rid,
         )
 
     # ---------------------------------------------------------------- response
 
     async def _relay(
-        self, request: web.Request, conn: UpstreamConnection, head: ResponseHead, instance: Instance
+        self,
+        request: web.Request,
+        relayed: RelayRequest,
+        conn: UpstreamConnection,
+        head: ResponseHead,
+        instance: Instance,
     ) -> web.StreamResponse:
         pipeline = self.pipeline
-        client = AiohttpClient(request, head)
+        client = AiohttpClient(request, head, relayed.request_id)
         with pipeline.lease(conn, instance) as lease:
-            complete = await pipeline.relay(lease, head, client, f"{request.method} {request.path}")
+            complete = await pipeline.relay(lease, head, client, relayed)
         if complete:
             # As on the front door: no next request until the client has taken this answer
             # (down to the low water mark).
@@ -162,10 +177,10 @@ class AiohttpClient:
     ``enable_chunked_encoding()`` for an HTTP/1.1 client when vLLM gave no length), and the
     body written to ``request.transport`` from the upstream connection's ``data_received``."""
 
-    def __init__(self, request: web.Request, answer: ResponseHead) -> None:
+    def __init__(self, request: web.Request, answer: ResponseHead, request_id: str = "") -> None:
         self.request = request
         self.response = web.StreamResponse(
-            status=answer.status, reason=answer.reason, headers=response_headers(answer)
+            status=answer.status, reason=answer.reason, headers=response_headers(answer, request_id)
         )
         has_body = request.method != "HEAD" and answer.status not in (204, 304)
         # HTTP/1.0 without a length: until the connection closes, which aiohttp then does.

@@ -338,11 +338,13 @@ class Pipeline:
         the way out (vLLM aborts the request)."""
         return Lease(self.pool_for(instance), conn, instance)
 
-    async def relay(self, lease: Lease, answer: ResponseHead, client: RelayClient, what: str) -> bool:
-        """Relay vLLM's answer on ``lease`` to ``client``: start it, wait for its end (draining
-        when the client is slow), then end the client's answer and release the connection.
-        False when vLLM broke off (the client's connection must end); raises the client's
-        error when it went away."""
+    async def relay(
+        self, lease: Lease, answer: ResponseHead, client: RelayClient, request: RelayRequest
+    ) -> bool:
+        """Relay vLLM's answer to ``request`` on ``lease`` to ``client``: start it, wait for its
+        end (draining when the client is slow), then end the client's answer and release the
+        connection. False when vLLM broke off (the client's connection must end); raises the
+        client's error when it went away."""
         conn = lease.conn
         await client.relay_start(conn, answer)
         if not conn.complete:  # the rest comes as it arrives
@@ -352,22 +354,30 @@ class Pipeline:
                 gone = client.relay_gone(exc)
                 if gone is not None:
                     raise gone from exc
-                await client.relay_break_off(self.broke_off(answer, exc, what, lease.instance))
+                await client.relay_break_off(self.broke_off(answer, exc, request, lease.instance))
                 return False
         await client.relay_end(conn)
         lease.release()
         return True
 
     def broke_off(
-        self, answer: ResponseHead, exc: BaseException, what: str, instance: Instance
+        self, answer: ResponseHead, exc: BaseException, request: RelayRequest, instance: Instance
     ) -> bytes | None:
-        """vLLM broke off mid-answer (``exc``): log it, and return the SSE ``error`` event to
-        send an event-stream client before its connection is cut (never a clean end), or None."""
+        """vLLM broke off mid-answer (``exc``) to ``request``: log it (with the request's id),
+        and return the SSE ``error`` event to send an event-stream client before its connection
+        is cut (never a clean end), or None."""
         message = (
             f"vLLM stopped in the middle of the response ({type(exc).__name__}: {exc}); "
             f"the proxy sees it as {instance.machine.state.value}. See GET /status."
         )
-        log.warning("%s: %s", what, message)
+        log.warning(
+            "%s %s (request %s): %s",
+            request.method.decode(),
+            request.target.decode("latin-1"),
+            request.request_id,
+            message,
+            extra={"request_id": request.request_id, "model": instance.name},
+        )
         if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
             return sse_error_event(message)
         return None

@@ -26,6 +26,7 @@ from aic_vllm_proxy.relay.front import AiohttpConnection, Front, FrontProtocol
 from aic_vllm_proxy.web import control
 from aic_vllm_proxy.web.app import SERVER_OPTIONS
 from aic_vllm_proxy.web.appkeys import KEYS, PASSTHROUGH, SETTINGS
+from aic_vllm_proxy.web.logs_format import ACCESS_LOG_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def make_runner(
         app,
         handle_signals=handle_signals,
         access_log=access_log,
+        access_log_format=ACCESS_LOG_FORMAT,  # with the request's id
         keepalive_timeout=keepalive_timeout,
         shutdown_timeout=drain_timeout,
         **SERVER_OPTIONS,
