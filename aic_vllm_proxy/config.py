@@ -99,6 +99,7 @@ class Settings(BaseModel):
     admin_keys: tuple[str, ...] = Field(default=(), description="Keys that may do everything.")
     api_keys: tuple[str, ...] = Field(default=(), description="Keys for the API and /status only.")
     keys_file: Path | None = Field(default=None, description="File of 'admin KEY' / 'user KEY' lines.")
+    metrics_key: tuple[str, ...] = Field(default=(), description="Keys that may only scrape /proxy/metrics.")
     # --- what may be loaded (catalog.py)
     model_policy: Literal["open", "catalog"] = Field(
         default="open", description="open: any spec; catalog: only [models.*] entries."

@@ -64,6 +64,7 @@ from aic_vllm_proxy.errors import (
 )
 from aic_vllm_proxy.hooks.runner import HookFailed, HookRunner, HookVeto
 from aic_vllm_proxy.hooks.specs import HookContext
+from aic_vllm_proxy.metrics import UNSERVED, Metrics
 from aic_vllm_proxy.schemas import HookReport, InstanceStatus, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec
 
@@ -177,6 +178,7 @@ class Instance:
         self._idle = asyncio.Event()
         self._idle.set()
         self.restarts = 0  # automatic restarts in a row (restart policy)
+        self.metrics: Metrics = UNSERVED  # the fleet's (drains, restarts)
 
     # ------------------------------------------------------------------ status
 
@@ -767,6 +769,7 @@ class Instance:
             return
         delay = settings.restart_backoff * (2**self.restarts)
         self.restarts += 1
+        self.metrics.restarted(self.name)
         log.warning(
             "restarting %s in %.1f s (restart %d of %d)",
             spec.model, delay, self.restarts, settings.max_restarts,
@@ -837,6 +840,7 @@ class Instance:
             outcome.drained, outcome.cut = await self._drain()
         else:
             outcome.cut = self.in_flight
+            self.metrics.drained(self.name, 0, outcome.cut)
         if self.machine.state is not S.STOPPING:
             await self.machine.transition(S.STOPPING)
         if not launch.exited.is_set():
@@ -860,6 +864,7 @@ class Instance:
             await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
         cut = self.in_flight
         drained = max(before - cut, 0)
+        self.metrics.drained(self.name, drained, cut)
         if before:
             log.info("drained %d request(s); %d still running at the deadline", drained, cut)
         return drained, cut

@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -61,6 +62,7 @@ from aic_vllm_proxy.errors import (
     sentences,
 )
 from aic_vllm_proxy.hooks.runner import HookRunner
+from aic_vllm_proxy.metrics import UNSERVED, Metrics
 from aic_vllm_proxy.schemas import InstanceStatus, LoadResult, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec
 
@@ -91,10 +93,12 @@ class Supervisor:
         settings: Settings,
         session: Callable[[], aiohttp.ClientSession],
         hooks: HookRunner,
+        metrics: Metrics = UNSERVED,
     ) -> None:
         self.settings = settings
         self._session = session
         self._hooks = hooks
+        self.metrics = metrics
         self.node = tuple(settings.gpus)  # the node's GPUs (cli.on_this_node); empty: none known
         budget = settings.host_memory_budget
         if budget is None and (available := host_memory_available()) is not None:
@@ -144,6 +148,8 @@ class Supervisor:
             pinned=footprint.pinned if footprint else False,
         )
         instance.machine.subscribe(self._instance_changed)
+        instance.machine.subscribe(partial(self.metrics.state_changed, instance))
+        instance.metrics = self.metrics
         instance.on_idle = self._wake
         return instance
 
@@ -553,6 +559,8 @@ class Supervisor:
                     self._listening -= 1
                 continue
             going = [by_name[n] for n in plan.evictions]
+            for each in going:
+                self.metrics.evicted(each.name, "room")
             if going:
                 log.info("making room for %s: unloading %s", candidate.name, ", ".join(plan.evictions))
             await self._evict_all(going, drain=plan.drain)
@@ -624,6 +632,7 @@ class Supervisor:
                 "stopping %s, asleep: host RAM for %s (--host-memory-budget)", oldest.name, instance.name
             )
             held -= oldest.weights_bytes or 0
+            self.metrics.evicted(oldest.name, "host_memory")
             await oldest.stop(drain=False)
         return True
 
@@ -876,6 +885,8 @@ class Supervisor:
             for i in self.instances
             if i is not instance and _on_gpus(i) and shares_gpu(view, i.view())  # parked ones stay
         ]
+        for each in others:
+            self.metrics.evicted(each.name, "switch")
         await self._evict_all(others)
         return SwitchResult(
             changed=woke,
@@ -911,6 +922,8 @@ class Supervisor:
             for i in self.loaded.values()
             if (_holding(i) and i.name == slot.name) or (_on_gpus(i) and shares_gpu(view, i.view()))
         ]
+        for each in others:
+            self.metrics.evicted(each.name, "switch")
         if others:
             log.info("switching to %s: stopping %s", slot.name, ", ".join(i.name for i in others))
             await self._evict_all(others)
@@ -1000,6 +1013,8 @@ class Supervisor:
             verb = "parking" if instance.sleep_level else "unloading"
             log.info("%s %s: idle for %g s (its ttl)", verb, instance.name, instance.ttl)
             await self._evict(instance)
+            parked = instance.machine.state is S.SLEEPING
+            self.metrics.expired(instance.name, "parked" if parked else "stopped")
         finally:
             self._expiring.discard(instance)
 

@@ -29,6 +29,7 @@ from aic_vllm_proxy.hooks.specs import (
     HookSpecs,
     Veto,
 )
+from aic_vllm_proxy.metrics import UNSERVED, Metrics
 from aic_vllm_proxy.schemas import HookReport, PluginInfo
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,10 @@ def import_plugin(spec: str) -> tuple[str, object]:
 class HookRunner:
     """Calls one hook on every plugin that implements it, in pluggy's order."""
 
-    def __init__(self, pm: pluggy.PluginManager, settings: Settings) -> None:
+    def __init__(self, pm: pluggy.PluginManager, settings: Settings, metrics: Metrics = UNSERVED) -> None:
         self.pm = pm
         self.settings = settings
+        self.metrics = metrics  # each call counted by hook, plugin and outcome
 
     async def call(self, ctx: HookContext) -> list[HookReport]:
         """Run ``ctx.event`` on each plugin. A :class:`Veto` or failure of ``pre_switch`` is
@@ -155,16 +157,15 @@ class HookRunner:
                 message=str(exc),
                 seconds=time.monotonic() - started,
             )
+            self.metrics.hook_called(ctx.event, plugin, "veto")
             if ctx.event in VETOABLE:
                 raise HookVeto(report) from exc
             log.warning("%s hook of %s: %s", ctx.event, plugin, exc)
             return report
         except Exception as exc:
-            message = (
-                f"timed out after {timeout:g} s"
-                if isinstance(exc, asyncio.TimeoutError)
-                else f"{type(exc).__name__}: {exc}"
-            )
+            timed_out = isinstance(exc, asyncio.TimeoutError)
+            message = f"timed out after {timeout:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
+            self.metrics.hook_called(ctx.event, plugin, "timeout" if timed_out else "error")
             report = HookReport(
                 hook=ctx.event,
                 plugin=plugin,
@@ -177,6 +178,7 @@ class HookRunner:
                 raise HookFailed(report) from exc
             return report
         message = result if isinstance(result, str) else ""
+        self.metrics.hook_called(ctx.event, plugin, "ok")
         return HookReport(
             hook=ctx.event,
             plugin=plugin,

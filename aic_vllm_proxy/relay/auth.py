@@ -3,6 +3,8 @@
 - **admin** keys may call everything: ``/switch``, ``/stop``, ``/logs/*``, ``/plugins``,
   ``/models/catalog`` and the proxied API.
 - **user** keys may use the proxied API (``/v1/...`` and every other vLLM path) and ``/status``.
+- **metrics** keys (``--metrics-key``) may only scrape ``/proxy/metrics``, which admin keys may
+  scrape too; it is open only when no key of any kind is configured (:func:`authorize_metrics`).
 
 Keys are sent as ``Authorization: Bearer KEY`` and compared in constant time. With no key
 configured the proxy is open (and says so at start-up when it listens beyond loopback).
@@ -33,66 +35,85 @@ USER_CONTROL_PATHS = frozenset({"/status"})
 #: The proxy's own control paths (admin only); everything else is the proxied API.
 ADMIN_PATHS = frozenset({"/switch", "/stop", "/plugins", "/models/catalog"})
 ADMIN_PREFIXES = ("/logs/",)
+#: The proxy's own metrics: an admin or a metrics key (:func:`authorize_metrics`).
+METRICS_PATHS = frozenset({"/proxy/metrics"})
 
 
 class Role(str, Enum):
     ADMIN = "admin"
     USER = "user"
+    METRICS = "metrics"
+
+
+#: The roles that may use the proxied API.
+API_ROLES = frozenset({Role.ADMIN, Role.USER})
+#: When one key is configured in several roles, the first of these it has counts.
+_RANK = (Role.ADMIN, Role.USER, Role.METRICS)
 
 
 class KeyRing:
     """The configured keys; :meth:`role_of` tells which role a presented key has."""
 
-    def __init__(self, admin: tuple[str, ...] = (), user: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, admin: tuple[str, ...] = (), user: tuple[str, ...] = (), metrics: tuple[str, ...] = ()
+    ) -> None:
         self._keys = [(key.encode(), Role.ADMIN) for key in admin if key] + [
             (key.encode(), Role.USER) for key in user if key
         ]
+        self._metrics_keys = [(key.encode(), Role.METRICS) for key in metrics if key]
 
     @property
     def enabled(self) -> bool:
+        """Admin or user keys are configured: the API and the control routes need a key."""
         return bool(self._keys)
+
+    @property
+    def any(self) -> bool:
+        """Some key is configured (metrics keys too): ``/proxy/metrics`` needs one."""
+        return bool(self._keys or self._metrics_keys)
 
     def role_of(self, presented: bytes) -> Role | None:
         """The role of a key as it came in the request (bytes: a key is configured as UTF-8)."""
-        found: Role | None = None
-        for key, role in self._keys:  # no early exit: the time does not depend on which key
-            if hmac.compare_digest(presented, key) and (found is None or role is Role.ADMIN):
-                found = role
-        return found
+        found: set[Role] = set()
+        for key, role in self._keys + self._metrics_keys:  # no early exit: constant time
+            if hmac.compare_digest(presented, key):
+                found.add(role)
+        return next((role for role in _RANK if role in found), None)
 
 
-def read_keys_file(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """A keys file: one ``admin KEY`` or ``user KEY`` per line; ``#`` starts a comment."""
-    admin: list[str] = []
-    user: list[str] = []
+def read_keys_file(path: Path) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """A keys file: one ``admin KEY``, ``user KEY`` or ``metrics KEY`` per line; ``#`` starts
+    a comment. Returns the admin, user and metrics keys."""
+    found: dict[str, list[str]] = {role.value: [] for role in Role}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) != 2 or parts[0] not in ("admin", "user"):
-            raise ValueError(f"{path}:{number}: expected 'admin KEY' or 'user KEY'")
-        (admin if parts[0] == "admin" else user).append(parts[1])
-    return tuple(admin), tuple(user)
+        if len(parts) != 2 or parts[0] not in found:
+            raise ValueError(f"{path}:{number}: expected 'admin KEY' or 'user KEY' (or 'metrics KEY')")
+        found[parts[0]].append(parts[1])
+    return tuple(found["admin"]), tuple(found["user"]), tuple(found["metrics"])
 
 
 def keyring_from(settings: Settings) -> KeyRing:
     """The keys from the options/environment and the keys file (read once, at start-up)."""
-    admin, user = settings.admin_keys, settings.api_keys
+    admin, user, metrics = settings.admin_keys, settings.api_keys, settings.metrics_key
     if settings.keys_file is not None:
         try:
-            file_admin, file_user = read_keys_file(settings.keys_file)
+            file_admin, file_user, file_metrics = read_keys_file(settings.keys_file)
         except OSError as exc:
             raise ConfigError(f"cannot read the keys file {settings.keys_file}: {exc}") from exc
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        admin, user = admin + file_admin, user + file_user
-    return KeyRing(admin, user)
+        admin, user, metrics = admin + file_admin, user + file_user, metrics + file_metrics
+    return KeyRing(admin, user, metrics)
 
 
 def required_role(path: str) -> Role | None:
-    """The least role a path needs; None for public paths."""
-    if path in PUBLIC_PATHS:
+    """The least role a path needs; None for public paths (and ``/proxy/metrics``, which
+    :func:`authorize_metrics` guards)."""
+    if path in PUBLIC_PATHS or path in METRICS_PATHS:
         return None
     if path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES):
         return Role.ADMIN
@@ -144,22 +165,34 @@ def check_request(request: web.Request) -> None:
         raise problem
 
 
+def _presented_role(keys: KeyRing, request: web.Request) -> Role:
+    """The role of the request's key; a 401 :class:`ProxyError` when it has none we accept."""
+    values = authorization_values(request)
+    token = bearer_token(values[0] if values else None)
+    role = keys.role_of(token) if token else None
+    if role is None:
+        raise ProxyError(
+            "Missing or invalid API key: send 'Authorization: Bearer <key>' with a key this "
+            "proxy accepts (ask the proxy's admin for one)."
+            if token is None
+            else "Invalid API key: this proxy does not accept the key that was sent.",
+            status=401,
+            type="authentication_error",
+            headers={"WWW-Authenticate": 'Bearer realm="aic-vllm-proxy"'},
+        )
+    return role
+
+
 def authorize(keys: KeyRing, request: web.Request) -> None:
     """Raise a 401/403 :class:`ProxyError` unless the request's key may call its path."""
     needed = required_role(request.path)
     if needed is not None:
-        values = authorization_values(request)
-        token = bearer_token(values[0] if values else None)
-        role = keys.role_of(token) if token else None
-        if role is None:
+        role = _presented_role(keys, request)
+        if role is Role.METRICS:
             raise ProxyError(
-                "Missing or invalid API key: send 'Authorization: Bearer <key>' with a key this "
-                "proxy accepts (ask the proxy's admin for one)."
-                if token is None
-                else "Invalid API key: this proxy does not accept the key that was sent.",
-                status=401,
-                type="authentication_error",
-                headers={"WWW-Authenticate": 'Bearer realm="aic-vllm-proxy"'},
+                f"{request.method} {request.path}: this key may only scrape /proxy/metrics.",
+                status=403,
+                type="permission_error",
             )
         if needed is Role.ADMIN and role is not Role.ADMIN:
             raise ProxyError(
@@ -168,3 +201,14 @@ def authorize(keys: KeyRing, request: web.Request) -> None:
                 status=403,
                 type="permission_error",
             )
+
+
+def authorize_metrics(keys: KeyRing, request: web.Request) -> None:
+    """``/proxy/metrics``: open when no key of any kind is configured, else an admin key or a
+    metrics key (``--metrics-key``); a user key is a 403."""
+    if keys.any and _presented_role(keys, request) not in (Role.ADMIN, Role.METRICS):
+        raise ProxyError(
+            f"{request.method} {request.path} needs an admin key or a metrics key (--metrics-key).",
+            status=403,
+            type="permission_error",
+        )

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from aiohttp.http_parser import SINGLETON_HEADERS
 
-from aic_vllm_proxy.relay.auth import ADMIN_PREFIXES, KeyRing, bearer_token, refusal
+from aic_vllm_proxy.relay.auth import ADMIN_PREFIXES, API_ROLES, KeyRing, bearer_token, refusal
 from aic_vllm_proxy.relay.dev_routes import dev_route
 from aic_vllm_proxy.relay.errors import ProxyError, body_stalled
 from aic_vllm_proxy.relay.flow import set_water_marks
@@ -234,7 +234,8 @@ class Front:
         if path == b"/v1/models" and pipeline.fleet.routing:
             return False  # the proxy answers it (control.v1_models)
         # With keys, an unknown or missing one is aiohttp's to answer (401).
-        return not self.keys.enabled or (head.token is not None and self.keys.role_of(head.token) is not None)
+        keys = self.keys
+        return not keys.enabled or (head.token is not None and keys.role_of(head.token) in API_ROLES)
 
     # --------------------------------------------------------------- lifetime
 

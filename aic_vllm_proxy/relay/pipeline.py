@@ -22,16 +22,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
+from urllib.parse import parse_qs
 
 from aic_vllm_proxy.engine.instance import Instance
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.errors import EngineError
+from aic_vllm_proxy.metrics import UNKNOWN, RequestStats, status_class
 from aic_vllm_proxy.relay.errors import ProxyError, UpstreamError, body_too_large
 from aic_vllm_proxy.relay.headers import drops_authorization, request_head
 from aic_vllm_proxy.relay.model_field import requested_model
 from aic_vllm_proxy.relay.request import RelayRequest
+from aic_vllm_proxy.relay.routes import api_route
 from aic_vllm_proxy.relay.upstream import (
     OnHead,
     ResponseHead,
@@ -58,6 +62,15 @@ def sse_error_event(message: str) -> bytes:
     """The SSE event that tells a streaming client vLLM broke off (OpenAI's error shape)."""
     event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
     return f"data: {json.dumps(event)}\n\n".encode()
+
+
+def scraped_model(target: bytes) -> str | None:
+    """The instance ``GET /metrics?model=NAME`` asks for vLLM's metrics of (None: the primary's)."""
+    path, _, query = target.partition(b"?")
+    if path != b"/metrics" or not query:
+        return None
+    values = parse_qs(query.decode("latin-1")).get("model")
+    return values[0] if values else None
 
 
 class RelayClient(Protocol):
@@ -87,25 +100,38 @@ class RelayClient(Protocol):
 class Admitted:
     """The request is in flight inside ``async with``, which gives the instance it goes to (see
     :meth:`Pipeline.admitted`); a plain class rather than a generator: it is on every request's
-    path."""
+    path. Its end is counted in the metrics (:meth:`Pipeline.counted`)."""
 
-    __slots__ = ("instance", "model", "pipeline")
+    __slots__ = ("instance", "model", "pipeline", "request", "started")
 
-    def __init__(self, pipeline: Pipeline, model: str | None) -> None:
+    def __init__(self, pipeline: Pipeline, request: RelayRequest, model: str | None) -> None:
         self.pipeline = pipeline
+        self.request = request
         self.model = model
 
     async def __aenter__(self) -> Instance:
         pipeline = self.pipeline
+        self.started = time.monotonic()
         instance = pipeline.fleet.route(self.model)
         if instance is None or not instance.serving:
-            instance = await pipeline.admit(self.model)
+            try:
+                if self.model is not None and self.request.body is None:
+                    raise pipeline.not_scraped(self.model)  # a scrape never loads nor wakes one
+                instance = await pipeline.admit(self.model)
+            except ProxyError as exc:
+                pipeline.counted(self, pipeline.model_label(self.model), exc.status)
+                raise
         instance.request_started()  # no await since the check: the drain counts this
         self.instance = instance
         return instance
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.instance.request_finished()
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        instance = self.instance
+        instance.request_finished()
+        status = self.request.status
+        if status is None and isinstance(exc, ProxyError):
+            status = exc.status  # vLLM unreachable: the 502 the client gets
+        self.pipeline.counted(self, instance.name, status)
 
 
 class Lease:
@@ -148,8 +174,10 @@ class Pipeline:
         max_body_size: int = 100 * 1024 * 1024,
         client_timeout: float = 60.0,
         http_error: Callable[[EngineError], ProxyError],
+        metrics: RequestStats | None = None,
     ) -> None:
         self.wait_timeout = wait_timeout
+        self.metrics = metrics  # the proxied requests' counts (None: not counted)
         self.http_error = http_error  # the web plane's table: an engine error as an HTTP answer
         self.strip_authorization = strip_authorization  # the proxy's own key stays here
         self.max_body_size = max_body_size
@@ -183,9 +211,12 @@ class Pipeline:
         return self.fleet.serving_any
 
     def model_of(self, request: RelayRequest) -> str | None:
-        """The model ``request`` names (its JSON body's ``model``), when requests are routed."""
-        if request.body is None or not self.fleet.routing:
+        """The model ``request`` names (its JSON body's ``model``, or ``?model=`` of vLLM's
+        ``GET /metrics``), when requests are routed."""
+        if not self.fleet.routing:
             return None
+        if request.body is None:
+            return scraped_model(request.target)
         return requested_model(request.body)
 
     # --------------------------------------------------------------- admission
@@ -203,12 +234,48 @@ class Pipeline:
         except EngineError as exc:
             raise self.http_error(exc) from None
 
+    def not_scraped(self, model: str) -> ProxyError:
+        """The answer to ``GET /metrics?model=NAME`` when ``NAME`` is not serving now."""
+        return ProxyError(
+            f"{model} is not serving now, so it has no vLLM metrics to scrape; GET /status lists "
+            "the instances and their names.",
+            status=404,
+            type="not_found_error",
+        )
+
     def admitted(self, request: RelayRequest) -> Admitted:
         """``async with`` it: the request is in flight inside (the drain before a stop waits for
         it), and it names the instance ``request`` goes to (by its ``model``). Never sent to a
         vLLM that is not serving (starting, draining for a stop): it waits for the model like
         the application does, or gets the 503."""
-        return Admitted(self, self.model_of(request))
+        return Admitted(self, request, self.model_of(request))
+
+    def counted(self, admitted: Admitted, model: str, status: int | None) -> None:
+        """Count a request that ended (``status``: the answer's; None: the client left first)."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        request = admitted.request
+        answered = request.answered_at
+        metrics.record(
+            model,
+            api_route(request.target),
+            status_class(status),
+            time.monotonic() - admitted.started,
+            None if answered is None else answered - admitted.started,
+        )
+
+    def model_label(self, model: str | None) -> str:
+        """The ``model`` label of a request refused before it reached an instance: the instance
+        or catalogue entry it names, else :data:`~aic_vllm_proxy.metrics.UNKNOWN` (never what
+        the client wrote: the series count stays bounded)."""
+        fleet = self.fleet
+        if model is None or not fleet.routing:
+            return fleet.primary.name
+        instance = fleet.find(model)
+        if instance is not None:
+            return instance.name
+        return fleet.entry_named(model) or UNKNOWN
 
     # ---------------------------------------------------------------- upstream
 
@@ -236,11 +303,14 @@ class Pipeline:
         stream through :meth:`upload`."""
         head = self.request_head(request, instance)
         if request.stream is not None:
-            return await self.upload(instance, head, request)
-        body = request.body
-        return await self.exchange(
-            instance, head, body, no_body=request.is_head, framed=framed, on_head=on_head
-        )
+            sent = await self.upload(instance, head, request)
+        else:
+            sent = await self.exchange(
+                instance, head, request.body, no_body=request.is_head, framed=framed, on_head=on_head
+            )
+        request.status = sent[1].status  # for the metrics (Pipeline.counted)
+        request.answered_at = time.monotonic()
+        return sent
 
     async def acquire(self, instance: Instance) -> UpstreamConnection:
         try:

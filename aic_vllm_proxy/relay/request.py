@@ -47,6 +47,9 @@ class RelayRequest:
     stream: AsyncIterator[bytes] | None = None  # or the body as it arrives (aiohttp path)
     #: Its id (:func:`request_id`), which vLLM and the client get in X-Request-Id ("": none).
     request_id: str = ""
+    #: vLLM's answer status, and when its head came (monotonic), once sent (for the metrics).
+    status: int | None = None
+    answered_at: float | None = None
 
     @property
     def is_head(self) -> bool:

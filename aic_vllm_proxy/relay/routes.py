@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
+from aic_vllm_proxy.metrics import OTHER_ROUTE
+
 
 class OwnRoutes:
     """The proxy's own paths (aiohttp route paths); ``owns(path)`` says whether a request path
@@ -39,3 +41,39 @@ class OwnRoutes:
         if path in self.plain:
             return True
         return bool(self.patterns) and any(pattern.fullmatch(path) for pattern in self.patterns)
+
+
+#: vLLM's API routes as the ``route`` label of the proxy's request metrics (``metrics.py``):
+#: a fixed set, so a client cannot make up label values; any other path is ``other``.
+API_ROUTES: dict[bytes, str] = {
+    path.encode(): path
+    for path in (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/rerank",
+        "/v2/rerank",
+        "/rerank",
+        "/v1/score",
+        "/score",
+        "/pooling",
+        "/classify",
+        "/tokenize",
+        "/detokenize",
+        "/invocations",
+        "/health",
+        "/ping",
+        "/version",
+        "/metrics",
+        "/load",
+    )
+}
+
+
+def api_route(target: bytes) -> str:
+    """The ``route`` label of a request target (its path without the query)."""
+    return API_ROUTES.get(target.partition(b"?")[0], OTHER_ROUTE)

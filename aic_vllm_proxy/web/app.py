@@ -17,13 +17,24 @@ from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.errors import EngineError
 from aic_vllm_proxy.hooks.runner import HookRunner, load_plugins
+from aic_vllm_proxy.metrics import Metrics
 from aic_vllm_proxy.relay.auth import KeyRing, authorize, check_request, keyring_from
 from aic_vllm_proxy.relay.errors import ProxyError
 from aic_vllm_proxy.relay.passthrough import Passthrough
 from aic_vllm_proxy.relay.pipeline import Pipeline, closes_connection
 from aic_vllm_proxy.relay.upstream import UpstreamPool
 from aic_vllm_proxy.web import control
-from aic_vllm_proxy.web.appkeys import HOOKS, KEYS, PASSTHROUGH, PLUGINS, POOL, SETTINGS, SUPERVISOR, UPSTREAM
+from aic_vllm_proxy.web.appkeys import (
+    HOOKS,
+    KEYS,
+    METRICS,
+    PASSTHROUGH,
+    PLUGINS,
+    POOL,
+    SETTINGS,
+    SUPERVISOR,
+    UPSTREAM,
+)
 from aic_vllm_proxy.web.errors import http_error, http_exception_response
 
 log = logging.getLogger(__name__)
@@ -111,7 +122,8 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
     # cost every proxied request more).
     app = web.Application(client_max_size=settings.max_body_size)
     app[SETTINGS] = settings
-    app[HOOKS] = HookRunner(pm, settings)
+    metrics = app[METRICS] = Metrics()  # its own registry: GET /proxy/metrics
+    app[HOOKS] = HookRunner(pm, settings, metrics)
     app[PLUGINS] = infos
     # The one request pipeline; the aiohttp adapter here, the front door's in web/server.py.
     pipeline = Pipeline(
@@ -120,14 +132,16 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
         max_body_size=settings.max_body_size,
         client_timeout=settings.client_timeout,
         http_error=http_error,
+        metrics=metrics.requests,
     )
     passthrough = Passthrough(pipeline)
     app[PASSTHROUGH] = passthrough
     app[KEYS] = keys
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
-        supervisor = Supervisor(settings, lambda: app[UPSTREAM], app[HOOKS])
+        supervisor = Supervisor(settings, lambda: app[UPSTREAM], app[HOOKS], metrics)
         app[SUPERVISOR] = supervisor
+        metrics.watch_fleet(supervisor.instance_statuses, lambda: settings.models)
         passthrough.bind(supervisor, app[POOL])
         supervisor.start()  # TTL checks, and the catalogue entries to preload
         yield

@@ -8,6 +8,7 @@ from aiohttp import web
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.hooks.runner import HookRunner
+from aic_vllm_proxy.metrics import Metrics
 from aic_vllm_proxy.relay.auth import KeyRing
 from aic_vllm_proxy.relay.passthrough import Passthrough
 from aic_vllm_proxy.relay.upstream import UpstreamPool
@@ -21,3 +22,4 @@ HOOKS = web.AppKey("hooks", HookRunner)
 PLUGINS = web.AppKey("plugins", list[PluginInfo])
 KEYS = web.AppKey("keys", KeyRing)
 PASSTHROUGH = web.AppKey("passthrough", Passthrough)  # also served by the front door (front.py)
+METRICS = web.AppKey("metrics", Metrics)  # GET /proxy/metrics (the application's own registry)

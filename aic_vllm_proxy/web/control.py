@@ -24,6 +24,8 @@ from pydantic import BaseModel, ValidationError
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.catalog import CatalogInfo, PolicyError, resolve
 from aic_vllm_proxy.engine.logs import follow, iter_file, parse_lines_param, tail_lines_async, tail_with_cause
+from aic_vllm_proxy.metrics import CONTENT_TYPE
+from aic_vllm_proxy.relay.auth import authorize_metrics
 from aic_vllm_proxy.relay.errors import BadRequest, ProxyError, body_too_large
 from aic_vllm_proxy.relay.passthrough import read_body
 from aic_vllm_proxy.relay.routes import OwnRoutes
@@ -37,7 +39,7 @@ from aic_vllm_proxy.schemas import (
     to_json,
 )
 from aic_vllm_proxy.spec import ModelSpec, SpecError
-from aic_vllm_proxy.web.appkeys import PASSTHROUGH, PLUGINS, SETTINGS, SUPERVISOR
+from aic_vllm_proxy.web.appkeys import KEYS, METRICS, PASSTHROUGH, PLUGINS, SETTINGS, SUPERVISOR
 
 routes = web.RouteTableDef()
 Body = TypeVar("Body", bound=BaseModel)
@@ -51,6 +53,17 @@ def _json(data: object, status: int = 200) -> web.Response:
 async def proxy_health(request: web.Request) -> web.Response:
     """The proxy process is up (says nothing about vLLM: see /status)."""
     return _json({"status": "ok", "version": __version__})
+
+
+@routes.get("/proxy/metrics")
+async def proxy_metrics(request: web.Request) -> web.Response:
+    """The proxy's own metrics in the Prometheus text format (docs/metrics.md): open when no
+    key is configured, else for an admin key or a metrics key. vLLM's own are at /metrics
+    (``?model=NAME`` for one instance's)."""
+    authorize_metrics(request.app[KEYS], request)
+    response = web.Response(body=request.app[METRICS].exposition())
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
 
 
 @routes.get("/status")
