@@ -50,13 +50,14 @@ async def scrape(proxy: Any, key: str | None = None) -> Samples:
         return parse(await resp.text())
 
 
-async def chat(proxy: Any, model: str, *, stream: bool = False, **extra: Any) -> int:
+async def chat(proxy: Any, model: str, *, stream: bool = False, key: str | None = None, **extra: Any) -> int:
     """A chat completion on a connection of its own (one the front door may serve: a
     connection it handed to aiohttp stays aiohttp's)."""
     body = chat_request(model, stream=stream, **extra)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with (
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
-        session.post(proxy.url + CHAT, json=body) as resp,
+        session.post(proxy.url + CHAT, json=body, headers=headers) as resp,
     ):
         await resp.read()
         return resp.status
@@ -183,15 +184,11 @@ async def test_who_may_scrape(make_proxy: Any) -> None:
     ) as resp:
         assert resp.status == 200
         proxy.groups.add(int((await resp.json())["status"]["pid"]))
-    body = chat_request("org/model-a", stream=False)
-    async with proxy.session.post(
-        proxy.url + CHAT, json=body, headers={"Authorization": "Bearer met"}
-    ) as resp:
-        assert resp.status == 403
-    async with proxy.session.post(
-        proxy.url + CHAT, json=body, headers={"Authorization": "Bearer usr"}
-    ) as resp:
-        assert resp.status == 200
+    served = proxy.front.served
+    assert await chat(proxy, "org/model-a", key="met") == 403
+    assert proxy.front.served == served  # handed to aiohttp, which said no
+    assert await chat(proxy, "org/model-a", key="usr") == 200
+    assert proxy.front.served == served + 1
 
 
 async def test_a_metrics_key_alone_guards_only_the_metrics(make_proxy: Any, tmp_path: Path) -> None:
