@@ -158,6 +158,50 @@ async def test_loads_evictions_drains_and_unloads_are_counted(make_proxy: Any) -
     assert value(samples, "aic_proxy_failures_total", model="a", reason="load") == 0
 
 
+async def scraped_until(proxy: Any, done: Any, timeout: float = 60) -> Samples:
+    """Scrape until ``done(samples)`` (asserting it gets there within ``timeout``)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    samples = await scrape(proxy)
+    while not done(samples):
+        assert asyncio.get_running_loop().time() < deadline, samples
+        await asyncio.sleep(0.1)
+        samples = await scrape(proxy)
+    return samples
+
+
+async def test_failures_restarts_and_ttl_expiries_are_counted(make_proxy: Any) -> None:
+    """A load that fails (vLLM exits while loading) is a failure "load"; a model that dies after
+    it was ready is a failure "died" and, with --restart on-failure, a restart; an idle model
+    past its ttl is a TTL expiry (and an unload)."""
+    models = {
+        "bad": {"model": "org/bad", "args": f"{FAST} --sim-fail-during-load", "gpus": [0]},
+        "dies": {"model": "org/dies", "args": f"{FAST} --sim-engine-die-after 0.5", "gpus": [1]},
+        "idle": {"model": "org/idle", "args": FAST, "gpus": [2], "ttl": 1},
+    }
+    proxy = await make_proxy(
+        models=models, gpus=("0", "1", "2"), restart="on-failure", restart_backoff=0.1, max_restarts=1
+    )
+    async with proxy.session.post(f"{proxy.url}/load", json={"model": "bad"}) as resp:
+        assert resp.status >= 500, await resp.text()
+    await post(proxy, "/load", {"model": "idle"})
+    await post(proxy, "/load", {"model": "dies"})
+    samples = await scraped_until(
+        proxy,
+        lambda s: (
+            value(s, "aic_proxy_restarts_total", model="dies", reason="died") == 1
+            and value(s, "aic_proxy_failures_total", model="dies", reason="died") == 2
+            and value(s, "aic_proxy_ttl_expiries_total", model="idle", reason="stopped") == 1
+        ),
+    )
+    assert value(samples, "aic_proxy_failures_total", model="bad", reason="load") == 1
+    assert value(samples, "aic_proxy_loads_total", model="bad", reason="start") == 1
+    assert value(samples, "aic_proxy_load_duration_seconds_count", model="bad", reason="start") == 0
+    assert value(samples, "aic_proxy_loads_total", model="dies", reason="start") == 2  # and its restart
+    assert value(samples, "aic_proxy_failures_total", model="idle", reason="died") == 0
+    assert value(samples, "aic_proxy_unloads_total", model="idle", reason="stopped") == 1
+    assert value(samples, "aic_proxy_instance_state", model="bad", state="failed") == 1
+
+
 async def status_of(proxy: Any, path: str, key: str | None) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with proxy.session.get(proxy.url + path, headers=headers) as resp:
