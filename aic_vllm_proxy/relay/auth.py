@@ -47,8 +47,8 @@ class Role(str, Enum):
 
 #: The roles that may use the proxied API.
 API_ROLES = frozenset({Role.ADMIN, Role.USER})
-#: When one key is configured in several roles, the first of these it has counts.
-_RANK = (Role.ADMIN, Role.USER, Role.METRICS)
+#: When one key is configured in several roles, the lowest rank counts.
+_RANK = {Role.ADMIN: 0, Role.USER: 1, Role.METRICS: 2}
 
 
 class KeyRing:
@@ -61,6 +61,7 @@ class KeyRing:
             (key.encode(), Role.USER) for key in user if key
         ]
         self._metrics_keys = [(key.encode(), Role.METRICS) for key in metrics if key]
+        self._all = tuple(self._keys + self._metrics_keys)
 
     @property
     def enabled(self) -> bool:
@@ -74,11 +75,11 @@ class KeyRing:
 
     def role_of(self, presented: bytes) -> Role | None:
         """The role of a key as it came in the request (bytes: a key is configured as UTF-8)."""
-        found: set[Role] = set()
-        for key, role in self._keys + self._metrics_keys:  # no early exit: constant time
-            if hmac.compare_digest(presented, key):
-                found.add(role)
-        return next((role for role in _RANK if role in found), None)
+        found: Role | None = None
+        for key, role in self._all:  # no early exit: the time does not depend on which key
+            if hmac.compare_digest(presented, key) and (found is None or _RANK[role] < _RANK[found]):
+                found = role
+        return found
 
 
 def read_keys_file(path: Path) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
