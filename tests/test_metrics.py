@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 import yaml
 from helpers import CHAT, FAST, QUICK, chat_request
@@ -245,6 +246,23 @@ async def test_a_metrics_key_alone_guards_only_the_metrics(make_proxy: Any, tmp_
     assert await status_of(proxy, "/proxy/metrics", "met") == 200
     assert await status_of(proxy, "/proxy/metrics", "from-file") == 200
     assert await status_of(proxy, "/status", None) == 200
+
+
+def test_metrics_keys_from_the_environment_and_the_command_line(spawn_proxy: Any) -> None:
+    """The daemon (``serve``) reads metrics keys like the others: AIC_VLLM_PROXY_METRICS_KEY
+    (comma-separated), or ``--metrics-key`` (repeatable), which takes its place."""
+
+    def scraped(url: str, key: str | None) -> int:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(url + "/proxy/metrics", headers=headers, timeout=30).status_code
+
+    env = {"AIC_VLLM_PROXY_METRICS_KEY": "env-m1, env-m2"}
+    proxy = spawn_proxy("--admin-key", "adm", env=env)
+    codes = {key: scraped(proxy.url, key) for key in ("env-m1", "env-m2", "adm", None)}
+    assert codes == {"env-m1": 200, "env-m2": 200, "adm": 200, None: 401}
+    proxy = spawn_proxy("--metrics-key", "cli-m", env=env)
+    assert (scraped(proxy.url, "cli-m"), scraped(proxy.url, "env-m1")) == (200, 401)
+    assert httpx.get(proxy.url + "/status", timeout=30).status_code == 200  # the API stays open
 
 
 async def test_unknown_models_do_not_grow_the_series(make_proxy: Any) -> None:
