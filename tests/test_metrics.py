@@ -103,6 +103,26 @@ async def test_proxied_requests_are_counted_on_both_http_paths(make_proxy: Any, 
     assert value(samples, "aic_proxy_load_duration_seconds_count", model=name, reason="start") == 1
 
 
+async def test_a_client_that_leaves_before_the_answer_is_counted_as_cancelled(make_proxy: Any) -> None:
+    """No answer went out: the status label is ``cancelled``, with its duration and no time to
+    first byte."""
+    proxy = await make_proxy()
+    status, _ = await proxy.switch(f"org/model-a {QUICK} --sim-ttft 5")
+    assert status == 200
+    body = chat_request("org/model-a", stream=False)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
+        with pytest.raises(asyncio.TimeoutError):
+            async with session.post(proxy.url + CHAT, json=body) as resp:
+                await resp.read()
+    labels = {"model": "org/model-a", "route": CHAT}
+    samples = await scraped_until(
+        proxy, lambda s: value(s, "aic_proxy_requests_total", status="cancelled", **labels) == 1
+    )
+    assert value(samples, "aic_proxy_request_duration_seconds_count", **labels) == 1
+    assert value(samples, "aic_proxy_time_to_first_byte_seconds_count", **labels) == 0
+    assert value(samples, "aic_proxy_requests_in_flight", model="org/model-a") == 0
+
+
 class Hooked:
     """A plugin whose post_switch hook says something (every load calls it)."""
 

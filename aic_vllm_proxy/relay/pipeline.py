@@ -129,9 +129,20 @@ class Admitted:
         instance = self.instance
         instance.request_finished()
         status = self.request.status
-        if status is None and isinstance(exc, ProxyError):
-            status = exc.status  # vLLM unreachable: the 502 the client gets
+        if status is None and exc is not None:
+            status = _error_status(exc)
         self.pipeline.counted(self, instance.name, status)
+
+
+def _error_status(exc: object) -> int | None:
+    """The status a request that ended with ``exc`` before vLLM answered gets: a
+    :class:`ProxyError`'s (vLLM unreachable: 502), None when the client went away, else the
+    proxy's own failure (500)."""
+    if isinstance(exc, ProxyError):
+        return exc.status
+    if isinstance(exc, (asyncio.CancelledError, ConnectionError)):
+        return None
+    return 500
 
 
 class Lease:
