@@ -223,6 +223,29 @@ async def test_failures_restarts_and_ttl_expiries_are_counted(make_proxy: Any) -
     assert value(samples, "aic_proxy_instance_state", model="bad", state="failed") == 1
 
 
+async def test_parking_and_waking_are_counted(make_proxy: Any) -> None:
+    """Sleep mode: a model parked to make room is an eviction and an unload "parked"; a request
+    that wakes it is a load "wake" with its duration."""
+    models = {
+        name: {"model": f"org/{name}", "args": FAST, "gpus": [0], "gpu_memory_utilization": 0.6, "sleep": 1}
+        for name in ("a", "b")
+    }
+    proxy = await make_proxy(models=models, gpus=("0",))
+    await post(proxy, "/load", {"model": "a"})
+    await post(proxy, "/load", {"model": "b"})
+    assert await chat(proxy, "a") == 200  # wakes a, parks b
+    samples = await scrape(proxy)
+    assert value(samples, "aic_proxy_evictions_total", model="a", reason="room") == 1
+    assert value(samples, "aic_proxy_evictions_total", model="b", reason="room") == 1
+    for name in ("a", "b"):
+        assert value(samples, "aic_proxy_unloads_total", model=name, reason="parked") == 1
+        assert value(samples, "aic_proxy_loads_total", model=name, reason="start") == 1
+    assert value(samples, "aic_proxy_loads_total", model="a", reason="wake") == 1
+    assert value(samples, "aic_proxy_load_duration_seconds_count", model="a", reason="wake") == 1
+    assert value(samples, "aic_proxy_instance_state", model="a", state="ready") == 1
+    assert value(samples, "aic_proxy_instance_state", model="b", state="sleeping") == 1
+
+
 async def status_of(proxy: Any, path: str, key: str | None) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with proxy.session.get(proxy.url + path, headers=headers) as resp:
