@@ -109,11 +109,14 @@ async def test_a_client_that_leaves_before_the_answer_is_counted_as_cancelled(ma
     proxy = await make_proxy()
     status, _ = await proxy.switch(f"org/model-a {QUICK} --sim-ttft 5")
     assert status == 200
-    body = chat_request("org/model-a", stream=False)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
-        with pytest.raises(asyncio.TimeoutError):
-            async with session.post(proxy.url + CHAT, json=body) as resp:
-                await resp.read()
+    asking = asyncio.ensure_future(chat(proxy, "org/model-a"))
+    deadline = asyncio.get_running_loop().time() + 30
+    while proxy.supervisor.slot.in_flight == 0:  # admitted, waiting for vLLM's answer
+        assert asyncio.get_running_loop().time() < deadline and not asking.done()
+        await asyncio.sleep(0.02)
+    asking.cancel()  # the client leaves: its connection closes
+    with pytest.raises(asyncio.CancelledError):
+        await asking
     labels = {"model": "org/model-a", "route": CHAT}
     samples = await scraped_until(
         proxy, lambda s: value(s, "aic_proxy_requests_total", status="cancelled", **labels) == 1
