@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -586,6 +587,34 @@ async def test_progress_shows_what_tells_progress_not_the_whole_log(make_proxy: 
         await verbose_client.switch("m", FAST, progress=every_line.append)  # the client's default
         assert sum("Route:" in line for line in every_line) >= 5
         await verbose_client.stop()
+
+
+async def test_a_pid_in_status_comes_with_the_logs_final_name(make_proxy: Any, monkeypatch: Any) -> None:
+    """``/status`` shows a pid only with the log's final name (``..._pid-N.log``): the client
+    prints both as soon as it sees the pid. The rename runs in a thread; slowed down here (as on
+    a busy machine), a pid read from the launch itself came with the log's first name."""
+    import aic_vllm_proxy.engine.instance as instance_module
+
+    renamed = instance_module.link_with_pid
+
+    def slow_rename(path: Path, pid: int) -> Path:
+        time.sleep(0.5)
+        return renamed(path, pid)
+
+    monkeypatch.setattr(instance_module, "link_with_pid", slow_rename)
+    proxy = await make_proxy()
+    seen: list[tuple[int, str]] = []
+    async with AsyncVLLMProxyClient(proxy.url, progress=False) as client:
+        switching = asyncio.ensure_future(client.switch("m", FAST))
+        while not switching.done():
+            status = await client.status()
+            if status.pid is not None:
+                seen.append((status.pid, str(status.log_path)))
+            await asyncio.sleep(0.02)
+        await switching
+        await client.stop()
+    assert seen, "no status with a pid was seen"
+    assert all(path.endswith(f"_pid-{pid}.log") for pid, path in seen), seen
 
 
 async def test_start_failure_raises_with_the_log_tail(make_proxy: Any) -> None:

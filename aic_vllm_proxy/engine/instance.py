@@ -197,7 +197,7 @@ class Instance:
         running = launch is not None and not launch.exited.is_set()
         return Status(
             running=running,
-            pid=launch.process.pid if running and launch else None,
+            pid=snap.pid if running else None,  # set with the log's final name (_start)
             model_spec=snap.model_spec,
             vllm_base=str(self.base),
             log_path=snap.log_path,
@@ -269,7 +269,7 @@ class Instance:
             model_spec=snap.pending[0].raw if snap.pending else snap.model_spec,
             state=snap.state,
             switching=snap.switching,
-            pid=launch.process.pid if running and launch else None,
+            pid=snap.pid if running else None,  # set with the log's final name (_start)
             vllm_base=str(self.base),
             gpus=list(self.gpus or ()),
             gpu_memory_utilization=self.utilization,
