@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -158,9 +159,13 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
     headers = response.headers
     headers["Server"] = "uvicorn"
     headers["Vary"] = "Origin"
-    instance = request.app[STATE].config.instance
-    if instance:
-        headers[INSTANCE_HEADER] = instance
+    config = request.app[STATE].config
+    if config.instance:
+        headers[INSTANCE_HEADER] = config.instance
+    if config.request_id_headers:
+        # vLLM's XRequestIdMiddleware: on every answer, the request's own X-Request-Id as sent,
+        # else a new uuid4 (hex); added, whatever the handler set.
+        headers.add("X-Request-Id", request.headers.get("X-Request-Id", uuid.uuid4().hex))
     transport = request.transport
     if transport is None or transport.is_closing():
         return
@@ -425,8 +430,6 @@ async def _stream(job: _Job) -> web.StreamResponse:
     chat = req.chat
     fmt = StreamFormatter(chat, ctx.request_id, job.created, job.model, cfg.fingerprint)
     resp = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
-    if cfg.request_id_headers:
-        resp.headers["X-Request-Id"] = ctx.request_id
     await resp.prepare(ctx.request)
     ctx.response = resp
     write = resp.write
@@ -502,8 +505,6 @@ async def _complete(job: _Job) -> web.StreamResponse:
     plans = [plan] * job.choices
     body = build(ctx.request_id, job.created, job.model, plans, job.req.prompt_tokens, cfg.fingerprint)
     resp = json_response(body)
-    if cfg.request_id_headers:
-        resp.headers["X-Request-Id"] = ctx.request_id
     return resp
 
 

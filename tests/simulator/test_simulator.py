@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -552,6 +553,33 @@ async def test_instance_header(start: Callable[..., Sim], shared: Sim) -> None:
     async with aiohttp.ClientSession(shared.url) as session, session.get("/health") as resp:
         unset = f"pid={shared.pid}; port={shared.port}; cuda_visible_devices=unset"
         assert resp.headers[INSTANCE_HEADER] == unset
+
+
+async def test_request_id_headers(start: Callable[..., Sim], shared: Sim) -> None:
+    """``--enable-request-id-headers``, as vLLM 0.32's XRequestIdMiddleware: every answer (any
+    route, any status, streams too) carries the request's X-Request-Id as sent, else a new uuid4
+    in hex, once; the completion's own id is made from it. Without the flag, no header."""
+    sim = start(*FAST, "--enable-request-id-headers")
+    await asyncio.to_thread(sim.wait_healthy)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with aiohttp.ClientSession(sim.url) as session:
+        for method, path, body in (
+            ("GET", "/health", None),
+            ("GET", "/no/such/route", None),
+            ("POST", "/v1/chat/completions", chat),
+            ("POST", "/v1/chat/completions", {**chat, "stream": True}),
+        ):
+            async with session.request(method, path, json=body, headers={"X-Request-Id": "rid 7"}) as resp:
+                await resp.read()
+                assert resp.headers.getall("X-Request-Id") == ["rid 7"], (method, path)
+            async with session.request(method, path, json=body) as resp:
+                await resp.read()
+                made = resp.headers.getall("X-Request-Id")
+                assert len(made) == 1 and re.fullmatch(r"[0-9a-f]{32}", made[0]), (method, path, made)
+        async with session.post("/v1/chat/completions", json=chat, headers={"X-Request-Id": "r1"}) as resp:
+            assert (await resp.json())["id"] == "chatcmpl-r1"
+    async with aiohttp.ClientSession(shared.url) as session, session.get("/health") as resp:
+        assert "X-Request-Id" not in resp.headers
 
 
 async def test_instance_header_on_a_unix_socket(start: Callable[..., Sim]) -> None:
