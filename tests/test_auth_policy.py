@@ -29,14 +29,21 @@ ROUTES = [
     ("POST", "/tokenize", "user"),
     ("POST", "/switch", "admin"),
     ("POST", "/stop", "admin"),
+    ("POST", "/load", "admin"),
+    ("POST", "/unload", "admin"),
+    ("GET", "/load", "user"),  # vLLM's own (its server load), passed through
     ("GET", "/logs/tail", "admin"),
     ("GET", "/logs/current", "admin"),
     ("GET", "/logs/stream", "admin"),
     ("GET", "/plugins", "admin"),
     ("GET", "/models/catalog", "admin"),
 ]
-#: Each route's own answer with no model loaded (and ``{}`` as the body of a POST).
-NO_MODEL_ANSWERS = {
+#: Each route's own answer with no model loaded (and ``{}`` as the body of a POST); by path, or
+#: by (method, path) where the methods differ.
+NO_MODEL_ANSWERS: dict[Any, int] = {
+    ("POST", "/load"): 422,  # no model
+    ("GET", "/load"): 503,
+    "/unload": 422,
     "/proxy/health": 200,
     "/status": 200,
     "/v1/models": 503,
@@ -51,6 +58,10 @@ NO_MODEL_ANSWERS = {
     "/plugins": 200,
     "/models/catalog": 200,
 }
+
+
+def no_model_answer(method: str, path: str) -> int:
+    return NO_MODEL_ANSWERS.get((method, path)) or NO_MODEL_ANSWERS[path]
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -100,10 +111,10 @@ async def test_roles_on_every_route(make_proxy: Any) -> None:
             message = assert_error(body, 403, "permission_error")
             assert "admin key" in message
         else:
-            assert status == NO_MODEL_ANSWERS[path], (path, status, body)
+            assert status == no_model_answer(method, path), (path, status, body)
         # An admin key: everything (the answers are the routes' own: 503 with no model, ...).
         status, _, body = await call(proxy, method, path, {"Authorization": f"bearer  {ADMIN} "}, **kwargs)
-        assert status == NO_MODEL_ANSWERS[path], (path, status, body)
+        assert status == no_model_answer(method, path), (path, status, body)
     # Nothing was started by any of it.
     status, _, body = await call(proxy, "GET", "/status", bearer(USER))
     assert status == 200 and body["state"] == "stopped" and body["pid"] is None
@@ -135,7 +146,7 @@ async def test_no_keys_means_open(make_proxy: Any) -> None:
     proxy = await make_proxy()
     for method, path, _ in ROUTES:
         status, _, body = await call(proxy, method, path, **({"json": {}} if method == "POST" else {}))
-        assert status == NO_MODEL_ANSWERS[path], (path, status, body)
+        assert status == no_model_answer(method, path), (path, status, body)
 
 
 # ------------------------------------------------------------------------------- keys and vLLM

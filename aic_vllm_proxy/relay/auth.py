@@ -33,7 +33,10 @@ PUBLIC_PATHS = frozenset({"/proxy/health"})
 #: Paths a user key may call besides the proxied API.
 USER_CONTROL_PATHS = frozenset({"/status"})
 #: The proxy's own control paths (admin only); everything else is the proxied API.
-ADMIN_PATHS = frozenset({"/switch", "/stop", "/plugins", "/models/catalog"})
+ADMIN_PATHS = frozenset({"/switch", "/stop", "/unload", "/plugins", "/models/catalog"})
+#: Paths an admin key needs for every method but these: ``GET /load`` is vLLM's (its server
+#: load, passed through), ``POST /load`` the proxy's.
+ADMIN_EXCEPT_METHODS = {"/load": frozenset({"GET", "HEAD"})}
 ADMIN_PREFIXES = ("/logs/",)
 #: The proxy's own metrics: an admin or a metrics key (:func:`authorize_metrics`).
 METRICS_PATHS = frozenset({"/proxy/metrics"})
@@ -111,12 +114,15 @@ def keyring_from(settings: Settings) -> KeyRing:
     return KeyRing(admin, user, metrics)
 
 
-def required_role(path: str) -> Role | None:
-    """The least role a path needs; None for public paths (and ``/proxy/metrics``, which
-    :func:`authorize_metrics` guards)."""
+def required_role(path: str, method: str = "GET") -> Role | None:
+    """The least role a request for ``path`` by ``method`` needs; None for public paths (and
+    ``/proxy/metrics``, which :func:`authorize_metrics` guards)."""
     if path in PUBLIC_PATHS or path in METRICS_PATHS:
         return None
     if path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES):
+        return Role.ADMIN
+    allowed = ADMIN_EXCEPT_METHODS.get(path)
+    if allowed is not None and method not in allowed:
         return Role.ADMIN
     return Role.USER
 
@@ -186,7 +192,7 @@ def _presented_role(keys: KeyRing, request: web.Request) -> Role:
 
 def authorize(keys: KeyRing, request: web.Request) -> None:
     """Raise a 401/403 :class:`ProxyError` unless the request's key may call its path."""
-    needed = required_role(request.path)
+    needed = required_role(request.path, request.method)
     if needed is not None:
         role = _presented_role(keys, request)
         if role is Role.METRICS:
