@@ -193,6 +193,7 @@ async def test_every_spelling_gets_the_same_404_on_both_paths(make_proxy: Any, k
         for method in (b"POST", b"GET"):
             request = (
                 method + b" " + target.encode() + b" HTTP/1.1\r\nHost: x\r\n" + key
+                + b"X-Request-Id: same-bytes-1\r\n"  # the same bytes: else each answer has its own id
                 + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
             )  # fmt: skip
             answers = [await raw_exchange(proxy.settings.port, request, wait=20) for proxy in (front, plain)]
@@ -200,6 +201,7 @@ async def test_every_spelling_gets_the_same_404_on_both_paths(make_proxy: Any, k
                 head, _, body = answer.data.partition(b"\r\n\r\n")
                 headers = [line.split(b":")[0].decode() for line in head.split(b"\r\n")[1:]]
                 assert_refused(answer.status or 0, headers, json.loads(body), (method, target))
+                assert b"\r\nX-Request-Id: same-bytes-1\r\n" in head + b"\r\n", (method, target)
             assert _without_date(answers[0].data) == _without_date(answers[1].data), (method, target)
     assert front.front is not None and front.front.served == 0
     for proxy in (front, plain):
