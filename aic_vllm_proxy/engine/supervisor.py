@@ -841,15 +841,13 @@ class Supervisor:
             await self._evict_all([old], stop=True)
         loaded = await self.load(name, spec, footprint, wait=True)
         instance = self.loaded[loaded.name]
-        kept = await self._keep(instance)
+        await self._keep(instance)  # the primary; the others on its GPUs go
         return SwitchResult(
             changed=loaded.changed,
             woke=loaded.woke,
             load_seconds=loaded.load_seconds,
             wake_seconds=loaded.wake_seconds,
             total_seconds=round(time.monotonic() - started, 3),
-            drained=kept.drained,
-            cut=kept.cut,
             message=f"{name} "
             + (
                 "woke"
