@@ -10,6 +10,7 @@ const REFRESH_ON = new Set([
 ]);
 const MAX_EVENTS = 30; // events listed
 const MAX_LOG_CHARS = 200000; // the live log keeps its newest part
+const PRIMARY = "Requests that name no model go here (the last switched to or loaded).";
 
 const $ = (id) => document.getElementById(id);
 let key = sessionStorage.getItem(KEY_ITEM) || "";
@@ -145,7 +146,7 @@ function instanceRow(item) {
     );
   }
   return el("tr", { "data-name": item.name },
-    el("td", {}, item.name + (item.primary ? " *" : "")),
+    el("td", { class: "name" }, item.name, item.primary ? el("span", { class: "badge", title: PRIMARY }, "primary") : ""),
     state,
     el("td", { class: "spec" }, item.model_spec || "-"),
     el("td", {}, item.gpus.length ? item.gpus.join(",") : "all"),
@@ -360,12 +361,13 @@ function onEvent(event) {
 
 function listEvent(event) {
   const time = (event.time || "").slice(11, 19);
-  const skip = new Set(["id", "type", "time", "model", "request_id", "log_tail"]);
+  // The spec and the log lines are long: they are in the item's tooltip.
+  const skip = new Set(["id", "type", "time", "model", "request_id", "model_spec", "log_tail"]);
   const details = Object.entries(event)
     .filter(([name, value]) => !skip.has(name) && value !== null && value !== "")
     .map(([name, value]) => `${name}=${typeof value === "object" ? JSON.stringify(value) : value}`)
     .join(" ");
-  const item = el("li", { class: "event " + event.type },
+  const item = el("li", { class: "event-" + event.type, title: JSON.stringify(event, null, 1) },
     el("span", { class: "time" }, time), " ",
     el("b", {}, event.type), " ",
     el("span", { class: "model" }, event.model || ""), " ",
