@@ -88,6 +88,14 @@ class Settings(BaseModel):
         default="text", description="The proxy's own log lines as text, or one JSON object a line."
     )
     access_log: bool = Field(default=False, description="Log every request (costs a little per request).")
+    events_keepalive: float = Field(
+        default=15.0, gt=0, description="Seconds between keep-alive comments on GET /events."
+    )
+    event_queue_size: int = Field(
+        default=1000,
+        ge=1,
+        description="Events held for each slow /events reader before the oldest are dropped.",
+    )
     plugins_enable: tuple[str, ...] = Field(
         default=(), description="Only these plugins (entry-point names); empty: all installed."
     )

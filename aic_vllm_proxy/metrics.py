@@ -3,10 +3,11 @@
 One :class:`Metrics` per application, with a registry of its own (never prometheus-client's
 global one: a process may run several applications, as the tests do). The planes above feed
 it with plain values (names, states, numbers): the relay counts each proxied request
-(:meth:`RequestStats.record`), the engine the life of its instances (:meth:`Metrics.state_changed`
-from every state event, and the few calls where the fleet knows why: evictions, TTL expiries,
-restarts, drains), the hook runner each hook call; what the instances hold now (requests in
-flight and waiting, their state) is read at scrape time (:meth:`Metrics.watch_fleet`).
+(:meth:`RequestStats.record`); the life of the instances (loads, unloads, failures, evictions,
+TTL expiries, restarts, drains) and the hook calls are counted from the daemon's event bus
+(:meth:`Metrics.heard`, a listener of ``aic_vllm_proxy.events.EventBus``), where the engine and
+the hooks report each of them once; what the instances hold now (requests in flight and
+waiting, their state) is read at scrape time (:meth:`Metrics.watch_fleet`).
 
 Cost: a proxied request costs one :meth:`RequestStats.record`, a dict update and two bucket
 look-ups (``bisect``) on plain Python objects, well under prometheus-client's own
@@ -21,9 +22,8 @@ loaded) or :data:`UNKNOWN`; routes come from a fixed table (``relay/routes.py``)
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -192,37 +192,11 @@ class FleetCollector(Collector):
         yield state
 
 
-class _Snapshot(Protocol):
-    @property
-    def ready_at(self) -> datetime | None: ...
-    @property
-    def launched_monotonic(self) -> float | None: ...
-
-
-class StateChange(Protocol):
-    """What :meth:`Metrics.state_changed` reads of a state event (``engine.state.StateEvent``)."""
-
-    @property
-    def old(self) -> ProcessState: ...
-    @property
-    def new(self) -> ProcessState: ...
-    @property
-    def snapshot(self) -> _Snapshot: ...
-    @property
-    def monotonic(self) -> float: ...
-
-
-class Named(Protocol):
-    @property
-    def name(self) -> str: ...
-
-
 class Metrics:
     """One application's metrics and their registry."""
 
     def __init__(self) -> None:
         registry = self.registry = CollectorRegistry(auto_describe=True)
-        self._waking: dict[int, float] = {}  # id(instance) -> when its wake began (monotonic)
         self.requests = RequestStats()
         registry.register(self.requests)
 
@@ -292,53 +266,36 @@ class Metrics:
         """Every metric in the Prometheus text format (:data:`CONTENT_TYPE`)."""
         return generate_latest(self.registry)
 
-    # ------------------------------------------------------------ the engine's
+    # ------------------------------------------------------------------ events
 
-    def state_changed(self, instance: Named, event: StateChange) -> None:
-        """A state event of ``instance`` (subscribed to its state machine)."""
-        old, new = event.old, event.new
-        if old is new:
-            return
-        name = instance.name
-        began = self._waking.pop(id(instance), None) if old is S.WAKING else None
-        if new is S.STARTING:
-            self.loads.labels(name, "start").inc()
-        elif new is S.WAKING:
-            self.loads.labels(name, "wake").inc()
-            self._waking[id(instance)] = event.monotonic
-        elif new is S.READY:
-            launched = event.snapshot.launched_monotonic
-            if old is S.STARTING and launched is not None:
-                self.load_seconds.labels(name, "start").observe(max(event.monotonic - launched, 0.0))
-            elif began is not None:
-                self.load_seconds.labels(name, "wake").observe(max(event.monotonic - began, 0.0))
-        elif new is S.FAILED:
-            self.failures.labels(name, "load" if old is S.STARTING else "died").inc()
-        elif new is S.SLEEPING:
-            self.unloads.labels(name, "parked").inc()
-        elif new is S.STOPPED and old is S.STOPPING and event.snapshot.ready_at is not None:
-            self.unloads.labels(name, "stopped").inc()
-
-    def evicted(self, name: str, reason: str) -> None:
-        self.evictions.labels(name, reason).inc()
-
-    def expired(self, name: str, reason: str) -> None:
-        self.ttl_expiries.labels(name, reason).inc()
-
-    def restarted(self, name: str, reason: str = "died") -> None:
-        self.restarts.labels(name, reason).inc()
-
-    def drained(self, name: str, drained: int, cut: int) -> None:
-        if drained:
-            self.drains.labels(name, "drained").inc(drained)
-        if cut:
-            self.drains.labels(name, "cut").inc(cut)
-
-    # ------------------------------------------------------------- the hooks'
-
-    def hook_called(self, hook: str, plugin: str, outcome: str) -> None:
-        self.hook_calls.labels(hook, plugin, outcome).inc()
-
-
-#: What engine objects made without an application (unit tests) report to: nobody scrapes it.
-UNSERVED = Metrics()
+    def heard(self, event: Mapping[str, Any]) -> None:
+        """One event of the daemon's event bus (``aic_vllm_proxy.events``; a listener): the
+        engine and the hooks report each occurrence there once, and it is counted here."""
+        kind = event["type"]
+        name = event.get("model") or UNKNOWN
+        if kind == "state":
+            old, new = event["old"], event["new"]
+            if new == S.STARTING.value:
+                self.loads.labels(name, "start").inc()
+            elif new == S.WAKING.value:
+                self.loads.labels(name, "wake").inc()
+            elif new == S.FAILED.value:
+                self.failures.labels(name, "load" if old == S.STARTING.value else "died").inc()
+        elif kind == "load":
+            if event.get("seconds") is not None:
+                self.load_seconds.labels(name, event["reason"]).observe(event["seconds"])
+        elif kind == "unload":
+            self.unloads.labels(name, event["reason"]).inc()
+        elif kind == "eviction":
+            self.evictions.labels(name, event["reason"]).inc()
+        elif kind == "ttl":
+            self.ttl_expiries.labels(name, event["outcome"]).inc()
+        elif kind == "restart":
+            self.restarts.labels(name, event["reason"]).inc()
+        elif kind == "drain":
+            if event["drained"]:
+                self.drains.labels(name, "drained").inc(event["drained"])
+            if event["cut"]:
+                self.drains.labels(name, "cut").inc(event["cut"])
+        elif kind == "hook":
+            self.hook_calls.labels(event["hook"], event["plugin"], event["outcome"]).inc()

@@ -242,6 +242,25 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class ProxyEvent(BaseModel):
+    """One event of ``GET /events`` (docs/events.md). Each type has fields of its own beyond
+    these (``state``: old, new, pid...; ``switch``: phase, model_spec...), kept as extra fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int = Field(description="Increases by one per event the daemon publishes (0: for this reader only).")
+    type: str = Field(
+        description="state, switch, load, unload, eviction, ttl, restart, drain, hook, failure..."
+    )
+    time: datetime
+    model: str | None = Field(
+        default=None, description="The instance's name (a catalogue entry or served name)."
+    )
+    request_id: str | None = Field(
+        default=None, description="The X-Request-Id of the request that caused it."
+    )
+
+
 class PluginInfo(BaseModel):
     """One loaded plugin, as listed by ``GET /plugins``."""
 

@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "aic_vllm_proxy"
 ROOT = "aic_vllm_proxy"
 
-BASE = {"config", "spec", "catalog", "schemas", "errors", "vllm_flags", "metrics", ""}
+BASE = {"config", "spec", "catalog", "schemas", "errors", "vllm_flags", "metrics", "events", ""}
 #: Planes from the top down; a plane may import itself and every plane below it.
 ORDER = ["top", "web", "relay", "engine", "hooks", "base"]
 #: What the two apart may import besides themselves.

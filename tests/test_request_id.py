@@ -170,6 +170,44 @@ async def test_the_proxys_own_error_answers_carry_the_id(make_proxy: Any, path: 
         assert proxy.front.served == served + 2  # the 404 and the 408 were the front door's
 
 
+@pytest.mark.parametrize("path", PATHS)
+async def test_401_403_and_the_proxys_own_routes_carry_the_id(make_proxy: Any, path: str) -> None:
+    """A missing key (401), a user key on an admin route (403), and the proxy's own routes
+    (/status, /load): the client's id, or a new one; the same on both paths."""
+    proxy = await make_proxy(
+        access_log=path == "aiohttp",
+        admin_keys=("adm",),
+        api_keys=("usr",),
+        models={"a": {"model": "m", "args": FAST}},
+    )
+    port = proxy.settings.port
+    line, headers, body = await exchange(
+        port, [head(b"GET /v1/models HTTP/1.1", b"X-Request-Id: r-401", key=None)]
+    )
+    assert line.split()[1] == b"401" and headers["x-request-id"] == "r-401", (line, headers, body)
+    line, headers, body = await exchange(port, [head(b"GET /status HTTP/1.1", key=b"wrong")])
+    assert line.split()[1] == b"401" and MADE.fullmatch(headers.get("x-request-id", "")), (line, headers)
+    line, headers, body = await exchange(
+        port, [head(b"GET /plugins HTTP/1.1", b"X-Request-Id: r-403", key=b"usr")]
+    )
+    assert line.split()[1] == b"403" and headers["x-request-id"] == "r-403", (line, headers, body)
+    line, headers, body = await exchange(
+        port, [head(b"GET /status HTTP/1.1", b"X-Request-Id: r-200", key=b"usr")]
+    )
+    assert line.split()[1] == b"200" and headers["x-request-id"] == "r-200", (line, headers)
+    load = json.dumps({"model": "a"}).encode()
+    request = head(
+        b"POST /load HTTP/1.1",
+        b"X-Request-Id: r-load",
+        b"Content-Type: application/json",
+        key=b"adm",
+        body=load,
+    )
+    line, headers, body = await exchange(port, [request])
+    assert line.split()[1] == b"200" and headers["x-request-id"] == "r-load", (line, body)
+    proxy.groups.add(body["instance"]["pid"])
+
+
 # ------------------------------------------------------------------------------------ logs
 
 

@@ -62,9 +62,9 @@ from aic_vllm_proxy.errors import (
     Unavailable,
     sentences,
 )
+from aic_vllm_proxy.events import UNHEARD, EventBus, detached
 from aic_vllm_proxy.hooks.runner import HookFailed, HookRunner, HookVeto
 from aic_vllm_proxy.hooks.specs import HookContext
-from aic_vllm_proxy.metrics import UNSERVED, Metrics
 from aic_vllm_proxy.schemas import HookReport, InstanceStatus, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec
 
@@ -157,6 +157,9 @@ class Instance:
         #: before its launch (after the old model stopped: room on the GPUs).
         self.on_switch: Callable[[ModelSpec], None] | None = None
         self.before_start: Callable[[ModelSpec], Awaitable[None]] | None = None
+        #: The name it will have once it loads a spec (the fleet's slot: the spec's entry or
+        #: served name; None: it keeps its name).
+        self.name_for: Callable[[ModelSpec], str] | None = None
         #: The fleet's call when the last request in flight finished (idle: TTL, placement).
         self.on_idle: Callable[[], None] | None = None
         self.last_used = time.monotonic()  # a request arrived or finished, or it became ready
@@ -178,7 +181,7 @@ class Instance:
         self._idle = asyncio.Event()
         self._idle.set()
         self.restarts = 0  # automatic restarts in a row (restart policy)
-        self.metrics: Metrics = UNSERVED  # the fleet's (drains, restarts)
+        self.events: EventBus = UNHEARD  # the fleet's: drains, restarts (and its state events)
 
     # ------------------------------------------------------------------ status
 
@@ -416,6 +419,8 @@ class Instance:
             self.restarts = 0
         self.last_switch_error = None
         self.machine.queue_switch(spec)
+        name = self.name_for(spec) if self.name_for is not None else self.name
+        self.events.publish("switch", name, phase="queued", model_spec=spec.raw)
         ran = False
 
         async def run() -> SwitchResult:
@@ -427,6 +432,7 @@ class Instance:
             if not ran:  # cancelled (by a stop) before it began: _run_switch did not clean up
                 self.last_switch_error = cancelled_by_stop(spec)
                 self.machine.end_switch(spec)
+                self._switch_ended(spec, self.last_switch_error)
 
         task = asyncio.ensure_future(run())
         self._switches.add(task)
@@ -445,18 +451,29 @@ class Instance:
                 self.machine.start_switch(spec)  # the spec being loaded comes first in /status
                 if self.on_switch is not None:
                     self.on_switch(spec)
+                self.events.publish("switch", self.name, phase="started", model_spec=spec.raw)
                 result = await self._switch_locked(spec, force=force)
         except EngineError as exc:
             self.last_switch_error = exc.message
+            self._switch_ended(spec, exc.message)
             raise
         except asyncio.CancelledError:
             self.last_switch_error = cancelled_by_stop(spec)
+            self._switch_ended(spec, self.last_switch_error)
             raise
         finally:
             self.machine.end_switch(spec)
         result.total_seconds = round(time.monotonic() - started, 3)
         result.status = self.status()
+        self._switch_ended(spec, None, result.total_seconds)
         return result
+
+    def _switch_ended(self, spec: ModelSpec, error: str | None, seconds: float | None = None) -> None:
+        """A ``switch`` event: done (with its seconds) or failed (why; a stop's cancel too)."""
+        if error is None:
+            self.events.publish("switch", self.name, phase="done", model_spec=spec.raw, seconds=seconds)
+        else:
+            self.events.publish("switch", self.name, phase="failed", model_spec=spec.raw, error=error)
 
     def _child_env(self) -> dict[str, str]:
         env = child_env(self.settings)
@@ -473,7 +490,8 @@ class Instance:
 
     def _spawn(self, coro: Awaitable[object], into: set[asyncio.Task[object]] | None = None) -> None:
         tasks = self._tasks if into is None else into
-        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        # Exit and health watchers, restarts: they outlive the request that started vLLM.
+        task: asyncio.Task[object] = asyncio.ensure_future(detached(coro))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -769,7 +787,7 @@ class Instance:
             return
         delay = settings.restart_backoff * (2**self.restarts)
         self.restarts += 1
-        self.metrics.restarted(self.name)
+        self.events.publish("restart", self.name, reason="died", delay=delay, attempt=self.restarts)
         log.warning(
             "restarting %s in %.1f s (restart %d of %d)",
             spec.model, delay, self.restarts, settings.max_restarts,
@@ -840,7 +858,7 @@ class Instance:
             outcome.drained, outcome.cut = await self._drain()
         else:
             outcome.cut = self.in_flight
-            self.metrics.drained(self.name, 0, outcome.cut)
+            self._drained(0, outcome.cut)
         if self.machine.state is not S.STOPPING:
             await self.machine.transition(S.STOPPING)
         if not launch.exited.is_set():
@@ -857,6 +875,11 @@ class Instance:
         outcome.reports += await self.hooks.call(context)
         return outcome
 
+    def _drained(self, drained: int, cut: int) -> None:
+        """A stop or park found requests in flight: how many finished and how many were cut."""
+        if drained or cut:
+            self.events.publish("drain", self.name, drained=drained, cut=cut)
+
     async def _drain(self) -> tuple[int, int]:
         """Let the requests in flight finish (up to ``--drain-timeout``): (drained, still running)."""
         before = self.in_flight
@@ -864,7 +887,7 @@ class Instance:
             await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
         cut = self.in_flight
         drained = max(before - cut, 0)
-        self.metrics.drained(self.name, drained, cut)
+        self._drained(drained, cut)
         if before:
             log.info("drained %d request(s); %d still running at the deadline", drained, cut)
         return drained, cut

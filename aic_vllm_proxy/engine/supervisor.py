@@ -33,7 +33,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -51,6 +50,7 @@ from aic_vllm_proxy.engine.placement import (
     plan_room,
     shares_gpu,
 )
+from aic_vllm_proxy.engine.reports import StateReporter
 from aic_vllm_proxy.engine.sleep import SLEEP_FLAG, host_memory_available
 from aic_vllm_proxy.engine.state import ProcessStateMachine, StateEvent
 from aic_vllm_proxy.errors import (
@@ -61,8 +61,8 @@ from aic_vllm_proxy.errors import (
     Unavailable,
     sentences,
 )
+from aic_vllm_proxy.events import UNHEARD, EventBus, detached
 from aic_vllm_proxy.hooks.runner import HookRunner
-from aic_vllm_proxy.metrics import UNSERVED, Metrics
 from aic_vllm_proxy.schemas import InstanceStatus, LoadResult, ProcessState, Status, SwitchResult
 from aic_vllm_proxy.spec import ModelSpec
 
@@ -93,12 +93,12 @@ class Supervisor:
         settings: Settings,
         session: Callable[[], aiohttp.ClientSession],
         hooks: HookRunner,
-        metrics: Metrics = UNSERVED,
+        events: EventBus = UNHEARD,
     ) -> None:
         self.settings = settings
         self._session = session
         self._hooks = hooks
-        self.metrics = metrics
+        self.events = events  # what happens to the instances (GET /events, the metrics)
         self.node = tuple(settings.gpus)  # the node's GPUs (cli.on_this_node); empty: none known
         budget = settings.host_memory_budget
         if budget is None and (available := host_memory_available()) is not None:
@@ -108,6 +108,7 @@ class Supervisor:
         self.slot = self._new_instance(PRIMARY, settings.vllm_port)
         self.slot.on_switch = self._slot_switching
         self.slot.before_start = self._before_slot_start
+        self.slot.name_for = self._slot_name
         self._slot_entries: dict[tuple[str, ...], str | None] = {}  # queued switches' entries
         #: The instances loaded beside the slot, by name.
         self.loaded: dict[str, Instance] = {}
@@ -148,8 +149,8 @@ class Supervisor:
             pinned=footprint.pinned if footprint else False,
         )
         instance.machine.subscribe(self._instance_changed)
-        instance.machine.subscribe(partial(self.metrics.state_changed, instance))
-        instance.metrics = self.metrics
+        instance.machine.subscribe(StateReporter(instance, self.events))
+        instance.events = self.events
         instance.on_idle = self._wake
         return instance
 
@@ -560,7 +561,7 @@ class Supervisor:
                 continue
             going = [by_name[n] for n in plan.evictions]
             for each in going:
-                self.metrics.evicted(each.name, "room")
+                self.events.publish("eviction", each.name, reason="room")
             if going:
                 log.info("making room for %s: unloading %s", candidate.name, ", ".join(plan.evictions))
             await self._evict_all(going, drain=plan.drain)
@@ -632,7 +633,7 @@ class Supervisor:
                 "stopping %s, asleep: host RAM for %s (--host-memory-budget)", oldest.name, instance.name
             )
             held -= oldest.weights_bytes or 0
-            self.metrics.evicted(oldest.name, "host_memory")
+            self.events.publish("eviction", oldest.name, reason="host_memory")
             await oldest.stop(drain=False)
         return True
 
@@ -808,7 +809,9 @@ class Supervisor:
         ``/status`` (``switching``, ``target_model_spec``) from this very step, and its failure
         shows there as ``last_switch_error``, as a switch of the slot does."""
         launched = self.names_for(spec, entry, footprint.sleep_level)[0]
+        name = entry or spec.served_name
         self._beside_error = None
+        self.events.publish("switch", name, phase="queued", model_spec=launched.raw)
         task = asyncio.ensure_future(self._switch_beside(spec, entry, footprint, force))
         pending = (launched, task)
         self._beside.append(pending)
@@ -820,6 +823,12 @@ class Supervisor:
             elif isinstance(exc := task.exception(), EngineError):
                 self._beside_error = exc.message
                 log.warning("the switch to %s failed: %s", launched.model, exc.message)
+            elif task.exception() is None:
+                seconds = task.result().total_seconds
+                self.events.publish("switch", name, phase="done", model_spec=launched.raw, seconds=seconds)
+                return
+            error = self._beside_error or "the switch failed; see the daemon's log"
+            self.events.publish("switch", name, phase="failed", model_spec=launched.raw, error=error)
 
         task.add_done_callback(done)
         self._tasks.add(task)
@@ -836,6 +845,12 @@ class Supervisor:
         started again."""
         started = time.monotonic()
         name = entry or spec.served_name
+        self.events.publish(
+            "switch",
+            name,
+            phase="started",
+            model_spec=self.names_for(spec, entry, footprint.sleep_level)[0].raw,
+        )
         old = self.loaded.get(name)
         if force and old is not None and _holding(old):
             await self._evict_all([old], stop=True)
@@ -884,7 +899,7 @@ class Supervisor:
             if i is not instance and _on_gpus(i) and shares_gpu(view, i.view())  # parked ones stay
         ]
         for each in others:
-            self.metrics.evicted(each.name, "switch")
+            self.events.publish("eviction", each.name, reason="switch")
         await self._evict_all(others)
         return SwitchResult(
             changed=woke,
@@ -902,13 +917,17 @@ class Supervisor:
         slot = self.slot
         entry = self._slot_entries.get(spec.key)  # kept: a restart switches to the same spec
         footprint = self.settings.footprint(spec, entry, self.node)
-        slot.name = entry or spec.served_name
+        slot.name = self._slot_name(spec)
         _apply(slot, footprint, self.names_for(spec, entry)[1])
         # The slot's own model is stopped by the next switch, never parked (the slot keeps
         # --vllm-port; a spec with a sleep level is switched to beside it: _switch_beside).
         slot.sleep_level = 0
         self._used(slot)
         self._ensure_ttl_task()
+
+    def _slot_name(self, spec: ModelSpec) -> str:
+        """The slot's name while it runs ``spec``: the entry it came from, else its served name."""
+        return self._slot_entries.get(spec.key) or spec.served_name
 
     async def _before_slot_start(self, spec: ModelSpec) -> None:
         """Before the slot launches: the other instances on its GPUs (or under its name) are
@@ -921,7 +940,7 @@ class Supervisor:
             if (_holding(i) and i.name == slot.name) or (_on_gpus(i) and shares_gpu(view, i.view()))
         ]
         for each in others:
-            self.metrics.evicted(each.name, "switch")
+            self.events.publish("eviction", each.name, reason="switch")
         if others:
             log.info("switching to %s: stopping %s", slot.name, ", ".join(i.name for i in others))
             await self._evict_all(others)
@@ -980,7 +999,7 @@ class Supervisor:
         """Start the TTL checks once an instance has a ttl; a new instance makes them look again
         (its ttl may be the shortest)."""
         if self._ttl_task is None and any(i.ttl > 0 for i in self.instances):
-            self._ttl_task = asyncio.ensure_future(self._expire_idle())
+            self._ttl_task = asyncio.ensure_future(detached(self._expire_idle()))
         self._ttl_kick.set()
 
     async def _expire_idle(self) -> None:
@@ -1012,7 +1031,7 @@ class Supervisor:
             log.info("%s %s: idle for %g s (its ttl)", verb, instance.name, instance.ttl)
             await self._evict(instance)
             parked = instance.machine.state is S.SLEEPING
-            self.metrics.expired(instance.name, "parked" if parked else "stopped")
+            self.events.publish("ttl", instance.name, outcome="parked" if parked else "stopped")
         finally:
             self._expiring.discard(instance)
 

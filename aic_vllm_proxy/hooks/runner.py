@@ -21,6 +21,7 @@ from typing import Any
 import pluggy
 
 from aic_vllm_proxy.config import Settings
+from aic_vllm_proxy.events import UNHEARD, EventBus
 from aic_vllm_proxy.hooks.specs import (
     ENTRY_POINT_GROUP,
     HOOK_NAMES,
@@ -29,7 +30,6 @@ from aic_vllm_proxy.hooks.specs import (
     HookSpecs,
     Veto,
 )
-from aic_vllm_proxy.metrics import UNSERVED, Metrics
 from aic_vllm_proxy.schemas import HookReport, PluginInfo
 
 log = logging.getLogger(__name__)
@@ -122,10 +122,10 @@ def import_plugin(spec: str) -> tuple[str, object]:
 class HookRunner:
     """Calls one hook on every plugin that implements it, in pluggy's order."""
 
-    def __init__(self, pm: pluggy.PluginManager, settings: Settings, metrics: Metrics = UNSERVED) -> None:
+    def __init__(self, pm: pluggy.PluginManager, settings: Settings, events: EventBus = UNHEARD) -> None:
         self.pm = pm
         self.settings = settings
-        self.metrics = metrics  # each call counted by hook, plugin and outcome
+        self.events = events  # each call's report (the metrics count them by hook, plugin, outcome)
 
     async def call(self, ctx: HookContext) -> list[HookReport]:
         """Run ``ctx.event`` on each plugin. A :class:`Veto` or failure of ``pre_switch`` is
@@ -157,7 +157,7 @@ class HookRunner:
                 message=str(exc),
                 seconds=time.monotonic() - started,
             )
-            self.metrics.hook_called(ctx.event, plugin, "veto")
+            self._told(ctx, report, "veto")
             if ctx.event in VETOABLE:
                 raise HookVeto(report) from exc
             log.warning("%s hook of %s: %s", ctx.event, plugin, exc)
@@ -165,7 +165,6 @@ class HookRunner:
         except Exception as exc:
             timed_out = isinstance(exc, asyncio.TimeoutError)
             message = f"timed out after {timeout:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
-            self.metrics.hook_called(ctx.event, plugin, "timeout" if timed_out else "error")
             report = HookReport(
                 hook=ctx.event,
                 plugin=plugin,
@@ -173,18 +172,32 @@ class HookRunner:
                 message=message,
                 seconds=time.monotonic() - started,
             )
+            self._told(ctx, report, "timeout" if timed_out else "error")
             log.error("%s hook of %s failed: %s", ctx.event, plugin, message)
             if ctx.event == "pre_switch":
                 raise HookFailed(report) from exc
             return report
         message = result if isinstance(result, str) else ""
-        self.metrics.hook_called(ctx.event, plugin, "ok")
-        return HookReport(
+        report = HookReport(
             hook=ctx.event,
             plugin=plugin,
             ok=True,
             message=message,
             seconds=time.monotonic() - started,
+        )
+        self._told(ctx, report, "ok")
+        return report
+
+    def _told(self, ctx: HookContext, report: HookReport, outcome: str) -> None:
+        """Publish a call's report (a ``hook`` event): outcome ok, veto, error or timeout."""
+        self.events.publish(
+            "hook",
+            ctx.instance or None,
+            hook=report.hook,
+            plugin=report.plugin,
+            outcome=outcome,
+            message=report.message,
+            seconds=round(report.seconds, 3),
         )
 
 

@@ -29,6 +29,7 @@ from multidict import CIMultiDictProxy
 
 from aic_vllm_proxy.engine.instance import Instance
 from aic_vllm_proxy.engine.supervisor import Supervisor
+from aic_vllm_proxy.events import CURRENT_REQUEST
 from aic_vllm_proxy.relay.dev_routes import dev_route, not_forwarded
 from aic_vllm_proxy.relay.errors import BadRequest, ProxyError, body_stalled, body_too_large
 from aic_vllm_proxy.relay.flow import over_high_water
@@ -84,6 +85,12 @@ def header_fields(
     return lines, names, connection
 
 
+def request_id_of(request: web.Request) -> str:
+    """The id of an aiohttp request (:func:`~aic_vllm_proxy.relay.request.request_id`)."""
+    sent = request.headers.getall(REQUEST_ID, ())
+    return request_id(sent[0].encode("utf-8", "surrogateescape") if len(sent) == 1 else None)
+
+
 class Passthrough:
     """The aiohttp adapter of the :class:`~aic_vllm_proxy.relay.pipeline.Pipeline`: the
     catch-all handler; one instance per application."""
@@ -96,8 +103,7 @@ class Passthrough:
         self.pipeline.bind(supervisor, pool)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        sent = request.headers.getall(REQUEST_ID, ())
-        rid = request_id(sent[0].encode("utf-8", "surrogateescape") if len(sent) == 1 else None)
+        rid = CURRENT_REQUEST.get() or request_id_of(request)  # made by the web layer's guard
         try:
             return await self._handle(request, rid)
         except ProxyError as exc:  # the proxy's own answer carries the id too

@@ -30,6 +30,7 @@ from urllib.parse import parse_qs
 from aic_vllm_proxy.engine.instance import Instance
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.errors import EngineError
+from aic_vllm_proxy.events import CURRENT_REQUEST
 from aic_vllm_proxy.metrics import UNKNOWN, RequestStats, status_class
 from aic_vllm_proxy.relay.errors import ProxyError, UpstreamError, body_too_large
 from aic_vllm_proxy.relay.headers import drops_authorization, request_head
@@ -117,7 +118,7 @@ class Admitted:
             try:
                 if self.model is not None and self.request.body is None:
                     raise pipeline.not_scraped(self.model)  # a scrape never loads nor wakes one
-                instance = await pipeline.admit(self.model)
+                instance = await pipeline.admit(self.model, self.request.request_id)
             except ProxyError as exc:
                 pipeline.counted(self, pipeline.model_label(self.model), exc.status)
                 raise
@@ -237,13 +238,16 @@ class Pipeline:
         if length is not None and length > self.max_body_size:
             raise body_too_large(self.max_body_size, length)
 
-    async def admit(self, model: str | None) -> Instance:
+    async def admit(self, model: str | None, request_id: str | None = None) -> Instance:
         """The instance for a request naming ``model``, once it takes requests: loaded on demand
         and waited for (bounded), or raise the HTTP answer saying why not."""
+        token = CURRENT_REQUEST.set(request_id)  # a load on demand is this request's doing
         try:
             return await self.fleet.admit(model, self.wait_timeout)
         except EngineError as exc:
             raise self.http_error(exc) from None
+        finally:
+            CURRENT_REQUEST.reset(token)
 
     def not_scraped(self, model: str) -> ProxyError:
         """The answer to ``GET /metrics?model=NAME`` when ``NAME`` is not serving now."""

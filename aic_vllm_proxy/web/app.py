@@ -16,15 +16,18 @@ from aiohttp import web
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.engine.supervisor import Supervisor
 from aic_vllm_proxy.errors import EngineError
+from aic_vllm_proxy.events import CURRENT_REQUEST, EventBus
 from aic_vllm_proxy.hooks.runner import HookRunner, load_plugins
 from aic_vllm_proxy.metrics import Metrics
 from aic_vllm_proxy.relay.auth import KeyRing, authorize, check_request, keyring_from
 from aic_vllm_proxy.relay.errors import ProxyError
-from aic_vllm_proxy.relay.passthrough import Passthrough
+from aic_vllm_proxy.relay.passthrough import Passthrough, request_id_of
 from aic_vllm_proxy.relay.pipeline import Pipeline, closes_connection
+from aic_vllm_proxy.relay.request import REQUEST_ID
 from aic_vllm_proxy.relay.upstream import UpstreamPool
 from aic_vllm_proxy.web import control
 from aic_vllm_proxy.web.appkeys import (
+    EVENTS,
     HOOKS,
     KEYS,
     METRICS,
@@ -83,6 +86,18 @@ def _guard(handler: Handler, keys: KeyRing) -> Handler:
     as OpenAI-style JSON bodies."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
+        rid = request_id_of(request)
+        # The handler reads it there (passthrough), and so do the events it causes (a load...).
+        token = CURRENT_REQUEST.set(rid)
+        try:
+            response = await _answer(request)
+        finally:
+            CURRENT_REQUEST.reset(token)  # aiohttp serves a connection's requests in one task
+        if not response.prepared:  # the proxy's own answers; vLLM's carry it already
+            response.headers[REQUEST_ID] = rid
+        return response
+
+    async def _answer(request: web.Request) -> web.StreamResponse:
         try:
             check_request(request)
             if keys.enabled:
@@ -92,6 +107,7 @@ def _guard(handler: Handler, keys: KeyRing) -> Handler:
             return http_error(exc).response()
         except ProxyError as exc:
             if closes_connection(exc):
+                exc.headers[REQUEST_ID] = CURRENT_REQUEST.get() or ""
                 return await _last_answer(request, exc.response())
             return exc.response()
         except web.HTTPException as exc:
@@ -114,6 +130,10 @@ async def _last_answer(request: web.Request, response: web.Response) -> web.Resp
     return response
 
 
+async def _close(events: EventBus) -> None:
+    events.close()
+
+
 def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]] = ()) -> web.Application:
     """The daemon's application. Plugins are loaded here, explicitly, not at import time."""
     pm, infos = load_plugins(settings, extra_plugins)
@@ -123,7 +143,9 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
     app = web.Application(client_max_size=settings.max_body_size)
     app[SETTINGS] = settings
     metrics = app[METRICS] = Metrics()  # its own registry: GET /proxy/metrics
-    app[HOOKS] = HookRunner(pm, settings, metrics)
+    events = app[EVENTS] = EventBus(settings.event_queue_size)  # GET /events
+    events.listen(metrics.heard)
+    app[HOOKS] = HookRunner(pm, settings, events)
     app[PLUGINS] = infos
     # The one request pipeline; the aiohttp adapter here, the front door's in web/server.py.
     pipeline = Pipeline(
@@ -139,7 +161,7 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
     app[KEYS] = keys
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
-        supervisor = Supervisor(settings, lambda: app[UPSTREAM], app[HOOKS], metrics)
+        supervisor = Supervisor(settings, lambda: app[UPSTREAM], app[HOOKS], events)
         app[SUPERVISOR] = supervisor
         metrics.watch_fleet(supervisor.instance_statuses, lambda: settings.models)
         passthrough.bind(supervisor, app[POOL])
@@ -148,6 +170,7 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
         await supervisor.shutdown()
         pipeline.close()  # the pools of every instance's port (the slot's closes with the session)
 
+    app.on_shutdown.append(lambda _: _close(events))  # the /events streams end: nothing waits on them
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(supervisor_ctx)
     for route in control.routes:

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.engine.supervisor import Supervisor
+from aic_vllm_proxy.events import EventBus
 from aic_vllm_proxy.hooks.runner import HookRunner
 from aic_vllm_proxy.metrics import Metrics
 from aic_vllm_proxy.relay.auth import KeyRing
@@ -23,3 +24,4 @@ PLUGINS = web.AppKey("plugins", list[PluginInfo])
 KEYS = web.AppKey("keys", KeyRing)
 PASSTHROUGH = web.AppKey("passthrough", Passthrough)  # also served by the front door (front.py)
 METRICS = web.AppKey("metrics", Metrics)  # GET /proxy/metrics (the application's own registry)
+EVENTS = web.AppKey("events", EventBus)  # GET /events, and what the metrics count

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.catalog import CatalogInfo, PolicyError, resolve
 from aic_vllm_proxy.engine.logs import follow, iter_file, parse_lines_param, tail_lines_async, tail_with_cause
+from aic_vllm_proxy.events import encode
 from aic_vllm_proxy.metrics import CONTENT_TYPE
 from aic_vllm_proxy.relay.auth import authorize_metrics
 from aic_vllm_proxy.relay.errors import BadRequest, ProxyError, body_too_large
@@ -39,7 +40,8 @@ from aic_vllm_proxy.schemas import (
     to_json,
 )
 from aic_vllm_proxy.spec import ModelSpec, SpecError
-from aic_vllm_proxy.web.appkeys import KEYS, METRICS, PASSTHROUGH, PLUGINS, SETTINGS, SUPERVISOR
+from aic_vllm_proxy.web import ui
+from aic_vllm_proxy.web.appkeys import EVENTS, KEYS, METRICS, PASSTHROUGH, PLUGINS, SETTINGS, SUPERVISOR
 
 routes = web.RouteTableDef()
 Body = TypeVar("Body", bound=BaseModel)
@@ -334,9 +336,54 @@ async def logs_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@routes.get("/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    """What happens to the models, live, as Server-Sent Events (docs/events.md): a ``hello``
+    first, then every event as it is published, a keep-alive comment when there is none for
+    ``--events-keepalive`` seconds. ``Last-Event-ID``: the events after it still kept come
+    first. A reader that falls behind loses the oldest and is told (``dropped``); it never
+    slows the daemon. Ends when the daemon stops."""
+    bus = request.app[EVENTS]
+    keepalive = request.app[SETTINGS].events_keepalive
+    after = _last_event_id(request.headers.get("Last-Event-ID"))
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # a proxy in front (nginx) must not buffer it
+        }
+    )
+    with bus.subscribe(after) as subscription:
+        await response.prepare(request)
+        await response.write(encode(bus.make("hello", None, last_id=bus.last_id)))
+        while True:
+            try:
+                event = await subscription.get(keepalive)
+            except asyncio.TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if event is None:  # the daemon is stopping
+                break
+            await response.write(encode(event))
+    await response.write_eof()
+    return response
+
+
+def _last_event_id(value: str | None) -> int | None:
+    """``Last-Event-ID`` as an event id (None: absent or not one of ours)."""
+    if value is None or not value.strip().isdigit() or len(value.strip()) > 18:
+        return None
+    return int(value.strip())
+
+
 @routes.get("/plugins")
 async def plugins(request: web.Request) -> web.Response:
     return _json(to_json(PluginList(plugins=request.app[PLUGINS])))
+
+
+# The status page (web/ui.py): open, like /proxy/health; the front door leaves it to aiohttp.
+routes.get("/ui")(ui.page)
+routes.get("/ui/{name:.*}")(ui.asset)
 
 
 def methods_by_path() -> dict[str, list[str]]:

@@ -1,0 +1,106 @@
+"""An instance's state events, told on the event bus (``aic_vllm_proxy.events``).
+
+:class:`StateReporter` is subscribed to each instance's state machine: every transition becomes
+a ``state`` event, and the ones that mean more become their own event too: ``load`` (ready after
+a launch or a wake, with the seconds it took), ``unload`` (a model that was ready left its GPUs:
+stopped or parked) and ``failure`` (with the root cause and the log tail, read off the event
+loop, so it comes a moment after its ``state`` event). The metrics count from these events
+(``Metrics.heard``): a transition is interpreted here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Protocol
+
+from aic_vllm_proxy.engine.logs import tail_with_cause
+from aic_vllm_proxy.engine.state import EventKind, StateEvent
+from aic_vllm_proxy.events import EventBus, detached
+from aic_vllm_proxy.schemas import ProcessState
+
+S = ProcessState
+#: Lines of the log a ``failure`` event carries (the root cause's lines come first when earlier).
+FAILURE_TAIL_LINES = 20
+
+
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class StateReporter:
+    """One instance's state events, published on ``bus`` (a state machine subscriber)."""
+
+    def __init__(self, instance: Named, bus: EventBus) -> None:
+        self.instance = instance
+        self.bus = bus
+        self._waking_since: float | None = None  # monotonic: when its wake began
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, event: StateEvent) -> None:
+        if event.kind is not EventKind.TRANSITION:
+            return
+        old, new, snap = event.old, event.new, event.snapshot
+        name = self.instance.name
+        self.bus.publish(
+            "state",
+            name,
+            old=old.value,
+            new=new.value,
+            pid=snap.pid,
+            model_spec=snap.model_spec,
+            error=snap.error,
+            exit_code=snap.exit_code,
+            sleep_level=snap.sleep_level,
+        )
+        if new is S.WAKING:
+            self._waking_since = event.monotonic
+        elif new is S.READY:
+            began, reason = (
+                (snap.launched_monotonic, "start") if old is S.STARTING else (self._waking_since, "wake")
+            )
+            seconds = None if began is None else round(max(event.monotonic - began, 0.0), 3)
+            self.bus.publish("load", name, reason=reason, seconds=seconds, model_spec=snap.model_spec)
+        elif new is S.SLEEPING:
+            self.bus.publish("unload", name, reason="parked", model_spec=snap.model_spec)
+        elif new is S.STOPPED and old is S.STOPPING and snap.ready_at is not None:
+            self.bus.publish("unload", name, reason="stopped", model_spec=snap.model_spec)
+        elif new is S.FAILED:
+            reason = "load" if old is S.STARTING else "died"
+            path = Path(snap.log_path) if snap.log_path else None
+            task = asyncio.ensure_future(
+                detached(self._failure(name, reason, snap.error, snap.exit_code, snap.model_spec, path))
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if old is S.WAKING:
+            self._waking_since = None
+
+    async def _failure(
+        self,
+        name: str,
+        reason: str,
+        error: str | None,
+        exit_code: int | None,
+        model_spec: str | None,
+        path: Path | None,
+    ) -> None:
+        tail: list[str] = []
+        cause = None
+        if path is not None:
+            try:
+                tail, found = await tail_with_cause(path, FAILURE_TAIL_LINES)
+                cause = found.text if found is not None else None
+            except OSError:
+                pass
+        self.bus.publish(
+            "failure",
+            name,
+            reason=reason,
+            error=error,
+            root_cause=cause,
+            exit_code=exit_code,
+            model_spec=model_spec,
+            log_tail=tail,
+        )
