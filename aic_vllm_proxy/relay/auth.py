@@ -28,8 +28,10 @@ from aiohttp import web
 from aic_vllm_proxy.config import ConfigError, Settings
 from aic_vllm_proxy.relay.errors import BadRequest, ProxyError
 
-#: Paths anyone may call: the proxy's liveness check.
-PUBLIC_PATHS = frozenset({"/proxy/health"})
+#: Paths anyone may call: the proxy's liveness check, and the status page with its files
+#: (``web/ui.py``: they hold no data; the page asks the API with the user's key).
+PUBLIC_PATHS = frozenset({"/proxy/health", "/ui"})
+PUBLIC_PREFIXES = ("/ui/",)
 #: Paths a user key may call besides the proxied API.
 USER_CONTROL_PATHS = frozenset({"/status"})
 #: The proxy's own control paths (admin only); everything else is the proxied API.
@@ -117,7 +119,7 @@ def keyring_from(settings: Settings) -> KeyRing:
 def required_role(path: str, method: str = "GET") -> Role | None:
     """The least role a request for ``path`` by ``method`` needs; None for public paths (and
     ``/proxy/metrics``, which :func:`authorize_metrics` guards)."""
-    if path in PUBLIC_PATHS or path in METRICS_PATHS:
+    if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES) or path in METRICS_PATHS:
         return None
     if path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES):
         return Role.ADMIN

@@ -56,10 +56,12 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-function showMessage(text, kind = "error") {
+// The message line; `source` "status": what GET /status answered, cleared when it answers again.
+function showMessage(text, kind = "error", source = "") {
   const box = $("message");
   box.textContent = text;
   box.className = kind;
+  box.dataset.source = source;
   box.hidden = !text;
 }
 
@@ -102,14 +104,16 @@ async function refresh() {
   try {
     response = await api("status");
   } catch (error) {
-    showMessage(explain(error));
+    showMessage(explain(error), "error", "status");
     renderStatus(null);
     return;
   }
   const date = Date.parse(response.headers.get("Date"));
   if (!Number.isNaN(date)) clockOffset = date + 500 - Date.now(); // Date has whole seconds
   const status = await response.json();
-  if ($("message").className !== "info") showMessage("");
+  const updated = $("updated");
+  updated.textContent = "updated " + new Date(Date.now() + clockOffset).toISOString().slice(11, 19) + " UTC";
+  if ($("message").dataset.source === "status") showMessage("");
   renderStatus(status);
   if (admin) await showSwitchTail(status);
 }
@@ -232,8 +236,8 @@ async function act(what, call) {
   showMessage(what + " …", "info");
   try {
     const answer = await call();
-    const accepted = answer.accepted_model_spec || answer.message || "";
-    showMessage(`${what}: accepted ${accepted}`.trim(), "info");
+    const launched = answer.accepted_model_spec ? ` (launching ${answer.accepted_model_spec})` : "";
+    showMessage(answer.message || `${what}: accepted${launched}`, "info");
   } catch (error) {
     showMessage(`${what}: ${explain(error)}`);
   }

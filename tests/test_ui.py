@@ -1,0 +1,245 @@
+"""The status page (``GET /ui``, docs/ui.md) in a real browser: Debian's Chromium, driven by
+Playwright for Python (``executable_path``: no browser is downloaded), against the proxy with
+the simulator on a real socket.
+
+- ``/ui`` and its files are open (no key), served by aiohttp on both HTTP paths (the front door
+  must not forward them to vLLM), only the known files;
+- the page shows a model loading, then ready, as it happens (live: ``GET /events``);
+- with the admin key its buttons switch models, and its live log grows;
+- a wrong key, no key on a daemon with keys, a user key: a clear message, or no admin buttons;
+- the key is kept in sessionStorage only.
+
+Without /usr/bin/chromium the browser tests skip, unless ``CI`` is set: then they fail (CI
+installs it, .ci/run).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from helpers import CHAT, chat_request, raw_exchange
+
+from aic_vllm_proxy.relay.auth import Role, required_role
+
+CHROMIUM = "/usr/bin/chromium"
+ADMIN, USER = "admin-secret-1", "user-secret-1"
+#: Playwright's deadlines (ms): generous, the machine may be loaded.
+DEADLINE = 60_000
+#: A model that takes a few seconds to load, so "starting" can be seen.
+SLOW = "org/slow --sim-import-delay 0.1 --sim-load-delay 4"
+QUICK_A = "org/a --sim-import-delay 0 --sim-load-delay 0"
+QUICK_B = "org/b --sim-import-delay 0 --sim-load-delay 0"
+QUICK_Z = "org/z --sim-import-delay 0 --sim-load-delay 0"
+
+
+def test_required_role_of_the_page() -> None:
+    for path in ("/ui", "/ui/", "/ui/app.js", "/ui/style.css", "/ui/index.html", "/ui/nope"):
+        assert required_role(path) is None, path
+    # Only the page's own paths.
+    assert required_role("/uix") is Role.USER
+    assert required_role("/v1/ui") is Role.USER
+
+
+@pytest.mark.parametrize("access_log", [False, True], ids=["front-door", "aiohttp"])
+@pytest.mark.parametrize("keys", [False, True], ids=["open", "keys"])
+async def test_page_files_are_served_open(make_proxy: Any, access_log: bool, keys: bool) -> None:
+    """Raw requests without a key: the page and its files, on both HTTP paths; nothing else."""
+    extra: dict[str, Any] = {"admin_keys": (ADMIN,)} if keys else {}
+    proxy = await make_proxy(access_log=access_log, **extra)
+    port = proxy.settings.port
+
+    async def get(target: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+        request = f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        reply = await raw_exchange(port, request, wait=20)
+        head, _, body = reply.data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), headers, body
+
+    status, headers, body = await get("/ui")
+    assert status == 200, body
+    assert headers["content-type"].startswith("text/html") and b'src="ui/app.js"' in body
+    assert "default-src 'self'" in headers["content-security-policy"]
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        status, headers, body = await get(f"/ui/{name}")
+        assert status == 200 and headers["content-type"].startswith(kind), body
+    for target in ("/ui/nope.js", "/ui/../pyproject.toml", "/ui/ui.py", "/ui/%2e%2e/ui.py"):
+        status, headers, body = await get(target)
+        assert status == 404 and b"status page has no file" in body, (target, body)
+    status, headers, _ = await get("/ui", "POST")
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+    if keys:  # the data stays behind the key
+        assert (await get("/status"))[0] == 401
+
+
+# ------------------------------------------------------------------------------------ browser
+
+
+@pytest.fixture
+async def page() -> AsyncIterator[Any]:
+    """A fresh headless Chromium page; fails the test on any script error in it."""
+    if not os.path.exists(CHROMIUM):
+        reason = f"{CHROMIUM} is missing (apt-get install chromium): the browser tests cannot run"
+        if os.environ.get("CI"):
+            pytest.fail(reason + ", and CI must run them")
+        pytest.skip(reason)
+    from playwright.async_api import async_playwright
+
+    errors: list[str] = []
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            page.set_default_timeout(DEADLINE)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            yield page
+        finally:
+            await browser.close()
+    assert not errors, errors
+
+
+async def use_key(page: Any, key: str) -> None:
+    await page.fill("#key", key)
+    await page.click("#key-form button[type=submit]")
+
+
+def row(page: Any, name: str) -> Any:
+    return page.locator(f'#instances tr[data-name="{name}"]')
+
+
+async def test_page_shows_a_model_loading_then_ready_live(make_proxy: Any, page: Any) -> None:
+    from playwright.async_api import expect
+
+    proxy = await make_proxy()
+    await page.goto(proxy.url + "/ui")
+    await expect(page.locator("#live")).to_have_text("live", timeout=DEADLINE)
+    await expect(page.locator("#no-instances")).to_be_visible()
+    # Started by someone else: the page learns it from /events, nobody reloads it.
+    async with proxy.session.post(proxy.url + "/switch", json={"model_spec": SLOW, "wait": False}) as resp:
+        assert resp.status == 202
+    slow = row(page, "org/slow")
+    await expect(slow.locator(".state")).to_have_text(re.compile("starting"), timeout=DEADLINE)
+    await expect(page.locator("#sw-target")).to_have_text(SLOW)
+    await expect(slow.locator(".state")).to_have_text("ready", timeout=DEADLINE)
+    await expect(page.locator("#sw-target")).to_have_text("-")
+    await expect(page.locator("#events")).to_contain_text("state", timeout=DEADLINE)
+    await expect(page.locator("#events li.event-load")).to_contain_text("org/slow")
+    # Uptime counts in the page; no buttons without a key.
+    uptime = slow.locator("[data-since]")
+    await expect(uptime).to_have_text(re.compile(r"^\d+s$"))
+    await expect(uptime).not_to_have_text(await uptime.text_content() or "")  # it ticks
+    assert not await page.locator("#controls").is_visible()
+    assert await slow.get_by_role("button").count() == 0
+
+
+async def test_buttons_switch_models_and_the_live_log_grows(make_proxy: Any, page: Any) -> None:
+    from playwright.async_api import expect
+
+    proxy = await make_proxy(admin_keys=(ADMIN,))
+    await page.goto(proxy.url + "/ui")
+    await use_key(page, ADMIN)
+    await expect(page.locator("#role")).to_have_text("admin")
+    # The key is in sessionStorage only: not in localStorage, a cookie or the URL.
+    kept = await page.evaluate(
+        "() => [sessionStorage.getItem('aic-vllm-proxy-key'), localStorage.length,"
+        " document.cookie, location.href]"
+    )
+    assert kept == [ADMIN, 0, "", proxy.url + "/ui"]
+
+    # A refused action says why, and stays said.
+    await page.fill("#spec", "org/z --trust-remote-code")
+    await page.click("#controls button[data-action=switch]")
+    message = page.locator("#message")
+    refused = "switch to org/z --trust-remote-code: This key may not do that"
+    await expect(message).to_contain_text(refused)
+    # Still there after the page read /status again (org/z ready: a later read).
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    async with proxy.session.post(proxy.url + "/switch", json={"model_spec": QUICK_Z}, headers=auth) as resp:
+        assert resp.status == 200
+    await expect(row(page, "org/z").locator(".state")).to_have_text("ready", timeout=DEADLINE)
+    await expect(message).to_contain_text(refused)
+
+    await page.fill("#spec", QUICK_A)
+    await page.click("#controls button[data-action=switch]")
+    await expect(message).to_contain_text(f"switch to {QUICK_A}: accepted (launching {QUICK_A}")
+    await expect(row(page, "org/a").locator(".state")).to_have_text("ready", timeout=DEADLINE)
+    await page.fill("#spec", QUICK_B)
+    await page.click("#controls button[data-action=switch]")
+    await expect(row(page, "org/b").locator(".state")).to_have_text("ready", timeout=DEADLINE)
+    await expect(row(page, "org/a")).to_have_count(0, timeout=DEADLINE)
+    status = proxy.supervisor.status()
+    assert status.model_spec is not None and status.model_spec.startswith("org/b")
+
+    # The live log of org/b: each request the simulator serves adds an access line.
+    await row(page, "org/b").get_by_role("button", name="Log").click()
+    log = page.locator("#log")
+    await expect(log).to_contain_text("Application startup complete", timeout=DEADLINE)
+    for count in (1, 2):
+        body = chat_request("org/b", stream=False)
+        async with proxy.session.post(proxy.url + CHAT, json=body, headers=auth) as resp:
+            assert resp.status == 200
+        await expect(log).to_contain_text(re.compile(f"(POST /v1/chat/completions.*){{{count}}}", re.S))
+
+    await page.click("#controls button[data-action=stop]")
+    await expect(row(page, "org/b").locator(".state")).to_have_text("stopped", timeout=DEADLINE)
+    await expect(log).to_contain_text("the log ended", timeout=DEADLINE)
+
+
+async def test_a_wrong_key_says_so(make_proxy: Any, page: Any) -> None:
+    from playwright.async_api import expect
+
+    proxy = await make_proxy(admin_keys=(ADMIN,))
+    await page.goto(proxy.url + "/ui")
+    await use_key(page, "not-a-key")
+    message = page.locator("#message")
+    await expect(message).to_contain_text("The key was refused")
+    await expect(message).to_contain_text("this proxy does not accept the key that was sent")
+    assert not await page.locator("#controls").is_visible()
+
+
+async def test_no_key_on_a_daemon_with_keys_asks_for_one(make_proxy: Any, page: Any) -> None:
+    from playwright.async_api import expect
+
+    proxy = await make_proxy(admin_keys=(ADMIN,), api_keys=(USER,))
+    await page.goto(proxy.url + "/ui")
+    await expect(page.locator("#message")).to_contain_text("This daemon needs a key: enter an API key above.")
+    await expect(page.locator("#live")).to_have_text("no events: key needed")
+    assert not await page.locator("#controls").is_visible()
+    assert not await page.locator("#no-instances").is_visible()  # it does not know: it says nothing
+
+
+async def test_a_user_key_sees_the_fleet_without_buttons(make_proxy: Any, page: Any) -> None:
+    from playwright.async_api import expect
+
+    proxy = await make_proxy(admin_keys=(ADMIN,), api_keys=(USER,))
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    async with proxy.session.post(proxy.url + "/switch", json={"model_spec": QUICK_A}, headers=auth) as resp:
+        assert resp.status == 200
+    await page.goto(proxy.url + "/ui")
+    await use_key(page, USER)
+    await expect(page.locator("#role")).to_have_text("read-only key")
+    await expect(row(page, "org/a").locator(".state")).to_have_text("ready")
+    await expect(page.locator("#live")).to_have_text("live", timeout=DEADLINE)
+    assert not await page.locator("#controls").is_visible()
+    assert await row(page, "org/a").get_by_role("button").count() == 0
+    assert not await page.locator("#message").is_visible()
+
+
+async def test_a_failed_switch_shows_its_error_and_log_tail(make_proxy: Any, page: Any) -> None:
+    from playwright.async_api import expect
+
+    proxy = await make_proxy(admin_keys=(ADMIN,))
+    await page.goto(proxy.url + "/ui")
+    await use_key(page, ADMIN)
+    await expect(page.locator("#role")).to_have_text("admin")
+    await page.fill("#spec", "org/broken --sim-import-delay 0 --sim-load-delay 0 --sim-fail-during-load")
+    await page.click("#controls button[data-action=switch]")
+    await expect(page.locator("#sw-error")).to_contain_text("org/broken", timeout=DEADLINE)
+    tail = page.locator("#sw-tail")
+    await expect(tail).to_be_visible()
+    await expect(tail).to_contain_text("OutOfMemoryError")  # the simulated root cause, first
+    await expect(page.locator("#events li.event-failure")).to_have_count(1)
