@@ -262,3 +262,23 @@ async def test_the_stream_ends_when_the_daemon_stops(spawn_proxy: Any) -> None:
         await asyncio.wait_for(reader.ended.wait(), 30)
     code = await asyncio.to_thread(daemon.process.wait, 30)
     assert code == 0, daemon.read_output()
+
+
+async def test_a_model_that_died_is_a_failure_not_an_unload_when_stopped(make_proxy: Any) -> None:
+    """A model whose engine died (a failure "died") and is then unloaded left its GPUs when it
+    died: its stop is no second departure (no ``unload`` event, and the metrics count none)."""
+    models = {"dies": {"model": "org/dies", "args": f"{FAST} --sim-engine-die-after 0.5"}}
+    proxy = await make_proxy(models=models)
+    async with Reader(proxy.url) as reader:
+        status, _ = await post(proxy, "/load", {"model": "dies"})
+        assert status == 200
+        failure = await reader.wait_for(lambda e: e.type == "failure")
+        assert extra(failure, "reason") == "died"
+        status, _ = await post(proxy, "/unload", {"model": "dies"})
+        assert status == 200
+        await reader.wait_for(lambda e: e.type == "state" and extra(e, "new") == "stopped")
+        assert not reader.of("unload")
+    async with proxy.session.get(f"{proxy.url}/proxy/metrics") as resp:
+        text = await resp.text()
+    assert 'aic_proxy_unloads_total{model="dies",reason="stopped"}' not in text
+    assert 'aic_proxy_failures_total{model="dies",reason="died"} 1.0' in text

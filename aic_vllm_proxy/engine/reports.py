@@ -3,9 +3,10 @@
 :class:`StateReporter` is subscribed to each instance's state machine: every transition becomes
 a ``state`` event, and the ones that mean more become their own event too: ``load`` (ready after
 a launch or a wake, with the seconds it took), ``unload`` (a model that was ready left its GPUs:
-stopped or parked) and ``failure`` (with the root cause and the log tail, read off the event
-loop, so it comes a moment after its ``state`` event). The metrics count from these events
-(``Metrics.heard``): a transition is interpreted here, once.
+stopped or parked; not one that had died or slept, which held no GPU any more) and ``failure``
+(with the root cause and the log tail, read off the event loop, so it comes a moment after its
+``state`` event). The metrics count from these events (``Metrics.heard``): a transition is
+interpreted here, once.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class StateReporter:
         self.instance = instance
         self.bus = bus
         self._waking_since: float | None = None  # monotonic: when its wake began
+        self._holding = False  # ready (or draining, parking) since its last load: on its GPUs
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __call__(self, event: StateEvent) -> None:
@@ -54,6 +56,11 @@ class StateReporter:
             exit_code=snap.exit_code,
             sleep_level=snap.sleep_level,
         )
+        held = self._holding
+        if new is S.READY:
+            self._holding = True
+        elif new not in (S.DRAINING, S.PARKING, S.STOPPING):  # on the way out: still holding
+            self._holding = False
         if new is S.WAKING:
             self._waking_since = event.monotonic
         elif new is S.READY:
@@ -64,7 +71,7 @@ class StateReporter:
             self.bus.publish("load", name, reason=reason, seconds=seconds, model_spec=snap.model_spec)
         elif new is S.SLEEPING:
             self.bus.publish("unload", name, reason="parked", model_spec=snap.model_spec)
-        elif new is S.STOPPED and old is S.STOPPING and snap.ready_at is not None:
+        elif new is S.STOPPED and held:  # not a model that failed, or slept, before its stop
             self.bus.publish("unload", name, reason="stopped", model_spec=snap.model_spec)
         elif new is S.FAILED:
             reason = "load" if old is S.STARTING else "died"
