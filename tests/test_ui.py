@@ -74,6 +74,11 @@ async def test_page_files_are_served_open(make_proxy: Any, access_log: bool, key
     assert status == 405 and headers["allow"] == "GET, HEAD"
     if keys:  # the data stays behind the key
         assert (await get("/status"))[0] == 401
+        # Paths that read as open ones but are routed on to vLLM need a key like the rest.
+        for target in ("/ui%2Fapp.js", "/ui%2F..%2Fv1%2Fmodels", "/proxy%2Fhealth"):
+            status, _, body = await get(target)
+            assert status == 401 and b"Missing or invalid API key" in body, (target, body)
+        assert (await get("/%75i/app.js"))[0] == 200  # routed to the page: served
 
 
 # ------------------------------------------------------------------------------------ browser

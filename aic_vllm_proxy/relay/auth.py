@@ -192,9 +192,22 @@ def _presented_role(keys: KeyRing, request: web.Request) -> Role:
     return role
 
 
+def routed_path(request: web.Request) -> str:
+    """A request's path as aiohttp's router matches it: percent-decoded but for ``%2F`` and
+    ``%25`` (yarl's ``path_safe``; before it, aiohttp routed on the raw path)."""
+    url = request.rel_url
+    return str(getattr(url, "path_safe", url.raw_path))
+
+
 def authorize(keys: KeyRing, request: web.Request) -> None:
-    """Raise a 401/403 :class:`ProxyError` unless the request's key may call its path."""
+    """Raise a 401/403 :class:`ProxyError` unless the request's key may call its path.
+
+    A path is open only when it is open as the router sees it too: ``/ui%2Fapp.js`` reads as
+    ``/ui/app.js`` but is routed past the page, on to vLLM, so it needs a key like any request
+    for vLLM."""
     needed = required_role(request.path, request.method)
+    if needed is None:
+        needed = required_role(routed_path(request), request.method)
     if needed is not None:
         role = _presented_role(keys, request)
         if role is Role.METRICS:
