@@ -282,3 +282,17 @@ async def test_a_model_that_died_is_a_failure_not_an_unload_when_stopped(make_pr
         text = await resp.text()
     assert 'aic_proxy_unloads_total{model="dies",reason="stopped"}' not in text
     assert 'aic_proxy_failures_total{model="dies",reason="died"} 1.0' in text
+
+
+async def test_head_gives_the_head_only_and_the_stream_carries_the_request_id(make_proxy: Any) -> None:
+    """HEAD /events: the head, at once, and nothing subscribed; GET's head has the request id
+    (a streamed answer is written before the guard could add it)."""
+    proxy = await make_proxy()
+    bus: EventBus = proxy.app[EVENTS]
+    async with proxy.session.head(f"{proxy.url}/events", headers={"X-Request-Id": "h-1"}) as resp:
+        assert resp.status == 200 and resp.headers["X-Request-Id"] == "h-1"
+        assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert bus.subscribers == 0
+    async with proxy.session.get(f"{proxy.url}/events", headers={"X-Request-Id": "g-1"}) as resp:
+        assert resp.status == 200 and resp.headers["X-Request-Id"] == "g-1"
+        assert bus.subscribers == 1

@@ -24,11 +24,12 @@ from pydantic import BaseModel, ValidationError
 from aic_vllm_proxy import __version__
 from aic_vllm_proxy.catalog import CatalogInfo, PolicyError, resolve
 from aic_vllm_proxy.engine.logs import follow, iter_file, parse_lines_param, tail_lines_async, tail_with_cause
-from aic_vllm_proxy.events import encode
+from aic_vllm_proxy.events import CURRENT_REQUEST, encode
 from aic_vllm_proxy.metrics import CONTENT_TYPE
 from aic_vllm_proxy.relay.auth import authorize_metrics
 from aic_vllm_proxy.relay.errors import BadRequest, ProxyError, body_too_large
 from aic_vllm_proxy.relay.passthrough import read_body
+from aic_vllm_proxy.relay.request import REQUEST_ID
 from aic_vllm_proxy.relay.routes import OwnRoutes
 from aic_vllm_proxy.schemas import (
     LoadRequest,
@@ -290,7 +291,7 @@ def _open_log(request: web.Request) -> Iterator[int]:
 async def logs_current(request: web.Request) -> web.StreamResponse:
     """The whole current log, streamed from the file (never read into memory whole)."""
     with _open_log(request) as fd:
-        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        response = _streamed({"Content-Type": "text/plain; charset=utf-8"})
         await response.prepare(request)
         async for chunk in iter_file(fd):
             await response.write(chunk)
@@ -325,9 +326,7 @@ async def logs_stream(request: web.Request) -> web.StreamResponse:
         raise BadRequest(str(exc), param="lines") from None
     supervisor = request.app[SUPERVISOR]
     with _open_log(request) as fd:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
-        )
+        response = _streamed({"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"})
         await response.prepare(request)
         model = request.query.get("model")
         async for chunk in follow(fd, lines, lambda: supervisor.log_is_live(fd, model)):
@@ -346,13 +345,16 @@ async def events(request: web.Request) -> web.StreamResponse:
     bus = request.app[EVENTS]
     keepalive = request.app[SETTINGS].events_keepalive
     after = _last_event_id(request.headers.get("Last-Event-ID"))
-    response = web.StreamResponse(
-        headers={
+    response = _streamed(
+        {
             "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",  # a proxy in front (nginx) must not buffer it
         }
     )
+    if request.method == "HEAD":  # the head only: nothing to follow
+        await response.prepare(request)
+        return response
     with bus.subscribe(after) as subscription:
         await response.prepare(request)
         await response.write(encode(bus.make("hello", None, last_id=bus.last_id)))
@@ -367,6 +369,11 @@ async def events(request: web.Request) -> web.StreamResponse:
             await response.write(encode(event))
     await response.write_eof()
     return response
+
+
+def _streamed(headers: dict[str, str]) -> web.StreamResponse:
+    """An answer written as it goes, with the request's id (the guard adds it to the others)."""
+    return web.StreamResponse(headers={**headers, REQUEST_ID: CURRENT_REQUEST.get() or ""})
 
 
 def _last_event_id(value: str | None) -> int | None:
