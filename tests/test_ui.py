@@ -15,6 +15,8 @@ installs it, .ci/run).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 from collections.abc import AsyncIterator
@@ -116,6 +118,7 @@ def row(page: Any, name: str) -> Any:
     return page.locator(f'#instances tr[data-name="{name}"]')
 
 
+@pytest.mark.slow
 async def test_page_shows_a_model_loading_then_ready_live(make_proxy: Any, page: Any) -> None:
     from playwright.async_api import expect
 
@@ -141,6 +144,7 @@ async def test_page_shows_a_model_loading_then_ready_live(make_proxy: Any, page:
     assert await slow.get_by_role("button").count() == 0
 
 
+@pytest.mark.slow
 async def test_buttons_switch_models_and_the_live_log_grows(make_proxy: Any, page: Any) -> None:
     from playwright.async_api import expect
 
@@ -192,6 +196,17 @@ async def test_buttons_switch_models_and_the_live_log_grows(make_proxy: Any, pag
     await page.click("#controls button[data-action=stop]")
     await expect(row(page, "org/b").locator(".state")).to_have_text("stopped", timeout=DEADLINE)
     await expect(log).to_contain_text("the log ended", timeout=DEADLINE)
+
+    # Load beside the (stopped) slot, then unload it.
+    await page.fill("#spec", QUICK_A)
+    await page.click("#controls button[data-action=load]")
+    await expect(row(page, "org/a").locator(".state")).to_have_text("ready", timeout=DEADLINE)
+    await row(page, "org/a").get_by_role("button", name="Unload").click()
+    await expect(message).to_contain_text("org/a is unloaded", timeout=DEADLINE)
+    await expect(row(page, "org/a").locator(".state")).to_have_text("stopped", timeout=DEADLINE)
+    assert [item.state.value for item in proxy.supervisor.instance_statuses() if item.name == "org/a"] == [
+        "stopped"
+    ]
 
 
 async def test_a_wrong_key_says_so(make_proxy: Any, page: Any) -> None:
@@ -248,3 +263,33 @@ async def test_a_failed_switch_shows_its_error_and_log_tail(make_proxy: Any, pag
     await expect(tail).to_be_visible()
     await expect(tail).to_contain_text("OutOfMemoryError")  # the simulated root cause, first
     await expect(page.locator("#events li.event-failure")).to_have_count(1)
+
+
+async def test_the_page_reconnects_to_events_with_the_last_id(make_proxy: Any, page: Any) -> None:
+    """A dropped /events stream: the page connects again, sending the id of the last event it
+    saw as Last-Event-ID (the first stream here is a canned one that ends after one event)."""
+    from playwright.async_api import expect
+
+    proxy = await make_proxy()
+    asked: list[str | None] = []
+    again = asyncio.Event()
+    hello = {"id": 7, "type": "hello", "time": "2026-12-04T00:00:00+00:00", "model": None, "last_id": 7}
+
+    async def events(route: Any) -> None:
+        asked.append(route.request.headers.get("last-event-id"))
+        if len(asked) == 1:
+            body = f": hi\n\nid: 7\ndata: {json.dumps(hello)}\n\n"
+            await route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+        else:
+            again.set()
+            await route.continue_()
+
+    await page.route("**/events", events)
+    await page.goto(proxy.url + "/ui")
+    await asyncio.wait_for(again.wait(), DEADLINE / 1000)
+    assert asked[:2] == [None, "7"]
+    await expect(page.locator("#live")).to_have_text("live")
+    # The real stream now: a switch shows up live.
+    async with proxy.session.post(proxy.url + "/switch", json={"model_spec": QUICK_A, "wait": False}) as resp:
+        assert resp.status == 202
+    await expect(row(page, "org/a").locator(".state")).to_have_text("ready", timeout=DEADLINE)
