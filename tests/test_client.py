@@ -392,7 +392,8 @@ def test_the_client_imports_no_server_code() -> None:
         "aic_vllm_proxy.catalog", "aic_vllm_proxy.vllm_flags",
     }  # fmt: skip
     assert client_modules == {
-        f"aic_vllm_proxy.client.{m}" for m in ("aio", "calls", "cli", "errors", "progress", "sync", "views")
+        f"aic_vllm_proxy.client.{m}"
+        for m in ("aio", "calls", "cli", "errors", "progress", "sse", "sync", "views")
     }
 
 

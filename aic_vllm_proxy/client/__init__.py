@@ -22,8 +22,9 @@ Specs are compared and catalogue names looked up by the proxy's own pure modules
 status and for a switch (``views.py``) is at once the JSON dict of the answer and the typed object.
 
 A switch never waits on one long HTTP request: it asks the proxy to start the switch
-(``POST /switch`` with ``"wait": false``), then polls ``GET /status`` and follows the new vLLM
-log (``GET /logs/stream``) until the model is ready or has failed.
+(``POST /switch`` with ``"wait": false``), then reads ``GET /status`` whenever the daemon's event
+stream (``GET /events``) says something changed (an older daemon without it is polled), and
+follows the new vLLM log (``GET /logs/stream``) until the model is ready or has failed.
 
 The names below are imported when first used (PEP 562): the daemon's command line registers
 the client's commands (``client/cli.py``) without loading the client, so a daemon installed

@@ -16,11 +16,13 @@ from aic_vllm_proxy.client.calls import (
     _catalog_call,
     _ClientBase,
     _CloseLog,
+    _event_stream_request,
     _health_call,
     _instances_call,
     _log_stream_request,
     _logs_call,
     _model_name_call,
+    _OpenEvents,
     _OpenLog,
     _Plan,
     _plugins_call,
@@ -34,8 +36,9 @@ from aic_vllm_proxy.client.calls import (
 )
 from aic_vllm_proxy.client.errors import ProxyError
 from aic_vllm_proxy.client.progress import ProgressArg
+from aic_vllm_proxy.client.sse import EVENT_STREAM, EventParser
 from aic_vllm_proxy.client.views import LoadResultDict, StatusDict, SwitchResultDict, UnloadResultDict
-from aic_vllm_proxy.schemas import InstanceStatus, PluginInfo
+from aic_vllm_proxy.schemas import InstanceStatus, PluginInfo, ProxyEvent
 
 
 class _LogTask:
@@ -62,6 +65,59 @@ class _LogTask:
             arrived = asyncio.ensure_future(self._arrived.wait())
             await asyncio.wait({self._task, arrived}, timeout=remaining)
             arrived.cancel()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class _EventTask:
+    """Follows ``GET /events`` in a task; the events wait in a queue for the plan."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._queue: asyncio.Queue[ProxyEvent | None] = asyncio.Queue()
+        self._task = asyncio.create_task(self._read(http))
+        self.ended = False
+
+    async def _read(self, http: httpx.AsyncClient) -> None:
+        try:
+            async with http.stream(**_event_stream_request(10.0)) as response:
+                kind = response.headers.get("content-type", "").split(";")[0].strip()
+                if response.status_code != 200 or kind != EVENT_STREAM:
+                    return  # an older daemon: 404
+                parser = EventParser()
+                async for line in response.aiter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        self._queue.put_nowait(event)
+        except (httpx.HTTPError, OSError, ValueError):
+            pass  # the proxy went away: /status tells the rest
+        finally:
+            self._queue.put_nowait(None)
+
+    async def opened(self, timeout: float) -> bool:
+        """True once the stream's first message came (it is not kept)."""
+        return bool(await self.wait(timeout))
+
+    async def wait(self, seconds: float) -> list[ProxyEvent] | None:
+        """The events that come within ``seconds`` (once one came: all those there are); None
+        once the stream has ended."""
+        if self.ended:
+            return None
+        received: list[ProxyEvent | None] = []
+        if self._queue.empty() and seconds > 0:
+            try:
+                received.append(await asyncio.wait_for(self._queue.get(), seconds))
+            except asyncio.TimeoutError:
+                return []
+        while not self._queue.empty():
+            received.append(self._queue.get_nowait())
+        events = [event for event in received if event is not None]
+        if len(events) < len(received):
+            self.ended = True
+            return events or None
+        return events
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -100,16 +156,26 @@ class AsyncVLLMProxyClient(_ClientBase):
         return self._answer(call, response)
 
     async def _run(self, plan: _Plan[T]) -> T:
-        """Carry out a plan's steps (see ``calls.py``); the log stream is read by a task."""
+        """Carry out a plan's steps (see ``calls.py``); the streams are read by tasks."""
         steps = _Steps(plan)
         log: _LogTask | None = None
+        events: _EventTask | None = None
         try:
             while (step := steps.next()) is not None:
                 try:
                     if isinstance(step, _Call):
                         steps.done(await self._send(step))
+                    elif isinstance(step, _OpenEvents):
+                        events = _EventTask(self._http)
+                        opened = await events.opened(step.timeout)
+                        if not opened:  # an older daemon (404), or silent: poll
+                            await events.stop()
+                            events = None
+                        steps.done(opened)
                     elif isinstance(step, _OpenLog):
                         log = _LogTask(self.follow_logs(step.lines, model=step.model), step.show)
+                    elif isinstance(step, _Wait) and step.events:
+                        steps.done(await events.wait(step.seconds) if events is not None else None)
                     elif isinstance(step, _Wait) and log is not None and step.to_end:
                         await log.wait(step.seconds, step.until)
                     elif isinstance(step, _Wait):
@@ -122,6 +188,8 @@ class AsyncVLLMProxyClient(_ClientBase):
         finally:
             if log is not None:
                 await log.stop()
+            if events is not None:
+                await events.stop()
         return steps.result
 
     async def status(self) -> StatusDict:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import shlex
+import uuid
 import warnings
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,8 +34,10 @@ from aic_vllm_proxy.client.progress import (
     Sink,
     SwitchWatch,
     Watch,
+    changes_status,
     make_sink,
 )
+from aic_vllm_proxy.client.sse import EVENT_STREAM
 from aic_vllm_proxy.client.views import LoadResultDict, StatusDict, SwitchResultDict, UnloadResultDict
 from aic_vllm_proxy.schemas import (
     ErrorBody,
@@ -44,6 +47,7 @@ from aic_vllm_proxy.schemas import (
     PluginInfo,
     PluginList,
     ProcessState,
+    ProxyEvent,
     Status,
     UnloadResult,
 )
@@ -61,8 +65,16 @@ API_TIMEOUT = 30.0
 GENERATION_TIMEOUT = httpx.Timeout(1800.0, connect=10.0)
 #: Read timeout of ``POST /stop``: the proxy first lets in-flight requests finish (its --drain-timeout).
 STOP_TIMEOUT = 900.0
-#: Seconds between two ``GET /status`` while a switch goes on.
+#: Seconds between two ``GET /status`` while a switch goes on (a daemon without ``GET /events``).
 POLL_INTERVAL = 0.3
+#: Followed through ``GET /events``, ``GET /status`` is read when an event says something
+#: changed, and at least this often (in case an event got lost on the way).
+EVENTS_SAFETY_INTERVAL = 10.0
+#: How long ``GET /events`` may take to send its first message before the client polls instead.
+EVENTS_OPEN_TIMEOUT = 10.0
+#: After a switch or a load failed, how long to wait for the events that led to it (a plugin's
+#: veto comes as an event a moment before ``/status`` shows the refusal); it ends once some came.
+FINAL_EVENTS_WAIT = 1.0
 #: How much of the new launch's log the progress display starts with (all of it, in practice).
 FOLLOW_FROM_LINES = 2000
 #: Log lines attached to a :class:`SwitchError`.
@@ -243,6 +255,7 @@ class _Call(Generic[T]):
     params: dict[str, Any] = field(default_factory=dict)
     #: Read timeout for a call that may take long (None: the client's ``timeout``).
     read_timeout: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _status_answer(response: httpx.Response) -> StatusDict:
@@ -253,8 +266,14 @@ def _status_call() -> _Call[StatusDict]:
     return _Call("GET", "/status", _status_answer)
 
 
-def _start_switch_call(spec: str, force: bool) -> _Call[StatusDict]:
-    return _Call("POST", "/switch", _status_answer, json={"model_spec": spec, "wait": False, "force": force})
+def _request_id_header(request_id: str | None) -> dict[str, str]:
+    """``X-Request-Id``: the daemon keeps it, and tags the events the request causes with it."""
+    return {} if request_id is None else {"X-Request-Id": request_id}
+
+
+def _start_switch_call(spec: str, force: bool, request_id: str | None = None) -> _Call[StatusDict]:
+    body = {"model_spec": spec, "wait": False, "force": force}
+    return _Call("POST", "/switch", _status_answer, json=body, headers=_request_id_header(request_id))
 
 
 def _stop_call(force: bool, model: str | None = None) -> _Call[StatusDict]:
@@ -263,11 +282,15 @@ def _stop_call(force: bool, model: str | None = None) -> _Call[StatusDict]:
     return _Call("POST", "/stop", _status_answer, json=body, read_timeout=STOP_TIMEOUT)
 
 
-def _start_load_call(name: str) -> _Call[LoadResultDict]:
+def _start_load_call(name: str, request_id: str | None = None) -> _Call[LoadResultDict]:
     """``POST /load`` with ``"wait": false``: answered at once, the load goes on (see /status)."""
     parse = _json_as(LoadResult)
     return _Call(
-        "POST", "/load", lambda response: LoadResultDict(parse(response)), json={"model": name, "wait": False}
+        "POST",
+        "/load",
+        lambda response: LoadResultDict(parse(response)),
+        json={"model": name, "wait": False},
+        headers=_request_id_header(request_id),
     )
 
 
@@ -336,6 +359,17 @@ def _model_name_call() -> _Call[str | None]:
     return _Call("GET", "/status", ready_model)
 
 
+def _event_stream_request(timeout: float) -> dict[str, Any]:
+    """The request of ``GET /events`` (no read timeout: the daemon may have nothing to tell for
+    long; it sends a keep-alive comment now and then)."""
+    return {
+        "method": "GET",
+        "url": "/events",
+        "headers": {"Accept": EVENT_STREAM},
+        "timeout": httpx.Timeout(timeout, read=None),
+    }
+
+
 def _log_stream_request(lines: int, timeout: float, model: str | None = None) -> dict[str, Any]:
     """The request of ``GET /logs/stream`` (no read timeout: a line may take long to come)."""
     return {
@@ -350,9 +384,10 @@ def _log_stream_request(lines: int, timeout: float, model: str | None = None) ->
 #
 # What a longer method does (switch, wait_until_ready) is written once, as a generator that
 # yields steps and gets each step's answer back: a _Call (answer: its parsed result), or one of
-# the steps below about the log stream (answer: None). A step that fails is thrown into the plan
-# at its yield, so the plan handles errors as if it had done the I/O itself. The sync and async
-# clients each have one driver (``_run``) that carries the steps out.
+# the steps below about the log stream, the event stream and waiting. A step that fails is
+# thrown into the plan at its yield, so the plan handles errors as if it had done the I/O itself.
+# The sync and async clients each have one driver (``_run``) that carries the steps out, and
+# closes the streams a plan left open when it ends.
 
 
 @dataclass(frozen=True)
@@ -370,13 +405,27 @@ def _never() -> bool:
 
 
 @dataclass(frozen=True)
+class _OpenEvents:
+    """Follow ``GET /events``. Answer: True once its first message came (from then on, every
+    event is kept for the next :class:`_Wait` with ``events``); False when the daemon has no
+    such route (an older one answers 404), or it failed or stayed silent for ``timeout``."""
+
+    timeout: float = EVENTS_OPEN_TIMEOUT
+
+
+@dataclass(frozen=True)
 class _Wait:
     """Let ``seconds`` pass while the log's lines are shown; with ``to_end``, stop earlier once
-    the log stream has ended or ``until()`` is true (checked after each line)."""
+    the log stream has ended or ``until()`` is true (checked after each line).
+
+    With ``events``, stop as soon as events have come from ``GET /events``. Answer: the events
+    that came (all those there were, possibly none), or None when no event stream is open (any
+    more). Without ``events``, the answer is None (events coming meanwhile are kept)."""
 
     seconds: float
     to_end: bool = False
     until: Callable[[], bool] = _never
+    events: bool = False
 
 
 @dataclass(frozen=True)
@@ -384,7 +433,7 @@ class _CloseLog:
     """Stop following the log stream (the driver also does this when the plan ends)."""
 
 
-_Step = _Call[Any] | _OpenLog | _Wait | _CloseLog
+_Step = _Call[Any] | _OpenLog | _OpenEvents | _Wait | _CloseLog
 #: A plan that returns a ``T``.
 _Plan = Generator[_Step, Any, T]
 
@@ -447,6 +496,30 @@ def catalog_spec(name: str, catalog: Mapping[str, Any]) -> str | None:
     except SpecError:
         return None
     return spec.raw if entry_name is not None else None
+
+
+def _new_request_id() -> str:
+    """An ``X-Request-Id`` for a switch or a load, to know the events it causes."""
+    return f"client-{uuid.uuid4().hex}"
+
+
+def _await_change(watch: Watch) -> _Plan[bool]:
+    """Wait for events until one says ``/status`` may have changed (:func:`changes_status`), or
+    :data:`EVENTS_SAFETY_INTERVAL` has passed (in case one was lost), or ``watch``'s timeout;
+    each event is shown by ``watch`` (hook reports). False when the event stream has ended:
+    poll from then on."""
+    until = watch.elapsed + EVENTS_SAFETY_INTERVAL
+    if watch.timeout is not None:
+        until = min(until, watch.timeout + 0.01)  # just past it: the next status tells it is over
+    while (left := until - watch.elapsed) > 0:
+        received: list[ProxyEvent] | None = yield _Wait(left, events=True)
+        if received is None:
+            return False
+        for event in received:
+            watch.event(event)
+        if any(changes_status(event) for event in received):
+            break
+    return True
 
 
 def _switch_error(outcome: Outcome, tail: list[str], base_url: str, *, switching: bool) -> ProxyError:
@@ -527,6 +600,7 @@ class _ClientBase:
             "url": call.path,
             "json": call.json,
             "params": call.params,
+            "headers": call.headers,
             "timeout": self._call_timeout(call),
         }
 
@@ -582,44 +656,53 @@ class _ClientBase:
         verbose: bool | None,
     ) -> _Plan[SwitchResultDict]:
         spec = self.spec_for(model, args)
+        live = yield _OpenEvents()
         before = (yield from _ask(_status_call())).as_model()
         loads = yield from _catalog_lookup(spec)
         watch = self._watch(spec, before, progress, timeout, loads=loads, verbose=verbose)
+        watch.request_id = _new_request_id() if live else None
         watch.begin()
         try:
-            accepted = (yield from _ask(_start_switch_call(spec, force))).as_model()
+            accepted = (yield from _ask(_start_switch_call(spec, force, watch.request_id))).as_model()
         except ProxyError as exc:
             watch.show(f"FAILED: {exc.message}")  # e.g. a spec the proxy's policy refuses
             raise
         if accepted.accepted_model_spec:  # what the proxy launches (older proxies: the spec sent)
             watch.spec = accepted.accepted_model_spec
-        return SwitchResultDict(watch.result((yield from self._follow_plan(watch))))
+        return SwitchResultDict(watch.result((yield from self._follow_plan(watch, live))))
 
     def _wait_plan(
         self, timeout: float | None, progress: ProgressArg | None, verbose: bool | None
     ) -> _Plan[StatusDict]:
+        live = yield _OpenEvents()
         before = (yield from _ask(_status_call())).as_model()
         watch = self._watch(None, before, progress, timeout, verbose=verbose)
-        return StatusDict((yield from self._follow_plan(watch)).status)
+        return StatusDict((yield from self._follow_plan(watch, live)).status)
 
     def _load_plan(
         self, name: str, timeout: float | None, progress: ProgressArg | None, verbose: bool | None
     ) -> _Plan[LoadResultDict]:
+        live = yield _OpenEvents()
         before = (yield from _ask(_status_call())).as_model()
         watch = LoadWatch(
             name, before, sink=self._sink(progress), timeout=timeout, verbose=self._every_line(verbose)
         )
+        watch.request_id = _new_request_id() if live else None
         watch.begin()
         try:
-            watch.accepted((yield from _ask(_start_load_call(name))).as_model())
+            watch.accepted((yield from _ask(_start_load_call(name, watch.request_id))).as_model())
         except ProxyError as exc:
             watch.show(f"FAILED: {exc.message}")  # unknown name, no room, refused, ...
             raise
-        return LoadResultDict(watch.result((yield from self._follow_plan(watch))))
+        return LoadResultDict(watch.result((yield from self._follow_plan(watch, live))))
 
-    def _follow_plan(self, watch: Watch) -> _Plan[Outcome]:
-        """Poll ``/status`` until the switch, the load (or the wait) is over, following the new
-        launch's log while progress is shown; raise the failure with the log's tail."""
+    def _follow_plan(self, watch: Watch, live: bool) -> _Plan[Outcome]:
+        """Read ``/status`` until the switch, the load (or the wait) is over, following the new
+        launch's log while progress is shown; raise the failure with the log's tail.
+
+        ``live``: ``GET /events`` is open (since before ``watch.before`` was read), and
+        ``/status`` is read again when an event says something changed (:func:`_await_change`);
+        else (an older daemon, or the stream ended) every :attr:`poll_interval` seconds."""
         following = False
         try:
             while True:
@@ -631,13 +714,20 @@ class _ClientBase:
                 if not following and watch.sink is not None and watch.wants_log(watch.last):
                     following = True
                     yield _OpenLog(watch.log, model=watch.log_model)
-                yield _Wait(self.poll_interval)
+                if live and not (watch.sink is not None and watch.launching(watch.last)):
+                    live = yield from _await_change(watch)
+                else:  # polling; or the log's name is due in a moment, with no event to tell
+                    yield _Wait(self.poll_interval)
                 watch.tick()
             if following and not outcome.ok:
                 # A failed vLLM has exited: its stream ends once its last lines are sent.
                 yield _Wait(FINAL_LINES_WAIT, to_end=True)
             elif following:  # ready: its last start-up lines may still be on their way
                 yield _Wait(READY_LINES_WAIT, to_end=True, until=lambda: watch.ready_line_seen)
+            if live:  # the events not seen yet: the hook reports among them are shown
+                failed_start = watch.starting and not outcome.ok
+                for event in (yield _Wait(FINAL_EVENTS_WAIT if failed_start else 0.0, events=True)) or ():
+                    watch.event(event)
         except (KeyboardInterrupt, asyncio.CancelledError):
             watch.interrupted()
             raise

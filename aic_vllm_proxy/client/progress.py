@@ -1,11 +1,13 @@
 """Following a model switch: deciding from ``GET /status`` when it is over, and showing its
-progress (elapsed time, the lines of the new vLLM log that tell progress or trouble, a one-line
-summary).
+progress (elapsed time, the lines of the new vLLM log that tell progress or trouble, the
+plugins' hook reports, a one-line summary).
 
 Nothing here does I/O on the network: the sync and the async client feed a :class:`SwitchWatch`
-with the status answers and log lines they fetch, each in its own way, and it tells them when
-to open the log stream and when the switch has succeeded or failed. Only :mod:`pydantic` models
-and the pure :mod:`aic_vllm_proxy.spec` are imported, so this works with the ``client`` extra alone.
+with the status answers, log lines and events (``GET /events``) they fetch, each in its own way,
+and it tells them when to open the log stream and when the switch has succeeded or failed.
+Which events are worth a new ``GET /status`` is decided here too (:func:`changes_status`). Only
+:mod:`pydantic` models and the pure :mod:`aic_vllm_proxy.spec` are imported, so this works with the
+``client`` extra alone.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from aic_vllm_proxy.schemas import InstanceStatus, LoadResult, ProcessState, Status, SwitchResult
+from aic_vllm_proxy.schemas import (
+    InstanceStatus,
+    LoadResult,
+    ProcessState,
+    ProxyEvent,
+    Status,
+    SwitchResult,
+)
 from aic_vllm_proxy.spec import ModelSpec, SpecError
 
 S = ProcessState
@@ -192,6 +201,31 @@ class LogFilter:
         return None
 
 
+# ------------------------------------------------------------------ events
+
+#: The ``GET /events`` types after which ``GET /status`` may tell something new: a state
+#: transition, a switch's phase, a load, unload, eviction, TTL expiry, restart, drain or failure,
+#: and ``dropped`` (this reader missed events). Not ``hello`` nor ``hook`` (a report, shown as it
+#: is), nor a type this client does not know.
+STATUS_CHANGES = frozenset(
+    {"state", "switch", "load", "unload", "eviction", "ttl", "restart", "drain", "failure", "dropped"}
+)
+
+
+def changes_status(event: ProxyEvent) -> bool:
+    """After ``event``, ``GET /status`` is worth reading again."""
+    return event.type in STATUS_CHANGES
+
+
+def hook_line(event: ProxyEvent) -> str:
+    """A ``hook`` event as a progress line: ``hook post_switch (plugin X): veto: message``."""
+    extra = event.model_extra or {}
+    outcome = extra.get("outcome") or "?"
+    message = extra.get("message")
+    text = f"hook {extra.get('hook') or '?'} (plugin {extra.get('plugin') or '?'}): {outcome}"
+    return f"{text}: {message}" if message else text
+
+
 # ------------------------------------------------------------------ following a switch
 
 
@@ -256,6 +290,8 @@ class Watch:
         self.log_lines_seen = 0
         self.ready_line_seen = False
         self.last: Status = before
+        #: The ``X-Request-Id`` of the request that started what is followed (its events carry it).
+        self.request_id: str | None = None
 
     # ------------------------------------------------------------------ timing
 
@@ -296,6 +332,19 @@ class Watch:
     def summary(self, outcome: Outcome) -> None:
         self.show(outcome.message if outcome.ok else f"FAILED: {outcome.message}")
 
+    def event(self, event: ProxyEvent) -> None:
+        """An event of ``GET /events``: a hook's report is shown when it was not ok (every one
+        when verbose) and it is about this wait (:meth:`concerns`)."""
+        if event.type != "hook" or not self.concerns(event):
+            return
+        if self.filter.verbose or (event.model_extra or {}).get("outcome") != "ok":
+            self.show(hook_line(event))
+
+    def concerns(self, event: ProxyEvent) -> bool:
+        """``event`` is about what is followed: caused by the request that started it
+        (:attr:`request_id`), or by no request; any event when no request started it."""
+        return self.request_id is None or event.request_id in (None, self.request_id)
+
     # ------------------------------------------------------------------ for subclasses
 
     def waiting_for(self) -> str:
@@ -311,6 +360,11 @@ class Watch:
 
     def wants_log(self, status: Status) -> bool:
         """The new launch's log file has its final name (the pid is known): follow it now."""
+        raise NotImplementedError
+
+    def launching(self, status: Status) -> bool:
+        """A new launch has begun whose pid (and the log's final name) ``status`` does not show
+        yet: they come a moment later, with no event of their own."""
         raise NotImplementedError
 
     def observe(self, status: Status) -> Outcome | None:
@@ -382,6 +436,9 @@ class SwitchWatch(Watch):
 
     def wants_log(self, status: Status) -> bool:
         return self.is_new_launch(status) and status.pid is not None and status.log_path is not None
+
+    def launching(self, status: Status) -> bool:
+        return self.is_new_launch(status) and status.state is S.STARTING and not self.wants_log(status)
 
     def observe(self, status: Status) -> Outcome | None:
         self.last = status
@@ -562,6 +619,15 @@ class LoadWatch(Watch):
             and self.is_new_launch(instance)
             and instance.pid is not None
             and instance.log_path is not None
+        )
+
+    def launching(self, status: Status) -> bool:
+        instance = find_instance(status, self.name)
+        return (
+            instance is not None
+            and self.is_new_launch(instance)
+            and instance.state is S.STARTING
+            and not self.wants_log(status)
         )
 
     def observe(self, status: Status) -> Outcome | None:

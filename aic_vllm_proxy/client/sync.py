@@ -19,11 +19,13 @@ from aic_vllm_proxy.client.calls import (
     _catalog_call,
     _ClientBase,
     _CloseLog,
+    _event_stream_request,
     _health_call,
     _instances_call,
     _log_stream_request,
     _logs_call,
     _model_name_call,
+    _OpenEvents,
     _OpenLog,
     _Plan,
     _plugins_call,
@@ -36,24 +38,32 @@ from aic_vllm_proxy.client.calls import (
     _Wait,
 )
 from aic_vllm_proxy.client.progress import ProgressArg
+from aic_vllm_proxy.client.sse import EVENT_STREAM, EventParser
 from aic_vllm_proxy.client.views import LoadResultDict, StatusDict, SwitchResultDict, UnloadResultDict
-from aic_vllm_proxy.schemas import InstanceStatus, PluginInfo
+from aic_vllm_proxy.schemas import InstanceStatus, PluginInfo, ProxyEvent
 
 # -------------------------------------------------------------------- sync client
 
 
-class _LogThread:
-    """Follows ``GET /logs/stream`` in a thread and hands the lines over through a queue, so
-    they are printed by the caller's thread (which is what Jupyter attaches output to)."""
+class _Reader:
+    """Reads one streaming ``GET`` in a thread (the log stream, the event stream): each item it
+    makes of the answer goes into ``inbox`` with the reader, then None at the end. So the lines
+    are printed by the caller's thread (which is what Jupyter attaches output to)."""
 
-    def __init__(self, open_client: Callable[[], httpx.Client], step: _OpenLog) -> None:
-        self.lines: queue.Queue[str | None] = queue.Queue()
+    def __init__(
+        self,
+        open_client: Callable[[], httpx.Client],
+        request: dict[str, Any],
+        items: Callable[[httpx.Response], Iterator[object]],
+        inbox: queue.Queue[tuple[_Reader, object]],
+    ) -> None:
         self._open_client = open_client
-        self._show = step.show
-        self._request = _log_stream_request(step.lines, 10.0, step.model)
+        self._request = request
+        self._items = items
+        self._inbox = inbox
         self._response: httpx.Response | None = None
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="aic-vllm-proxy-log", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="aic-vllm-proxy-stream", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -65,30 +75,12 @@ class _LogThread:
                 self._response = response
                 if response.status_code != 200 or self._stopped.is_set():
                     return
-                for line in response.iter_lines():
-                    self.lines.put(line)
+                for item in self._items(response):
+                    self._inbox.put((self, item))
         except (httpx.HTTPError, OSError, ValueError):
             pass  # stopped from outside, or the proxy went away: /status tells the rest
         finally:
-            self.lines.put(None)
-
-    def pump(self, seconds: float, until: Callable[[], bool]) -> bool:
-        """Show the lines that arrive within ``seconds`` (or until ``until()`` is true after one);
-        False once the stream has ended."""
-        deadline = time.monotonic() + seconds
-        while not until():
-            remaining = deadline - time.monotonic()
-            try:
-                line = (
-                    self.lines.get(timeout=max(remaining, 0.0)) if remaining > 0 else self.lines.get_nowait()
-                )
-            except queue.Empty:
-                return True
-            if line is None:
-                self.lines.put(None)  # keep the end mark for later calls
-                return False
-            self._show(line)
-        return True
+            self._inbox.put((self, None))
 
     def stop(self) -> None:
         """End the stream now: shut its socket down, which wakes the blocked read."""
@@ -100,6 +92,103 @@ class _LogThread:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=2.0)  # a daemon thread: if it lingers, it does no harm
+
+
+def _log_lines(response: httpx.Response) -> Iterator[object]:
+    return response.iter_lines()
+
+
+def _events(response: httpx.Response) -> Iterator[object]:
+    """The events of a ``GET /events`` answer (nothing when it is not an event stream)."""
+    if response.headers.get("content-type", "").split(";")[0].strip() != EVENT_STREAM:
+        return
+    parser = EventParser()
+    for line in response.iter_lines():
+        event = parser.feed(line)
+        if event is not None:
+            yield event
+
+
+class _Streams:
+    """The log stream and the event stream of one plan, each read by a :class:`_Reader`, and
+    what arrives handled in the caller's thread: log lines shown, events kept for the plan."""
+
+    def __init__(self, open_client: Callable[[], httpx.Client]) -> None:
+        self._open_client = open_client
+        self._inbox: queue.Queue[tuple[_Reader, object]] = queue.Queue()
+        self._log: _Reader | None = None
+        self._log_ended = False
+        self._show: Callable[[str], None] = print
+        self._events: _Reader | None = None
+        self._received: list[ProxyEvent] = []
+
+    def open_log(self, step: _OpenLog) -> None:
+        self.close_log()
+        self._show = step.show
+        request = _log_stream_request(step.lines, 10.0, step.model)
+        self._log = _Reader(self._open_client, request, _log_lines, self._inbox)
+
+    def open_events(self, step: _OpenEvents) -> bool:
+        """Follow ``GET /events``; True once its first message came (it is not kept)."""
+        self._events = _Reader(self._open_client, _event_stream_request(10.0), _events, self._inbox)
+        deadline = time.monotonic() + step.timeout
+        while self._events is not None and not self._received:
+            if not self._take(deadline - time.monotonic()):
+                break
+        if not self._received:
+            self.close_events()
+            return False
+        self._received.clear()
+        return True
+
+    def wait(self, step: _Wait) -> list[ProxyEvent] | None:
+        """Carry out a :class:`_Wait`; its answer."""
+        deadline = time.monotonic() + step.seconds
+        while not (step.events and (self._received or self._events is None)):
+            if step.to_end and (self._log is None or self._log_ended or step.until()):
+                break
+            if not self._take(deadline - time.monotonic()):
+                break
+        if not step.events:
+            return None
+        while self._take(0.0):  # the rest of a burst: one answer for it
+            pass
+        if self._events is None and not self._received:
+            return None
+        received, self._received = self._received, []
+        return received
+
+    def _take(self, seconds: float) -> bool:
+        """Handle what arrives within ``seconds`` (one item); False when nothing did."""
+        try:
+            who, item = self._inbox.get(timeout=seconds) if seconds > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return False
+        if who is self._log:
+            if item is None:
+                self._log_ended = True
+            else:
+                self._show(str(item))
+        elif who is self._events:
+            if item is None:
+                self.close_events()
+            elif isinstance(item, ProxyEvent):
+                self._received.append(item)
+        return True  # (an item of a reader already stopped is dropped)
+
+    def close_log(self) -> None:
+        if self._log is not None:
+            self._log.stop()
+        self._log, self._log_ended = None, False
+
+    def close_events(self) -> None:
+        if self._events is not None:
+            self._events.stop()
+        self._events = None
+
+    def close(self) -> None:
+        self.close_log()
+        self.close_events()
 
 
 class VLLMProxyClient(_ClientBase):
@@ -145,28 +234,26 @@ class VLLMProxyClient(_ClientBase):
         return self._answer(call, response)
 
     def _run(self, plan: _Plan[T]) -> T:
-        """Carry out a plan's steps (see ``calls.py``); the log stream is read by a thread."""
+        """Carry out a plan's steps (see ``calls.py``); the streams are read by threads."""
         steps = _Steps(plan)
-        log: _LogThread | None = None
+        streams = _Streams(lambda: httpx.Client(**self._http_options()))
         try:
             while (step := steps.next()) is not None:
                 try:
                     if isinstance(step, _Call):
                         steps.done(self._send(step))
+                    elif isinstance(step, _OpenEvents):
+                        steps.done(streams.open_events(step))
                     elif isinstance(step, _OpenLog):
-                        log = _LogThread(lambda: httpx.Client(**self._http_options()), step)
+                        streams.open_log(step)
                     elif isinstance(step, _Wait):
-                        ended = log is None or not log.pump(step.seconds, step.until)
-                        if ended and not step.to_end:
-                            time.sleep(step.seconds)  # no stream (any more): just wait
-                    elif isinstance(step, _CloseLog) and log is not None:
-                        log.stop()
-                        log = None
+                        steps.done(streams.wait(step))
+                    elif isinstance(step, _CloseLog):
+                        streams.close_log()
                 except BaseException as exc:  # thrown into the plan, which handles it or not
                     steps.done(error=exc)
         finally:
-            if log is not None:
-                log.stop()
+            streams.close()
         return steps.result
 
     # ----------------------------------------------------------------- the API
