@@ -187,6 +187,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> None:
     from aic_vllm_proxy.web import server
     from aic_vllm_proxy.web.app import create_app
+    from aic_vllm_proxy.web.connection import CannotPublish
     from aic_vllm_proxy.web.logs_format import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
@@ -215,7 +216,7 @@ def run_server(settings: Settings, extra_plugins: list[tuple[str, object]]) -> N
     asyncio.set_event_loop(loop)
     try:
         server.run(app, loop, listening=listening)
-    except server.CannotListen as exc:
+    except (server.CannotListen, CannotPublish) as exc:
         log.error("%s", exc)  # one line, no traceback
         sys.exit(1)
 

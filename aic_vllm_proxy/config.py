@@ -56,7 +56,19 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field(default="0.0.0.0", description="Address the proxy listens on.")
-    port: int = Field(default=8224, ge=0, le=65535, description="Port the proxy listens on.")
+    port: int = Field(
+        default=8224, ge=0, le=65535, description="Port the proxy listens on (0: one the kernel picks)."
+    )
+    connection_file: Path | None = Field(
+        default=None,
+        description="Once listening, write the URL, admin key, pid and port here (JSON, mode 0600); "
+        "removed when the daemon exits.",
+    )
+    advertise_host: str | None = Field(
+        default=None,
+        description="Host name or address the connection file's URL gives (default: --host when it "
+        "is one address, else this node's hostname).",
+    )
     vllm_command: str = Field(
         default="vllm serve",
         description="How to run vLLM; split like a shell would but never run through one.",

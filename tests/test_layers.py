@@ -1,12 +1,13 @@
 """The package's planes import only downward (docs/architecture.md):
 
     cli, __main__  ->  web  ->  relay  ->  engine  ->  hooks  ->  base (config, spec, catalog,
-                                                                     schemas, errors, vllm_flags)
+                                                 schemas, errors, vllm_flags, connection_file, ...)
 
-The client imports only the base modules it shares with the server (schemas, spec, catalog and
-the flag table spec reads) and its own; the simulator only its own and the flag table. The base,
-the hooks and the engine never import ``aiohttp.web``. Every import counts: inside functions
-and under ``TYPE_CHECKING`` too. Read from the source (AST), so a lazy import cannot hide."""
+The client imports only the base modules it shares with the server (schemas, spec, catalog, the
+flag table spec reads, the connection file's format) and its own; the simulator only its own and
+the flag table. The base, the hooks and the engine never import ``aiohttp.web``. Every import
+counts: inside functions and under ``TYPE_CHECKING`` too. Read from the source (AST), so a lazy
+import cannot hide."""
 
 from __future__ import annotations
 
@@ -18,12 +19,30 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "aic_vllm_proxy"
 ROOT = "aic_vllm_proxy"
 
-BASE = {"config", "spec", "catalog", "schemas", "errors", "vllm_flags", "metrics", "events", ""}
+BASE = {
+    "config",
+    "spec",
+    "catalog",
+    "schemas",
+    "errors",
+    "vllm_flags",
+    "metrics",
+    "events",
+    "connection_file",
+    "",
+}
 #: Planes from the top down; a plane may import itself and every plane below it.
 ORDER = ["top", "web", "relay", "engine", "hooks", "base"]
 #: What the two apart may import besides themselves.
 APART = {
-    "client": {"base:schemas", "base:spec", "base:catalog", "base:vllm_flags", "base:"},
+    "client": {
+        "base:schemas",
+        "base:spec",
+        "base:catalog",
+        "base:vllm_flags",
+        "base:connection_file",
+        "base:",
+    },
     "simulator": {"base:vllm_flags", "base:"},
 }
 NO_AIOHTTP_WEB = {"engine", "hooks", "base"}

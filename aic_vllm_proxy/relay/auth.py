@@ -74,6 +74,12 @@ class KeyRing:
         return bool(self._keys)
 
     @property
+    def first_admin_key(self) -> str | None:
+        """The first admin key configured (options and environment before the keys file), for
+        the connection file; None when there is none."""
+        return next((key.decode() for key, role in self._keys if role is Role.ADMIN), None)
+
+    @property
     def any(self) -> bool:
         """Some key is configured (metrics keys too): ``/proxy/metrics`` needs one."""
         return bool(self._keys or self._metrics_keys)

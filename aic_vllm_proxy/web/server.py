@@ -3,9 +3,11 @@
 (:class:`Listener`, asyncio's ``create_server``; no aiohttp site) whose connections start at the
 front door (``front.py``).
 
-On a signal: the listening socket closes, idle connections close, requests in flight get up to
-``drain_timeout`` seconds, then the application's cleanup runs (vLLM is stopped and its whole
-process tree is gone before the process exits).
+Once listening, the connection file is written when ``--connection-file`` asks for one
+(``connection.py``). On a signal (or a fatal error): that file is removed, the listening socket
+closes, idle connections close, requests in flight get up to ``drain_timeout`` seconds, then the
+application's cleanup runs (vLLM is stopped and its whole process tree is gone before the process
+exits).
 A malformed request head (aiohttp answers 400 and closes the connection) is logged in one line,
 at most :data:`MalformedRequests.burst` lines per :data:`MalformedRequests.window` seconds
 (:class:`MalformedRequests`), instead of aiohttp's ERROR with a traceback for each.
@@ -23,7 +25,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from aic_vllm_proxy.relay.front import AiohttpConnection, Front, FrontProtocol
-from aic_vllm_proxy.web import control
+from aic_vllm_proxy.web import connection, control
 from aic_vllm_proxy.web.app import SERVER_OPTIONS
 from aic_vllm_proxy.web.appkeys import KEYS, PASSTHROUGH, SETTINGS
 from aic_vllm_proxy.web.logs_format import ACCESS_LOG_FORMAT
@@ -191,6 +193,7 @@ async def _serve(
     listener = Listener(
         runner, keepalive_timeout=keepalive_timeout, drain_timeout=drain_timeout, lean=access_log is None
     )
+    published: connection.Published | None = None
     try:
         try:
             await listener.start(host, port)
@@ -198,8 +201,11 @@ async def _serve(
             raise cannot_listen(host, port, exc) from None
         if listening is not None:
             listening(listener.port)
+        published = connection.publish(app[SETTINGS], listener.port, app[KEYS])
         await asyncio.Event().wait()
     finally:
+        if published is not None:
+            published.withdraw()  # first: clients that read it now find no daemon leaving
         await listener.stop()  # the socket closes and requests in flight finish first
         await runner.cleanup()  # then aiohttp's connections, then the app's cleanup (vLLM stops)
 
@@ -213,7 +219,8 @@ def run(
     """Serve ``app`` as its settings say (host, port, access log, client timeout, drain) until a
     signal, then shut down in order and close ``loop``. ``listening`` is called with the port
     once it listens (the one the kernel picked for port 0); :class:`CannotListen` is raised
-    (after the cleanup) if it cannot."""
+    (after the cleanup) if it cannot, ``connection.CannotPublish`` if the connection file
+    cannot be written."""
     settings = app[SETTINGS]
     main = loop.create_task(
         _serve(
