@@ -5,9 +5,13 @@ the simulator on a real socket.
 - ``/ui`` and its files are open (no key), served by aiohttp on both HTTP paths (the front door
   must not forward them to vLLM), only the known files;
 - the page shows a model loading, then ready, as it happens (live: ``GET /events``);
-- with the admin key its buttons switch models, and its live log grows;
+- with the admin key its buttons switch, load, unload and stop models, a refused action says
+  why, and its live log grows; a failed switch shows its error and the log's root cause; the
+  spec field offers the catalogue;
 - a wrong key, no key on a daemon with keys, a user key: a clear message, or no admin buttons;
-- the key is kept in sessionStorage only.
+- the key is kept in sessionStorage only;
+- after a dropped /events stream it reconnects with Last-Event-ID;
+- paths that read as the page's but are routed on to vLLM need a key (relay/auth.authorize).
 
 Without /usr/bin/chromium the browser tests skip, unless ``CI`` is set: then they fail (CI
 installs it, .ci/run).
@@ -252,10 +256,15 @@ async def test_a_user_key_sees_the_fleet_without_buttons(make_proxy: Any, page: 
 async def test_a_failed_switch_shows_its_error_and_log_tail(make_proxy: Any, page: Any) -> None:
     from playwright.async_api import expect
 
-    proxy = await make_proxy(admin_keys=(ADMIN,))
+    catalogue = {"tiny": {"model": "org/tiny"}, "small": {"model": "org/small"}}
+    proxy = await make_proxy(admin_keys=(ADMIN,), models=catalogue)
     await page.goto(proxy.url + "/ui")
     await use_key(page, ADMIN)
     await expect(page.locator("#role")).to_have_text("admin")
+    # The spec field offers the catalogue's entries (GET /models/catalog).
+    options = page.locator("#catalog option")
+    await expect(options).to_have_count(2)
+    assert {await option.get_attribute("value") for option in await options.all()} == {"tiny", "small"}
     await page.fill("#spec", "org/broken --sim-import-delay 0 --sim-load-delay 0 --sim-fail-during-load")
     await page.click("#controls button[data-action=switch]")
     await expect(page.locator("#sw-error")).to_contain_text("org/broken", timeout=DEADLINE)
