@@ -218,11 +218,25 @@ async def test_a_wrong_key_says_so(make_proxy: Any, page: Any) -> None:
 
     proxy = await make_proxy(admin_keys=(ADMIN,))
     await page.goto(proxy.url + "/ui")
+    # First the admin key, with a model that failed to load: its row, error, log tail and events.
+    await use_key(page, ADMIN)
+    await page.fill("#spec", "org/broken --sim-import-delay 0 --sim-load-delay 0 --sim-fail-during-load")
+    await page.click("#controls button[data-action=switch]")
+    await expect(page.locator("#sw-tail")).to_be_visible(timeout=DEADLINE)
+    await expect(page.locator("#events li")).not_to_have_count(0)
+    await expect(row(page, "org/broken")).to_have_count(1)
+
     await use_key(page, "not-a-key")
     message = page.locator("#message")
     await expect(message).to_contain_text("The key was refused")
     await expect(message).to_contain_text("this proxy does not accept the key that was sent")
     assert not await page.locator("#controls").is_visible()
+    # Nothing read with the admin key stays on the page.
+    await expect(page.locator("#instances tbody tr")).to_have_count(0)
+    await expect(page.locator("#events li")).to_have_count(0)
+    await expect(page.locator("#sw-tail")).to_be_hidden()
+    await expect(page.locator("#sw-error")).to_have_text("-")
+    assert await page.locator("#catalog option").count() == 0
 
 
 async def test_no_key_on_a_daemon_with_keys_asks_for_one(make_proxy: Any, page: Any) -> None:

@@ -19,6 +19,7 @@ let clockOffset = 0; // the daemon's clock minus ours (ms), from the Date header
 let eventsAbort = null;
 let logAbort = null;
 let refreshTimer = null;
+let refreshes = 0; // reads of /status started: only the newest one's answer is shown
 
 class ApiError extends Error {
   constructor(status, message) {
@@ -100,22 +101,25 @@ function tick() {
 async function refresh() {
   clearTimeout(refreshTimer);
   refreshTimer = null;
-  let response;
+  const read = ++refreshes;
+  let response, status;
   try {
     response = await api("status");
+    status = await response.json();
   } catch (error) {
+    if (read !== refreshes) return;
     showMessage(explain(error), "error", "status");
     renderStatus(null);
     return;
   }
+  if (read !== refreshes) return; // a later read is under way: its answer is newer
   const date = Date.parse(response.headers.get("Date"));
   if (!Number.isNaN(date)) clockOffset = date + 500 - Date.now(); // Date has whole seconds
-  const status = await response.json();
   const updated = $("updated");
   updated.textContent = "updated " + new Date(Date.now() + clockOffset).toISOString().slice(11, 19) + " UTC";
   if ($("message").dataset.source === "status") showMessage("");
   renderStatus(status);
-  if (admin) await showSwitchTail(status);
+  await showSwitchTail(status);
 }
 
 // Events come in bursts (a load is several): one refresh for a burst.
@@ -134,6 +138,7 @@ function renderStatus(status) {
   const rows = instances.map(instanceRow);
   $("instances").tBodies[0].replaceChildren(...rows);
   $("no-instances").hidden = !status || rows.length > 0;
+  if (!status) $("sw-tail").hidden = true;
   tick();
 }
 
@@ -173,7 +178,7 @@ function button(label, onClick) {
 // The failed or running switch's log tail (GET /logs/tail: admin keys only).
 async function showSwitchTail(status) {
   const box = $("sw-tail");
-  if (!(status.switching || status.last_switch_error || status.error)) {
+  if (!admin || !(status.switching || status.last_switch_error || status.error)) {
     box.hidden = true;
     return;
   }
@@ -190,6 +195,7 @@ async function showSwitchTail(status) {
 // Which role the key has: admin keys may read the catalogue, nothing else may.
 async function findRole() {
   admin = false;
+  $("catalog").replaceChildren();
   let role = key ? "read-only key" : "read-only";
   if (key) {
     try {
@@ -205,9 +211,12 @@ async function findRole() {
   $("role").textContent = role;
 }
 
+// (Again) with the current key: nothing read with another key stays on the page.
 async function start() {
   stopLog();
   if (eventsAbort) eventsAbort.abort();
+  $("events").replaceChildren();
+  $("sw-tail").hidden = true;
   await findRole();
   await refresh();
   followEvents();
