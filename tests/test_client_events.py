@@ -29,8 +29,8 @@ from aic_vllm_proxy.schemas import ProcessState
 
 S = ProcessState
 pytestmark = pytest.mark.timeout(180)
-#: A load slow enough for polling to ask ``/status`` many times (about every 0.3 s).
-SLOW = "--sim-import-delay 0.05 --sim-load-delay 5"
+#: A load slow enough for polling to ask ``/status`` many times (about every 0.3 s: some 25).
+SLOW = "--sim-import-delay 0.05 --sim-load-delay 7"
 
 
 # ------------------------------------------------------------------ helpers
@@ -230,7 +230,8 @@ async def test_a_switch_through_events_shows_the_same_as_polling_with_few_status
     assert any("Loading weights took" in line for line in through_events)
     assert through_events[-1].startswith("model-b is ready after # s (loading took # s)")
 
-    assert reads["events"] <= 10, reads  # a handful: one per burst of events, and while the pid is due
+    # A handful: before and after POST /switch, one per burst of events, and while the pid is due.
+    assert reads["events"] <= 12, reads
     assert reads["polling"] >= 2 * reads["events"], reads
     assert ("GET", "/events", 404) in older.requests
     await asyncio.to_thread(client.stop)
