@@ -23,9 +23,10 @@ from aiohttp import ClientSession, web
 from helpers import FAST
 
 from aic_vllm_proxy.client import AsyncVLLMProxyClient, SwitchError, VLLMProxyClient
+from aic_vllm_proxy.client.progress import SwitchWatch, changes_status
 from aic_vllm_proxy.client.sse import EventParser
 from aic_vllm_proxy.hooks import HookContext, Veto, hookimpl
-from aic_vllm_proxy.schemas import ProcessState
+from aic_vllm_proxy.schemas import ProcessState, ProxyEvent, Status
 
 S = ProcessState
 pytestmark = pytest.mark.timeout(180)
@@ -65,10 +66,12 @@ def access_log() -> Iterator[AccessLog]:
 class OlderDaemon:
     """A daemon before ``GET /events``, as its clients see it: every request is forwarded to the
     real proxy at ``upstream`` (answers streamed back as they come), but ``/events`` is
-    answered 404 as vLLM answers a path it does not know."""
+    answered 404 as vLLM answers a path it does not know. ``hello_then_end``: ``/events`` sends
+    its ``hello`` and ends at once instead (a stream lost on the way)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, hello_then_end: bool = False) -> None:
         self.upstream = upstream
+        self.hello_then_end = hello_then_end
         self.requests: list[tuple[str, str, int]] = []  # method, path, status
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -92,6 +95,14 @@ class OlderDaemon:
             await self._runner.cleanup()
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/events" and self.hello_then_end:
+            self.requests.append((request.method, request.path, 200))
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            hello = '{"id":0,"type":"hello","time":"2026-12-04T02:10:00+00:00","last_id":0}'
+            await response.write(f"id: 0\ndata: {hello}\n\n".encode())
+            await response.write_eof()
+            return response
         if request.path == "/events":
             self.requests.append((request.method, request.path, 404))
             return web.json_response({"detail": "Not Found"}, status=404)
@@ -118,8 +129,8 @@ async def older_daemon() -> AsyncIterator[list[OlderDaemon]]:
         await daemon.stop()
 
 
-async def in_front_of(started: list[OlderDaemon], url: str) -> OlderDaemon:
-    daemon = OlderDaemon(url)
+async def in_front_of(started: list[OlderDaemon], url: str, *, hello_then_end: bool = False) -> OlderDaemon:
+    daemon = OlderDaemon(url, hello_then_end=hello_then_end)
     await daemon.start()
     started.append(daemon)
     return daemon
@@ -194,6 +205,53 @@ async def test_the_event_parser_reads_a_stream_over_a_real_socket() -> None:
     assert parser.last_id == "8"  # the last id: line seen (the messages after had none)
 
 
+def event(type_: str, request_id: str | None = None, **extra: Any) -> ProxyEvent:
+    return ProxyEvent.model_validate(
+        {"id": 1, "type": type_, "time": "2026-12-04T02:10:00+00:00", "request_id": request_id, **extra}
+    )
+
+
+def test_which_events_are_worth_a_status_read_and_which_hooks_are_shown() -> None:
+    for kind in (
+        "state",
+        "switch",
+        "load",
+        "unload",
+        "eviction",
+        "ttl",
+        "restart",
+        "drain",
+        "failure",
+        "dropped",
+    ):
+        assert changes_status(event(kind)), kind
+    for kind in ("hello", "hook", "a-later-type"):
+        assert not changes_status(event(kind)), kind
+
+    before = Status(vllm_base="v", running=False, state=S.STOPPED)
+    lines: list[str] = []
+    watch = SwitchWatch("m", before, sink=lines.append)
+    watch.request_id = "mine"
+    report = {"hook": "post_stop", "plugin": "x", "seconds": 0.1}
+    watch.event(event("hook", "mine", outcome="ok", message="fine", **report))  # ok: not shown
+    watch.event(event("hook", "mine", outcome="error", message="RuntimeError: down", **report))
+    watch.event(event("hook", "another", outcome="veto", message="not mine", **report))  # another request's
+    watch.event(
+        event("hook", None, outcome="timeout", message="timed out after 5 s", **report)
+    )  # no request's
+    watch.event(event("hook", "mine", outcome="veto", **report))  # no message
+    watch.event(event("state", "mine", outcome="error"))  # not a hook
+    assert shape(lines) == [
+        "hook post_stop (plugin x): error: RuntimeError: down",
+        "hook post_stop (plugin x): timeout: timed out after # s",
+        "hook post_stop (plugin x): veto",
+    ]
+    verbose: list[str] = []
+    every = SwitchWatch(None, before, sink=verbose.append, verbose=True)  # a wait: no request of its own
+    every.event(event("hook", "another", outcome="ok", message="fine", **report))
+    assert shape(verbose) == ["hook post_stop (plugin x): ok: fine"]
+
+
 # ------------------------------------------------------------------ a switch through /events
 
 
@@ -262,6 +320,29 @@ async def test_an_older_daemon_without_events_is_polled_as_before(
     assert asked == [("GET", "/events", 404)] * 3, older.requests  # once per switch or wait
     polls = sum(request[:2] == ("GET", "/status") for request in older.requests)
     assert polls >= 6, older.requests  # each wait read /status more than once (0.3 s apart)
+
+
+@pytest.mark.parametrize("client_kind", ["sync", "async"])
+async def test_an_event_stream_that_ends_is_replaced_by_polling(
+    make_proxy: Any, older_daemon: list[OlderDaemon], client_kind: str
+) -> None:
+    """``/events`` opens (its ``hello`` comes) and then ends: the client polls from then on, and
+    the switch is followed to its end as usual (not one read every 10 s)."""
+    proxy = await make_proxy()
+    lost = await in_front_of(older_daemon, proxy.url, hello_then_end=True)
+    lines: list[str] = []
+    if client_kind == "sync":
+        with VLLMProxyClient(lost.url, progress=lines.append) as client:
+            result = await asyncio.to_thread(client.switch, "m", SLOW)
+    else:
+        async with AsyncVLLMProxyClient(lost.url, progress=lines.append) as aclient:
+            result = await aclient.switch("m", SLOW)
+    assert result.changed and result.status.state is S.READY, result
+    assert shape(lines)[-1].startswith("m is ready after # s (loading took # s)"), lines
+    assert [r for r in lost.requests if r[1] == "/events"] == [("GET", "/events", 200)]
+    polls = sum(request[:2] == ("GET", "/status") for request in lost.requests)
+    assert polls >= 12, lost.requests  # 7 s of loading: polled (through a lost stream: 2 or 3)
+    await proxy.supervisor.stop()
 
 
 @pytest.mark.parametrize("client_kind", ["sync", "async"])
