@@ -386,14 +386,15 @@ def test_the_client_imports_no_server_code() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     loaded = {name.strip("[]',") for name in run.stdout.split()}
     client_modules = {name for name in loaded if name.startswith("aic_vllm_proxy.client.")}
-    # The pure modules the proxy shares with it (spec.py reads vLLM's flag table, vllm_flags.py).
+    # The pure modules the proxy shares with it (spec.py reads vLLM's flag table, vllm_flags.py;
+    # the connection file's format).
     assert loaded - client_modules == {
         "aic_vllm_proxy", "aic_vllm_proxy.client", "aic_vllm_proxy.schemas", "aic_vllm_proxy.spec",
-        "aic_vllm_proxy.catalog", "aic_vllm_proxy.vllm_flags",
+        "aic_vllm_proxy.catalog", "aic_vllm_proxy.vllm_flags", "aic_vllm_proxy.connection_file",
     }  # fmt: skip
     assert client_modules == {
         f"aic_vllm_proxy.client.{m}"
-        for m in ("aio", "calls", "cli", "errors", "progress", "sse", "sync", "views")
+        for m in ("aio", "calls", "cli", "connection", "errors", "progress", "sse", "sync", "views")
     }
 
 

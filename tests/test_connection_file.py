@@ -29,8 +29,8 @@ from helpers import FAST, SIM, free_port, group_members, process_exists, wait_un
 from plugin_env import REPO
 
 from aic_vllm_proxy import __version__
-from aic_vllm_proxy.client import VLLMProxyClient
-from aic_vllm_proxy.client.connection import ConnectionFileError, read_connection_file
+from aic_vllm_proxy.client import AsyncVLLMProxyClient, ProxyUnreachable, VLLMProxyClient
+from aic_vllm_proxy.client.connection import CONNECTION_FILE_ENV, ConnectionFileError, read_connection_file
 from aic_vllm_proxy.config import http_base
 from aic_vllm_proxy.connection_file import ConnectionInfo
 
@@ -175,6 +175,17 @@ def test_sigint_removes_it_too_with_the_keys_files_admin_key_and_advertise_host(
     assert info.url == f"http://127.0.0.1:{info.port}" and info.key == "from-file"
     assert info.slurm_job_id is None
     pgid = _switch(info.url, f"sim/interrupted {FAST}", info.key, vllm_groups)
+    # The command line finds the daemon and its key through $AIC_VLLM_PROXY_CONNECTION_FILE.
+    cli = subprocess.run(
+        [*DAEMON, "status", "--json"],
+        env=_environment(**{CONNECTION_FILE_ENV: str(path)}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["state"] == "ready"
     process.send_signal(signal.SIGINT)
     assert _exit_code(process, output) == 0, output.read_text()
     assert not path.exists()
@@ -287,13 +298,84 @@ def test_a_daemon_gone_from_this_host_is_warned_about(tmp_path: Path) -> None:
         read_connection_file(elsewhere)
 
 
+def test_from_connection_file_takes_its_url_and_key_unless_a_key_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AIC_VLLM_PROXY_KEY", raising=False)
+    path = _write(tmp_path / "c.json", _info(url="http://gpu042:40117", key="from-file").model_dump_json())
+    with VLLMProxyClient.from_connection_file(path) as proxy:
+        assert (proxy.proxy_url, proxy.api_key, proxy.connection_file) == (
+            "http://gpu042:40117",
+            "from-file",
+            path,
+        )
+    with VLLMProxyClient.from_connection_file(str(path), api_key="given") as proxy:
+        assert proxy.api_key == "given"
+    monkeypatch.setenv("AIC_VLLM_PROXY_KEY", "from-env")
+    with VLLMProxyClient.from_connection_file(path) as proxy:
+        assert proxy.api_key == "from-env"
+
+
+async def test_the_async_twin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIC_VLLM_PROXY_KEY", raising=False)
+    path = _write(tmp_path / "c.json", _info(url="http://gpu042:40117", key="from-file").model_dump_json())
+    async with AsyncVLLMProxyClient.from_connection_file(path) as proxy:
+        assert isinstance(proxy, AsyncVLLMProxyClient)
+        assert (proxy.proxy_url, proxy.api_key, proxy.connection_file) == (
+            "http://gpu042:40117",
+            "from-file",
+            path,
+        )
+
+
+def test_the_environment_variable_when_no_url_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AIC_VLLM_PROXY_URL", "AIC_VLLM_PROXY_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    path = _write(tmp_path / "c.json", _info(url="http://gpu042:40117", key="from-file").model_dump_json())
+    monkeypatch.setenv(CONNECTION_FILE_ENV, str(path))
+    with VLLMProxyClient() as proxy:
+        assert (proxy.proxy_url, proxy.api_key, proxy.connection_file) == (
+            "http://gpu042:40117",
+            "from-file",
+            path,
+        )
+    with VLLMProxyClient("http://other:1") as proxy:  # a URL given wins, and its key is not the file's
+        assert (proxy.proxy_url, proxy.api_key, proxy.connection_file) == ("http://other:1", None, None)
+    monkeypatch.setenv("AIC_VLLM_PROXY_URL", "http://from-env:2")
+    with VLLMProxyClient() as proxy:
+        assert (proxy.proxy_url, proxy.connection_file) == ("http://from-env:2", None)
+    monkeypatch.delenv("AIC_VLLM_PROXY_URL")
+    monkeypatch.setenv(CONNECTION_FILE_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(ConnectionFileError, match="no connection file"):
+        VLLMProxyClient()
+
+
+def test_a_daemon_gone_elsewhere_is_unreachable_naming_the_file(tmp_path: Path) -> None:
+    """On another host a pid says nothing: the URL is tried, and the error names the file."""
+    info = _info(url=f"http://127.0.0.1:{free_port()}", host="another-node", pid=1)
+    path = _write(tmp_path / "c.json", info.model_dump_json())
+    with VLLMProxyClient.from_connection_file(path) as proxy, pytest.raises(ProxyUnreachable) as caught:
+        proxy.status()
+    assert f"connection file {path}" in caught.value.message
+
+
+def test_the_command_line_with_a_file_that_cannot_be_used(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    cli = subprocess.run(
+        [*DAEMON, "status"],
+        env=_environment(**{CONNECTION_FILE_ENV: str(missing)}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert cli.returncode == 1
+    assert f"Error: no connection file {missing}" in cli.stderr and "Traceback" not in cli.stderr
+
+
 # ------------------------------------------------------------------------------ the sbatch script
-
-
-def _notebook_client(path: Path) -> VLLMProxyClient:
-    """What examples/slurm/README.md's notebook does."""
-    found = read_connection_file(path)
-    return VLLMProxyClient(_reachable(found.info), api_key=found.info.key, progress=False)
 
 
 def test_the_sbatch_script_run_with_bash(tmp_path: Path, vllm_groups: set[int]) -> None:
@@ -330,7 +412,7 @@ def test_the_sbatch_script_run_with_bash(tmp_path: Path, vllm_groups: set[int]) 
         assert info.slurm_job_id == job and info.key and len(info.key) >= 32
         assert keys_file.read_text() == f"admin {info.key}\n"
 
-        with _notebook_client(path) as proxy:
+        with VLLMProxyClient.from_connection_file(path, progress=False) as proxy:  # the notebook's line
             assert wait_until(lambda: _preloaded_ready(proxy), START), proxy.status()
             vllm_groups.update(int(i["pid"]) for i in proxy.status()["instances"] if i.get("pid"))
             result = proxy.switch("sim/notebook", args=FAST)

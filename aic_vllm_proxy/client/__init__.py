@@ -39,6 +39,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aic_vllm_proxy.client.aio import AsyncVLLMProxyClient
     from aic_vllm_proxy.client.calls import API_KEY_ENV, DEFAULT_URL, URL_ENV, build_spec, catalog_spec
+    from aic_vllm_proxy.client.connection import (
+        CONNECTION_FILE_ENV,
+        ConnectionFileError,
+        read_connection_file,
+    )
     from aic_vllm_proxy.client.errors import (
         AuthenticationError,
         NoRoomError,
@@ -68,6 +73,9 @@ _WHERE = {
     "URL_ENV": "aic_vllm_proxy.client.calls",
     "build_spec": "aic_vllm_proxy.client.calls",
     "catalog_spec": "aic_vllm_proxy.client.calls",
+    "CONNECTION_FILE_ENV": "aic_vllm_proxy.client.connection",
+    "ConnectionFileError": "aic_vllm_proxy.client.connection",
+    "read_connection_file": "aic_vllm_proxy.client.connection",
     "AuthenticationError": "aic_vllm_proxy.client.errors",
     "NoRoomError": "aic_vllm_proxy.client.errors",
     "PermissionDeniedError": "aic_vllm_proxy.client.errors",
@@ -105,10 +113,12 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "API_KEY_ENV",
+    "CONNECTION_FILE_ENV",
     "DEFAULT_URL",
     "URL_ENV",
     "AsyncVLLMProxyClient",
     "AuthenticationError",
+    "ConnectionFileError",
     "InstanceStatus",
     "LoadResult",
     "LoadResultDict",
@@ -129,4 +139,5 @@ __all__ = [
     "WaitTimeout",
     "build_spec",
     "catalog_spec",
+    "read_connection_file",
 ]

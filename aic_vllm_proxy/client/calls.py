@@ -11,12 +11,14 @@ import uuid
 import warnings
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from aic_vllm_proxy.catalog import CatalogEntry, resolve
+from aic_vllm_proxy.client.connection import ConnectionFile, connection_from_environment, read_connection_file
 from aic_vllm_proxy.client.errors import (
     AuthenticationError,
     NoRoomError,
@@ -86,6 +88,7 @@ READY_LINES_WAIT = 3.0  # ends as soon as the line is seen; a loaded machine may
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
+C = TypeVar("C", bound="_ClientBase")
 ModelSpecs = Mapping[str, str | Sequence[str]]
 
 
@@ -536,6 +539,12 @@ def _switch_error(outcome: Outcome, tail: list[str], base_url: str, *, switching
     )
 
 
+def _key(api_key: str | None, published: str | None) -> str | None:
+    """The key a client sends: ``api_key=``, else ``$AIC_VLLM_PROXY_KEY``, else the daemon's
+    connection file's (``published``), else none."""
+    return api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or published or None)
+
+
 class _ClientBase:
     """What the sync and async clients share: settings, specs, headers, openai clients."""
 
@@ -543,6 +552,11 @@ class _ClientBase:
     #: its options here).
     url_option = "proxy_url="
     key_option = "api_key="
+    #: The daemon's connection file the URL came from (``from_connection_file``, or
+    #: ``$AIC_VLLM_PROXY_CONNECTION_FILE`` when no URL was given); None: it did not.
+    connection_file: Path | None = None
+    _published_url: str | None = None
+    _published_key: str | None = None
 
     def __init__(
         self,
@@ -555,14 +569,53 @@ class _ClientBase:
         verbose: bool = False,
         poll_interval: float = POLL_INTERVAL,
     ) -> None:
-        self.proxy_url = _normalize_url(proxy_url, stacklevel=3)
+        if proxy_url is None and not os.environ.get(URL_ENV):
+            self._published(connection_from_environment(stacklevel=3))
+        self.proxy_url = _normalize_url(proxy_url or self._published_url, stacklevel=3)
         self.model2spec: dict[str, str | Sequence[str]] = dict(model2spec or {})
-        self.api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+        self.api_key = _key(api_key, self._published_key)
         self.timeout = timeout
         self.progress = progress
         self.verbose = verbose
         self.poll_interval = poll_interval
         self._open()
+
+    def _published(self, found: ConnectionFile | None) -> None:
+        """Take the URL and key of a daemon's connection file (a key given wins)."""
+        if found is not None:
+            self.connection_file = found.path
+            self.url_option = f"connection file {found.path}"
+            self._published_url, self._published_key = found.info.url, found.info.key
+
+    @classmethod
+    def from_connection_file(
+        cls: type[C],
+        path: str | os.PathLike[str],
+        model2spec: ModelSpecs | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = API_TIMEOUT,
+        progress: ProgressArg = True,
+        verbose: bool = False,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> C:
+        """The client of the daemon whose connection file is ``path`` (``aic-vllm-proxy serve
+        --connection-file PATH``; ``~`` expanded): its URL, and its admin key unless ``api_key=``
+        or ``$AIC_VLLM_PROXY_KEY`` gives one. A missing or broken file raises
+        :class:`~aic_vllm_proxy.client.connection.ConnectionFileError` naming it; a file others
+        may read, or a daemon no longer running on this host, warns."""
+        found = read_connection_file(path, stacklevel=3)
+        client = cls(
+            found.info.url,
+            model2spec,
+            api_key=_key(api_key, found.info.key),
+            timeout=timeout,
+            progress=progress,
+            verbose=verbose,
+            poll_interval=poll_interval,
+        )
+        client._published(found)
+        return client
 
     def _open(self) -> None:
         """Create the HTTP client (sync or async)."""

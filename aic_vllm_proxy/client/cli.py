@@ -1,7 +1,8 @@
 """Command-line client: ``aic-vllm-proxy status | switch MODEL [ARGS...] | stop | logs | plugins``,
 and for the fleet of several models ``aic-vllm-proxy ps | load NAME | unload NAME``.
 
-Each command talks to a running daemon at ``--url`` (``$AIC_VLLM_PROXY_URL``, default
+Each command talks to a running daemon at ``--url`` (``$AIC_VLLM_PROXY_URL``; else the URL and
+key of the connection file ``$AIC_VLLM_PROXY_CONNECTION_FILE`` names; default
 ``http://127.0.0.1:8224``), prints something readable, or JSON with ``--json``.
 
 Exit codes: 0 success; 1 the proxy reported a failure (a switch failed, no log yet, an API key
@@ -15,14 +16,14 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from aic_vllm_proxy.schemas import ProcessState
 
 if TYPE_CHECKING:  # the client needs the `client` extra: imported only when a command runs
-    from aic_vllm_proxy.client import VLLMProxyClient
+    from aic_vllm_proxy.client import ProxyError, VLLMProxyClient
     from aic_vllm_proxy.client.views import StatusDict
 
 EXIT_FAILED = 1
@@ -51,49 +52,57 @@ def client_options(func: F) -> F:
         "--url",
         envvar="AIC_VLLM_PROXY_URL",
         show_envvar=True,
-        default="http://127.0.0.1:8224",
-        show_default=True,
-        help="The proxy.",
+        default=None,
+        help="The proxy [default: the url in $AIC_VLLM_PROXY_CONNECTION_FILE's file (a daemon's "
+        "--connection-file, its key too), else http://127.0.0.1:8224].",
     )(func)
     return func
 
 
 @contextmanager
-def _connected(url: str, api_key: str | None, as_json: bool) -> Iterator[VLLMProxyClient]:
+def _connected(url: str | None, api_key: str | None, as_json: bool) -> Iterator[VLLMProxyClient]:
     """A client for the command; turns client errors into a message and an exit code."""
     try:
-        from aic_vllm_proxy.client import (
-            NoRoomError,
-            ProxyError,
-            ProxyUnreachable,
-            SwitchError,
-            VLLMProxyClient,
-        )
+        from aic_vllm_proxy.client import ProxyError, VLLMProxyClient
     except ImportError as exc:  # pragma: no cover - the client extra is missing
         raise click.ClickException(
             f"the client needs the 'client' extra ({exc}): pip install 'aic-vllm-proxy[client]'"
         ) from exc
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        client = VLLMProxyClient(url, api_key=api_key, progress=False)
-    for warning in caught:  # e.g. a URL ending in /v1
+        try:
+            client: VLLMProxyClient | None = VLLMProxyClient(url, api_key=api_key, progress=False)
+        except ProxyError as exc:  # $AIC_VLLM_PROXY_CONNECTION_FILE names a file that cannot be used
+            client, failed = None, exc
+    for warning in caught:  # e.g. a URL ending in /v1, a connection file others may read
         click.echo(f"Warning: {warning.message}", err=True)
-    client.url_option, client.key_option = "--url", "--api-key"  # named in error messages
+    if client is None:
+        _exit_with(failed, as_json)
+    if client.connection_file is None:  # else the error messages name the file
+        client.url_option = "--url"
+    client.key_option = "--api-key"  # named in error messages
     try:
         yield client
     except ProxyError as exc:
-        code = EXIT_UNREACHABLE if isinstance(exc, ProxyUnreachable) else EXIT_FAILED
-        if as_json:
-            error: dict[str, Any] = {"message": exc.message, "type": exc.error_type or type(exc).__name__}
-            if isinstance(exc, SwitchError):
-                error.update(exit_code=exc.exit_code, log_tail=exc.log_tail, state=exc.state)
-            if isinstance(exc, NoRoomError):
-                error.update(retry_after=exc.retry_after)
-            click.echo(json.dumps({"error": error}, indent=2))
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(code)
+        _exit_with(exc, as_json)
     finally:
         client.close()
+
+
+def _exit_with(exc: ProxyError, as_json: bool) -> NoReturn:
+    """Report a client error (and as JSON with ``--json``); exit with its code."""
+    from aic_vllm_proxy.client import NoRoomError, ProxyUnreachable, SwitchError
+
+    code = EXIT_UNREACHABLE if isinstance(exc, ProxyUnreachable) else EXIT_FAILED
+    if as_json:
+        error: dict[str, Any] = {"message": exc.message, "type": exc.error_type or type(exc).__name__}
+        if isinstance(exc, SwitchError):
+            error.update(exit_code=exc.exit_code, log_tail=exc.log_tail, state=exc.state)
+        if isinstance(exc, NoRoomError):
+            error.update(retry_after=exc.retry_after)
+        click.echo(json.dumps({"error": error}, indent=2))
+    click.echo(f"Error: {exc}", err=True)
+    sys.exit(code)
 
 
 def _dump(data: Any) -> None:
@@ -102,7 +111,7 @@ def _dump(data: Any) -> None:
 
 @click.command(epilog=EPILOG)
 @client_options
-def status(url: str, api_key: str | None, as_json: bool) -> None:
+def status(url: str | None, api_key: str | None, as_json: bool) -> None:
     """Show what the proxy runs (state, model, pid, log, errors)."""
     with _connected(url, api_key, as_json) as client:
         current = client.status()
@@ -135,7 +144,7 @@ def status(url: str, api_key: str | None, as_json: bool) -> None:
 @click.argument("model")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def switch(
-    url: str,
+    url: str | None,
     api_key: str | None,
     as_json: bool,
     force: bool,
@@ -185,7 +194,7 @@ def switch(
 @client_options
 @click.option("--force", is_flag=True, help="Cut in-flight requests instead of letting them finish.")
 @click.option("--model", default=None, metavar="NAME", help="Stop only this instance (see `ps`).")
-def stop(url: str, api_key: str | None, as_json: bool, force: bool, model: str | None) -> None:
+def stop(url: str | None, api_key: str | None, as_json: bool, force: bool, model: str | None) -> None:
     """Stop vLLM (the whole process tree of every instance, or of the one --model names), after
     in-flight requests have finished."""
     with _connected(url, api_key, as_json) as client:
@@ -225,7 +234,7 @@ def _stopped_instance(before: StatusDict, model: str) -> str:
     "--model", default=None, metavar="NAME", help="The log of this instance (default: the primary)."
 )
 def logs(
-    url: str, api_key: str | None, as_json: bool, lines: int | None, follow: bool, model: str | None
+    url: str | None, api_key: str | None, as_json: bool, lines: int | None, follow: bool, model: str | None
 ) -> None:
     """Print the current vLLM log (all of it, or the last N lines; -f follows it).
 
@@ -248,7 +257,7 @@ def logs(
 
 @click.command(epilog=EPILOG)
 @client_options
-def plugins(url: str, api_key: str | None, as_json: bool) -> None:
+def plugins(url: str | None, api_key: str | None, as_json: bool) -> None:
     """List the proxy's plugins (name, version, hooks, enabled)."""
     with _connected(url, api_key, as_json) as client:
         found = client.plugins()
@@ -268,7 +277,7 @@ def plugins(url: str, api_key: str | None, as_json: bool) -> None:
 
 @click.command(epilog=EPILOG)
 @client_options
-def ps(url: str, api_key: str | None, as_json: bool) -> None:
+def ps(url: str | None, api_key: str | None, as_json: bool) -> None:
     """List the instances of the fleet: name (* the primary, where requests that name no model
     go), state, model, GPUs, GPU memory share, requests in flight and waiting, last use, when
     it is unloaded for idling, pinned, pid."""
@@ -303,7 +312,7 @@ def ps(url: str, api_key: str | None, as_json: bool) -> None:
 )
 @click.argument("name")
 def load(
-    url: str,
+    url: str | None,
     api_key: str | None,
     as_json: bool,
     no_wait: bool,
@@ -335,7 +344,7 @@ def load(
 @client_options
 @click.option("--force", is_flag=True, help="Cut in-flight requests instead of letting them finish.")
 @click.argument("name")
-def unload(url: str, api_key: str | None, as_json: bool, force: bool, name: str) -> None:
+def unload(url: str | None, api_key: str | None, as_json: bool, force: bool, name: str) -> None:
     """Unload the instance NAME after its in-flight requests have finished."""
     with _connected(url, api_key, as_json) as client:
         result = client.unload(name, force=force)
