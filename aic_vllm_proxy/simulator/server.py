@@ -388,6 +388,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         else:
             await state.slots.acquire()
         acquired = True
+        if state.engine is not None and state.engine.peer_lost:
+            await _crash_engine(job)  # a rank is gone: this step's collective fails
         sleep.started(ctx)
         metrics.running += 1
         metrics.prompt_tokens += req.prompt_tokens
