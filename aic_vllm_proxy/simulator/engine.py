@@ -332,6 +332,14 @@ class Engine:
             time.sleep(3600)
 
 
+def _watch_parent(log: ProcessLog) -> None:
+    """End-of-file on stdin stands for vLLM's death pipe: the headless process is stopping
+    (or gone). The worker logs it and, as seen with vLLM, keeps running."""
+    for _ in sys.stdin.buffer:
+        pass
+    log.info("multiproc_executor.py:843", "Parent process exited, terminating worker queues")
+
+
 def run_worker(cfg: dict[str, Any]) -> None:
     """The worker of a headless rank (``--node-rank i --headless``): join rank 0 on the
     master port, load, tell rank 0, then wait for work forever. Like vLLM's, it does not
@@ -340,8 +348,10 @@ def run_worker(cfg: dict[str, Any]) -> None:
     rank = int(cfg["node_rank"]) * (world // nnodes)
     tp_rank, pp_rank = rank % tp, rank // tp
     set_process_name(f"VLLM::Worker_TP{tp_rank}")
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(0))
+    # vLLM's worker raises SystemExit on SIGTERM, but blocked on its message queue it was
+    # seen not to exit: its executor SIGKILLs it 4 s after a SIGTERM.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
     addr, port = cfg["master_addr"], int(cfg["master_port"])
     log = ProcessLog("Worker")
     log.info(
@@ -356,6 +366,7 @@ def run_worker(cfg: dict[str, Any]) -> None:
         f"TP rank {tp_rank}, ETP rank {tp_rank}, EP rank N/A, EPLB rank N/A",
     )
     log = ProcessLog(f"Worker_TP{tp_rank}")
+    threading.Thread(target=_watch_parent, args=(log,), daemon=True).start()
     started = time.monotonic()
     log.info("gpu_model_runner.py:5039", f"Starting to load model {cfg['model']}...")
     time.sleep(float(cfg["load_delay"]))

@@ -93,6 +93,12 @@ class EngineProcess:
             self.proc.stdin.write(b"crash\n")
             self.proc.stdin.flush()
 
+    def close_stdin(self) -> None:
+        """Close the child's stdin (a headless rank's worker reads it as vLLM's death pipe)."""
+        if self.proc is not None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 

@@ -103,8 +103,29 @@ async def run_headless(args: argparse.Namespace) -> int:
             "shutting down executor.",
         )
         return 0
-    log.info("multiproc_executor.py:479", "[shutdown] Executor: waiting for worker exit count=1")
-    with contextlib.suppress(ProcessLookupError):
-        await worker.terminate(5.0)  # VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS
-    log.info("multiproc_executor.py:486", "[shutdown] Executor: all workers exited gracefully")
+    await _stop_worker(worker, log)
     return 0
+
+
+async def _stop_worker(worker: EngineProcess, log: ProcessLog) -> None:
+    """vLLM's ``MultiprocExecutor.shutdown`` (multiproc_executor.py:458-507): close the
+    death pipe, give the worker 5 s (``VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS``), SIGTERM,
+    4 s more, SIGKILL. vLLM's headless worker was seen to need the SIGKILL."""
+    log.info("multiproc_executor.py:479", "[shutdown] Executor: waiting for worker exit count=1")
+    worker.close_stdin()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(worker.dead.wait(), 5.0)
+    if worker.dead.is_set():
+        await worker.terminate(0.0)  # reap it
+        log.info("multiproc_executor.py:486", "[shutdown] Executor: all workers exited gracefully")
+        return
+    log.warning(
+        "multiproc_executor.py:491",
+        "[shutdown] Executor: workers still running after grace period; sending SIGTERM count=1",
+    )
+    await worker.terminate(4.0)  # SIGTERM, then SIGKILL after 4 s
+    if worker.returncode() == -signal.SIGKILL:
+        log.warning(
+            "multiproc_executor.py:501",
+            "[shutdown] Executor: workers still running after SIGTERM; sending SIGKILL count=1",
+        )
