@@ -203,3 +203,15 @@ def test_master_port_in_use_fails_rank_0s_engine(start: Start) -> None:
     out = rank0.output()
     assert f"port: {busy.port}, useIpv6: false, code: -98, name: EADDRINUSE" in out
     assert "Engine core initialization failed. See root cause above." in out
+
+
+def test_headless_rank_0_waits_for_a_front_end(start: Start) -> None:
+    """``--headless`` on node rank 0 is not refused: vLLM takes its data-parallel headless
+    path, whose engine waits for a front-end on the DP RPC port (serve.py:235-244)."""
+    sim = start(*FAST, "--headless")
+    sim.wait_for_line(
+        "Launching 1 data parallel engine(s) in headless mode, with head node address tcp://127.0.0.1:29550."
+    )
+    assert sim.health() is None and _listening(sim.group()) == set()
+    os.kill(sim.pid, signal.SIGTERM)
+    assert sim.wait_exit(timeout=30) == 0
