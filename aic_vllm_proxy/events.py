@@ -45,6 +45,7 @@ TYPES = frozenset(
     {
         "hello",
         "state",
+        "launched",
         "switch",
         "load",
         "unload",

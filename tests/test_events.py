@@ -104,6 +104,10 @@ async def post(proxy: Any, path: str, body: dict[str, Any], **headers: str) -> t
         return resp.status, answer
 
 
+def load_pid(proxy: Any, name: str) -> int | None:
+    return proxy.supervisor.loaded[name].machine.snapshot.pid
+
+
 class Greeter:
     """A plugin whose post_switch hook reports something (a hook event)."""
 
@@ -127,6 +131,9 @@ async def test_a_load_and_unload_as_events_with_the_request_id(make_proxy: Any) 
         load = await reader.wait_for(lambda e: e.type == "load" and e.model == "a")
         assert extra(load, "reason") == "start" and extra(load, "seconds") > 0
         assert load.request_id == "load-a-1"
+        launched = reader.of("launched", "a")
+        assert len(launched) == 1 and extra(launched[0], "pid") == load_pid(proxy, "a")
+        assert str(extra(launched[0], "pid")) in extra(launched[0], "log_path")
         transitions = [(extra(e, "old"), extra(e, "new")) for e in reader.of("state", "a")]
         assert transitions == [("stopped", "starting"), ("starting", "ready")]
         assert {e.request_id for e in reader.of("state", "a")} == {"load-a-1"}

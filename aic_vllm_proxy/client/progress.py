@@ -204,11 +204,23 @@ class LogFilter:
 # ------------------------------------------------------------------ events
 
 #: The ``GET /events`` types after which ``GET /status`` may tell something new: a state
-#: transition, a switch's phase, a load, unload, eviction, TTL expiry, restart, drain or failure,
-#: and ``dropped`` (this reader missed events). Not ``hello`` nor ``hook`` (a report, shown as it
-#: is), nor a type this client does not know.
+#: transition, a launch's pid and log (``launched``), a switch's phase, a load, unload, eviction,
+#: TTL expiry, restart, drain or failure, and ``dropped`` (this reader missed events). Not
+#: ``hello`` nor ``hook`` (a report, shown as it is), nor a type this client does not know.
 STATUS_CHANGES = frozenset(
-    {"state", "switch", "load", "unload", "eviction", "ttl", "restart", "drain", "failure", "dropped"}
+    {
+        "state",
+        "launched",
+        "switch",
+        "load",
+        "unload",
+        "eviction",
+        "ttl",
+        "restart",
+        "drain",
+        "failure",
+        "dropped",
+    }
 )
 
 
@@ -364,7 +376,8 @@ class Watch:
 
     def launching(self, status: Status) -> bool:
         """A new launch has begun whose pid (and the log's final name) ``status`` does not show
-        yet: they come a moment later, with no event of their own."""
+        yet: they come a moment later (a ``launched`` event; daemons before it sent none, so the
+        client also polls briefly meanwhile)."""
         raise NotImplementedError
 
     def observe(self, status: Status) -> Outcome | None:

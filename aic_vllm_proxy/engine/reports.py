@@ -1,7 +1,8 @@
 """An instance's state events, told on the event bus (``aic_vllm_proxy.events``).
 
 :class:`StateReporter` is subscribed to each instance's state machine: every transition becomes
-a ``state`` event, and the ones that mean more become their own event too: ``load`` (ready after
+a ``state`` event (and a launch's pid and log, known a moment after ``starting``, a ``launched``
+event), and the ones that mean more become their own event too: ``load`` (ready after
 a launch or a wake, with the seconds it took), ``unload`` (a model that was ready left its GPUs:
 stopped or parked; not one that had died or slept, which held no GPU any more) and ``failure``
 (with the root cause and the log tail, read off the event loop, so it comes a moment after its
@@ -39,11 +40,21 @@ class StateReporter:
         self._waking_since: float | None = None  # monotonic: when its wake began
         self._holding = False  # ready (or draining, parking) since its last load: on its GPUs
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pid: int | None = None  # the pid last told (a launch's comes after its starting)
+
+    def _launched(self, pid: int, log_path: str | None, model_spec: str | None) -> None:
+        """vLLM was spawned: its pid and its log's final name (a moment after ``starting``)."""
+        self._pid = pid
+        self.bus.publish("launched", self.instance.name, pid=pid, log_path=log_path, model_spec=model_spec)
 
     def __call__(self, event: StateEvent) -> None:
+        snap = event.snapshot
+        if event.kind is EventKind.UPDATE and snap.pid is not None and snap.pid != self._pid:
+            self._launched(snap.pid, snap.log_path, snap.model_spec)
         if event.kind is not EventKind.TRANSITION:
             return
-        old, new, snap = event.old, event.new, event.snapshot
+        old, new = event.old, event.new
+        self._pid = snap.pid
         name = self.instance.name
         self.bus.publish(
             "state",
