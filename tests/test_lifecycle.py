@@ -8,13 +8,15 @@ its engine child, which outlives a SIGKILL of its parent like real vLLM) must be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
+import threading
 import time
 from typing import Any
 
 import httpx
-from helpers import FAST, group_members, process_exists, wait_state, wait_until
+from helpers import FAST, group_members, port_open, process_exists, wait_state, wait_until
 
 # ------------------------------------------------------------------- death after ready
 
@@ -270,3 +272,37 @@ def test_proxy_sigkill_with_a_vllm_that_ignores_sigterm(spawn_proxy: Any, vllm_g
     assert wait_until(lambda: not group_members(pgid), 10), group_members(pgid)
     assert time.monotonic() - started >= 0.5  # SIGTERM was ignored: it took the SIGKILL
     assert not any(process_exists(pid) for pid in tree)
+
+
+def test_a_second_signal_does_not_cut_the_stop_short(spawn_proxy: Any, vllm_groups: set[int]) -> None:
+    """SIGTERM while a stream is in flight, then SIGTERM and SIGINT again while the daemon
+    drains it (a batch job's shell may pass the signal on too): the later ones are logged, the
+    stream still ends whole, vLLM is stopped by the daemon and it exits 0."""
+    proxy = spawn_proxy()
+    body = _switch(proxy.url, f"sim/twice --sim-token-delay 0.1 {FAST}")
+    pgid = body["status"]["pid"]
+    vllm_groups.add(pgid)
+    got: list[str] = []
+
+    def stream() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # cut: what came is in got
+            read()
+
+    def read() -> None:
+        request = {"model": "sim/twice", "prompt": "hi", "max_tokens": 40, "stream": True}
+        with httpx.stream("POST", f"{proxy.url}/v1/completions", json=request, timeout=60) as resp:
+            got.extend(line for line in resp.iter_lines() if line)
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert wait_until(lambda: bool(got), 20), "no token came"
+    proxy.process.send_signal(signal.SIGTERM)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    assert wait_until(lambda: not port_open(port), 20), proxy.read_output()  # it is stopping
+    proxy.process.send_signal(signal.SIGTERM)
+    proxy.process.send_signal(signal.SIGINT)
+    reader.join(60)
+    assert got and got[-1] == "data: [DONE]", got[-3:]  # drained, not cut
+    assert _exit_code(proxy.process, 30) == 0, proxy.read_output()
+    assert group_members(pgid) == []  # the daemon stopped vLLM before it exited
+    assert proxy.read_output().count("already stopping") == 2, proxy.read_output()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import signal
 import time
 from collections.abc import Callable
 
@@ -187,7 +188,7 @@ async def _serve(
         access_log=access_log,
         keepalive_timeout=keepalive_timeout,
         drain_timeout=drain_timeout,
-        handle_signals=True,  # SIGINT/SIGTERM raise GracefulExit out of the loop
+        handle_signals=False,  # run() handles SIGINT and SIGTERM
     )
     await runner.setup()
     listener = Listener(
@@ -235,13 +236,31 @@ def run(
             listening=listening,
         )
     )
+    stopping: list[str] = []
+
+    def on_signal(name: str) -> None:
+        """The first SIGINT or SIGTERM stops the daemon in order (requests drain, vLLM stops);
+        another one while it does is logged, not obeyed: cut short, the stop would leave vLLM
+        to the watchdog and skip the drain (a batch job's shell may pass a signal on twice).
+        SIGKILL still ends it at once."""
+        if stopping:
+            log.warning("%s: already stopping (since %s): requests drain, then vLLM stops", name, stopping[0])
+            return
+        stopping.append(name)
+        log.info("%s: stopping", name)
+        main.cancel()  # runs the runner's cleanup
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum.name)
     try:
         loop.run_until_complete(main)
-    except (web.GracefulExit, KeyboardInterrupt):
+    except asyncio.CancelledError:
         pass
     finally:
-        main.cancel()  # runs the runner's cleanup
+        main.cancel()  # runs the runner's cleanup (when it ended otherwise)
         loop.run_until_complete(asyncio.gather(main, return_exceptions=True))
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
         rest = asyncio.all_tasks(loop)
         for task in rest:
             task.cancel()
