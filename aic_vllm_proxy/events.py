@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+from aic_vllm_proxy.schemas import EVENT_TYPES
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -39,25 +41,6 @@ CURRENT_REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("ai
 HISTORY = 256
 #: A subscriber's queue, unless the daemon is told otherwise (``--event-queue-size``).
 QUEUE_SIZE = 1000
-
-#: The event types (docs/events.md has their fields).
-TYPES = frozenset(
-    {
-        "hello",
-        "state",
-        "launched",
-        "switch",
-        "load",
-        "unload",
-        "eviction",
-        "ttl",
-        "restart",
-        "drain",
-        "hook",
-        "failure",
-        "dropped",
-    }
-)
 
 Event = dict[str, Any]
 Listener = Callable[[Event], None]
@@ -142,7 +125,7 @@ class EventBus:
 
     def publish(self, type_: str, model: str | None = None, **fields: Any) -> Event:
         """Publish one event of ``type_`` about ``model``. Synchronous and never waits."""
-        assert type_ in TYPES, type_
+        assert type_ in EVENT_TYPES, type_  # schemas.EVENT_TYPES: the client knows them too
         self.last_id += 1
         event: Event = {
             "id": self.last_id,

@@ -242,6 +242,26 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+#: The types of ``GET /events`` (docs/events.md has their fields).
+EVENT_TYPES = frozenset(
+    {
+        "hello",
+        "state",
+        "launched",
+        "switch",
+        "load",
+        "unload",
+        "eviction",
+        "ttl",
+        "restart",
+        "drain",
+        "hook",
+        "failure",
+        "dropped",
+    }
+)
+
+
 class ProxyEvent(BaseModel):
     """One event of ``GET /events`` (docs/events.md). Each type has fields of its own beyond
     these (``state``: old, new, pid...; ``switch``: phase, model_spec...), kept as extra fields."""

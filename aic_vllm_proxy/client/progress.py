@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from aic_vllm_proxy.schemas import (
+    EVENT_TYPES,
     InstanceStatus,
     LoadResult,
     ProcessState,
@@ -207,21 +208,7 @@ class LogFilter:
 #: transition, a launch's pid and log (``launched``), a switch's phase, a load, unload, eviction,
 #: TTL expiry, restart, drain or failure, and ``dropped`` (this reader missed events). Not
 #: ``hello`` nor ``hook`` (a report, shown as it is), nor a type this client does not know.
-STATUS_CHANGES = frozenset(
-    {
-        "state",
-        "launched",
-        "switch",
-        "load",
-        "unload",
-        "eviction",
-        "ttl",
-        "restart",
-        "drain",
-        "failure",
-        "dropped",
-    }
-)
+STATUS_CHANGES = EVENT_TYPES - {"hello", "hook"}
 
 
 def changes_status(event: ProxyEvent) -> bool:
