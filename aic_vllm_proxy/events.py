@@ -26,7 +26,7 @@ import contextvars
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -71,7 +71,6 @@ class Subscription:
         self._size = max(size, 1)
         self._ready = asyncio.Event()
         self.dropped = 0  # events lost since the reader last took one (reported, then reset)
-        self.dropped_total = 0
         self.closed = False
 
     def put(self, event: Event) -> None:
@@ -79,7 +78,6 @@ class Subscription:
         if len(self._queue) >= self._size:
             self._queue.popleft()
             self.dropped += 1
-            self.dropped_total += 1
         self._queue.append(event)
         self._ready.set()
 
@@ -127,14 +125,8 @@ class EventBus:
         """Publish one event of ``type_`` about ``model``. Synchronous and never waits."""
         assert type_ in EVENT_TYPES, type_  # schemas.EVENT_TYPES: the client knows them too
         self.last_id += 1
-        event: Event = {
-            "id": self.last_id,
-            "type": type_,
-            "time": _now(),
-            "model": model,
-            "request_id": CURRENT_REQUEST.get(),
-            **fields,
-        }
+        event = self.make(type_, model, **fields)
+        event["id"], event["request_id"] = self.last_id, CURRENT_REQUEST.get()
         self._history.append(event)
         for listener in tuple(self._listeners):
             try:
@@ -157,7 +149,7 @@ class EventBus:
             kept = [event for event in self._history if event["id"] > after]
             first = kept[0]["id"] if kept else self.last_id + 1
             missed = first - after - 1
-            subscription.dropped = subscription.dropped_total = missed
+            subscription.dropped = missed
             for event in kept:
                 subscription.put(event)
         self._subscribers.add(subscription)
@@ -171,11 +163,6 @@ class EventBus:
         """The daemon is stopping: every reader's stream ends."""
         for subscription in tuple(self._subscribers):
             subscription.close()
-
-    def recent(self, types: Iterable[str] | None = None) -> list[Event]:
-        """The events still kept, oldest first (of ``types`` only, when given)."""
-        wanted = None if types is None else frozenset(types)
-        return [event for event in self._history if wanted is None or event["type"] in wanted]
 
 
 #: What engine objects made without an application (unit tests) publish to: nobody reads it.

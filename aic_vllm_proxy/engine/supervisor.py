@@ -812,7 +812,7 @@ class Supervisor:
         name = entry or spec.served_name
         self._beside_error = None
         self.events.publish("switch", name, phase="queued", model_spec=launched.raw)
-        task = asyncio.ensure_future(self._switch_beside(spec, entry, footprint, force))
+        task = asyncio.ensure_future(self._switch_beside(spec, entry, footprint, force, launched))
         pending = (launched, task)
         self._beside.append(pending)
 
@@ -820,13 +820,13 @@ class Supervisor:
             self._beside.remove(pending)
             if task.cancelled():
                 self._beside_error = cancelled_by_stop(launched)
-            elif isinstance(exc := task.exception(), EngineError):
-                self._beside_error = exc.message
-                log.warning("the switch to %s failed: %s", launched.model, exc.message)
-            elif task.exception() is None:
+            elif (exc := task.exception()) is None:
                 seconds = task.result().total_seconds
                 self.events.publish("switch", name, phase="done", model_spec=launched.raw, seconds=seconds)
                 return
+            elif isinstance(exc, EngineError):
+                self._beside_error = exc.message
+                log.warning("the switch to %s failed: %s", launched.model, exc.message)
             error = self._beside_error or "the switch failed; see the daemon's log"
             self.events.publish("switch", name, phase="failed", model_spec=launched.raw, error=error)
 
@@ -836,21 +836,16 @@ class Supervisor:
         return task
 
     async def _switch_beside(
-        self, spec: ModelSpec, entry: str | None, footprint: Footprint, force: bool
+        self, spec: ModelSpec, entry: str | None, footprint: Footprint, force: bool, launched: ModelSpec
     ) -> SwitchResult:
         """``/switch`` to a model parked by sleeping (``sleep`` > 0): it is loaded (or woken)
         beside the slot, on a port of its own (the slot's ``--vllm-port`` is for models that
         stop: a parked model keeps its port), as ``POST /load`` would; then it becomes the
         primary and the others on its GPUs go. ``force``: a running one is stopped first and
-        started again."""
+        started again. ``launched``: the spec it launches (:meth:`names_for`'s, as queued)."""
         started = time.monotonic()
         name = entry or spec.served_name
-        self.events.publish(
-            "switch",
-            name,
-            phase="started",
-            model_spec=self.names_for(spec, entry, footprint.sleep_level)[0].raw,
-        )
+        self.events.publish("switch", name, phase="started", model_spec=launched.raw)
         old = self.loaded.get(name)
         if force and old is not None and _holding(old):
             await self._evict_all([old], stop=True)

@@ -130,8 +130,9 @@ async def _last_answer(request: web.Request, response: web.Response) -> web.Resp
     return response
 
 
-async def _close(events: EventBus) -> None:
-    events.close()
+async def _end_event_streams(app: web.Application) -> None:
+    """On shutdown: the ``/events`` streams end, so that nothing waits on them."""
+    app[EVENTS].close()
 
 
 def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]] = ()) -> web.Application:
@@ -170,7 +171,7 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
         await supervisor.shutdown()
         pipeline.close()  # the pools of every instance's port (the slot's closes with the session)
 
-    app.on_shutdown.append(lambda _: _close(events))  # the /events streams end: nothing waits on them
+    app.on_shutdown.append(_end_event_streams)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(supervisor_ctx)
     for route in control.routes:

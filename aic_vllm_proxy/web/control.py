@@ -378,9 +378,8 @@ def _streamed(headers: dict[str, str]) -> web.StreamResponse:
 
 def _last_event_id(value: str | None) -> int | None:
     """``Last-Event-ID`` as an event id (None: absent or not one of ours)."""
-    if value is None or not value.strip().isdigit() or len(value.strip()) > 18:
-        return None
-    return int(value.strip())
+    digits = (value or "").strip()
+    return int(digits) if digits.isdigit() and len(digits) <= 18 else None
 
 
 @routes.get("/plugins")
