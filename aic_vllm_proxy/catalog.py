@@ -11,6 +11,7 @@ The catalogue comes from the config file::
     ttl = 600              # seconds idle before it is unloaded (0: never; default --default-ttl)
     pinned = false         # true: never evicted (nor unloaded by its ttl)
     preload = false        # true: loaded when the daemon starts
+    nodes = 2              # spans this many nodes: rank 0 here, the others on agents (--nnodes)
 
 ``gpu_memory_utilization`` (the share of each of its GPUs it takes) defaults to the
 ``--gpu-memory-utilization`` its ``args`` give, else vLLM's default; set as a key, it is passed
@@ -48,7 +49,8 @@ from aic_vllm_proxy.vllm_flags import FLAGS
 DEFAULT_DENIED_FLAGS = ("--trust-remote-code",)
 UTILIZATION_FLAG = "--gpu-memory-utilization"
 #: The keys of an entry that place it on the node (issue 13).
-FLEET_KEYS = ("gpus", "gpu_memory_utilization", "ttl", "pinned", "preload", "sleep")
+FLEET_KEYS = ("gpus", "gpu_memory_utilization", "ttl", "pinned", "preload", "sleep", "nodes")
+NNODES_FLAG = "--nnodes"
 #: vLLM's own default share of each GPU (``--help`` of vLLM 0.32 says 0.92), from the flag table.
 VLLM_DEFAULT_UTILIZATION = float(next(row[3] for row in FLAGS if row[0].split()[0] == UTILIZATION_FLAG))
 
@@ -146,6 +148,9 @@ class CatalogEntry(BaseModel):
     #: vLLM's sleep mode: park at this level instead of stopping (1: weights to host RAM, 2:
     #: weights dropped; 0: off); None: ``--default-sleep-level``.
     sleep: int | None = Field(default=None, ge=0, le=2)
+    #: How many nodes it spans (vLLM's ``--nnodes``): rank 0 on the head, one rank on each of
+    #: ``nodes - 1`` agents (docs/cluster.md); None: what ``args`` say, else one.
+    nodes: int | None = Field(default=None, ge=1)
 
     @model_serializer(mode="wrap")
     def _without_unset_fleet_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -197,17 +202,30 @@ class CatalogEntry(BaseModel):
                     f"gpu_memory_utilization = {self.gpu_memory_utilization} but args give "
                     f"{UTILIZATION_FLAG} {given}: set it in one place"
                 )
+        if self.nodes is not None:
+            said = self._base_spec().flag_value(NNODES_FLAG) if self._args_readable() else None
+            if said is not None and said != str(self.nodes):
+                raise ValueError(
+                    f"nodes = {self.nodes} but args give {NNODES_FLAG} {said}: set it in one place"
+                )
         if self.pinned and self.ttl:
             raise ValueError(f"pinned = true and ttl = {self.ttl:g} contradict: a pinned model stays loaded")
         return self
 
+    def _args_readable(self) -> bool:
+        try:
+            self._base_spec()
+        except SpecError:
+            return False
+        return True
+
+    def _base_spec(self) -> ModelSpec:
+        return ModelSpec.parse(self._base_spec_text)
+
     def _args_utilization(self) -> str | None:
         """The ``--gpu-memory-utilization`` the args give (None: none, or args vLLM cannot read,
         which the switch reports)."""
-        try:
-            return ModelSpec.parse(self._base_spec_text).flag_value(UTILIZATION_FLAG)
-        except SpecError:
-            return None
+        return self._base_spec().flag_value(UTILIZATION_FLAG) if self._args_readable() else None
 
     @property
     def _base_spec_text(self) -> str:
@@ -220,6 +238,12 @@ class CatalogEntry(BaseModel):
         text = self._base_spec_text
         if self.gpu_memory_utilization is not None and self._args_utilization() is None:
             text += f" {UTILIZATION_FLAG} {self.gpu_memory_utilization!r}"
+        if (
+            self.nodes is not None
+            and self._args_readable()
+            and self._base_spec().flag_value(NNODES_FLAG) is None
+        ):
+            text += f" {NNODES_FLAG} {self.nodes}"
         return text
 
     def footprint(self, node_gpus: Sequence[str], default_ttl: float, default_sleep: int = 0) -> Footprint:

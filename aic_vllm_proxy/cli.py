@@ -252,6 +252,87 @@ def serve(**options: Any) -> None:
     _serve(options)
 
 
+@cli.command()
+@click.option("--head", envvar="AIC_VLLM_PROXY_URL", show_envvar=True, help="The head daemon's URL.")
+@click.option(
+    "--connection-file",
+    "connection_file",
+    envvar="AIC_VLLM_PROXY_CONNECTION_FILE",
+    show_envvar=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Read the head's URL and key from this connection file (without --head); read again at "
+    "each attempt, so the agent may start before the head.",
+)
+@click.option("--api-key", envvar="AIC_VLLM_PROXY_KEY", show_envvar=True, help="An admin key of the head.")
+@click.option("--node-name", default=None, help="This node's name at the head [default: its hostname].")
+@click.option(
+    "--head-timeout",
+    type=click.FloatRange(min=1),
+    default=60.0,
+    show_default=True,
+    help="Seconds without the head after which this node's ranks are stopped and the agent exits.",
+)
+@click.option("--gpus", default=None, help="This node's GPUs [default: as the daemon finds them].")
+@click.option("--vllm-command", default="vllm serve", show_default=True, help="How to run vLLM here.")
+@click.option("--simulator", is_flag=True, help="Run the bundled simulator instead of vLLM.")
+@click.option(
+    "--log-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("logs/vllm"),
+    show_default=True,
+    help="Where the ranks' logs go (the head keeps a copy of each).",
+)
+@click.option("--stop-timeout", type=click.FloatRange(min=0), default=15.0, show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+def agent(
+    head: str | None,
+    connection_file: Path | None,
+    api_key: str | None,
+    node_name: str | None,
+    head_timeout: float,
+    gpus: str | None,
+    vllm_command: str,
+    simulator: bool,
+    log_dir: Path,
+    stop_timeout: float,
+    log_level: str,
+) -> None:
+    """Run the ranks of models across nodes for a head daemon, on this node (docs/cluster.md):
+    started by srun on every other node of the job."""
+    import socket
+
+    from aic_vllm_proxy.agent.runner import AgentOptions, run
+    from aic_vllm_proxy.web.logs_format import setup_logging
+
+    if not head and connection_file is None:
+        raise click.UsageError("give the head: --head URL or --connection-file PATH")
+    try:
+        settings = Settings(
+            vllm_command=simulator_command() if simulator else vllm_command,
+            log_dir=log_dir,
+            stop_timeout=stop_timeout,
+            gpus=names_list(gpus) or (),
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    settings = settings.model_copy(update={"gpus": node_gpus(settings.gpus)})
+    setup_logging(log_level.lower(), "text")
+    options = AgentOptions(
+        head=head,
+        connection_file=connection_file.expanduser() if connection_file else None,
+        key=api_key,
+        node_name=node_name or socket.gethostname(),
+        head_timeout=head_timeout,
+        settings=settings,
+    )
+    sys.exit(run(options))
+
+
 def main() -> None:
     from aic_vllm_proxy.client import cli as client_cli
 

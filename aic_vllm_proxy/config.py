@@ -41,6 +41,10 @@ else:  # pragma: no cover - exercised on 3.10 only
 ENV_PREFIX = "AIC_VLLM_PROXY_"
 
 
+#: ``--host`` values that listen on every address: no use in a URL.
+WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})
+
+
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which setting and why."""
 
@@ -148,6 +152,12 @@ class Settings(BaseModel):
         default=30.0,
         ge=0,
         description="Seconds a freshly loaded model with requests waiting is safe from eviction.",
+    )
+    # --- a model across nodes (engine/nodes.py, docs/cluster.md)
+    node_wait: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds a load of a model across nodes (--nnodes) waits for enough agents with room.",
     )
     # --- vLLM's sleep mode (engine/sleep.py)
     default_sleep_level: int = Field(
@@ -265,6 +275,16 @@ class Settings(BaseModel):
         if entry_name is not None:
             return self.models[entry_name].footprint(node_gpus, self.default_ttl, self.default_sleep_level)
         return spec_footprint(spec, node_gpus, self.default_ttl, self.default_sleep_level)
+
+    def advertised_host(self, hostname: str) -> str:
+        """The name other hosts reach this daemon by (the connection file's URL, the
+        ``--master-addr`` of a model across nodes): ``--advertise-host``; else ``--host`` when
+        it is one address; else ``hostname`` (this node's)."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host not in WILDCARDS:
+            return self.host
+        return hostname
 
     @property
     def vllm_argv(self) -> list[str]:

@@ -85,6 +85,7 @@ class StartFailure(str, Enum):
     CANNOT_RUN = "cannot_run"  # the vLLM command could not be executed
     TIMEOUT = "start_timeout"  # not ready within --ready-timeout
     PORT_TAKEN = "port_taken"  # another process listens on vLLM's port
+    NO_NODES = "no_nodes"  # a model across nodes found too few agents with room (--node-wait)
 
 
 class SwitchFailed(EngineError):

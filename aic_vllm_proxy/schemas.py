@@ -70,6 +70,47 @@ class HookReport(BaseModel):
     seconds: float = 0.0
 
 
+class RankStatus(BaseModel):
+    """One rank of a model that spans several nodes (``--nnodes``): rank 0 runs on the head,
+    each other rank on an agent's node (docs/cluster.md)."""
+
+    id: str
+    instance: str
+    rank: int
+    node: str = Field(description="The node it runs on: the head's name for rank 0, else the agent's.")
+    state: str = Field(description="starting, running, stopping, exited or lost.")
+    pid: int | None = None
+    exit_code: int | None = None
+    gpus: list[str] = Field(default_factory=list)
+    log_path: str | None = Field(default=None, description="The head's copy of its log.")
+    error: str | None = None
+
+
+class NodeStatus(BaseModel):
+    """An agent known to the head (``GET /nodes``)."""
+
+    name: str
+    host: str
+    pid: int
+    version: str
+    state: str = Field(description="connected, disconnected (waiting for it to come back), lost or left.")
+    gpus: list[str] = Field(
+        default_factory=list, description="Its GPUs; empty: none known (one rank at a time)."
+    )
+    gpus_in_use: list[str] = Field(default_factory=list)
+    head_timeout: float
+    connected_at: datetime
+    last_seen: datetime
+    ranks: list[RankStatus] = Field(default_factory=list)
+
+
+class NodesStatus(BaseModel):
+    """Body of ``GET /nodes``."""
+
+    head: str = Field(description="The name the ranks use for the head (--master-addr).")
+    nodes: list[NodeStatus] = Field(default_factory=list)
+
+
 class InstanceStatus(BaseModel):
     """One vLLM instance of the fleet, as listed in ``GET /status``'s ``instances``."""
 
@@ -104,6 +145,9 @@ class InstanceStatus(BaseModel):
     started_at: datetime | None = None
     ready_at: datetime | None = None
     error: str | None = None
+    ranks: list[RankStatus] = Field(
+        default_factory=list, description="Its ranks on other nodes, when it spans several (--nnodes)."
+    )
 
 
 class Status(BaseModel):
@@ -258,6 +302,8 @@ EVENT_TYPES = frozenset(
         "hook",
         "failure",
         "dropped",
+        "node",
+        "rank",
     }
 )
 

@@ -32,6 +32,9 @@ from aic_vllm_proxy.vllm_flags import FLAGS, normalize_argv
 
 #: Flags the proxy sets itself: vLLM must listen where the proxy forwards to.
 PROXY_OWNED_FLAGS = ("--host", "--port", "--uds")
+#: Flags the proxy sets on each rank of a model across nodes (``--nnodes N``): which rank it
+#: is, where rank 0 is, and that the others serve no HTTP (docs/cluster.md).
+NODE_OWNED_FLAGS = ("--node-rank", "--master-addr", "--master-port", "--headless")
 
 #: How many words each kind of flag in the table takes at most (argparse's ``nargs``; None: any).
 _MOST_VALUES: dict[str, int | None] = {
@@ -178,13 +181,20 @@ class ModelSpec:
                 "write 'MODEL --flag value ...'"
             )
         for use in scan_flags(args):
-            owned = next((flag for flag in use.flags if flag in PROXY_OWNED_FLAGS), None)
-            if owned is not None:
-                how = "sets" if len(use.flags) == 1 else f"may set (it abbreviates {', '.join(use.flags)})"
+            owned = next((flag for flag in use.flags if flag in PROXY_OWNED_FLAGS + NODE_OWNED_FLAGS), None)
+            if owned is None:
+                continue
+            how = "sets" if len(use.flags) == 1 else f"may set (it abbreviates {', '.join(use.flags)})"
+            if owned in PROXY_OWNED_FLAGS:
                 raise SpecError(
                     f"model_spec {how} {owned} with {use.word!r}, which the proxy owns (it tells vLLM "
                     "where to listen); remove it: configure --vllm-host/--vllm-port on the proxy instead"
                 )
+            raise SpecError(
+                f"model_spec {how} {owned} with {use.word!r}, which the proxy owns for a model across "
+                "nodes (it runs rank 0 and tells each agent's rank where rank 0 is); remove it: "
+                "give only --nnodes N (docs/cluster.md)"
+            )
         return cls(raw=text, model=model, args=tuple(args))
 
     @property
@@ -225,6 +235,23 @@ class ModelSpec:
     def key(self) -> tuple[str, ...]:
         """What makes two specs the same launch (formatting and quoting do not matter)."""
         return (self.model, *self.args)
+
+    @property
+    def nnodes(self) -> int:
+        """How many nodes it spans (``--nnodes``; 1 when not given or not a whole number, which
+        vLLM then reports itself)."""
+        value = self.flag_value("--nnodes")
+        try:
+            return max(int(value), 1) if value is not None else 1
+        except ValueError:
+            return 1
+
+    @staticmethod
+    def rank_args(rank: int, master_addr: str, master_port: int) -> list[str]:
+        """What the proxy adds for rank ``rank`` of a model across nodes: rank 0 leads (and
+        serves HTTP), the others join it ``--headless``."""
+        args = ["--node-rank", str(rank), "--master-addr", master_addr, "--master-port", str(master_port)]
+        return args if rank == 0 else [*args, "--headless"]
 
     def argv(self, command: list[str], host: str, port: int) -> list[str]:
         """The full command line: ``vllm serve MODEL ARGS --host H --port P``."""

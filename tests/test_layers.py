@@ -1,7 +1,10 @@
 """The package's planes import only downward (docs/architecture.md):
 
-    cli, __main__  ->  web  ->  relay  ->  engine  ->  hooks  ->  base (config, spec, catalog,
-                                                 schemas, errors, vllm_flags, connection_file, ...)
+    cli, __main__  ->  web  ->  agent  ->  relay  ->  engine  ->  hooks  ->  base (config, spec,
+                          catalog, schemas, errors, vllm_flags, connection_file, node_protocol, ...)
+
+(``agent``, the process run on the other nodes of a model across nodes, imports the engine's
+launch code and the base; nothing imports it but the command line.)
 
 The client imports only the base modules it shares with the server (schemas, spec, catalog, the
 flag table spec reads, the connection file's format) and its own; the simulator only its own and
@@ -29,10 +32,11 @@ BASE = {
     "metrics",
     "events",
     "connection_file",
+    "node_protocol",
     "",
 }
 #: Planes from the top down; a plane may import itself and every plane below it.
-ORDER = ["top", "web", "relay", "engine", "hooks", "base"]
+ORDER = ["top", "web", "agent", "relay", "engine", "hooks", "base"]
 #: What the two apart may import besides themselves.
 APART = {
     "client": {

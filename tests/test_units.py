@@ -59,9 +59,10 @@ class TestModelSpec:
         assert spec.flag_value("--hf-overrides") == '{"a": [1, 2], "b": "c d"}'
 
     def test_shell_metacharacters_stay_literal(self) -> None:
-        spec = ModelSpec.parse("m --a $(touch /tmp/pwned) ; rm -rf / | cat > out && `id` $HOME *")
+        # (not "-rf": vLLM reads that as "--node-rank f", a flag the proxy owns)
+        spec = ModelSpec.parse("m --a $(touch /tmp/pwned) ; rm -Rf / | cat > out && `id` $HOME *")
         assert spec.args == (
-            "--a", "$(touch", "/tmp/pwned)", ";", "rm", "-rf", "/", "|", "cat", ">", "out",
+            "--a", "$(touch", "/tmp/pwned)", ";", "rm", "-Rf", "/", "|", "cat", ">", "out",
             "&&", "`id`", "$HOME", "*",
         )  # fmt: skip
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from aic_vllm_proxy.engine.launch import (
     api_key_of,
     child_env,
     describe_exit,
+    free_port,
     host_addresses,
     port_is_free,
     port_taken_message,
@@ -48,8 +50,9 @@ from aic_vllm_proxy.engine.logs import (
     tail_lines_async,
     tail_with_cause,
 )
+from aic_vllm_proxy.engine.nodes import NodeRegistry, NotEnoughNodes, RankGroup, per_rank_gpus
 from aic_vllm_proxy.engine.placement import InstanceView, expires_at
-from aic_vllm_proxy.engine.procgroup import group_members
+from aic_vllm_proxy.engine.procgroup import group_members, signal_group
 from aic_vllm_proxy.engine.state import ProcessStateMachine, Snapshot
 from aic_vllm_proxy.errors import (
     EngineError,
@@ -108,7 +111,11 @@ def _wall(monotonic: float) -> datetime:
 
 def _launched(launch: Launch) -> dict[str, object]:
     """The hook context's instance fields for a stop of ``launch``: as when it was launched."""
-    return {"instance": launch.instance, "gpus": launch.gpus}
+    return {"instance": launch.instance, "gpus": launch.gpus, "ranks": _ranks(launch)}
+
+
+def _ranks(launch: Launch | None) -> tuple[dict[str, object], ...]:
+    return launch.remote.context() if launch is not None and launch.remote is not None else ()
 
 
 @dataclass
@@ -182,6 +189,8 @@ class Instance:
         self._idle.set()
         self.restarts = 0  # automatic restarts in a row (restart policy)
         self.events: EventBus = UNHEARD  # the fleet's: drains, restarts (and its state events)
+        #: The agents that run the other ranks of a model across nodes (the fleet's).
+        self.nodes: NodeRegistry | None = None
 
     # ------------------------------------------------------------------ status
 
@@ -290,19 +299,29 @@ class Instance:
             started_at=snap.started_at,
             ready_at=snap.ready_at,
             error=snap.error or self.last_switch_error,
+            ranks=launch.remote.statuses() if launch is not None and launch.remote is not None else [],
         )
 
-    def current_log(self) -> Path | None:
+    def current_log(self, rank: int = 0) -> Path | None:
+        """The log of its current (or last) launch; of rank ``rank`` on another node for a
+        model across nodes (the head's copy)."""
+        if rank:
+            found = self.nodes.find_rank(self.name, rank) if self.nodes is not None else None
+            return found.log_path if found is not None else None
         path = self.machine.snapshot.log_path
         return Path(path) if path else None
 
-    def log_is_live(self, fd: int) -> bool:
+    def log_is_live(self, fd: int, rank: int = 0) -> bool:
         """True while the process writing the log open at ``fd`` may still write to it."""
         launch = self._launch
         if launch is None or launch.exited.is_set():
             return False
+        remote = launch.remote.find(rank) if rank and launch.remote is not None else None
+        if rank and (remote is None or remote.ended.is_set()):
+            return False
         try:
-            current, own = os.stat(launch.log_path), os.fstat(fd)
+            current = os.stat(remote.log_path if remote is not None else launch.log_path)
+            own = os.fstat(fd)
         except OSError:
             return False
         return (current.st_dev, current.st_ino) == (own.st_dev, own.st_ino)
@@ -505,6 +524,7 @@ class Instance:
             "new_spec": None,
             "log_path": snap.log_path,
             "model": snap.model,
+            "ranks": _ranks(self._launch),
         }
         values.update(fields)
         return HookContext(
@@ -629,13 +649,21 @@ class Instance:
         elif failure is StartFailure.PORT_TAKEN:
             tail = await self._log_tail(launch.log_path)
             cause, advice, exit_code = port_taken_message(self.port), PORT_TAKEN_ADVICE, None
+        elif launch.failed_rank is not None and launch.remote is not None:
+            why, tail = await launch.remote.cause(launch.failed_rank)
+            cause = f"{spec.model} did not start: {why}; every rank was stopped"
+            advice = "The log tail is that rank's (GET /logs/tail?model=...&rank=N has all of it)"
+            exit_code = launch.failed_rank.exit_code
         else:
             tail, reason = await self._failure_tail(launch.log_path)
             cause = f"vLLM exited with {describe_exit(exit_code)} while starting {spec.model}" + (
                 f": {reason}" if reason else ""
             )
             advice = "Check the model name and arguments; the log tail has the details"
-        await self.machine.transition(S.FAILED, exit_code=exit_code, error=cause, pid=None)
+        failed_log = str(launch.failed_rank.log_path) if launch.failed_rank is not None else None
+        await self.machine.transition(
+            S.FAILED, exit_code=exit_code, error=cause, pid=None, failed_log=failed_log
+        )
         if self._launch is launch:
             self._launch = None
         reports += await self.hooks.call(
@@ -667,11 +695,17 @@ class Instance:
         return tail, cause.text if cause else ""
 
     async def _start(self, spec: ModelSpec) -> Launch:
-        """Launch vLLM for ``spec`` (state STARTING); raise :class:`SwitchFailed` if it cannot run."""
+        """Launch vLLM for ``spec`` (state STARTING); raise :class:`SwitchFailed` if it cannot run.
+        A model across nodes (``--nnodes N``): this is rank 0, and ranks 1..N-1 are placed on
+        agents and started once it runs (``nodes.py``)."""
         argv = spec.argv(self.settings.vllm_argv, self.settings.vllm_host, self.port)
         drain = self.settings.vllm_shutdown_timeout
         if drain is not None and not spec.has_flag("--shutdown-timeout"):
             argv += ["--shutdown-timeout", f"{drain:g}"]  # vLLM >= 0.18 drains on SIGTERM itself
+        master_port = 0
+        if spec.nnodes > 1 and self.nodes is not None:
+            master_port = await asyncio.to_thread(free_port)
+            argv += spec.rank_args(0, self.nodes.head, master_port)
         path, handle = await asyncio.to_thread(open_launch_log, self.settings.log_dir, argv)
         self.loaded_at = None
         await self.machine.transition(
@@ -686,9 +720,12 @@ class Instance:
                     PORT_TAKEN_ADVICE,
                     StartFailure.PORT_TAKEN,
                 )
+            remote = await self._place_ranks(spec, master_port, handle) if master_port else None
             try:
                 process = await spawn_vllm(argv, handle, self._child_env())
             except OSError as exc:
+                if remote is not None:
+                    await remote.stop(0.0)  # reserved only: nothing was started
                 cause = f"cannot run {argv[0]!r}: {exc.strerror or exc}"
                 advice = (
                     "Install vLLM in this environment "
@@ -709,9 +746,13 @@ class Instance:
             instance=self.name,
             gpus=self.gpus or (),
             utilization=self.utilization,
+            remote=remote,
         )
         self._launch = launch
         self._spawn(self._watch_exit(launch), into=self._watchers)
+        if remote is not None:
+            self._spawn(self._watch_ranks(launch, remote), into=self._watchers)
+            await remote.start()
         await launch.start_guard(grace=min(self.settings.stop_timeout, 5.0))
         # The log's final name is published before its first name goes: a reader that opens the
         # published name (control routes) always finds it.
@@ -724,6 +765,37 @@ class Instance:
             self._spawn(self._watch_health(launch))
         log.info("started vLLM pid %d: %s (log %s)", process.pid, spec.raw, path)
         return launch
+
+    async def _place_ranks(self, spec: ModelSpec, master_port: int, log_file: BinaryIO) -> RankGroup:
+        """Reserve a node for each rank after 0 (waiting up to ``--node-wait`` for agents)."""
+        assert self.nodes is not None
+        head = self.nodes.head
+        try:
+            return await self.nodes.place(
+                self.name,
+                spec.nnodes - 1,
+                per_rank_gpus(self.gpus),
+                lambda rank: [spec.model, *spec.args, *spec.rank_args(rank, head, master_port)],
+                self.settings.log_dir,
+            )
+        except NotEnoughNodes as exc:
+            cause = f"{spec.model} spans {spec.nnodes} nodes, but {exc}"
+            advice = (
+                "Start an agent on each other node of the job "
+                "(srun aic-vllm-proxy agent --head URL, docs/cluster.md), or wait for a model to unload"
+            )
+            await self._not_started(log_file, cause, advice, StartFailure.NO_NODES)
+
+    async def _watch_ranks(self, launch: Launch, remote: RankGroup) -> None:
+        """A rank on another node that dies (or is lost with its node) ends the whole launch:
+        rank 0 is stopped here, and its exit reports that rank (``_watch_exit``,
+        ``_start_failed``)."""
+        rank = await remote.failure
+        if rank is None or launch.exited.is_set() or self._launch is not launch:
+            return
+        launch.failed_rank = rank
+        log.error("%s of %s failed: stopping every rank", rank.describe(), launch.spec.model)
+        signal_group(launch.pgid, signal.SIGTERM)
 
     async def _not_started(
         self, log_file: BinaryIO, cause: str, advice: str, failure: StartFailure
@@ -745,12 +817,18 @@ class Instance:
             f"vLLM ({launch.spec.model}, pid {launch.pgid}) exited with {describe_exit(code)} "
             "after it was ready; its engine may have died"
         )
+        failed_log = None
+        if launch.failed_rank is not None and launch.remote is not None:
+            why, _ = await launch.remote.cause(launch.failed_rank)
+            message = f"{launch.spec.model} failed: {why}; every rank was stopped"
+            failed_log = str(launch.failed_rank.log_path)
         snap = await self.machine.transition_if(
             frozenset({S.READY, S.DRAINING, S.PARKING, S.SLEEPING, S.WAKING}),
             S.FAILED,
             exit_code=code,
             error=message,
             pid=None,
+            failed_log=failed_log,
         )
         if snap is None:
             if self.machine.state is S.FAILED:  # already marked by the health check
@@ -762,7 +840,7 @@ class Instance:
         await launch.terminate(grace=self.settings.stop_timeout)
         if self._launch is launch:
             self._launch = None
-        tail = await self._log_tail(launch.log_path)
+        tail = await self._log_tail(Path(failed_log) if failed_log else launch.log_path)
         self.hook_reports = await self.hooks.call(
             self._context(
                 "on_failure",

@@ -28,11 +28,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from aic_vllm_proxy.config import ENV_PREFIX, Settings
 from aic_vllm_proxy.engine.procgroup import group_alive, signal_group
 from aic_vllm_proxy.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from aic_vllm_proxy.engine.nodes import RankGroup, RemoteRank
 
 log = logging.getLogger(__name__)
 GROUP_POLL = 0.05
@@ -55,6 +58,10 @@ class Launch:
     instance: str = ""
     gpus: tuple[str, ...] = ()
     utilization: float = 0.0
+    #: A model across nodes: its ranks on the agents (this process is rank 0), and the first
+    #: of them that died or was lost, which ended the launch.
+    remote: RankGroup | None = None
+    failed_rank: RemoteRank | None = None
 
     @property
     def pgid(self) -> int:
@@ -83,7 +90,14 @@ class Launch:
         self.guard_fd = write_fd
 
     async def terminate(self, *, grace: float) -> None:
-        """SIGTERM the group, wait up to ``grace`` s, SIGKILL what is left, wait until it is gone."""
+        """SIGTERM the group, wait up to ``grace`` s, SIGKILL what is left, wait until it is gone;
+        the ranks on other nodes are stopped at the same time."""
+        if self.remote is None:
+            await self._terminate_group(grace)
+            return
+        await asyncio.gather(self._terminate_group(grace), self.remote.stop(grace))
+
+    async def _terminate_group(self, grace: float) -> None:
         pgid = self.pgid
         deadline = time.monotonic() + grace
         if await asyncio.to_thread(group_alive, pgid):
@@ -179,6 +193,13 @@ def host_addresses(host: str, port: int) -> list[str]:
     except OSError:
         return []
     return sorted({str(info[4][0]) for info in infos})
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick), e.g. a master port. Blocking."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return int(probe.getsockname()[1])
 
 
 def port_is_free(host: str, port: int) -> bool:

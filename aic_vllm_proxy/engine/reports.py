@@ -86,7 +86,8 @@ class StateReporter:
             self.bus.publish("unload", name, reason="stopped", model_spec=snap.model_spec)
         elif new is S.FAILED:
             reason = "load" if old is S.STARTING else "died"
-            path = Path(snap.log_path) if snap.log_path else None
+            logged = snap.failed_log or snap.log_path
+            path = Path(logged) if logged else None
             task = asyncio.ensure_future(
                 detached(self._failure(name, reason, snap.error, snap.exit_code, snap.model_spec, path))
             )

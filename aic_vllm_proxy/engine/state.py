@@ -91,6 +91,8 @@ class Snapshot:
     slept_at: datetime | None = None
     #: The switches queued or under way, in order; the one being loaded comes first.
     pending: tuple[ModelSpec, ...] = ()
+    #: The log that shows why it failed, when not ``log_path``: a rank's on another node.
+    failed_log: str | None = None
 
     @property
     def switching(self) -> bool:

@@ -41,6 +41,7 @@ from aic_vllm_proxy.catalog import Footprint, lora_names, with_served_names
 from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.engine.instance import Instance, StopOutcome, cancelled_by_stop, switch_outcome
 from aic_vllm_proxy.engine.launch import Launch, port_is_free
+from aic_vllm_proxy.engine.nodes import NodeRegistry
 from aic_vllm_proxy.engine.placement import (
     HOLDING,
     Candidate,
@@ -105,6 +106,8 @@ class Supervisor:
             budget = int(available * 0.8)
         #: Host RAM the weights of level-1 sleepers may take (None: no limit known).
         self.host_budget = budget
+        #: The agents on other nodes, for models across nodes (``--nnodes``).
+        self.nodes = NodeRegistry(settings, events)
         self.slot = self._new_instance(PRIMARY, settings.vllm_port)
         self.slot.on_switch = self._slot_switching
         self.slot.before_start = self._before_slot_start
@@ -151,6 +154,7 @@ class Supervisor:
         instance.machine.subscribe(self._instance_changed)
         instance.machine.subscribe(StateReporter(instance, self.events))
         instance.events = self.events
+        instance.nodes = self.nodes
         instance.on_idle = self._wake
         return instance
 
@@ -260,15 +264,16 @@ class Supervisor:
             return False
         return _holding(instance) or instance.name not in self.loaded
 
-    def current_log(self, name: str | None = None) -> Path | None:
-        """The log of the instance ``name`` (None: the primary's); None for a catalogue entry
-        never loaded (no log yet)."""
+    def current_log(self, name: str | None = None, rank: int = 0) -> Path | None:
+        """The log of the instance ``name`` (None: the primary's), of its rank ``rank`` on
+        another node for a model across nodes; None for a catalogue entry never loaded (no log
+        yet) or a rank it never had."""
         if name is not None and self.find(name) is None and self.entry_named(name) is not None:
             return None
-        return self._named(name).current_log()
+        return self._named(name).current_log(rank)
 
-    def log_is_live(self, fd: int, name: str | None = None) -> bool:
-        return self._named(name).log_is_live(fd)
+    def log_is_live(self, fd: int, name: str | None = None, rank: int = 0) -> bool:
+        return self._named(name).log_is_live(fd, rank)
 
     def _named(self, name: str | None) -> Instance:
         """The instance ``name`` (None: the primary); :class:`ModelNotFound` if there is none."""
@@ -977,6 +982,11 @@ class Supervisor:
             log.info("cancelling the load of %s: a stop was requested", name)
             placing.cancel()
 
+    async def stop_across_nodes(self) -> None:
+        """Stop the models across nodes (at shutdown, while their agents can still be told)."""
+        spanning = [i for i in self.instances if i.launch is not None and i.launch.remote is not None]
+        await asyncio.gather(*(instance.stop() for instance in spanning))
+
     async def shutdown(self) -> None:
         """On proxy exit: stop every instance and wait for their process trees to go."""
         tasks: list[asyncio.Future[object]] = [*self._tasks]
@@ -987,6 +997,7 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(i.shutdown() for i in self.instances))
+        self.nodes.close()
 
     # --------------------------------------------------------------------- TTL
 

@@ -99,6 +99,10 @@ class HookContext:
     instance: str | None = None
     gpus: tuple[str, ...] = ()
     port: int | None = None
+    #: A model across nodes (``--nnodes``): its ranks on the agents' nodes, one dict each
+    #: (``rank``, ``node``, ``host``, ``pid``, ``gpus``); empty for a model on this node only
+    #: and before its ranks are placed (pre_switch). Rank 0 is this daemon's (``pid``).
+    ranks: tuple[dict[str, Any], ...] = ()
     #: This plugin's own settings: ``[plugins.<name>]`` in the config file plus
     #: ``AIC_VLLM_PROXY_PLUGIN_<NAME>_<KEY>`` environment variables.
     plugin_config: dict[str, Any] = field(default_factory=dict)

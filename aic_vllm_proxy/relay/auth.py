@@ -35,7 +35,9 @@ PUBLIC_PREFIXES = ("/ui/",)
 #: Paths a user key may call besides the proxied API.
 USER_CONTROL_PATHS = frozenset({"/status"})
 #: The proxy's own control paths (admin only); everything else is the proxied API.
-ADMIN_PATHS = frozenset({"/switch", "/stop", "/unload", "/plugins", "/models/catalog"})
+ADMIN_PATHS = frozenset(
+    {"/switch", "/stop", "/unload", "/plugins", "/models/catalog", "/nodes", "/nodes/connect"}
+)
 #: Paths an admin key needs for every method but these: ``GET /load`` is vLLM's (its server
 #: load, passed through), ``POST /load`` the proxy's.
 ADMIN_EXCEPT_METHODS = {"/load": frozenset({"GET", "HEAD"})}

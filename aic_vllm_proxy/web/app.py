@@ -27,6 +27,7 @@ from aic_vllm_proxy.relay.request import REQUEST_ID
 from aic_vllm_proxy.relay.upstream import UpstreamPool
 from aic_vllm_proxy.web import control
 from aic_vllm_proxy.web.appkeys import (
+    AGENTS,
     EVENTS,
     HOOKS,
     KEYS,
@@ -171,6 +172,7 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
         await supervisor.shutdown()
         pipeline.close()  # the pools of every instance's port (the slot's closes with the session)
 
+    app[AGENTS] = set()
     app.on_shutdown.append(_end_event_streams)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(supervisor_ctx)

@@ -24,4 +24,5 @@ PLUGINS = web.AppKey("plugins", list[PluginInfo])
 KEYS = web.AppKey("keys", KeyRing)
 PASSTHROUGH = web.AppKey("passthrough", Passthrough)  # also served by the front door (front.py)
 METRICS = web.AppKey("metrics", Metrics)  # GET /proxy/metrics (the application's own registry)
+AGENTS = web.AppKey("agents", set[web.WebSocketResponse])  # the agents' sockets (web/nodes.py)
 EVENTS = web.AppKey("events", EventBus)  # GET /events, and what the metrics count

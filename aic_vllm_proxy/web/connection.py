@@ -36,21 +36,9 @@ from aic_vllm_proxy.relay.auth import KeyRing
 
 log = logging.getLogger(__name__)
 
-#: ``--host`` values that listen on every address: no use in a URL.
-WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})
-
 
 class CannotPublish(Exception):
     """The connection file cannot be written; the message says where and why in one line."""
-
-
-def advertised_host(settings: Settings, hostname: str) -> str:
-    """The host the file's ``url`` names (see the module's docstring)."""
-    if settings.advertise_host:
-        return settings.advertise_host
-    if settings.host not in WILDCARDS:
-        return settings.host
-    return hostname
 
 
 def connection_info(
@@ -60,7 +48,7 @@ def connection_info(
     env = os.environ if environ is None else environ
     hostname = socket.gethostname()
     return ConnectionInfo(
-        url=http_base(advertised_host(settings, hostname), port),
+        url=http_base(settings.advertised_host(hostname), port),
         key=keys.first_admin_key,
         pid=os.getpid(),
         host=hostname,

@@ -26,6 +26,7 @@ from aic_vllm_proxy.catalog import CatalogInfo, PolicyError, resolve
 from aic_vllm_proxy.engine.logs import follow, iter_file, parse_lines_param, tail_lines_async, tail_with_cause
 from aic_vllm_proxy.events import CURRENT_REQUEST, encode
 from aic_vllm_proxy.metrics import CONTENT_TYPE
+from aic_vllm_proxy.node_protocol import CONNECT_PATH
 from aic_vllm_proxy.relay.auth import authorize_metrics
 from aic_vllm_proxy.relay.errors import BadRequest, ProxyError, body_too_large
 from aic_vllm_proxy.relay.passthrough import read_body
@@ -41,7 +42,7 @@ from aic_vllm_proxy.schemas import (
     to_json,
 )
 from aic_vllm_proxy.spec import ModelSpec, SpecError
-from aic_vllm_proxy.web import ui
+from aic_vllm_proxy.web import nodes, ui
 from aic_vllm_proxy.web.appkeys import EVENTS, KEYS, METRICS, PASSTHROUGH, PLUGINS, SETTINGS, SUPERVISOR
 
 routes = web.RouteTableDef()
@@ -268,11 +269,19 @@ def _open_log(request: web.Request) -> Iterator[int]:
     yet. Its name is read and opened in one step of the event loop, so a log that gets its
     final name meanwhile (``Supervisor._start``) is still the one read."""
     model = request.query.get("model")
-    path = request.app[SUPERVISOR].current_log(model)
+    rank = _rank_param(request)
+    path = request.app[SUPERVISOR].current_log(model, rank)
     try:
         fd = os.open(path, os.O_RDONLY) if path is not None else -1
     except FileNotFoundError:
         fd = -1
+    if fd < 0 and rank:
+        raise ProxyError(
+            f"No log of rank {rank}: {model or 'the model'} has had no rank {rank} on another node "
+            "(only a model across nodes, --nnodes, has ranks beyond 0)",
+            status=404,
+            type="not_found_error",
+        )
     if fd < 0:
         raise ProxyError(
             f"No vLLM log yet: {model} has not been loaded. Load it with POST /load."
@@ -285,6 +294,14 @@ def _open_log(request: web.Request) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def _rank_param(request: web.Request) -> int:
+    """``?rank=N``: the log of rank N of a model across nodes (the head's copy); 0: rank 0's."""
+    raw = request.query.get("rank", "0")
+    if not raw.isdigit() or len(raw) > 6:
+        raise BadRequest(f"rank must be a whole number (0 for the head's rank), got {raw!r}", param="rank")
+    return int(raw)
 
 
 @routes.get("/logs/current")
@@ -328,8 +345,8 @@ async def logs_stream(request: web.Request) -> web.StreamResponse:
     with _open_log(request) as fd:
         response = _streamed({"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        model = request.query.get("model")
-        async for chunk in follow(fd, lines, lambda: supervisor.log_is_live(fd, model)):
+        model, rank = request.query.get("model"), _rank_param(request)
+        async for chunk in follow(fd, lines, lambda: supervisor.log_is_live(fd, model, rank)):
             await response.write(chunk)
         await response.write_eof()
     return response
@@ -386,6 +403,10 @@ def _last_event_id(value: str | None) -> int | None:
 async def plugins(request: web.Request) -> web.Response:
     return _json(to_json(PluginList(plugins=request.app[PLUGINS])))
 
+
+# The agents of a model across nodes (web/nodes.py): admin only.
+routes.get("/nodes")(nodes.list_nodes)
+routes.get(CONNECT_PATH)(nodes.connect)
 
 # The status page (web/ui.py): open, like /proxy/health; the front door leaves it to aiohttp.
 routes.get("/ui")(ui.page)

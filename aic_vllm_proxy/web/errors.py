@@ -46,6 +46,7 @@ TABLE: dict[object, Answer] = {
     StartFailure.CANNOT_RUN: Answer(500, "switch_failed"),
     StartFailure.TIMEOUT: Answer(504, "switch_failed"),
     StartFailure.PORT_TAKEN: Answer(409, "switch_failed"),
+    StartFailure.NO_NODES: Answer(503, "switch_failed"),
     SwitchCancelled: Answer(409, "switch_cancelled"),
     SwitchVetoed: Answer(409, "switch_vetoed"),
     SwitchHookFailed: Answer(500, "hook_failed"),

@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from aic_vllm_proxy.relay.front import AiohttpConnection, Front, FrontProtocol
-from aic_vllm_proxy.web import connection, control
+from aic_vllm_proxy.web import connection, control, nodes
 from aic_vllm_proxy.web.app import SERVER_OPTIONS
 from aic_vllm_proxy.web.appkeys import KEYS, PASSTHROUGH, SETTINGS
 from aic_vllm_proxy.web.logs_format import ACCESS_LOG_FORMAT
@@ -208,6 +208,9 @@ async def _serve(
         if published is not None:
             published.withdraw()  # first: clients that read it now find no daemon leaving
         await listener.stop()  # the socket closes and requests in flight finish first
+        # Models across nodes stop while their agents can still be told (aiohttp's cleanup
+        # stops reading every connection, the agents' too).
+        await nodes.release_agents(app)
         await runner.cleanup()  # then aiohttp's connections, then the app's cleanup (vLLM stops)
 
 

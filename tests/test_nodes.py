@@ -1,0 +1,275 @@
+"""A model across nodes (issue 17, docs/cluster.md): a head daemon and agents on loopback, as
+real processes, running a 3-node model on the simulator (whose rank 0 is ready only once every
+rank has joined its master port). Nothing may fail silently: a dead headless rank fails the
+model naming its node, a SIGKILLed head leaves no rank behind on the agents' nodes, a SIGKILLed
+agent's rank goes with it (its watchdog) and the head reports the node lost.
+
+The agents are given different node names; each stands for a node of a job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from helpers import FAST, SIM, Daemon, group_members, start_daemon, wait_until
+
+from aic_vllm_proxy.catalog import CatalogEntry
+from aic_vllm_proxy.spec import ModelSpec, SpecError
+
+AGENT = [sys.executable, "-m", "aic_vllm_proxy", "agent"]
+#: A 3-node model: tensor parallel over three ranks, one per node.
+SPEC = f"sim-model {FAST} -tp 3 --nnodes 3"
+HEAD_TIMEOUT = 4.0
+STOP_TIMEOUT = 3.0
+#: Deadlines: generous, for a loaded 2-core machine.
+LONG = 60.0
+
+
+@dataclass
+class Agent:
+    name: str
+    process: subprocess.Popen[bytes]
+    output: Path
+
+    def read_output(self) -> str:
+        return self.output.read_text(errors="replace")
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    """Start agents; at the end each gets SIGTERM (it stops its ranks), then SIGKILL."""
+    started: list[Agent] = []
+
+    def start(name: str, *options: str, head: str | None = None) -> Agent:
+        output = tmp_path / f"agent-{name}.out"
+        argv = [
+            *AGENT,
+            *(["--head", head] if head else []),
+            "--node-name", name,
+            "--vllm-command", SIM,
+            "--log-dir", str(tmp_path / f"logs-{name}"),
+            "--head-timeout", str(HEAD_TIMEOUT),
+            "--stop-timeout", str(STOP_TIMEOUT),
+            *options,
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIC_VLLM_PROXY_")}
+        with open(output, "wb") as out:
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        agent = Agent(name, process, output)
+        started.append(agent)
+        return agent
+
+    start.started = started  # type: ignore[attr-defined]
+    yield start
+    for agent in started:
+        if agent.process.poll() is None:
+            agent.process.send_signal(signal.SIGTERM)
+    for agent in started:
+        try:
+            agent.process.wait(LONG)
+        except subprocess.TimeoutExpired:
+            agent.process.kill()
+            agent.process.wait()
+
+
+@pytest.fixture
+def head(tmp_path: Path, vllm_groups: set[int]) -> Iterator[Callable[..., Daemon]]:
+    daemons: list[Daemon] = []
+
+    def start(*options: str) -> Daemon:
+        daemon = start_daemon(tmp_path, "--advertise-host", "127.0.0.1", "--node-wait", "30", *options)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop(timeout=LONG)
+        vllm_groups.update(daemon.groups)
+
+
+def _nodes(daemon: Daemon) -> dict[str, dict[str, Any]]:
+    body = daemon.get("/nodes").json()
+    return {node["name"]: node for node in body["nodes"]}
+
+
+def _connected(daemon: Daemon, *names: str) -> bool:
+    nodes = _nodes(daemon)
+    return all(nodes.get(name, {}).get("state") == "connected" for name in names)
+
+
+def _rank_pids(daemon: Daemon) -> dict[str, int]:
+    """node name -> the pid (and process group) of the rank it runs."""
+    return {name: node["ranks"][0]["pid"] for name, node in _nodes(daemon).items() if node["ranks"]}
+
+
+def _complete(daemon: Daemon) -> httpx.Response:
+    body = {"model": "sim-model", "prompt": "hi", "max_tokens": 3}
+    return httpx.post(daemon.url + "/v1/completions", json=body, timeout=LONG)
+
+
+def _gone(pgid: int) -> bool:
+    return not group_members(pgid)
+
+
+def _three_nodes(head: Callable[..., Daemon], agents: Callable[..., Agent]) -> tuple[Daemon, dict[str, int]]:
+    """A head and agents node-a and node-b, the 3-node model loaded: (head, node -> rank pid)."""
+    daemon = head()
+    for name in ("node-a", "node-b"):
+        agents(name, head=daemon.url)
+    assert wait_until(lambda: _connected(daemon, "node-a", "node-b"), LONG), daemon.get("/nodes").text
+    code, body = daemon.switch(SPEC, timeout=LONG)
+    assert code == 200, body
+    pids = _rank_pids(daemon)
+    assert set(pids) == {"node-a", "node-b"}
+    return daemon, pids
+
+
+def test_a_model_across_three_nodes_serves_and_a_dead_rank_fails_it_naming_its_node(
+    head: Callable[..., Daemon], agents: Callable[..., Agent]
+) -> None:
+    daemon, pids = _three_nodes(head, agents)
+    status = daemon.status()
+    assert status["state"] == "ready"
+    nodes = _nodes(daemon)
+    assert [(r["rank"], r["state"]) for r in nodes["node-a"]["ranks"]] == [(1, "running")]
+    assert [(r["rank"], r["state"]) for r in nodes["node-b"]["ranks"]] == [(2, "running")]
+    # Rank 0 is the head's: it leads, the others join it headless.
+    head_argv = Path(f"/proc/{status['pid']}/cmdline").read_bytes().split(b"\0")
+    assert head_argv[head_argv.index(b"--node-rank") :][:2] == [b"--node-rank", b"0"]
+    rank_argv = Path(f"/proc/{pids['node-b']}/cmdline").read_bytes().split(b"\0")
+    assert b"--headless" in rank_argv and rank_argv[rank_argv.index(b"--node-rank") + 1] == b"2"
+    assert _complete(daemon).status_code == 200
+    # A rank's log, through the head (its copy, streamed by the agent).
+    tail = daemon.get("/logs/tail?lines=200&rank=2")
+    assert tail.status_code == 200 and "node_rank 2" in tail.text, tail.text
+    assert daemon.get("/logs/tail?rank=7").status_code == 404
+
+    os.kill(pids["node-b"], signal.SIGKILL)  # rank 2's leader, on "node-b"
+
+    assert wait_until(lambda: daemon.status()["state"] == "failed", LONG), daemon.status()
+    error = daemon.status()["error"]
+    assert "rank 2 on node node-b" in error and "SIGKILL" in error and "every rank was stopped" in error, (
+        error
+    )
+    # No rank left anywhere: rank 0 here, rank 1 on node-a (stopped by its agent), rank 2.
+    assert wait_until(lambda: all(_gone(pid) for pid in [status["pid"], *pids.values()]), LONG)
+    assert not any(node["ranks"] for node in _nodes(daemon).values())
+
+
+def test_sigkill_of_the_head_leaves_no_rank_on_the_agents_nodes(
+    head: Callable[..., Daemon], agents: Callable[..., Agent], vllm_groups: set[int]
+) -> None:
+    daemon, pids = _three_nodes(head, agents)
+    started = list(agents.started)  # type: ignore[attr-defined]
+    rank0 = daemon.status()["pid"]
+    vllm_groups.update([rank0, *pids.values()])
+
+    daemon.process.kill()
+    daemon.process.wait()
+
+    # Each agent gives the head --head-timeout s, then stops its rank (--stop-timeout, SIGKILL).
+    deadline = HEAD_TIMEOUT + STOP_TIMEOUT + 20.0
+    assert wait_until(lambda: all(_gone(pid) for pid in pids.values()), deadline)
+    assert wait_until(lambda: _gone(rank0), LONG)  # the head's watchdog
+    for agent in started:
+        assert agent.process.wait(LONG) == 1  # the head was lost
+        assert "could not be reached" in agent.read_output()
+
+
+def test_sigkill_of_an_agent_takes_its_rank_and_the_head_reports_the_node_lost(
+    head: Callable[..., Daemon], agents: Callable[..., Agent]
+) -> None:
+    daemon = head()
+    agent_a = agents("node-a", head=daemon.url)
+    agent_b = agents("node-b", head=daemon.url)
+    assert wait_until(lambda: _connected(daemon, "node-a", "node-b"), LONG)
+    code, body = daemon.switch(SPEC, timeout=LONG)
+    assert code == 200, body
+    pids = _rank_pids(daemon)
+
+    agent_b.process.kill()
+    agent_b.process.wait()
+
+    assert wait_until(lambda: _gone(pids["node-b"]), LONG)  # its watchdog
+    assert wait_until(lambda: daemon.status()["state"] == "failed", LONG), daemon.status()
+    error = daemon.status()["error"]
+    assert "rank 2 on node node-b" in error and "lost" in error and f"{HEAD_TIMEOUT:g} s" in error, error
+    assert _nodes(daemon)["node-b"]["state"] == "lost"
+    assert wait_until(lambda: _gone(pids["node-a"]), LONG)
+    assert agent_a.process.poll() is None  # the other agent stays, for the next model
+
+
+def test_sigterm_of_the_head_stops_every_rank_and_the_agents_leave(
+    head: Callable[..., Daemon], agents: Callable[..., Agent], tmp_path: Path
+) -> None:
+    connection = tmp_path / "job.json"
+    # An agent may start before the head: it waits for the head's connection file.
+    agent_a = agents("node-a", "--connection-file", str(connection))
+    daemon = head("--connection-file", str(connection))
+    agent_b = agents("node-b", head=daemon.url)
+    assert wait_until(lambda: _connected(daemon, "node-a", "node-b"), LONG), agent_a.read_output()
+    code, body = daemon.switch(SPEC, timeout=LONG)
+    assert code == 200, body
+    pids = _rank_pids(daemon)
+    assert daemon.stop(timeout=LONG) == 0
+    assert all(_gone(pid) for pid in pids.values())  # stopped before the head exited
+    # The head said it was going away: the agents leave at once, not after --head-timeout.
+    for agent in (agent_a, agent_b):
+        assert agent.process.wait(LONG) == 0, agent.read_output()
+        assert "it is stopping" in agent.read_output()
+
+
+def test_too_few_nodes_is_a_503_naming_them_and_the_owned_flags_are_refused(
+    head: Callable[..., Daemon], agents: Callable[..., Agent]
+) -> None:
+    daemon = head("--node-wait", "1")
+    agents("node-a", head=daemon.url)
+    assert wait_until(lambda: _connected(daemon, "node-a"), LONG)
+    code, body = daemon.switch(SPEC, timeout=LONG)
+    assert code == 503, body
+    message = body["error"]["message"]
+    assert "spans 3 nodes" in message and "2 agent node(s)" in message and "node-a" in message, message
+    assert daemon.status()["state"] == "failed"
+    for flag in ("--node-rank 1", "--master-addr h", "--master-port 1", "--headless"):
+        code, body = daemon.switch(f"sim-model --nnodes 2 {flag}")
+        assert code == 400 and "across nodes" in body["error"]["message"], body
+
+
+def test_an_agent_with_a_wrong_key_exits_saying_so(
+    head: Callable[..., Daemon], agents: Callable[..., Agent]
+) -> None:
+    daemon = head("--admin-key", "right-key")
+    agent = agents("node-a", "--api-key", "wrong-key", head=daemon.url)
+    assert agent.process.wait(LONG) == 1
+    assert "key" in agent.read_output().lower(), agent.read_output()
+    assert (
+        httpx.get(daemon.url + "/nodes", headers={"Authorization": "Bearer right-key"}).json()["nodes"] == []
+    )
+
+
+def test_the_catalogue_key_nodes_and_the_spec() -> None:
+    entry = CatalogEntry(model="big", args="-tp 8", nodes=2)
+    spec = ModelSpec.parse(entry.spec_text)
+    assert spec.nnodes == 2
+    assert ModelSpec.parse("m -n 4").nnodes == 4
+    assert spec.rank_args(1, "head", 29501)[-1] == "--headless"
+    with pytest.raises(ValueError, match="set it in one place"):
+        CatalogEntry(model="big", args="--nnodes 3", nodes=2)
+    with pytest.raises(SpecError, match="--master-port"):
+        ModelSpec.parse("m --master-p 5")
+    assert json.loads(CatalogEntry(model="m").model_dump_json()) == {
+        "model": "m",
+        "args": "",
+        "aliases": [],
+        "description": "",
+    }
