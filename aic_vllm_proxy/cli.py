@@ -264,7 +264,11 @@ def serve(**options: Any) -> None:
     "each attempt, so the agent may start before the head.",
 )
 @click.option("--api-key", envvar="AIC_VLLM_PROXY_KEY", show_envvar=True, help="An admin key of the head.")
-@click.option("--node-name", default=None, help="This node's name at the head [default: its hostname].")
+@click.option(
+    "--node-name",
+    default=None,
+    help="This node's name at the head [default: $SLURMD_NODENAME (set by srun), else the hostname].",
+)
 @click.option(
     "--head-timeout",
     type=click.FloatRange(min=1),
@@ -304,6 +308,7 @@ def agent(
 ) -> None:
     """Run the ranks of models across nodes for a head daemon, on this node (docs/cluster.md):
     started by srun on every other node of the job."""
+    import os
     import socket
 
     from aic_vllm_proxy.agent.runner import AgentOptions, run
@@ -326,7 +331,7 @@ def agent(
         head=head,
         connection_file=connection_file.expanduser() if connection_file else None,
         key=api_key,
-        node_name=node_name or socket.gethostname(),
+        node_name=node_name or os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
         head_timeout=head_timeout,
         settings=settings,
     )

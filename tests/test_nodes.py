@@ -21,12 +21,15 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import FAST, SIM, Daemon, group_members, start_daemon, wait_until
+from helpers import FAST, SIM, Daemon, free_port, group_members, start_daemon, wait_until
+from plugin_env import REPO
 
 from aic_vllm_proxy.catalog import CatalogEntry
+from aic_vllm_proxy.client import VLLMProxyClient
 from aic_vllm_proxy.spec import ModelSpec, SpecError
 
 AGENT = [sys.executable, "-m", "aic_vllm_proxy", "agent"]
+SBATCH = REPO / "examples" / "slurm" / "aic-vllm-proxy.sbatch"
 #: A 3-node model: tensor parallel over three ranks, one per node.
 SPEC = f"sim-model {FAST} -tp 3 --nnodes 3"
 HEAD_TIMEOUT = 4.0
@@ -273,3 +276,80 @@ def test_the_catalogue_key_nodes_and_the_spec() -> None:
         "aliases": [],
         "description": "",
     }
+
+
+#: Stands in for srun on this one machine: each task is a local process, its "node" named by
+#: SLURMD_NODENAME as srun names it; SIGTERM is passed on to the tasks.
+FAKE_SRUN = """#!/bin/bash
+tasks=1
+while [[ $1 == -* ]]; do
+    case $1 in --ntasks=*) tasks=${1#*=} ;; esac
+    shift
+done
+for i in $(seq 1 "$tasks"); do
+    SLURMD_NODENAME="fake-node-$i" SLURM_PROCID="$i" "$@" &
+done
+trap 'kill -TERM $(jobs -p) 2> /dev/null' TERM
+while [ -n "$(jobs -pr)" ]; do wait; done
+"""
+
+
+def test_the_sbatch_script_of_a_three_node_job_runs_agents_beside_the_daemon(
+    tmp_path: Path, vllm_groups: set[int]
+) -> None:
+    """``bash aic-vllm-proxy.sbatch`` with the variables of a 3-node job and srun standing in:
+    the daemon, two agents (started by "srun --relative=1") that find it by the connection file,
+    a catalogue model with ``nodes = 3`` preloaded across them and answering; SIGTERM to bash:
+    every rank stopped, the agents gone, exit 0."""
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    home.mkdir()
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text(FAKE_SRUN)
+    srun.chmod(0o755)
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[proxy]\nstop_timeout = 3\n\n[models.big]\nmodel = "sim-model"\n'
+        f'args = "{FAST} -tp 3"\nnodes = 3\npreload = true\n'
+    )
+    job, logs = "4242", tmp_path / "logs"
+    path = home / ".aic-vllm-proxy" / "jobs" / f"{job}.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "AIC_VLLM_PROXY_"))}
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        HOME=str(home),
+        SLURM_JOB_ID=job,
+        SLURM_JOB_NUM_NODES="3",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        AIC_VLLM_PROXY_CMD=f"{sys.executable} -m aic_vllm_proxy",
+        AIC_VLLM_PROXY_CONFIG=str(config),
+        AIC_VLLM_PROXY_ARGS=f"--simulator --host 127.0.0.1 --vllm-port {free_port()} --log-dir {logs}/head",
+        AIC_VLLM_PROXY_AGENT_ARGS=f"--simulator --head-timeout 10 --stop-timeout 3 --log-dir {logs}/agents",
+    )
+    output = tmp_path / f"aic-vllm-proxy-{job}.out"
+    with open(output, "wb") as out:
+        script = subprocess.Popen(
+            ["bash", str(SBATCH)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path
+        )
+    try:
+        assert wait_until(lambda: path.exists() or script.poll() is not None, LONG), output.read_text()
+        with VLLMProxyClient.from_connection_file(path, progress=False) as proxy:
+
+            def ready() -> bool:
+                return [i["state"] for i in proxy.status()["instances"] if i["name"] == "big"] == ["ready"]
+
+            assert wait_until(ready, LONG), (proxy.status(), output.read_text())
+            (big,) = [i for i in proxy.status()["instances"] if i["name"] == "big"]
+            assert sorted(r["node"] for r in big["ranks"]) == ["fake-node-1", "fake-node-2"]
+            pgids = [big["pid"], *(r["pid"] for r in big["ranks"])]
+            vllm_groups.update(pgids)
+            answer = proxy.get_openai_client().completions.create(model="big", prompt="Hi", max_tokens=3)
+            assert answer.choices[0].text
+        script.send_signal(signal.SIGTERM)
+        assert script.wait(LONG) == 0, output.read_text()
+        assert all(_gone(pgid) for pgid in pgids) and not path.exists()
+        assert "the agents exited" in output.read_text()
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.wait()
