@@ -124,9 +124,11 @@ def _gone(pgid: int) -> bool:
     return not group_members(pgid)
 
 
-def _three_nodes(head: Callable[..., Daemon], agents: Callable[..., Agent]) -> tuple[Daemon, dict[str, int]]:
+def _three_nodes(
+    head: Callable[..., Daemon], agents: Callable[..., Agent], *options: str
+) -> tuple[Daemon, dict[str, int]]:
     """A head and agents node-a and node-b, the 3-node model loaded: (head, node -> rank pid)."""
-    daemon = head()
+    daemon = head(*options)
     for name in ("node-a", "node-b"):
         agents(name, head=daemon.url)
     assert wait_until(lambda: _connected(daemon, "node-a", "node-b"), LONG), daemon.get("/nodes").text
@@ -137,10 +139,50 @@ def _three_nodes(head: Callable[..., Daemon], agents: Callable[..., Agent]) -> t
     return daemon, pids
 
 
+#: A plugin that writes down what its hooks are told of the ranks.
+RANK_HOOK = """
+import json, os
+from aic_vllm_proxy.hooks import hookimpl
+
+def _note(ctx):
+    ranks = [{**rank, "gpus": list(rank["gpus"])} for rank in ctx.ranks]
+    with open(os.environ["RANK_HOOK_OUT"], "a") as out:
+        out.write(json.dumps({"event": ctx.event, "ranks": ranks}) + "\\n")
+
+@hookimpl
+def post_switch(ctx):
+    _note(ctx)
+
+@hookimpl
+def on_failure(ctx):
+    _note(ctx)
+"""
+
+
+def _events(daemon: Daemon, wanted: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The events ``GET /events`` replays (all kept), up to the first one ``wanted``."""
+    found: list[dict[str, Any]] = []
+    with httpx.stream(
+        "GET", daemon.url + "/events", headers={"Last-Event-ID": "0"}, timeout=LONG
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                found.append(json.loads(line[5:]))
+                if wanted(found[-1]):
+                    return found
+    raise AssertionError(f"no such event in {found}")
+
+
 def test_a_model_across_three_nodes_serves_and_a_dead_rank_fails_it_naming_its_node(
-    head: Callable[..., Daemon], agents: Callable[..., Agent]
+    head: Callable[..., Daemon], agents: Callable[..., Agent], tmp_path: Path
 ) -> None:
-    daemon, pids = _three_nodes(head, agents)
+    (tmp_path / "rank_hook.py").write_text(RANK_HOOK)
+    notes = tmp_path / "hooks.jsonl"
+    os.environ["RANK_HOOK_OUT"] = str(notes)  # the daemon inherits it
+    try:
+        daemon, pids = _three_nodes(head, agents, "--plugin", "rank_hook")
+    finally:
+        del os.environ["RANK_HOOK_OUT"]
     status = daemon.status()
     assert status["state"] == "ready"
     nodes = _nodes(daemon)
@@ -167,6 +209,20 @@ def test_a_model_across_three_nodes_serves_and_a_dead_rank_fails_it_naming_its_n
     # No rank left anywhere: rank 0 here, rank 1 on node-a (stopped by its agent), rank 2.
     assert wait_until(lambda: all(_gone(pid) for pid in [status["pid"], *pids.values()]), LONG)
     assert not any(node["ranks"] for node in _nodes(daemon).values())
+    # What the events say: each rank's course, the one that died.
+    events = _events(daemon, lambda e: e["type"] == "rank" and e["phase"] == "died")
+    assert (events[-1]["node"], events[-1]["rank"], events[-1]["model"]) == ("node-b", 2, "sim-model")
+    assert {(e["node"], e["phase"]) for e in events if e["type"] == "node"} >= {
+        ("node-a", "connected"),
+        ("node-b", "connected"),
+    }
+    # The hooks were told the ranks (post_switch, then on_failure).
+    told = [json.loads(line) for line in notes.read_text().splitlines()]
+    assert [note["event"] for note in told] == ["post_switch", "on_failure"], told
+    assert [(r["rank"], r["node"], r["pid"]) for r in told[0]["ranks"]] == [
+        (1, "node-a", pids["node-a"]),
+        (2, "node-b", pids["node-b"]),
+    ]
 
 
 def test_sigkill_of_the_head_leaves_no_rank_on_the_agents_nodes(
@@ -192,13 +248,19 @@ def test_sigkill_of_the_head_leaves_no_rank_on_the_agents_nodes(
 def test_sigkill_of_an_agent_takes_its_rank_and_the_head_reports_the_node_lost(
     head: Callable[..., Daemon], agents: Callable[..., Agent]
 ) -> None:
-    daemon = head()
-    agent_a = agents("node-a", head=daemon.url)
-    agent_b = agents("node-b", head=daemon.url)
+    daemon = head("--gpus", "7")  # rank 0 takes one GPU: so does each other rank
+    agent_a = agents("node-a", "--gpus", "0,1", head=daemon.url)
+    agent_b = agents("node-b", "--gpus", "2,3", head=daemon.url)
     assert wait_until(lambda: _connected(daemon, "node-a", "node-b"), LONG)
     code, body = daemon.switch(SPEC, timeout=LONG)
     assert code == 200, body
     pids = _rank_pids(daemon)
+    # Placement counts each node's GPUs: the first free one of each agent.
+    nodes = _nodes(daemon)
+    assert (nodes["node-a"]["gpus_in_use"], nodes["node-b"]["gpus_in_use"]) == (["0"], ["2"])
+    for node, gpu in (("node-a", "0"), ("node-b", "2")):
+        environ = Path(f"/proc/{pids[node]}/environ").read_bytes().split(b"\0")
+        assert f"CUDA_VISIBLE_DEVICES={gpu}".encode() in environ
 
     agent_b.process.kill()
     agent_b.process.wait()
@@ -353,3 +415,44 @@ def test_the_sbatch_script_of_a_three_node_job_runs_agents_beside_the_daemon(
         if script.poll() is None:
             script.kill()
             script.wait()
+
+
+def test_an_agent_that_leaves_fails_its_model_and_a_restarted_head_stops_what_it_does_not_know(
+    head: Callable[..., Daemon], agents: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """SIGTERM to an agent: it says so and stops its rank; the model fails with that node named.
+    Then a head SIGKILLed and started again on its port within the agents' --head-timeout: the
+    agent that comes back reports its rank, which the new head never started, and is told to
+    stop it (not left running until the agent gives up on the head)."""
+    daemon, pids = _three_nodes(head, agents)
+    started = list(agents.started)  # type: ignore[attr-defined]
+    by_name = {agent.name: agent for agent in started}
+    by_name["node-a"].process.send_signal(signal.SIGTERM)
+    assert by_name["node-a"].process.wait(LONG) == 0
+    assert wait_until(lambda: daemon.status()["state"] == "failed", LONG), (
+        daemon.read_output() + by_name["node-a"].read_output()
+    )
+    error = daemon.status()["error"]
+    assert "rank 1 on node node-a" in error and "its agent left" in error, error
+    assert wait_until(lambda: all(_gone(pid) for pid in pids.values()), LONG)
+
+    by_name["node-b"].process.send_signal(signal.SIGTERM)
+    assert by_name["node-b"].process.wait(LONG) == 0
+    # A patient agent, a model on it, then the head SIGKILLed and back on the same port.
+    patient = agents("node-c", "--head-timeout", "300", head=daemon.url)
+    assert wait_until(lambda: _connected(daemon, "node-c"), LONG)
+    code, body = daemon.switch(f"sim-model {FAST} -tp 2 --nnodes 2", timeout=LONG)
+    assert code == 200, body
+    rank = _rank_pids(daemon)["node-c"]
+    rank0 = daemon.status()["pid"]
+    daemon.process.kill()
+    daemon.process.wait()
+    again = start_daemon(tmp_path, "--advertise-host", "127.0.0.1", port=daemon.port)
+    try:
+        assert wait_until(lambda: _connected(again, "node-c"), LONG), patient.read_output()
+        assert wait_until(lambda: _gone(rank), LONG)  # well before the 300 s of --head-timeout
+        assert _nodes(again)["node-c"]["ranks"] == []
+        assert wait_until(lambda: _gone(rank0), LONG)  # the first head's watchdog
+        assert patient.process.poll() is None
+    finally:
+        again.stop(timeout=LONG)

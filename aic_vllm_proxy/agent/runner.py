@@ -36,7 +36,7 @@ from aic_vllm_proxy.config import Settings
 from aic_vllm_proxy.connection_file import ConnectionInfo
 from aic_vllm_proxy.engine.gpus import child_cuda_env
 from aic_vllm_proxy.engine.launch import Launch, child_env, describe_exit, spawn_vllm
-from aic_vllm_proxy.engine.logs import CHUNK, open_launch_log
+from aic_vllm_proxy.engine.logs import CHUNK, link_with_pid, open_launch_log
 from aic_vllm_proxy.node_protocol import (
     CONNECT_PATH,
     HEAD_MESSAGE,
@@ -57,8 +57,9 @@ log = logging.getLogger(__name__)
 RETRY = 1.0
 SESSION_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
 CONNECT_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0)
-#: Seconds the rest of a rank's group gets after SIGTERM once its leader has exited.
-LEFTOVER_GRACE = 5.0
+#: Seconds the rest of a rank's group gets after SIGTERM once its leader has exited: nothing is
+#: left to drain, and vLLM's orphaned workers ignore SIGTERM (they would hold their GPUs).
+LEFTOVER_GRACE = 1.0
 #: Seconds between reads of a rank's log for new lines.
 LOG_POLL = 0.2
 
@@ -208,10 +209,12 @@ class Agent:
                 receive = asyncio.ensure_future(ws.receive())
                 await asyncio.wait({receive, leaving}, return_when=asyncio.FIRST_COMPLETED)
                 if not receive.done():
+                    # Bye first: the head then counts the ranks as gone with this node, not as
+                    # ranks that died on their own.
                     receive.cancel()
-                    await self._stop_all()
                     with contextlib.suppress(ConnectionError, RuntimeError):
                         await ws.send_str(Bye(reason="the agent was stopped").model_dump_json())
+                    await self._stop_all()
                     await ws.close()
                     return "left"
                 frame = receive.result()
@@ -295,6 +298,11 @@ class Agent:
         rank = LocalRank(id=order.id, rank=order.rank, instance=order.instance, launch=launch)
         self.ranks[order.id] = rank
         await launch.start_guard(grace=min(settings.stop_timeout, 5.0))
+        # Named after its pid, as the head names its launches' logs.
+        with contextlib.suppress(OSError):
+            launch.log_path = await asyncio.to_thread(link_with_pid, path, process.pid)
+            path.unlink()
+        path = launch.log_path
         log.info("rank %d of %s runs as pid %d (log %s)", order.rank, order.instance, process.pid, path)
         await self._send(RankReport(id=order.id, state="running", pid=process.pid))
         self._spawn(self._follow_log(rank))

@@ -221,9 +221,9 @@ class RankGroup:
         except OSError:
             tail, found = [], None
         if rank.state is RankState.LOST:
-            return f"{rank.describe()} of {rank.instance} was lost: {rank.error or 'its node was lost'}", tail
+            return f"{rank.describe()} was lost: {rank.error or 'its node was lost'}", tail
         how = rank.error or f"exited with {describe_exit(rank.exit_code)}"
-        line = f"{rank.describe()} of {rank.instance} {how}"
+        line = f"{rank.describe()} {how}"
         if found is not None:
             line += f": {found.text}"
         return line, tail
