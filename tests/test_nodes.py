@@ -456,3 +456,24 @@ def test_an_agent_that_leaves_fails_its_model_and_a_restarted_head_stops_what_it
         assert patient.process.poll() is None
     finally:
         again.stop(timeout=LONG)
+
+
+def test_a_rank_0_that_ignores_sigterm_is_killed_when_another_rank_dies(
+    head: Callable[..., Daemon], agents: Callable[..., Agent]
+) -> None:
+    """vLLM may not act on SIGTERM (it can be lost while vLLM starts): the model must still fail
+    and its rank 0 go (SIGKILL after --stop-timeout), not stay "ready" with a dead rank."""
+    daemon = head()
+    for name in ("node-a", "node-b"):
+        agents(name, head=daemon.url)
+    assert wait_until(lambda: _connected(daemon, "node-a", "node-b"), LONG)
+    code, body = daemon.switch(f"{SPEC} --sim-ignore-sigterm", timeout=LONG)
+    assert code == 200, body
+    rank0, pids = daemon.status()["pid"], _rank_pids(daemon)
+
+    os.kill(pids["node-a"], signal.SIGKILL)
+
+    assert wait_until(lambda: daemon.status()["state"] == "failed", LONG), daemon.read_output()
+    assert "rank 1 on node node-a" in daemon.status()["error"]
+    assert wait_until(lambda: all(_gone(pid) for pid in [rank0, *pids.values()]), LONG)
+    assert "still runs" in daemon.read_output() and "sending SIGKILL" in daemon.read_output()

@@ -796,6 +796,15 @@ class Instance:
         launch.failed_rank = rank
         log.error("%s of %s failed: stopping every rank", rank.describe(), launch.spec.model)
         signal_group(launch.pgid, signal.SIGTERM)
+        # vLLM may not act on SIGTERM (while it starts, it can be lost): rank 0 must end.
+        grace = self._stop_grace()
+        try:
+            await asyncio.wait_for(launch.exited.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning(
+                "rank 0 of %s still runs %.0f s after SIGTERM: sending SIGKILL", launch.spec.model, grace
+            )
+            signal_group(launch.pgid, signal.SIGKILL)
 
     async def _not_started(
         self, log_file: BinaryIO, cause: str, advice: str, failure: StartFailure
