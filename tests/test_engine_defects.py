@@ -368,6 +368,15 @@ def test_prefixes_are_stripped() -> None:
     line = parse_line("\x1b[1;36m(APIServer pid=1)\x1b[0;0m INFO 12-03 13:00:00 [a.py:1] hi")
     assert (line.process, line.level, line.text) == ("APIServer pid=1", "INFO", "hi")
     assert parse_line("INFO:     Shutting down").text == "INFO:     Shutting down"
+    # Ray's forwarded worker lines (--distributed-executor-backend ray, docs/ray.md).
+    line = parse_line("(RayWorkerWrapper pid=77, ip=10.0.0.2) ERROR 12-03 13:00:00 [w.py:3] RuntimeError: z")
+    assert (line.process, line.level, line.text) == (
+        "RayWorkerWrapper pid=77, ip=10.0.0.2",
+        "ERROR",
+        "RuntimeError: z",
+    )
+    line = parse_line("(pid=78) INFO 12-03 13:00:00 [w.py:3] up")
+    assert (line.process, line.level, line.text) == ("pid=78", "INFO", "up")
 
 
 @pytest.mark.parametrize(

@@ -153,8 +153,10 @@ async def follow(
 
 #: vLLM's record header, ``(EngineCore pid=7) ERROR 12-03 13:00:00 [core.py:1510] `` (the
 #: process part is missing outside vLLM's child processes in some versions); ANSI colours too.
+#: Ray forwards its workers' lines to the driver as ``(RayWorkerWrapper pid=7, ip=10.0.0.2) ``
+#: (docs/ray.md): the same, with the node's address.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_PROCESS = re.compile(r"\((?P<process>[^()]*? pid=\d+)\) ")
+_PROCESS = re.compile(r"\((?P<process>(?:[^()]*? )?pid=\d+(?:, ip=[^()\s]+)?)\) ")
 _RECORD = re.compile(
     r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[[^\]]*\] ?"
 )
