@@ -9,6 +9,7 @@ The agents are given different node names; each stands for a node of a job.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -477,3 +478,53 @@ def test_a_rank_0_that_ignores_sigterm_is_killed_when_another_rank_dies(
     assert "rank 1 on node node-a" in daemon.status()["error"]
     assert wait_until(lambda: all(_gone(pid) for pid in [rank0, *pids.values()]), LONG)
     assert "still runs" in daemon.read_output() and "sending SIGKILL" in daemon.read_output()
+
+
+def test_an_agent_that_cannot_run_vllm_fails_the_load_saying_where_and_why(
+    head: Callable[..., Daemon], agents: Callable[..., Agent]
+) -> None:
+    daemon = head()
+    agents("node-a", "--vllm-command", "/nonexistent/vllm serve", head=daemon.url)
+    assert wait_until(lambda: _connected(daemon, "node-a"), LONG)
+    code, body = daemon.switch(f"sim-model {FAST} -tp 2 --nnodes 2", timeout=LONG)
+    assert code == 500, body
+    message = body["error"]["message"]
+    assert "rank 1 on node node-a cannot run '/nonexistent/vllm'" in message, message
+    assert "No such file" in message and "every rank was stopped" in message, message
+    assert not any(node["ranks"] for node in _nodes(daemon).values())
+
+
+def test_the_same_agent_may_come_back_on_a_new_connection_but_no_other_may_take_its_name(
+    head: Callable[..., Daemon],
+) -> None:
+    """Its old connection broke without this side noticing yet (no FIN): the same agent (host
+    and pid) is taken back on a new one; another agent with that name is refused, told why."""
+    daemon = head()
+
+    async def talk() -> list[dict[str, Any]]:
+        import aiohttp
+
+        answers: list[dict[str, Any]] = []
+        hello = {
+            "type": "hello",
+            "node": "node-x",
+            "host": "h1",
+            "pid": 1,
+            "version": "t",
+            "head_timeout": 30,
+        }
+        async with aiohttp.ClientSession() as session:
+            url = daemon.url + "/nodes/connect"
+            async with session.ws_connect(url) as first, session.ws_connect(url) as again:
+                await first.send_json(hello)
+                answers.append(await first.receive_json(timeout=LONG))
+                await again.send_json(hello)  # the same agent, a new connection
+                answers.append(await again.receive_json(timeout=LONG))
+                async with session.ws_connect(url) as other:
+                    await other.send_json({**hello, "pid": 2})
+                    answers.append(await other.receive_json(timeout=LONG))
+        return answers
+
+    welcome, back, refused = asyncio.run(talk())
+    assert welcome == {"type": "welcome", "node": "node-x"} and back == welcome
+    assert refused["type"] == "refused" and "node name 'node-x' is taken" in refused["error"]

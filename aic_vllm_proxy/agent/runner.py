@@ -278,7 +278,7 @@ class Agent:
         try:
             process = await spawn_vllm(argv, handle, env)
         except OSError as exc:
-            error = f"cannot run {argv[0]!r} on node {self.options.node_name}: {exc.strerror or exc}"
+            error = f"cannot run {argv[0]!r} (the agent's --vllm-command): {exc.strerror or exc}"
             await self._send(RankLog(id=order.id, data=f"# {error}\n"))
             await self._send(RankReport(id=order.id, state="exited", error=error))
             return

@@ -292,10 +292,14 @@ class NodeRegistry:
         that the head no longer counts on are stopped."""
         node = self.nodes.get(hello.node)
         if node is not None and node.state is NodeState.CONNECTED:
-            raise NodeRefused(
-                f"node name {hello.node!r} is taken by the agent connected from {node.host} "
-                f"(pid {node.pid}); give each agent its own --node-name"
-            )
+            if (hello.host, hello.pid) != (node.host, node.pid):
+                raise NodeRefused(
+                    f"node name {hello.node!r} is taken by the agent connected from {node.host} "
+                    f"(pid {node.pid}); give each agent its own --node-name"
+                )
+            # The same agent again: its old connection broke before this side noticed.
+            node.channel = None
+            self._move_node(node, NodeState.DISCONNECTED, waiting=node.head_timeout)
         now = datetime.now(timezone.utc)
         if node is None:
             node = Node(
@@ -339,7 +343,7 @@ class NodeRegistry:
                 await asyncio.to_thread(rank.log_file.write, message.data.encode())
         elif isinstance(message, RankReport):
             await self._reported(node, message)
-        else:
+        elif node.state is NodeState.CONNECTED:
             node.channel = None
             self._move_node(node, NodeState.LEFT, reason=message.reason)
             self._end_ranks(node, f"its agent left ({message.reason or 'it was stopped'})")
