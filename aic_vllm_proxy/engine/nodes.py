@@ -415,6 +415,7 @@ class NodeRegistry:
                     raise NotEnoughNodes(self._shortage(count, per_rank))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)
+        self._forget_ended(instance)
         stamp = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
         launch = next(self._ids)
         group = RankGroup(self, [])
@@ -432,6 +433,14 @@ class NodeRegistry:
             node.ranks[rank.id] = rank
             group.ranks.append(rank)
         return group
+
+    def _forget_ended(self, instance: str) -> None:
+        """A new launch of ``instance``: its earlier ranks that ended are forgotten (each node
+        keeps only what runs and the last launch's ranks, whose logs /logs/*?rank= reads)."""
+        for node in self.nodes.values():
+            for rank_id, rank in list(node.ranks.items()):
+                if rank.instance == instance and rank.state in ENDED:
+                    del node.ranks[rank_id]
 
     def _choose(self, count: int, per_rank: int | None) -> list[tuple[Node, tuple[str, ...]]] | None:
         chosen: list[tuple[Node, tuple[str, ...]]] = []
