@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from aic_vllm_proxy.schemas import (
         InstanceStatus,
         LoadResult,
+        NodesStatus,
         ProcessState,
         Status,
         SwitchResult,
@@ -91,6 +92,7 @@ _WHERE = {
     "UnloadResultDict": "aic_vllm_proxy.client.views",
     "InstanceStatus": "aic_vllm_proxy.schemas",
     "LoadResult": "aic_vllm_proxy.schemas",
+    "NodesStatus": "aic_vllm_proxy.schemas",
     "ProcessState": "aic_vllm_proxy.schemas",
     "Status": "aic_vllm_proxy.schemas",
     "SwitchResult": "aic_vllm_proxy.schemas",
@@ -123,6 +125,7 @@ __all__ = [
     "LoadResult",
     "LoadResultDict",
     "NoRoomError",
+    "NodesStatus",
     "PermissionDeniedError",
     "ProcessState",
     "ProxyError",

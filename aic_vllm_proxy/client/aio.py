@@ -22,6 +22,7 @@ from aic_vllm_proxy.client.calls import (
     _log_stream_request,
     _logs_call,
     _model_name_call,
+    _nodes_call,
     _OpenEvents,
     _OpenLog,
     _Plan,
@@ -38,7 +39,7 @@ from aic_vllm_proxy.client.errors import ProxyError
 from aic_vllm_proxy.client.progress import ProgressArg
 from aic_vllm_proxy.client.sse import EVENT_STREAM, EventParser
 from aic_vllm_proxy.client.views import LoadResultDict, StatusDict, SwitchResultDict, UnloadResultDict
-from aic_vllm_proxy.schemas import InstanceStatus, PluginInfo, ProxyEvent
+from aic_vllm_proxy.schemas import InstanceStatus, NodesStatus, PluginInfo, ProxyEvent
 
 
 class _LogTask:
@@ -258,13 +259,19 @@ class AsyncVLLMProxyClient(_ClientBase):
     async def catalog(self) -> dict[str, Any]:
         return await self._send(_catalog_call())
 
-    async def logs(self, lines: int | None = None, *, model: str | None = None) -> str:
-        return await self._send(_logs_call(lines, model))
+    async def logs(
+        self, lines: int | None = None, *, model: str | None = None, rank: int | None = None
+    ) -> str:
+        """See :meth:`VLLMProxyClient.logs`."""
+        return await self._send(_logs_call(lines, model, rank))
 
-    async def follow_logs(self, lines: int = 50, *, model: str | None = None) -> AsyncIterator[str]:
+    async def follow_logs(
+        self, lines: int = 50, *, model: str | None = None, rank: int | None = None
+    ) -> AsyncIterator[str]:
         """See :meth:`VLLMProxyClient.follow_logs`."""
+        request = _log_stream_request(lines, self.timeout, model, rank)
         try:
-            async with self._http.stream(**_log_stream_request(lines, self.timeout, model)) as response:
+            async with self._http.stream(**request) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     self._check(response)
@@ -275,3 +282,7 @@ class AsyncVLLMProxyClient(_ClientBase):
 
     async def plugins(self) -> list[PluginInfo]:
         return await self._send(_plugins_call())
+
+    async def nodes(self) -> NodesStatus:
+        """See :meth:`VLLMProxyClient.nodes`."""
+        return await self._send(_nodes_call())

@@ -46,6 +46,7 @@ from aic_vllm_proxy.schemas import (
     ErrorDetail,
     InstanceStatus,
     LoadResult,
+    NodesStatus,
     PluginInfo,
     PluginList,
     ProcessState,
@@ -312,26 +313,36 @@ def _instances_call() -> _Call[list[InstanceStatus]]:
     return _Call("GET", "/status", lambda response: _json_as(Status)(response).instances)
 
 
-def _model_param(model: str | None) -> dict[str, Any]:
-    """``?model=NAME`` of the log routes (none: the primary instance's log)."""
-    return {} if model is None else {"model": model}
+def _log_params(model: str | None, rank: int | None = None) -> dict[str, Any]:
+    """``?model=NAME&rank=N`` of the log routes (no model: the primary instance's log; no rank:
+    rank 0's, the daemon's own; rank N: the daemon's copy of rank N's log of a model across
+    nodes)."""
+    params: dict[str, Any] = {} if model is None else {"model": model}
+    if rank is not None:
+        params["rank"] = rank
+    return params
 
 
-def _logs_call(lines: int | None, model: str | None = None) -> _Call[str]:
+def _logs_call(lines: int | None, model: str | None = None, rank: int | None = None) -> _Call[str]:
     if lines is None:
-        return _Call("GET", "/logs/current", _text, params=_model_param(model))
-    return _Call("GET", "/logs/tail", _text, params={"lines": lines, **_model_param(model)})
+        return _Call("GET", "/logs/current", _text, params=_log_params(model, rank))
+    return _Call("GET", "/logs/tail", _text, params={"lines": lines, **_log_params(model, rank)})
 
 
 def _failure_tail_call(model: str | None = None) -> _Call[list[str]]:
     """The last lines of a failed launch's log, its root cause first when it is further up."""
-    params = {"lines": TAIL_LINES, "cause": 1, **_model_param(model)}
+    params = {"lines": TAIL_LINES, "cause": 1, **_log_params(model)}
     return _Call("GET", "/logs/tail", lambda r: _text(r).splitlines(), params=params)
 
 
 def _plugins_call() -> _Call[list[PluginInfo]]:
     parse = _json_as(PluginList)
     return _Call("GET", "/plugins", lambda response: parse(response).plugins)
+
+
+def _nodes_call() -> _Call[NodesStatus]:
+    """``GET /nodes``: the agents known to the daemon (an admin route when keys are set)."""
+    return _Call("GET", "/nodes", _json_as(NodesStatus))
 
 
 def _json_dict(response: httpx.Response) -> dict[str, Any]:
@@ -373,12 +384,14 @@ def _event_stream_request(timeout: float) -> dict[str, Any]:
     }
 
 
-def _log_stream_request(lines: int, timeout: float, model: str | None = None) -> dict[str, Any]:
+def _log_stream_request(
+    lines: int, timeout: float, model: str | None = None, rank: int | None = None
+) -> dict[str, Any]:
     """The request of ``GET /logs/stream`` (no read timeout: a line may take long to come)."""
     return {
         "method": "GET",
         "url": "/logs/stream",
-        "params": {"lines": lines, **_model_param(model)},
+        "params": {"lines": lines, **_log_params(model, rank)},
         "timeout": httpx.Timeout(timeout, read=None),
     }
 

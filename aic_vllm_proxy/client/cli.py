@@ -1,5 +1,6 @@
 """Command-line client: ``aic-vllm-proxy status | switch MODEL [ARGS...] | stop | logs | plugins``,
-and for the fleet of several models ``aic-vllm-proxy ps | load NAME | unload NAME``.
+for the fleet of several models ``aic-vllm-proxy ps | load NAME | unload NAME``, and for models
+across nodes ``aic-vllm-proxy nodes``.
 
 Each command talks to a running daemon at ``--url`` (``$AIC_VLLM_PROXY_URL``; else the URL and
 key of the connection file ``$AIC_VLLM_PROXY_CONNECTION_FILE`` names; default
@@ -233,8 +234,22 @@ def _stopped_instance(before: StatusDict, model: str) -> str:
 @click.option(
     "--model", default=None, metavar="NAME", help="The log of this instance (default: the primary)."
 )
+@click.option(
+    "--rank",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Of a model across nodes, the log of rank N (the daemon's copy; see `nodes`) [default: "
+    "rank 0's, the daemon's own].",
+)
 def logs(
-    url: str | None, api_key: str | None, as_json: bool, lines: int | None, follow: bool, model: str | None
+    url: str | None,
+    api_key: str | None,
+    as_json: bool,
+    lines: int | None,
+    follow: bool,
+    model: str | None,
+    rank: int | None,
 ) -> None:
     """Print the current vLLM log (all of it, or the last N lines; -f follows it).
 
@@ -243,12 +258,12 @@ def logs(
     with _connected(url, api_key, as_json) as client:
         if follow:
             try:
-                for line in client.follow_logs(lines or 50, model=model):
+                for line in client.follow_logs(lines or 50, model=model, rank=rank):
                     click.echo(json.dumps(line) if as_json else line)
             except KeyboardInterrupt:
                 pass
             return
-        text = client.logs(lines, model=model)
+        text = client.logs(lines, model=model, rank=rank)
     if as_json:
         _dump({"lines": text.splitlines()})
     else:
@@ -356,7 +371,27 @@ def unload(url: str | None, api_key: str | None, as_json: bool, force: bool, nam
         click.echo(f"Unloaded {result.name}." if result.changed else f"{result.name} was not loaded.")
 
 
-COMMANDS = (status, switch, stop, logs, plugins, ps, load, unload)
+@click.command(epilog=EPILOG)
+@client_options
+def nodes(url: str | None, api_key: str | None, as_json: bool) -> None:
+    """List the agents that run the other ranks of models across nodes (--nnodes): node, state
+    (connected, disconnected, lost, left), host, GPUs in use of those it has, and its ranks as
+    model#rank pid state. Needs an admin key when the daemon has keys."""
+    with _connected(url, api_key, as_json) as client:
+        found = client.nodes()
+    if as_json:
+        _dump(found.model_dump(mode="json"))
+        return
+    if not found.nodes:
+        click.echo(f"No nodes: no agent has connected to the daemon ({found.head}).")
+        return
+    from aic_vllm_proxy.client.views import nodes_table
+
+    for line in nodes_table(found.nodes):
+        click.echo(line)
+
+
+COMMANDS = (status, switch, stop, logs, plugins, ps, load, unload, nodes)
 
 
 def register(group: click.Group) -> None:

@@ -25,6 +25,7 @@ from aic_vllm_proxy.client.calls import (
     _log_stream_request,
     _logs_call,
     _model_name_call,
+    _nodes_call,
     _OpenEvents,
     _OpenLog,
     _Plan,
@@ -40,7 +41,7 @@ from aic_vllm_proxy.client.calls import (
 from aic_vllm_proxy.client.progress import ProgressArg
 from aic_vllm_proxy.client.sse import EVENT_STREAM, EventParser
 from aic_vllm_proxy.client.views import LoadResultDict, StatusDict, SwitchResultDict, UnloadResultDict
-from aic_vllm_proxy.schemas import InstanceStatus, PluginInfo, ProxyEvent
+from aic_vllm_proxy.schemas import InstanceStatus, NodesStatus, PluginInfo, ProxyEvent
 
 # -------------------------------------------------------------------- sync client
 
@@ -370,15 +371,20 @@ class VLLMProxyClient(_ClientBase):
         """``GET /models/catalog``: the proxy's model policy and its catalogue of named models."""
         return self._send(_catalog_call())
 
-    def logs(self, lines: int | None = None, *, model: str | None = None) -> str:
+    def logs(self, lines: int | None = None, *, model: str | None = None, rank: int | None = None) -> str:
         """The current vLLM log: the whole file, or its last ``lines`` lines (of the instance
-        ``model`` names; default: the primary's)."""
-        return self._send(_logs_call(lines, model))
+        ``model`` names; default: the primary's). ``rank``: of a model across nodes, the
+        daemon's copy of that rank's log (a :class:`ProxyError` 404 when there is no such rank;
+        default: rank 0's, the daemon's own)."""
+        return self._send(_logs_call(lines, model, rank))
 
-    def follow_logs(self, lines: int = 50, *, model: str | None = None) -> Iterator[str]:
-        """The last ``lines`` lines, then each new line as vLLM writes it, until vLLM exits."""
+    def follow_logs(
+        self, lines: int = 50, *, model: str | None = None, rank: int | None = None
+    ) -> Iterator[str]:
+        """The last ``lines`` lines, then each new line as vLLM writes it, until vLLM exits
+        (``model``, ``rank``: as for :meth:`logs`)."""
         try:
-            with self._http.stream(**_log_stream_request(lines, self.timeout, model)) as response:
+            with self._http.stream(**_log_stream_request(lines, self.timeout, model, rank)) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._check(response)
@@ -389,3 +395,9 @@ class VLLMProxyClient(_ClientBase):
     def plugins(self) -> list[PluginInfo]:
         """The proxy's plugins (name, version, hooks, enabled)."""
         return self._send(_plugins_call())
+
+    def nodes(self) -> NodesStatus:
+        """``GET /nodes``: the agents that run the other ranks of models across nodes
+        (``--nnodes``): each one's name, host, state (connected, disconnected, lost, left),
+        GPUs, GPUs in use and ranks. Needs an admin key when the daemon has keys."""
+        return self._send(_nodes_call())

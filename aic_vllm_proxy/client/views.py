@@ -20,6 +20,7 @@ from aic_vllm_proxy.schemas import (
     HookReport,
     InstanceStatus,
     LoadResult,
+    NodeStatus,
     ProcessState,
     Status,
     SwitchResult,
@@ -168,6 +169,26 @@ def instances_table(instances: Sequence[InstanceStatus], now: datetime | None = 
                 str(instance.pid) if instance.pid is not None else "-",
             )
         )
+    return _table(rows)
+
+
+def nodes_table(nodes: Sequence[NodeStatus]) -> list[str]:
+    """The agents of ``GET /nodes`` as a table (``aic-vllm-proxy nodes``): one header line, then
+    one line per node: its state, host, GPUs in use of those it has (``-``: none known, one rank
+    at a time) and its ranks, each as ``model#rank pid state``."""
+    rows: list[tuple[str, ...]] = [("NODE", "STATE", "HOST", "GPUS", "RANKS")]
+    for node in nodes:
+        ranks = ", ".join(
+            f"{rank.instance}#{rank.rank} {rank.pid if rank.pid is not None else '-'} {rank.state}"
+            for rank in node.ranks
+        )
+        gpus = f"{len(node.gpus_in_use)}/{len(node.gpus)}" if node.gpus else "-"
+        rows.append((node.name, node.state, node.host, gpus, ranks or "-"))
+    return _table(rows)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    """``rows`` (the header first) in columns two spaces apart."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     return [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
