@@ -9,7 +9,8 @@ head answers :class:`Welcome` (or :class:`Refused` and closes). Then:
 - the agent sends :class:`RankReport` whenever one of its ranks changes state, and
   :class:`RankLog` with what the rank wrote to its log (in order, before the report of its
   exit: the head's copy of a rank's log is whole when it learns the rank is gone);
-- :class:`Bye` from an agent that is leaving (SIGTERM): its ranks have been stopped.
+- :class:`Bye` from an agent that is leaving (SIGTERM), before it stops its ranks: the head
+  counts them as gone with the node, and still takes their last log lines and exits.
 
 Every message is one JSON text frame with a ``type``. Both ends ping (WebSocket heartbeat):
 a connection that goes silent is closed. A connection that closes is not the end: the agent
@@ -54,7 +55,7 @@ class Hello(_Message):
     pid: int
     version: str
     gpus: tuple[str, ...] = ()
-    head_timeout: float
+    head_timeout: float = Field(gt=0, le=7 * 24 * 3600, allow_inf_nan=False)
     #: Ranks this agent still has from before a reconnect (their last state).
     ranks: tuple[RankReport, ...] = ()
 

@@ -528,3 +528,46 @@ def test_the_same_agent_may_come_back_on_a_new_connection_but_no_other_may_take_
     welcome, back, refused = asyncio.run(talk())
     assert welcome == {"type": "welcome", "node": "node-x"} and back == welcome
     assert refused["type"] == "refused" and "node name 'node-x' is taken" in refused["error"]
+
+
+def test_a_head_that_hangs_is_given_up_after_the_head_timeout(
+    head: Callable[..., Daemon], agents: Callable[..., Agent]
+) -> None:
+    """A head that is alive but answers nothing (SIGSTOP: the kernel still takes connections)
+    is a head that cannot be reached: the agent stops its rank and exits 1 (it waited for an
+    answer for ever before)."""
+    daemon = head()
+    agent = agents("node-a", head=daemon.url)
+    assert wait_until(lambda: _connected(daemon, "node-a"), LONG)
+    code, body = daemon.switch(f"sim-model {FAST} -tp 2 --nnodes 2", timeout=LONG)
+    assert code == 200, body
+    rank = _rank_pids(daemon)["node-a"]
+    daemon.process.send_signal(signal.SIGSTOP)
+    try:
+        # Its heartbeat, --head-timeout, a connection attempt's 10 s, --stop-timeout: well within.
+        assert agent.process.wait(LONG) == 1, agent.read_output()
+        assert _gone(rank)
+        assert "could not be reached" in agent.read_output()
+    finally:
+        daemon.process.send_signal(signal.SIGCONT)
+
+
+def test_an_agent_restarted_under_its_name_fails_the_ranks_the_old_one_ran(
+    head: Callable[..., Daemon], agents: Callable[..., Agent]
+) -> None:
+    """A new agent process under the name of one that died (before its --head-timeout): its
+    hello lists none of the old ranks, which are lost at once, so the model fails and the node
+    can take the next one (the old rank stayed "running" for ever before)."""
+    daemon = head()
+    old = agents("node-a", "--head-timeout", "300", head=daemon.url)
+    assert wait_until(lambda: _connected(daemon, "node-a"), LONG)
+    spec = f"sim-model {FAST} -tp 2 --nnodes 2"
+    code, body = daemon.switch(spec, timeout=LONG)
+    assert code == 200, body
+    old.process.kill()
+    old.process.wait()
+    agents("node-a", "--head-timeout", "300", head=daemon.url)
+    assert wait_until(lambda: daemon.status()["state"] == "failed", LONG), daemon.read_output()
+    assert "its agent no longer runs it" in daemon.status()["error"]
+    code, body = daemon.switch(spec, timeout=LONG)  # placed on the new agent at once
+    assert code == 200, body

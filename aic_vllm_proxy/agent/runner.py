@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 RETRY = 1.0
 SESSION_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
 CONNECT_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0)
+#: Seconds a connection to the head may take (TCP and the WebSocket handshake).
+CONNECT_LIMIT = 10.0
 #: Seconds the rest of a rank's group gets after SIGTERM once its leader has exited: nothing is
 #: left to drain, and vLLM's orphaned workers ignore SIGTERM (they would hold their GPUs).
 LEFTOVER_GRACE = 1.0
@@ -103,6 +105,8 @@ class Agent:
         self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._leaving = asyncio.Event()
+        self._starting: set[str] = set()  # ranks being started (not yet in ranks)
+        self._cancelled: set[str] = set()  # of those, the ones the head asked to stop
         self.last_contact = time.monotonic()
 
     # ---------------------------------------------------------------- the head
@@ -133,15 +137,16 @@ class Agent:
                     try:
                         outcome = await self._session(session, url, key)
                     except aiohttp.WSServerHandshakeError as exc:
-                        if exc.status not in (401, 403):
-                            raise
-                        log.error(
-                            "the head at %s refused this agent's key (HTTP %d): give an admin key of "
-                            "the head with --api-key or $AIC_VLLM_PROXY_KEY",
-                            where,
-                            exc.status,
-                        )
-                        outcome = "refused"
+                        if exc.status in (401, 403):
+                            log.error(
+                                "the head at %s refused this agent's key (HTTP %d): give an admin key "
+                                "of the head with --api-key or $AIC_VLLM_PROXY_KEY",
+                                where,
+                                exc.status,
+                            )
+                            outcome = "refused"
+                        else:  # a proxy or tunnel in between, a head restarting: try again
+                            log.warning("the head at %s answered HTTP %d: trying again", where, exc.status)
                     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                         log.debug("cannot reach the head at %s: %s", where, exc)
                 else:
@@ -171,12 +176,35 @@ class Agent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         return code
 
-    async def _session(self, session: aiohttp.ClientSession, url: str, key: str | None) -> str:
+    async def _connect(
+        self, session: aiohttp.ClientSession, url: str, key: str | None
+    ) -> aiohttp.ClientWebSocketResponse[bool] | None:
+        """The WebSocket to the head; None when it does not answer within CONNECT_LIMIT s (a
+        head that hangs: the kernel takes the connection, nobody answers) or the agent is told
+        to leave meanwhile."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         target = URL(url).with_path(CONNECT_PATH)
-        async with session.ws_connect(
-            target, headers=headers, heartbeat=HEARTBEAT, timeout=CONNECT_TIMEOUT
-        ) as ws:
+        connecting = asyncio.ensure_future(
+            session.ws_connect(target, headers=headers, heartbeat=HEARTBEAT, timeout=CONNECT_TIMEOUT)
+        )
+        leaving = asyncio.ensure_future(self._leaving.wait())
+        try:
+            await asyncio.wait(
+                {connecting, leaving}, timeout=CONNECT_LIMIT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            leaving.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            return None
+        return connecting.result()
+
+    async def _session(self, session: aiohttp.ClientSession, url: str, key: str | None) -> str:
+        connected = await self._connect(session, url, key)
+        if connected is None:
+            return "unreachable"
+        async with connected as ws:
             hello = Hello(
                 node=self.options.node_name,
                 host=socket.gethostname(),
@@ -265,8 +293,16 @@ class Agent:
     # ---------------------------------------------------------------- the ranks
 
     async def _start(self, order: StartRank) -> None:
-        if order.id in self.ranks:
+        if order.id in self.ranks or order.id in self._starting:
             return
+        self._starting.add(order.id)  # before any await: a stop meanwhile must find it
+        try:
+            await self._run_rank(order)
+        finally:
+            self._starting.discard(order.id)
+            self._cancelled.discard(order.id)
+
+    async def _run_rank(self, order: StartRank) -> None:
         settings = self.settings
         argv = [*settings.vllm_argv, *order.args]
         path, handle = await asyncio.to_thread(open_launch_log, settings.log_dir, argv)
@@ -307,6 +343,9 @@ class Agent:
         await self._send(RankReport(id=order.id, state="running", pid=process.pid))
         self._spawn(self._follow_log(rank))
         self._spawn(self._watch(rank))
+        if order.id in self._cancelled:  # the head asked to stop it while it was being started
+            log.info("stopping rank %d of %s (the head asked while it started)", order.rank, order.instance)
+            self._spawn(rank.launch.terminate(grace=settings.stop_timeout))
 
     async def _watch(self, rank: LocalRank) -> None:
         """Its exit: the rest of its group is stopped, its log sent, then the head is told."""
@@ -346,6 +385,10 @@ class Agent:
     async def _stop(self, order: StopRank) -> None:
         rank = self.ranks.get(order.id)
         if rank is None:
+            if order.id in self._starting:
+                self._cancelled.add(order.id)  # stopped as soon as it runs
+            else:  # never started here (or long gone): the head may count it as over
+                await self._send(RankReport(id=order.id, state="exited"))
             return
         log.info("stopping rank %d of %s (the head asked)", rank.rank, rank.instance)
         await rank.launch.terminate(grace=order.grace)

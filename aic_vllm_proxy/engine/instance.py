@@ -543,6 +543,7 @@ class Instance:
             and launch is not None
             and launch.spec.key == spec.key
             and not launch.exited.is_set()
+            and launch.failed_rank is None
         ):
             return SwitchResult(
                 changed=False,
@@ -723,6 +724,10 @@ class Instance:
             remote = await self._place_ranks(spec, master_port, handle) if master_port else None
             try:
                 process = await spawn_vllm(argv, handle, self._child_env())
+            except asyncio.CancelledError:
+                if remote is not None:
+                    await remote.stop(0.0)  # reserved only: nothing was started
+                raise
             except OSError as exc:
                 if remote is not None:
                     await remote.stop(0.0)  # reserved only: nothing was started
@@ -795,6 +800,13 @@ class Instance:
             return
         launch.failed_rank = rank
         log.error("%s of %s failed: stopping every rank", rank.describe(), launch.spec.model)
+        why, _ = await remote.cause(rank)
+        # Failed from now on (a ready model takes no more requests), not once rank 0 has gone.
+        serving = frozenset({S.READY, S.DRAINING, S.PARKING, S.SLEEPING, S.WAKING})
+        message = f"{launch.spec.model} failed: {why}; every rank was stopped"
+        if await self.machine.transition_if(serving, S.FAILED, error=message, failed_log=str(rank.log_path)):
+            log.error("%s", message)
+            self._cut_upstreams()
         signal_group(launch.pgid, signal.SIGTERM)
         # vLLM may not act on SIGTERM (while it starts, it can be lost): rank 0 must end.
         grace = self._stop_grace()

@@ -243,11 +243,12 @@ def _looks_like_error(text: str) -> bool:
     return any(word in low for word in ("error", "exception", "invalid", "unrecognized"))
 
 
-def root_cause(lines: Sequence[str]) -> RootCause | None:
+def root_cause(lines: Sequence[str], *, last_line: bool = True) -> RootCause | None:
     """Why a vLLM start failed, from its log: the exception of the earliest fatal traceback (the
     EngineCore's or a worker's, not the API server's "Engine core initialization failed. See root
     cause above"), else the first ERROR record, else the last error-looking line (argparse's
-    ``vllm: error: ...``), else the last line. ``None`` for an empty log. Pure: lines in, no I/O."""
+    ``vllm: error: ...``), else the last line (unless ``last_line`` is false: a process that was
+    killed need not have said why). ``None`` for an empty log. Pure: lines in, no I/O."""
     exceptions = _exceptions(lines)
     real = [cause for cause in exceptions if not _POINTER.search(cause.text)]
     if real or exceptions:
@@ -260,7 +261,7 @@ def root_cause(lines: Sequence[str]) -> RootCause | None:
         if _looks_like_error(parsed[i].text):
             return RootCause(parsed[i].text.strip(), i)
     for i in range(len(parsed) - 1, -1, -1):
-        if parsed[i].text.strip():
+        if last_line and parsed[i].text.strip():
             return RootCause(parsed[i].text.strip(), i)
     return None
 
@@ -281,11 +282,13 @@ def failure_tail(lines: Sequence[str], cause: RootCause | None, n: int) -> list[
 ROOT_CAUSE_LINES = 5000
 
 
-async def tail_with_cause(path: LogFile, n: int) -> tuple[list[str], RootCause | None]:
+async def tail_with_cause(
+    path: LogFile, n: int, *, last_line: bool = True
+) -> tuple[list[str], RootCause | None]:
     """The last ``n`` lines of a log, preceded by its root cause's lines when they come earlier
     (:func:`failure_tail`), and that cause (None when the log shows no failure)."""
     lines = await tail_lines_async(path, max(n, ROOT_CAUSE_LINES))
-    cause = root_cause(lines)
+    cause = root_cause(lines, last_line=last_line)
     return failure_tail(lines, cause, n), cause
 
 

@@ -113,6 +113,10 @@ class Node:
     state: NodeState = NodeState.CONNECTED
     last_seen: float = field(default_factory=time.monotonic)
     ranks: dict[str, RemoteRank] = field(default_factory=dict)
+    #: Ranks its agent still runs that the head is done with (ended while the agent was away,
+    #: or from before the head restarted), asked to stop: their GPUs (None: unknown, so all of
+    #: them) stay taken until the agent reports their exit.
+    stale: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
     #: Bumped on each connection: a timer of an older one does not declare a newer one lost.
     generation: int = 0
 
@@ -121,8 +125,16 @@ class Node:
         return [rank for rank in self.ranks.values() if rank.state not in ENDED]
 
     @property
+    def busy(self) -> bool:
+        """It runs a rank (of the head's or a stale one)."""
+        return bool(self.live_ranks or self.stale)
+
+    @property
     def gpus_in_use(self) -> set[str]:
-        return {gpu for rank in self.live_ranks for gpu in rank.gpus}
+        used = {gpu for rank in self.live_ranks for gpu in rank.gpus}
+        for gpus in self.stale.values():
+            used |= set(self.gpus if gpus is None else gpus)
+        return used
 
     def free_gpus(self) -> list[str]:
         used = self.gpus_in_use
@@ -193,8 +205,14 @@ class RankGroup:
             try:
                 await asyncio.wait_for(asyncio.gather(*waits), grace + STOP_MARGIN)
             except asyncio.TimeoutError:
-                left = ", ".join(r.describe() for r in self.ranks if not r.ended.is_set())
-                log.warning("no word that %s ended within %.0f s of the stop", left, grace + STOP_MARGIN)
+                left = [r for r in self.ranks if not r.ended.is_set()]
+                log.warning(
+                    "no word that %s ended within %.0f s of the stop: counted as lost",
+                    ", ".join(r.describe() for r in left),
+                    grace + STOP_MARGIN,
+                )
+                for rank in left:
+                    self.registry.unanswered(rank)
         for rank in self.ranks:
             self.registry.close_log(rank)
         if not self.failure.done():
@@ -217,7 +235,7 @@ class RankGroup:
     async def cause(self, rank: RemoteRank) -> tuple[str, list[str]]:
         """Why ``rank`` failed (one line naming its node, with its root cause) and its log tail."""
         try:
-            tail, found = await tail_with_cause(rank.log_path, TAIL_LINES)
+            tail, found = await tail_with_cause(rank.log_path, TAIL_LINES, last_line=False)
         except OSError:
             tail, found = [], None
         if rank.state is RankState.LOST:
@@ -240,7 +258,8 @@ class NodeRegistry:
         self.nodes: dict[str, Node] = {}
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
-        self._timers: set[asyncio.TimerHandle] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # each disconnected node's expiry
+        self._notices: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ states
 
@@ -252,12 +271,14 @@ class NodeRegistry:
         log.info("node %s (%s) is %s", node.name, node.host, state.value)
         self._wake()
 
-    def _move_rank(self, rank: RemoteRank, state: RankState, **fields: object) -> None:
+    def _move_rank(self, rank: RemoteRank, state: RankState, **fields: object) -> bool:
+        """Move ``rank`` to ``state`` if the table allows it (False: ignored, e.g. a report
+        about a rank the head already ended)."""
         if rank.state is state:
-            return
+            return False
         if state not in RANK_MOVES[rank.state]:
             log.debug("%s: %s -> %s ignored", rank.describe(), rank.state.value, state.value)
-            return
+            return False
         rank.state = state
         for name, value in fields.items():
             setattr(rank, name, value)
@@ -276,6 +297,7 @@ class NodeRegistry:
             self._wake()
         if rank.group is not None:
             rank.group.ranked(rank)
+        return True
 
     def _wake(self) -> None:
         async def notify() -> None:
@@ -283,7 +305,9 @@ class NodeRegistry:
                 self._changed.notify_all()
 
         with contextlib.suppress(RuntimeError):  # no running loop (interpreter exit)
-            asyncio.get_running_loop().create_task(notify())
+            task = asyncio.get_running_loop().create_task(notify())
+            self._notices.add(task)
+            task.add_done_callback(self._notices.discard)
 
     # ----------------------------------------------------------- agents talking
 
@@ -320,18 +344,30 @@ class NodeRegistry:
         node.generation += 1
         node.last_seen = time.monotonic()
         self._move_node(node, NodeState.CONNECTED, gpus=list(node.gpus), pid=node.pid)
+        reported = {report.id for report in hello.ranks}
+        for mine in node.live_ranks:
+            if mine.id not in reported and mine.state is not RankState.RESERVED:
+                # A new agent under this name (the old one died), or one that never got it.
+                self._move_rank(mine, RankState.LOST, error="its agent no longer runs it")
+                self.close_log(mine)
+        stops: list[str] = []
         for report in hello.ranks:
             rank = node.ranks.get(report.id)
+            running = report.state not in ("exited", "lost")
             if rank is None or rank.state in ENDED:
-                if report.state not in ("exited", "lost"):
+                if running:
                     log.info(
                         "node %s still runs rank %s, which is over here: stopping it", node.name, report.id
                     )
-                    await channel.send(StopRank(id=report.id, grace=self.settings.stop_timeout))
+                    node.stale[report.id] = rank.gpus if rank is not None else None
+                    stops.append(report.id)
                 continue
             await self._reported(node, report)
             if rank.state is RankState.STOPPING:  # asked while it was away
-                await channel.send(StopRank(id=rank.id, grace=self.settings.stop_timeout))
+                stops.append(rank.id)
+        self._wake()
+        for rank_id in stops:
+            await channel.send(StopRank(id=rank_id, grace=self.settings.stop_timeout))
         return node
 
     async def heard(self, node: Node, message: RankReport | RankLog | Bye) -> None:
@@ -340,16 +376,29 @@ class NodeRegistry:
         if isinstance(message, RankLog):
             rank = node.ranks.get(message.id)
             if rank is not None and rank.log_file is not None:
-                await asyncio.to_thread(rank.log_file.write, message.data.encode())
+                with contextlib.suppress(ValueError, OSError):  # closed meanwhile (a stop, a loss)
+                    await asyncio.to_thread(rank.log_file.write, message.data.encode())
         elif isinstance(message, RankReport):
             await self._reported(node, message)
         elif node.state is NodeState.CONNECTED:
             node.channel = None
             self._move_node(node, NodeState.LEFT, reason=message.reason)
-            self._end_ranks(node, f"its agent left ({message.reason or 'it was stopped'})")
+            # Its ranks' last lines and exits still come: their logs stay open for them.
+            self._end_ranks(node, f"its agent left ({message.reason or 'it was stopped'})", close=False)
 
     async def _reported(self, node: Node, report: RankReport) -> None:
+        if report.state in ("exited", "lost") and report.id in node.stale:
+            del node.stale[report.id]
+            log.info("node %s stopped rank %s, which was over here", node.name, report.id)
+            self._wake()
         rank = node.ranks.get(report.id)
+        if report.state == "running" and (rank is None or rank.state in ENDED):
+            # Running, but over here (it was ended, or never known): it must not run on.
+            node.stale[report.id] = rank.gpus if rank is not None else None
+            if node.channel is not None:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await node.channel.send(StopRank(id=report.id, grace=self.settings.stop_timeout))
+            return
         if rank is None:
             return
         if report.state == "running":
@@ -357,10 +406,10 @@ class NodeRegistry:
             log.info("%s of %s runs (pid %s)", rank.describe(), rank.instance, report.pid)
         elif report.state in ("exited", "lost"):
             ended = RankState.EXITED if rank.state is RankState.STOPPING else RankState.DIED
-            self._move_rank(
+            moved = self._move_rank(
                 rank, ended, pid=report.pid or rank.pid, exit_code=report.exit_code, error=report.error
             )
-            if ended is RankState.DIED:
+            if moved and ended is RankState.DIED:
                 log.error(
                     "%s of %s ended unasked (exit code %s)", rank.describe(), rank.instance, report.exit_code
                 )
@@ -373,8 +422,12 @@ class NodeRegistry:
         node.channel = None
         self._move_node(node, NodeState.DISCONNECTED, waiting=node.head_timeout)
         generation = node.generation
-        timer = asyncio.get_running_loop().call_later(node.head_timeout, self._expire, node, generation)
-        self._timers.add(timer)
+        old = self._timers.pop(node.name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[node.name] = asyncio.get_running_loop().call_later(
+            node.head_timeout, self._expire, node, generation
+        )
 
     def _expire(self, node: Node, generation: int) -> None:
         if node.generation != generation or node.state is not NodeState.DISCONNECTED:
@@ -382,13 +435,15 @@ class NodeRegistry:
         self._move_node(node, NodeState.LOST)
         self._end_ranks(node, f"its agent has not been heard from for {node.head_timeout:g} s")
 
-    def _end_ranks(self, node: Node, why: str) -> None:
+    def _end_ranks(self, node: Node, why: str, *, close: bool = True) -> None:
         for rank in node.live_ranks:
             if rank.state is RankState.RESERVED:
                 self._move_rank(rank, RankState.EXITED)
             else:
                 self._move_rank(rank, RankState.LOST, error=why)
-            self.close_log(rank)
+            if close:
+                self.close_log(rank)
+        node.stale.clear()
 
     # ------------------------------------------------------------- the ranks
 
@@ -449,7 +504,7 @@ class NodeRegistry:
                 continue
             free = node.free_gpus()
             if per_rank is None or not node.gpus:
-                if node.live_ranks:
+                if node.busy:
                     continue  # a node of unknown GPUs, or a rank that wants them all: alone
                 chosen.append((node, tuple(node.gpus)))
             elif len(free) >= per_rank:
@@ -506,6 +561,13 @@ class NodeRegistry:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await channel.send(StopRank(id=rank.id, grace=grace))
 
+    def unanswered(self, rank: RemoteRank) -> None:
+        """A stop its agent did not answer: the rank is lost, and kept as stale on its node
+        (its GPUs taken) until the agent reports it gone or the node is lost."""
+        self._move_rank(rank, RankState.LOST, error="its agent did not answer the stop")
+        if rank.node.state in (NodeState.CONNECTED, NodeState.DISCONNECTED):
+            rank.node.stale[rank.id] = rank.gpus
+
     def close_log(self, rank: RemoteRank) -> None:
         if rank.log_file is not None:
             rank.log_file.close()
@@ -546,7 +608,7 @@ class NodeRegistry:
         return max(found, key=lambda r: int(r.id.rsplit("-", 2)[-2]), default=None)
 
     def close(self) -> None:
-        for timer in self._timers:
+        for timer in self._timers.values():
             timer.cancel()
         for rank in self.ranks():
             self.close_log(rank)

@@ -63,8 +63,8 @@ async def connect(request: web.Request) -> web.StreamResponse:
             await channel.send(Refused(error=str(exc)))
             await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"refused")
             return ws
-        await channel.send(Welcome(node=node.name))
         try:
+            await channel.send(Welcome(node=node.name))
             await _follow(ws, node, request)
         finally:
             registry.disconnected(node, channel)
