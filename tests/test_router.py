@@ -23,15 +23,18 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 import yaml
-from conftest import ProxyProcess
 from helpers import FAST, free_port, wait_until
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 from plugin_env import REPO
+
+if TYPE_CHECKING:  # annotations only: "conftest" is ambiguous at run time (tests/realvllm has one)
+    from conftest import ProxyProcess
 
 ROUTER_VENV = REPO / ".venv-router"
 LITELLM = ROUTER_VENV / "bin" / "litellm"
