@@ -220,3 +220,27 @@ def test_a_log_opened_before_it_is_renamed_reads_on(tmp_path: Path) -> None:
         assert tail_lines(fd, 1) == ["after the rename"] == tail_lines(final, 1)
     finally:
         os.close(fd)
+
+
+async def test_the_cause_of_a_death_after_ready_is_looked_for_after_ready_only(tmp_path: Path) -> None:
+    from aic_vllm_proxy.engine.logs import cause_since, log_size
+
+    log = tmp_path / "vllm.log"
+    before = (
+        "(APIServer pid=1) ERROR 12-04 10:00:00 [serving.py:10] a bad request's error\n"
+        "(APIServer pid=1) INFO 12-04 10:00:01 [api_server.py:1] Application startup complete.\n"
+    )
+    log.write_text(before)
+    ready = log_size(log)
+    assert await cause_since(log, 0) is not None  # the earlier error, from the start
+    assert await cause_since(log, ready) is None  # nothing since: no cause, not the old error
+    core = "(EngineCore pid=2) ERROR 12-04 10:05:01 [core.py:1512]"
+    with log.open("a") as out:
+        out.write("(EngineCore pid=2) INFO 12-04 10:05:00 [core.py:1] step\n")
+        out.write(f"{core} EngineCore encountered a fatal error.\n")
+        out.write(f"{core} Traceback (most recent call last):\n")
+        out.write(f'{core}   File "core.py", line 1, in step\n')
+        out.write(f"{core} RuntimeError: CUDA error: out of memory\n")
+    cause = await cause_since(log, ready)
+    assert cause is not None and cause.text == "RuntimeError: CUDA error: out of memory", cause
+    assert log_size(tmp_path / "gone.log") == 0

@@ -275,6 +275,35 @@ def test_sigkill_of_an_agent_takes_its_rank_and_the_head_reports_the_node_lost(
     assert agent_a.process.poll() is None  # the other agent stays, for the next model
 
 
+def test_a_request_after_an_agent_died_fails_the_model_naming_the_root_cause_and_the_silent_node(
+    head: Callable[..., Daemon], agents: Callable[..., Agent]
+) -> None:
+    """vLLM notices a lost rank at its next step, before the head gives up on the node: the
+    request fails, and the model's error says why (rank 0's root cause) and which node is silent."""
+    daemon = head()
+    agents("node-a", head=daemon.url)
+    agent_b = agents("node-b", "--head-timeout", "600", head=daemon.url)  # the head waits long
+    assert wait_until(lambda: _connected(daemon, "node-a", "node-b"), LONG)
+    code, body = daemon.switch(SPEC, timeout=LONG)
+    assert code == 200, body
+    pids = _rank_pids(daemon)
+    rank0 = daemon.status()["pid"]
+
+    agent_b.process.kill()
+    agent_b.process.wait()
+    assert wait_until(lambda: _gone(pids["node-b"]), LONG)  # its watchdog
+    assert wait_until(lambda: _nodes(daemon)["node-b"]["state"] == "disconnected", LONG)
+    assert daemon.status()["state"] == "ready"  # nothing has told the head yet
+    # Rank 0 learns of the lost peer on its own; the first request after that fails.
+    assert wait_until(lambda: _complete(daemon).status_code != 200, LONG)
+    assert wait_until(lambda: daemon.status()["state"] == "failed", LONG), daemon.status()
+    error = daemon.status()["error"]
+    assert "Connection closed by peer" in error, error
+    assert "rank 2 on node node-b: its agent has not been heard from for" in error, error
+    assert "node-a" not in error, error
+    assert wait_until(lambda: _gone(rank0) and _gone(pids["node-a"]), LONG)
+
+
 def test_sigterm_of_the_head_stops_every_rank_and_the_agents_leave(
     head: Callable[..., Daemon], agents: Callable[..., Agent], tmp_path: Path
 ) -> None:

@@ -44,8 +44,10 @@ from aic_vllm_proxy.engine.launch import (
     spawn_vllm,
 )
 from aic_vllm_proxy.engine.logs import (
+    cause_since,
     link_with_pid,
     loaded_weights_gib,
+    log_size,
     open_launch_log,
     tail_lines_async,
     tail_with_cause,
@@ -603,6 +605,7 @@ class Instance:
         if self.sleep_level:
             found = await asyncio.to_thread(loaded_weights_gib, launch.log_path)
             self.weights_bytes = sleep_calls.host_weights(found, spec)
+        launch.ready_offset = await asyncio.to_thread(log_size, launch.log_path)
         await self.machine.transition(S.READY, model=model)
         log.info("%s is ready after %.1f s (pid %d)", spec.model, load_seconds, launch.process.pid)
         reports += await self.hooks.call(
@@ -836,8 +839,8 @@ class Instance:
             return
         message = (
             f"vLLM ({launch.spec.model}, pid {launch.pgid}) exited with {describe_exit(code)} "
-            "after it was ready; its engine may have died"
-        )
+            "after it was ready"
+        ) + await self._why_died(launch, "its engine may have died")
         failed_log = None
         if launch.failed_rank is not None and launch.remote is not None:
             why, _ = await launch.remote.cause(launch.failed_rank)
@@ -904,6 +907,18 @@ class Instance:
 
         self._spawn(restart())
 
+    async def _why_died(self, launch: Launch, guess: str = "") -> str:
+        """How the message of a death after ready ends: ``: <the root cause>`` vLLM logged since
+        it was ready (else ``; <guess>``), and each rank whose agent is out of touch (vLLM
+        notices a lost node at its next step, before the head gives up on the node)."""
+        try:
+            cause = await cause_since(launch.log_path, launch.ready_offset)
+        except OSError:
+            cause = None
+        text = f": {cause.text}" if cause is not None else (f"; {guess}" if guess else "")
+        unheard = launch.remote.unheard() if launch.remote is not None else []
+        return text + "".join(f"; {line}" for line in unheard)
+
     async def _watch_health(self, launch: Launch) -> None:
         """While ready, check ``/health``: two 503s in a row mean the engine is dead."""
         bad = 0
@@ -918,6 +933,7 @@ class Instance:
             bad = bad + 1 if ok is False else 0
             if bad >= 2:
                 message = f"vLLM ({launch.spec.model}) answers 503 on /health: its engine has died"
+                message += await self._why_died(launch)
                 if await self.machine.transition_if(frozenset({S.READY}), S.FAILED, error=message):
                     log.error("%s", message)
                 return

@@ -62,6 +62,8 @@ class Launch:
     #: of them that died or was lost, which ended the launch.
     remote: RankGroup | None = None
     failed_rank: RemoteRank | None = None
+    #: How long its log was when it became ready: the cause of a later death is after that.
+    ready_offset: int = 0
 
     @property
     def pgid(self) -> int:

@@ -292,6 +292,34 @@ async def tail_with_cause(
     return failure_tail(lines, cause, n), cause
 
 
+#: How much of a log, at most, is read for the cause of a death after ready.
+DEATH_CAUSE_BYTES = 1 << 20
+
+
+def _read_since(path: LogFile, offset: int) -> bytes:
+    with _open(path) as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(offset, size - DEATH_CAUSE_BYTES))
+        return handle.read()
+
+
+def log_size(path: Path) -> int:
+    """How long the log is now (0 if it is gone). Blocking."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+async def cause_since(path: LogFile, offset: int) -> RootCause | None:
+    """Why a vLLM that was ready died, from what its log says after ``offset`` (where the log
+    stood when it became ready: an error logged earlier, say a bad request's, is not the cause);
+    None when it said nothing error-like (it was killed, or exited quietly)."""
+    data = await asyncio.to_thread(_read_since, path, offset)
+    text = data.decode("utf-8", errors="replace")
+    return root_cause(text.splitlines(), last_line=False)
+
+
 #: vLLM's worker line with the size of the weights it loaded (per GPU), as vLLM 0.32 logs it.
 _LOADING_TOOK = re.compile(rb"Model loading took ([0-9.]+) GiB memory")
 
