@@ -29,9 +29,8 @@ FAST = "--sim-import-delay 0.05 --sim-load-delay 0.2"
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port free now, below the kernel's ephemeral range (:func:`free_port_run`)."""
+    return free_port_run(1)
 
 
 def process_exists(pid: int) -> bool:
@@ -641,10 +640,11 @@ async def wait_state(proxy: Any, state: str, timeout: float = 20) -> dict[str, A
 
 def free_port_run(count: int, attempts: int = 200) -> int:
     """A port such that it and the ``count - 1`` ports after it are free now (a fleet's daemon
-    gives its instances the ports after ``--vllm-port``), below the kernel's ephemeral range:
-    there no connection from this host takes one of them as its local port (an outgoing
-    connection's port stays taken in TIME_WAIT for a minute, even for a bind with SO_REUSEADDR),
-    and :func:`free_port` never hands one out."""
+    gives its instances the ports after ``--vllm-port``), below the kernel's ephemeral range.
+    Every port a test hands to a process comes from here: in that range an outgoing connection
+    of anything on the machine may take a port as its local port between the pick and the
+    process's bind (a vLLM binds only after its imports: "Address already in use" in a full
+    run), and such a port stays taken in TIME_WAIT for a minute, even for SO_REUSEADDR."""
     import random
 
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])

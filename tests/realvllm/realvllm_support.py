@@ -20,10 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import SIM, Daemon, Proc, free_port, port_open, processes
+from helpers import SIM, Daemon, Proc, free_port, free_port_run, port_open, processes
 
 REPO = Path(__file__).resolve().parents[2]
 MAKE_TINY = REPO / "tests" / "realvllm" / "make_tiny_model.py"
@@ -321,34 +319,10 @@ def finish(daemon: ProxyRun) -> list[Proc]:
 # ------------------------------------------------------------------------------- the fleet
 
 
-def free_port_block(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports below the kernel's ephemeral range,
-    for ``--vllm-port`` of a fleet (its instances take the ports after it). :func:`free_port`
-    gives a port in that range, where an outgoing connection of anything on the machine may hold
-    the next one, and the daemon then refuses the launch (port taken)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    rng = random.Random()
-    for _ in range(200):
-        first = rng.randrange(10_000, low - count)
-        if all(_bindable(port) for port in range(first, first + count)):
-            return first
-    raise RuntimeError(f"no {count} consecutive free ports below {low}")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as trial:
-        trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            trial.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def start_fleet(workdir: Path, backend: Backend, *args: str, instances: int) -> ProxyRun:
     """:func:`start_proxy` with ``--vllm-port`` the first of ``instances + 1`` free ports (the
-    slot's and one per instance loaded beside it; see :func:`free_port_block`)."""
-    first = free_port_block(instances + 1)
+    slot's and one per instance loaded beside it; see :func:`helpers.free_port_run`)."""
+    first = free_port_run(instances + 1)
     daemon = start_proxy(workdir, backend, "--vllm-port", str(first), *args)  # the last one wins
     daemon.vllm_port = first
     return daemon

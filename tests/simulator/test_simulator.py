@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from helpers import free_port
 
 from aic_vllm_proxy.simulator import VLLM_VERSION
 from aic_vllm_proxy.simulator.cli import parse_args
@@ -39,13 +40,6 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--sim-import-delay", "0.05", "--sim-load-delay", "0.2"]
 KEY = "sim-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
