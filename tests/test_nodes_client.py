@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from helpers import Daemon
-from test_nodes import LONG, Agent, _three_nodes, agents, head  # noqa: F401 (fixtures)
+from helpers import FAST, Daemon, wait_until
+from test_nodes import LONG, Agent, _connected, _rank_pids, _three_nodes, agents, head  # noqa: F401 (fixtures)
 
 from aic_vllm_proxy.cli import cli
 from aic_vllm_proxy.client import AsyncVLLMProxyClient, NodesStatus, ProxyError, VLLMProxyClient
@@ -86,3 +88,35 @@ def test_the_clients_and_the_command_line_list_the_nodes_and_read_a_ranks_log(
     assert result.exit_code == 0 and "node_rank 1" in result.stdout, result.output
     result = _invoke("logs", "--url", url, "--rank", "9")
     assert result.exit_code == 1 and "No log of rank 9" in result.stderr, result.output
+
+
+def test_a_load_and_a_switch_across_nodes_say_where_each_rank_started(
+    head: Callable[..., Daemon],  # noqa: F811
+    agents: Callable[..., Agent],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[models.wide]\nmodel = "sim-model"\nargs = "{FAST} -tp 3"\nnodes = 3\n')
+    daemon = head("--config", str(config))
+    for name in ("node-a", "node-b"):
+        agents(name, head=daemon.url)
+    assert wait_until(lambda: _connected(daemon, "node-a", "node-b"), LONG)
+
+    def started(lines: list[str]) -> dict[str, str]:
+        """node -> the pid its rank's line gives (the lines without their clock)."""
+        found = (
+            re.fullmatch(r"rank \d started on node (\S+) \(pid (\d+)\)", line.split("] ", 1)[1])
+            for line in lines
+        )
+        return {match[1]: match[2] for match in found if match}
+
+    lines: list[str] = []
+    with VLLMProxyClient(daemon.url, progress=lines.append) as proxy:
+        proxy.load("wide", timeout=LONG)
+        pids = {name: str(pid) for name, pid in _rank_pids(daemon).items()}
+        assert started(lines) == pids and len(pids) == 2, lines
+        proxy.unload("wide")
+        lines.clear()
+        proxy.switch("sim-model", f"{FAST} -tp 3 --nnodes 3", timeout=LONG)
+        pids = {name: str(pid) for name, pid in _rank_pids(daemon).items()}
+        assert started(lines) == pids and len(pids) == 2, lines

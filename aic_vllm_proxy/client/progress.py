@@ -315,6 +315,16 @@ class Watch:
             self._announced.add(key)
             self.show(text)
 
+    def _ranks_started(self, instance: InstanceStatus | None) -> None:
+        """A model across nodes: one line for each rank on another node once it runs."""
+        for rank in instance.ranks if instance is not None else ():
+            if rank.pid is not None:
+                where = f" on {gpu_text(rank.gpus)}" if rank.gpus else ""
+                self._once(
+                    f"rank {rank.rank}",
+                    f"rank {rank.rank} started on node {rank.node} (pid {rank.pid}){where}",
+                )
+
     def log(self, line: str) -> None:
         """A line of the new launch's vLLM log: shown if :class:`LogFilter` keeps it."""
         self.log_lines_seen += 1
@@ -452,6 +462,7 @@ class SwitchWatch(Watch):
         if self.is_new_launch(status):
             if status.pid is not None:
                 self._once("launch", f"vLLM started (pid {status.pid}), log {status.log_path}")
+                self._ranks_started(next((i for i in status.instances if i.pid == status.pid), None))
             return
         if self._asleep_before(status) is not None and status.pid is not None:
             self._once(
@@ -642,6 +653,7 @@ class LoadWatch(Watch):
         new = self.is_new_launch(instance)
         if new and instance.pid is not None:
             self._once("launch", f"vLLM started (pid {instance.pid}), log {instance.log_path}")
+            self._ranks_started(instance)
         restart = self._answer is None or self._answer.changed  # else it was loaded (or loading)
         if self._was is not None and self._was.state in ASLEEP and instance.pid == self._was.pid:
             self._once("wake", f"waking {self.name} (pid {instance.pid})")
