@@ -7,7 +7,8 @@ it with plain values (names, states, numbers): the relay counts each proxied req
 TTL expiries, restarts, drains) and the hook calls are counted from the daemon's event bus
 (:meth:`Metrics.heard`, a listener of ``aic_vllm_proxy.events.EventBus``), where the engine and
 the hooks report each of them once; what the instances hold now (requests in flight and
-waiting, their state) is read at scrape time (:meth:`Metrics.watch_fleet`).
+waiting, their state) and the agents of models across nodes are read at scrape time
+(:meth:`Metrics.watch_fleet`, :meth:`Metrics.watch_nodes`).
 
 Cost: a proxied request costs one :meth:`RequestStats.record`, a dict update and two bucket
 look-ups (``bisect``) on plain Python objects, well under prometheus-client's own
@@ -29,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from aic_vllm_proxy.schemas import ProcessState
+from aic_vllm_proxy.schemas import NodeState, NodeStatus, ProcessState
 
 S = ProcessState
 #: Histogram buckets (seconds) for request durations, time to first byte and load times:
@@ -192,6 +193,31 @@ class FleetCollector(Collector):
         yield state
 
 
+class NodesCollector(Collector):
+    """The agents of models across nodes (``GET /nodes``), read at scrape time: each one's
+    state (0/1) and the ranks it runs now."""
+
+    def __init__(self, nodes: Callable[[], Iterable[NodeStatus]]) -> None:
+        self.nodes = nodes
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            PREFIX + "node_state",
+            "Each agent's state: 1 for the state it is in (connected, disconnected, lost, left), "
+            "0 for the others.",
+            labels=("node", "state"),
+        )
+        ranks = GaugeMetricFamily(
+            PREFIX + "node_ranks", "Ranks of models across nodes that each agent runs now.", labels=("node",)
+        )
+        for node in self.nodes():
+            for each in NodeState:
+                state.add_metric((node.name, each.value), 1.0 if node.state == each.value else 0.0)
+            ranks.add_metric((node.name,), len(node.ranks))
+        yield state
+        yield ranks
+
+
 class Metrics:
     """One application's metrics and their registry."""
 
@@ -248,6 +274,14 @@ class Metrics:
             "model",
             "outcome",
         )
+        self.rank_failures = counter(
+            "rank_failures",
+            "Ranks of models across nodes that failed on an agent's node: reason died (ended "
+            "unasked) or lost (with its node).",
+            "model",
+            "node",
+            "reason",
+        )
         self.hook_calls = counter(
             "hook_calls",
             "Plugin hook calls: outcome ok, veto, error or timeout.",
@@ -261,6 +295,10 @@ class Metrics:
     ) -> None:
         """Read the instances at every scrape (:class:`FleetCollector`)."""
         self.registry.register(FleetCollector(instances, catalogue))
+
+    def watch_nodes(self, nodes: Callable[[], Iterable[NodeStatus]]) -> None:
+        """Read the agents at every scrape (:class:`NodesCollector`)."""
+        self.registry.register(NodesCollector(nodes))
 
     def exposition(self) -> bytes:
         """Every metric in the Prometheus text format (:data:`CONTENT_TYPE`)."""
@@ -297,5 +335,8 @@ class Metrics:
                 self.drains.labels(name, "drained").inc(event["drained"])
             if event["cut"]:
                 self.drains.labels(name, "cut").inc(event["cut"])
+        elif kind == "rank":
+            if event["phase"] in ("died", "lost"):
+                self.rank_failures.labels(name, event["node"], event["phase"]).inc()
         elif kind == "hook":
             self.hook_calls.labels(event["hook"], event["plugin"], event["outcome"]).inc()

@@ -31,6 +31,15 @@ class ProcessState(str, Enum):
     WAKING = "waking"  #: being woken (weights back on the GPU); requests wait for it
 
 
+class NodeState(str, Enum):
+    """Where an agent of a model across nodes is, as the head sees it (``engine/nodes.py``)."""
+
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"  #: its connection closed; it has head_timeout s to come back
+    LOST = "lost"  #: it did not come back: its ranks are lost
+    LEFT = "left"  #: it said bye (its ranks were stopped)
+
+
 class SwitchRequest(BaseModel):
     """Body of ``POST /switch``."""
 
@@ -100,7 +109,10 @@ class NodeStatus(BaseModel):
     gpus_in_use: list[str] = Field(default_factory=list)
     head_timeout: float
     connected_at: datetime
-    last_seen: datetime
+    last_seen: datetime = Field(
+        description="Now while it is connected (its connection is pinged every 5 s), "
+        "else when its connection closed."
+    )
     ranks: list[RankStatus] = Field(default_factory=list)
 
 

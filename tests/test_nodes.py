@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,13 @@ def _complete(daemon: Daemon) -> httpx.Response:
     return httpx.post(daemon.url + "/v1/completions", json=body, timeout=LONG)
 
 
+def _metrics(daemon: Daemon) -> dict[str, float]:
+    """``GET /proxy/metrics``'s samples: ``name{labels}`` -> value."""
+    text = daemon.get("/proxy/metrics").text
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
 def _gone(pgid: int) -> bool:
     return not group_members(pgid)
 
@@ -199,6 +207,11 @@ def test_a_model_across_three_nodes_serves_and_a_dead_rank_fails_it_naming_its_n
     tail = daemon.get("/logs/tail?lines=200&rank=2")
     assert tail.status_code == 200 and "node_rank 2" in tail.text, tail.text
     assert daemon.get("/logs/tail?rank=7").status_code == 404
+    metrics = _metrics(daemon)
+    for node in ("node-a", "node-b"):
+        assert metrics[f'aic_proxy_node_state{{node="{node}",state="connected"}}'] == 1.0
+        assert metrics[f'aic_proxy_node_state{{node="{node}",state="lost"}}'] == 0.0
+        assert metrics[f'aic_proxy_node_ranks{{node="{node}"}}'] == 1.0
 
     os.kill(pids["node-b"], signal.SIGKILL)  # rank 2's leader, on "node-b"
 
@@ -210,6 +223,12 @@ def test_a_model_across_three_nodes_serves_and_a_dead_rank_fails_it_naming_its_n
     # No rank left anywhere: rank 0 here, rank 1 on node-a (stopped by its agent), rank 2.
     assert wait_until(lambda: all(_gone(pid) for pid in [status["pid"], *pids.values()]), LONG)
     assert not any(node["ranks"] for node in _nodes(daemon).values())
+    metrics = _metrics(daemon)
+    assert metrics['aic_proxy_rank_failures_total{model="sim-model",node="node-b",reason="died"}'] == 1.0
+    assert not any(key.startswith("aic_proxy_rank_failures_total{") and "node-a" in key for key in metrics)
+    assert (
+        metrics['aic_proxy_node_ranks{node="node-a"}'] == metrics['aic_proxy_node_ranks{node="node-b"}'] == 0
+    )
     # What the events say: each rank's course, the one that died.
     events = _events(daemon, lambda e: e["type"] == "rank" and e["phase"] == "died")
     assert (events[-1]["node"], events[-1]["rank"], events[-1]["model"]) == ("node-b", 2, "sim-model")
@@ -271,6 +290,10 @@ def test_sigkill_of_an_agent_takes_its_rank_and_the_head_reports_the_node_lost(
     error = daemon.status()["error"]
     assert "rank 2 on node node-b" in error and "lost" in error and f"{HEAD_TIMEOUT:g} s" in error, error
     assert _nodes(daemon)["node-b"]["state"] == "lost"
+    metrics = _metrics(daemon)
+    assert metrics['aic_proxy_node_state{node="node-b",state="lost"}'] == 1.0
+    assert metrics['aic_proxy_node_state{node="node-b",state="connected"}'] == 0.0
+    assert metrics['aic_proxy_rank_failures_total{model="sim-model",node="node-b",reason="lost"}'] == 1.0
     assert wait_until(lambda: _gone(pids["node-a"]), LONG)
     assert agent_a.process.poll() is None  # the other agent stays, for the next model
 
@@ -289,10 +312,13 @@ def test_a_request_after_an_agent_died_fails_the_model_naming_the_root_cause_and
     pids = _rank_pids(daemon)
     rank0 = daemon.status()["pid"]
 
+    killed_at = datetime.now(timezone.utc)
     agent_b.process.kill()
     agent_b.process.wait()
     assert wait_until(lambda: _gone(pids["node-b"]), LONG)  # its watchdog
     assert wait_until(lambda: _nodes(daemon)["node-b"]["state"] == "disconnected", LONG)
+    # Last seen when its connection (pinged) closed, not at its last message.
+    assert datetime.fromisoformat(_nodes(daemon)["node-b"]["last_seen"]) > killed_at
     assert daemon.status()["state"] == "ready"  # nothing has told the head yet
     # Rank 0 learns of the lost peer on its own; the first request after that fails.
     assert wait_until(lambda: _complete(daemon).status_code != 200, LONG)

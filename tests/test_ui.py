@@ -11,6 +11,7 @@ the simulator on a real socket.
 - a wrong key, no key on a daemon with keys, a user key: a clear message, or no admin buttons;
 - the key is kept in sessionStorage only;
 - after a dropped /events stream it reconnects with Last-Event-ID;
+- a model across nodes: the Nodes section (agents, their ranks, a rank's log), ranks per instance;
 - paths that read as the page's but are routed on to vLLM need a key (relay/auth.authorize).
 
 Without /usr/bin/chromium the browser tests skip, unless ``CI`` is set: then they fail (CI
@@ -23,11 +24,14 @@ import asyncio
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import CHAT, chat_request, raw_exchange
+from helpers import CHAT, SIM, chat_request, raw_exchange
 
 from aic_vllm_proxy.relay.auth import Role, required_role
 
@@ -316,3 +320,49 @@ async def test_the_page_reconnects_to_events_with_the_last_id(make_proxy: Any, p
     async with proxy.session.post(proxy.url + "/switch", json={"model_spec": QUICK_A, "wait": False}) as resp:
         assert resp.status == 202
     await expect(row(page, "org/a").locator(".state")).to_have_text("ready", timeout=DEADLINE)
+
+
+@pytest.mark.slow
+async def test_the_nodes_of_a_model_across_nodes_and_a_ranks_log(
+    make_proxy: Any, page: Any, tmp_path: Any
+) -> None:
+    """An agent joins, a 2-node model loads: the Nodes section lists the agent and its rank,
+    the instance its rank; the rank's Log button follows that rank's log (through the head)."""
+    from playwright.async_api import expect
+
+    proxy = await make_proxy(admin_keys=(ADMIN,), node_wait=30.0)
+    await page.goto(proxy.url + "/ui")
+    await use_key(page, ADMIN)
+    await expect(page.locator("#role")).to_have_text("admin")
+    assert not await page.locator("#nodes").is_visible()  # no agent yet: no section
+    agent_argv = [
+        sys.executable, "-m", "aic_vllm_proxy", "agent", "--head", proxy.url, "--api-key", ADMIN,
+        "--node-name", "node-a", "--vllm-command", SIM, "--log-dir", str(tmp_path / "agent-logs"),
+        "--head-timeout", "10", "--stop-timeout", "3",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIC_VLLM_PROXY_")}
+    with open(tmp_path / "agent.out", "wb") as out:
+        agent = subprocess.Popen(agent_argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        node = page.locator('#nodes tr[data-node="node-a"]')
+        await expect(node.locator(".state").first).to_have_text("connected", timeout=DEADLINE)
+        await expect(node).to_contain_text("-")  # no rank yet
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        spec = "org/wide --sim-import-delay 0 --sim-load-delay 0 -tp 2 --nnodes 2"
+        async with proxy.session.post(proxy.url + "/switch", json={"model_spec": spec}, headers=auth) as resp:
+            assert resp.status == 200, await resp.text()
+        await expect(row(page, "org/wide").locator(".rank")).to_have_text(
+            "rank 1 on node-a: running", timeout=DEADLINE
+        )
+        rank = node.locator(".rank")
+        await expect(rank).to_contain_text(re.compile(r"org/wide #1 running pid \d+"))
+        await rank.get_by_role("button", name="Log").click()
+        await expect(page.locator("#log-name")).to_have_text("org/wide, rank 1")
+        await expect(page.locator("#log")).to_contain_text(
+            "node_rank 1", timeout=DEADLINE
+        )  # the headless rank's
+    finally:
+        agent.send_signal(signal.SIGTERM)  # it stops its rank
+        await asyncio.to_thread(agent.wait, 60)
+    await expect(node.locator(".state").first).to_have_text("left", timeout=DEADLINE)
+    await expect(row(page, "org/wide").locator(".state").first).to_contain_text("failed", timeout=DEADLINE)

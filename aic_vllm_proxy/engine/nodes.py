@@ -41,16 +41,9 @@ from aic_vllm_proxy.engine.launch import describe_exit
 from aic_vllm_proxy.engine.logs import tail_with_cause
 from aic_vllm_proxy.events import UNHEARD, EventBus
 from aic_vllm_proxy.node_protocol import Bye, Hello, RankLog, RankReport, StartRank, StopRank
-from aic_vllm_proxy.schemas import NodesStatus, NodeStatus, RankStatus
+from aic_vllm_proxy.schemas import NodesStatus, NodeState, NodeStatus, RankStatus
 
 log = logging.getLogger(__name__)
-
-
-class NodeState(str, enum.Enum):
-    CONNECTED = "connected"
-    DISCONNECTED = "disconnected"  # its connection closed; it has head_timeout s to come back
-    LOST = "lost"  # it did not come back: its ranks are lost
-    LEFT = "left"  # it said bye (its ranks were stopped)
 
 
 class RankState(str, enum.Enum):
@@ -430,6 +423,7 @@ class NodeRegistry:
         if node.channel is not channel or node.state is not NodeState.CONNECTED:
             return
         node.channel = None
+        node.last_seen = time.monotonic()  # its connection, pinged every HEARTBEAT s, was alive
         self._move_node(node, NodeState.DISCONNECTED, waiting=node.head_timeout)
         generation = node.generation
         old = self._timers.pop(node.name, None)
@@ -601,7 +595,9 @@ class NodeRegistry:
                     gpus_in_use=sorted(n.gpus_in_use),
                     head_timeout=n.head_timeout,
                     connected_at=n.connected_at,
-                    last_seen=datetime.fromtimestamp(wall.timestamp() - (now - n.last_seen), timezone.utc),
+                    last_seen=wall
+                    if n.state is NodeState.CONNECTED  # its open connection is pinged
+                    else datetime.fromtimestamp(wall.timestamp() - (now - n.last_seen), timezone.utc),
                     ranks=[r.status() for r in n.ranks.values() if r.state not in ENDED],
                 )
                 for n in sorted(self.nodes.values(), key=lambda n: n.name)

@@ -166,6 +166,7 @@ def create_app(settings: Settings, *, extra_plugins: Iterable[tuple[str, object]
         supervisor = Supervisor(settings, lambda: app[UPSTREAM], app[HOOKS], events)
         app[SUPERVISOR] = supervisor
         metrics.watch_fleet(supervisor.instance_statuses, lambda: settings.models)
+        metrics.watch_nodes(lambda: supervisor.nodes.statuses().nodes)
         passthrough.bind(supervisor, app[POOL])
         supervisor.start()  # TTL checks, and the catalogue entries to preload
         yield

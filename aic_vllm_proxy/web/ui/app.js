@@ -7,6 +7,7 @@ const KEY_ITEM = "aic-vllm-proxy-key";
 // Events after which GET /status is read again (anything that changes what it shows).
 const REFRESH_ON = new Set([
   "hello", "dropped", "state", "switch", "load", "unload", "eviction", "ttl", "restart", "drain", "failure",
+  "node", "rank",
 ]);
 const MAX_EVENTS = 30; // events listed
 const MAX_LOG_CHARS = 200000; // the live log keeps its newest part
@@ -119,7 +120,7 @@ async function refresh() {
   updated.textContent = "updated " + new Date(Date.now() + clockOffset).toISOString().slice(11, 19) + " UTC";
   if ($("message").dataset.source === "status") showMessage("");
   renderStatus(status);
-  await showSwitchTail(status);
+  await Promise.all([showSwitchTail(status), showNodes(read)]);
 }
 
 // Events come in bursts (a load is several): one refresh for a burst.
@@ -145,6 +146,9 @@ function renderStatus(status) {
 function instanceRow(item) {
   const state = el("td", { class: "state " + item.state }, item.state + (item.switching ? " …" : ""));
   if (item.error) state.append(el("div", { class: "error" }, item.error));
+  for (const rank of item.ranks || []) {
+    state.append(el("div", { class: "rank" }, `rank ${rank.rank} on ${rank.node}: ${rank.state}`));
+  }
   const uptime = item.state === "ready" && item.ready_at ? el("td", { "data-since": item.ready_at }) : el("td", {}, "-");
   const ttl = item.expires_at ? el("td", { "data-until": item.expires_at }) : el("td", {}, item.pinned ? "pinned" : "-");
   const actions = el("td", { class: "admin-only" });
@@ -188,6 +192,42 @@ async function showSwitchTail(status) {
   } catch (_) {
     box.hidden = true; // no log yet
   }
+}
+
+// The agents of models across nodes (GET /nodes: admin keys only); the section shows once
+// there is one. `read` is the /status read this belongs to: a newer one wins.
+async function showNodes(read) {
+  const section = $("nodes");
+  let nodes = [];
+  if (admin) {
+    try {
+      nodes = (await (await api("nodes")).json()).nodes;
+    } catch (_) { /* an older daemon, or the key changed meanwhile */ }
+  }
+  if (read !== refreshes) return;
+  section.querySelector("tbody").replaceChildren(...nodes.map(nodeRow));
+  section.hidden = nodes.length === 0;
+}
+
+function nodeRow(node) {
+  const ranks = el("td");
+  for (const rank of node.ranks) {
+    ranks.append(el("div", { class: "rank" },
+      `${rank.instance} #${rank.rank} `, el("span", { class: "state " + rank.state }, rank.state),
+      rank.pid ? ` pid ${rank.pid} ` : " ",
+      button("Log", () => followLog(rank.instance, rank.rank))));
+  }
+  if (!node.ranks.length) ranks.append("-");
+  const heard = node.state === "connected" ? el("td", {}, "-") : el("td", { "data-since": node.last_seen });
+  const gpus = node.gpus.length ? `${node.gpus_in_use.join(",") || "none"} of ${node.gpus.join(",")}` : "-";
+  return el("tr", { "data-node": node.name },
+    el("td", { class: "name" }, node.name),
+    el("td", { class: "state " + node.state }, node.state),
+    el("td", {}, node.host),
+    el("td", {}, gpus),
+    ranks,
+    heard,
+  );
 }
 
 // --------------------------------------------------------------------------- key and role
@@ -272,16 +312,18 @@ function stopLog() {
   $("log-view").hidden = true;
 }
 
-// GET /logs/stream read with fetch (EventSource could not send the key).
-async function followLog(name) {
+// GET /logs/stream read with fetch (EventSource could not send the key); `rank`: of a model
+// across nodes, that rank's log (the daemon's copy).
+async function followLog(name, rank = null) {
   stopLog();
   const abort = (logAbort = new AbortController());
   const pre = $("log");
   pre.textContent = "";
-  $("log-name").textContent = name;
+  $("log-name").textContent = rank === null ? name : `${name}, rank ${rank}`;
   $("log-view").hidden = false;
+  const which = "model=" + encodeURIComponent(name) + (rank === null ? "" : "&rank=" + rank);
   try {
-    const response = await api("logs/stream?lines=100&model=" + encodeURIComponent(name), { signal: abort.signal });
+    const response = await api("logs/stream?lines=100&" + which, { signal: abort.signal });
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     for (;;) {
