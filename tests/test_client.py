@@ -607,7 +607,9 @@ async def test_a_pid_in_status_comes_with_the_logs_final_name(make_proxy: Any, m
     proxy = await make_proxy()
     seen: list[tuple[int, str]] = []
     async with AsyncVLLMProxyClient(proxy.url, progress=False) as client:
-        switching = asyncio.ensure_future(client.switch("m", FAST))
+        # Loading takes 2 s after the rename's 0.5 s: the pid is there to be seen (with FAST,
+        # vLLM was often ready as the rename ended, and no status with a pid came before).
+        switching = asyncio.ensure_future(client.switch("m", "--sim-import-delay 0.05 --sim-load-delay 2.5"))
         while not switching.done():
             status = await client.status()
             if status.pid is not None:
