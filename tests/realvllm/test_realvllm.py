@@ -42,6 +42,7 @@ from helpers import group_members, wait_until
 from realvllm_support import (
     FIGURES,
     INSTALL_HINT,
+    TINY_DTYPE,
     VLLM,
     Backend,
     ProxyRun,
@@ -59,7 +60,7 @@ BACKENDS = [
         "real", id="real", marks=[pytest.mark.realvllm, pytest.mark.skipif(VLLM is None, reason=INSTALL_HINT)]
     ),
 ]
-TINY_ARGS = ("--served-model-name", "tiny", "--enforce-eager", "--enable-log-requests")
+TINY_ARGS = ("--served-model-name", "tiny", "--enforce-eager", "--enable-log-requests", *TINY_DTYPE)
 MINILM_ARGS = ("--runner", "pooling", "--served-model-name", "minilm", "--enforce-eager")
 SSE_TYPE = "text/event-stream; charset=utf-8"
 

@@ -33,13 +33,22 @@ from typing import Any
 import openai
 import pytest
 from helpers import group_alive, group_members, wait_until
-from realvllm_support import FIGURES, INSTALL_HINT, VLLM, ProxyRun, finish, real_backend, start_fleet
+from realvllm_support import (
+    FIGURES,
+    INSTALL_HINT,
+    TINY_DTYPE,
+    VLLM,
+    ProxyRun,
+    finish,
+    real_backend,
+    start_fleet,
+)
 
 pytestmark = [pytest.mark.realvllm, pytest.mark.skipif(VLLM is None, reason=INSTALL_HINT)]
 
 #: The tiny model's arguments in test_realvllm.py, under each entry's own served name (vLLM
 #: answers with its first served name, so the ``model`` of an answer tells which one answered).
-TINY_ARGS = "--enforce-eager --enable-log-requests --served-model-name {name}"
+TINY_ARGS = " ".join(("--enforce-eager --enable-log-requests --served-model-name {name}", *TINY_DTYPE))
 MINILM_ARGS = "--runner pooling --served-model-name minilm --enforce-eager"
 SHARE = 0.45
 

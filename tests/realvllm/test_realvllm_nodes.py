@@ -31,6 +31,7 @@ from realvllm_support import (
     FIGURES,
     INSTALL_HINT,
     MARKER,
+    TINY_DTYPE,
     VLLM,
     ProxyRun,
     finish,
@@ -43,7 +44,10 @@ pytestmark = [pytest.mark.realvllm, pytest.mark.skipif(VLLM is None, reason=INST
 
 NODE = "node-b"
 #: The tiny model's arguments of the other real tests, split over two ranks, one per node.
-SPEC_ARGS = ("--served-model-name", "tiny", "--enforce-eager", "--tensor-parallel-size", "2", "--nnodes", "2")
+SPEC_ARGS = (
+    "--served-model-name", "tiny", "--enforce-eager", *TINY_DTYPE,
+    "--tensor-parallel-size", "2", "--nnodes", "2",
+)  # fmt: skip
 #: Deadlines: generous, for a loaded 2-core machine (a real rank stops within --stop-timeout).
 LONG = 120.0
 HEAD_TIMEOUT = 15.0
