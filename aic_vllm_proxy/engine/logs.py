@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import shlex
+import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -243,17 +244,40 @@ def _looks_like_error(text: str) -> bool:
     return any(word in low for word in ("error", "exception", "invalid", "unrecognized"))
 
 
+#: vLLM 0.32's MultiprocExecutor when a worker process ends unasked (multiproc_executor.py).
+_WORKER_DIED = re.compile(r"^Worker proc \S+ died unexpectedly \(exit code: (?P<code>-?\d+|None)\)")
+
+
+def _with_signal(text: str) -> str:
+    """``... (exit code: -4) ...`` with the signal's name after the code (``-4, SIGILL``)."""
+    match = _WORKER_DIED.search(text)
+    if match is None or not match.group("code").startswith("-"):
+        return text
+    try:
+        name = signal.Signals(-int(match.group("code"))).name
+    except ValueError:
+        return text
+    return text[: match.end("code")] + f", {name}" + text[match.end("code") :]
+
+
 def root_cause(lines: Sequence[str], *, last_line: bool = True) -> RootCause | None:
     """Why a vLLM start failed, from its log: the exception of the earliest fatal traceback (the
     EngineCore's or a worker's, not the API server's "Engine core initialization failed. See root
     cause above"), else the first ERROR record, else the last error-looking line (argparse's
     ``vllm: error: ...``), else the last line (unless ``last_line`` is false: a process that was
-    killed need not have said why). ``None`` for an empty log. Pure: lines in, no I/O."""
+    killed need not have said why). vLLM's line that a worker process died unexpectedly comes
+    first when it precedes those exceptions (they follow from it). ``None`` for an empty log.
+    Pure: lines in, no I/O."""
     exceptions = _exceptions(lines)
+    parsed = [parse_line(line) for line in lines]
+    # A worker that died (a signal: SIGILL, the OOM killer's SIGKILL) says nothing itself; the
+    # executor's line that names it comes before the exceptions it causes ("cancelled").
+    died = next((i for i, line in enumerate(parsed) if _WORKER_DIED.search(line.text)), None)
+    if died is not None and (not exceptions or died < exceptions[0].index):
+        return RootCause(_with_signal(parsed[died].text), died)
     real = [cause for cause in exceptions if not _POINTER.search(cause.text)]
     if real or exceptions:
         return (real or exceptions)[0]
-    parsed = [parse_line(line) for line in lines]
     for i, line in enumerate(parsed):
         if line.level in ("ERROR", "CRITICAL") and line.text.strip():
             return RootCause(line.text.strip(), i)
