@@ -216,13 +216,14 @@ class RankGroup:
             self.failure.set_result(rank)
 
     def unheard(self) -> list[str]:
-        """The ranks whose node's agent is out of touch (disconnected or lost), for the
-        message of a death that vLLM noticed first (a rank 0 whose collective failed)."""
+        """The live ranks whose agent is out of touch (its node disconnected, not yet lost: a
+        lost node's ranks have ended), for the message of a death that vLLM noticed first (a
+        rank 0 whose collective failed)."""
         now = time.monotonic()
         return [
             f"{rank.describe()}: its agent has not been heard from for {now - rank.node.last_seen:.0f} s"
             for rank in self.ranks
-            if rank.node.state in (NodeState.DISCONNECTED, NodeState.LOST) and rank.state not in ENDED
+            if rank.node.state is NodeState.DISCONNECTED and rank.state not in ENDED
         ]
 
     def statuses(self) -> list[RankStatus]:
