@@ -212,10 +212,9 @@ def _is_exception(text: str) -> bool:
     return ":" in text or match.group("name").endswith(_BARE_ENDINGS)
 
 
-def _exceptions(lines: Sequence[str]) -> list[RootCause]:
+def _exceptions(parsed: Sequence[LogLine]) -> list[RootCause]:
     """The last line of every traceback that was fatal (not logged at INFO/WARNING), in order.
     Tracebacks are followed per process, so that lines of two processes may interleave."""
-    parsed = [parse_line(line) for line in lines]
     open_tracebacks: set[str] = set()
     found: list[RootCause] = []
     for i, line in enumerate(parsed):
@@ -248,16 +247,17 @@ def _looks_like_error(text: str) -> bool:
 _WORKER_DIED = re.compile(r"^Worker proc \S+ died unexpectedly \(exit code: (?P<code>-?\d+|None)\)")
 
 
-def _with_signal(text: str) -> str:
-    """``... (exit code: -4) ...`` with the signal's name after the code (``-4, SIGILL``)."""
-    match = _WORKER_DIED.search(text)
-    if match is None or not match.group("code").startswith("-"):
+def _with_signal(match: re.Match[str]) -> str:
+    """The worker-died line ``match`` found, with the signal's name after a negative exit code
+    (``exit code: -4, SIGILL``)."""
+    text, code = match.string, match.group("code")
+    if not code.startswith("-"):
         return text
     try:
-        name = signal.Signals(-int(match.group("code"))).name
+        name = signal.Signals(-int(code)).name
     except ValueError:
         return text
-    return text[: match.end("code")] + f", {name}" + text[match.end("code") :]
+    return f"{text[: match.end('code')]}, {name}{text[match.end('code') :]}"
 
 
 def root_cause(lines: Sequence[str], *, last_line: bool = True) -> RootCause | None:
@@ -268,13 +268,13 @@ def root_cause(lines: Sequence[str], *, last_line: bool = True) -> RootCause | N
     killed need not have said why). vLLM's line that a worker process died unexpectedly comes
     first when it precedes those exceptions (they follow from it). ``None`` for an empty log.
     Pure: lines in, no I/O."""
-    exceptions = _exceptions(lines)
     parsed = [parse_line(line) for line in lines]
+    exceptions = _exceptions(parsed)
     # A worker that died (a signal: SIGILL, the OOM killer's SIGKILL) says nothing itself; the
     # executor's line that names it comes before the exceptions it causes ("cancelled").
-    died = next((i for i, line in enumerate(parsed) if _WORKER_DIED.search(line.text)), None)
-    if died is not None and (not exceptions or died < exceptions[0].index):
-        return RootCause(_with_signal(parsed[died].text), died)
+    died = next(((i, m) for i, line in enumerate(parsed) if (m := _WORKER_DIED.search(line.text))), None)
+    if died is not None and (not exceptions or died[0] < exceptions[0].index):
+        return RootCause(_with_signal(died[1]), died[0])
     real = [cause for cause in exceptions if not _POINTER.search(cause.text)]
     if real or exceptions:
         return (real or exceptions)[0]
