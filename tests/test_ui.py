@@ -25,13 +25,12 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import CHAT, SIM, chat_request, raw_exchange
+from helpers import CHAT, chat_request, raw_exchange
+from test_nodes import agents  # noqa: F401 (a fixture: agents on this machine)
 
 from aic_vllm_proxy.relay.auth import Role, required_role
 
@@ -324,7 +323,9 @@ async def test_the_page_reconnects_to_events_with_the_last_id(make_proxy: Any, p
 
 @pytest.mark.slow
 async def test_the_nodes_of_a_model_across_nodes_and_a_ranks_log(
-    make_proxy: Any, page: Any, tmp_path: Any
+    make_proxy: Any,
+    page: Any,
+    agents: Any,  # noqa: F811 (test_nodes' fixture)
 ) -> None:
     """An agent joins, a 2-node model loads: the Nodes section lists the agent and its rank,
     the instance its rank; the rank's Log button follows that rank's log (through the head)."""
@@ -335,34 +336,23 @@ async def test_the_nodes_of_a_model_across_nodes_and_a_ranks_log(
     await use_key(page, ADMIN)
     await expect(page.locator("#role")).to_have_text("admin")
     assert not await page.locator("#nodes").is_visible()  # no agent yet: no section
-    agent_argv = [
-        sys.executable, "-m", "aic_vllm_proxy", "agent", "--head", proxy.url, "--api-key", ADMIN,
-        "--node-name", "node-a", "--vllm-command", SIM, "--log-dir", str(tmp_path / "agent-logs"),
-        "--head-timeout", "10", "--stop-timeout", "3",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIC_VLLM_PROXY_")}
-    with open(tmp_path / "agent.out", "wb") as out:
-        agent = subprocess.Popen(agent_argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        node = page.locator('#nodes tr[data-node="node-a"]')
-        await expect(node.locator(".state").first).to_have_text("connected", timeout=DEADLINE)
-        await expect(node).to_contain_text("-")  # no rank yet
-        auth = {"Authorization": f"Bearer {ADMIN}"}
-        spec = "org/wide --sim-import-delay 0 --sim-load-delay 0 -tp 2 --nnodes 2"
-        async with proxy.session.post(proxy.url + "/switch", json={"model_spec": spec}, headers=auth) as resp:
-            assert resp.status == 200, await resp.text()
-        await expect(row(page, "org/wide").locator(".rank")).to_have_text(
-            "rank 1 on node-a: running", timeout=DEADLINE
-        )
-        rank = node.locator(".rank")
-        await expect(rank).to_contain_text(re.compile(r"org/wide #1 running pid \d+"))
-        await rank.get_by_role("button", name="Log").click()
-        await expect(page.locator("#log-name")).to_have_text("org/wide, rank 1")
-        await expect(page.locator("#log")).to_contain_text(
-            "node_rank 1", timeout=DEADLINE
-        )  # the headless rank's
-    finally:
-        agent.send_signal(signal.SIGTERM)  # it stops its rank
-        await asyncio.to_thread(agent.wait, 60)
+    agent = agents("node-a", "--api-key", ADMIN, head=proxy.url)
+    node = page.locator('#nodes tr[data-node="node-a"]')
+    await expect(node.locator(".state").first).to_have_text("connected", timeout=DEADLINE)
+    await expect(node.locator("td.ranks")).to_have_text("-")  # no rank yet
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    spec = "org/wide --sim-import-delay 0 --sim-load-delay 0 -tp 2 --nnodes 2"
+    async with proxy.session.post(proxy.url + "/switch", json={"model_spec": spec}, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+    ranked = row(page, "org/wide").locator(".rank")
+    await expect(ranked).to_have_text("rank 1 on node-a: running", timeout=DEADLINE)
+    rank = node.locator(".rank")
+    await expect(rank).to_contain_text(re.compile(r"org/wide #1 running pid \d+"))
+    await rank.get_by_role("button", name="Log").click()
+    await expect(page.locator("#log-name")).to_have_text("org/wide, rank 1")
+    await expect(page.locator("#log")).to_contain_text("node_rank 1", timeout=DEADLINE)  # the headless rank's
+
+    agent.process.send_signal(signal.SIGTERM)  # it stops its rank and leaves
+    await asyncio.to_thread(agent.process.wait, 60)
     await expect(node.locator(".state").first).to_have_text("left", timeout=DEADLINE)
     await expect(row(page, "org/wide").locator(".state").first).to_contain_text("failed", timeout=DEADLINE)

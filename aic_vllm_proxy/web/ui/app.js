@@ -210,7 +210,7 @@ async function showNodes(read) {
 }
 
 function nodeRow(node) {
-  const ranks = el("td");
+  const ranks = el("td", { class: "ranks" });
   for (const rank of node.ranks) {
     ranks.append(el("div", { class: "rank" },
       `${rank.instance} #${rank.rank} `, el("span", { class: "state " + rank.state }, rank.state),
